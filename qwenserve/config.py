@@ -1,0 +1,188 @@
+"""Configuration dataclasses: the model's shape (read from config.json) and the engine's knobs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "Qwen3ForCausalLM")
+
+
+@dataclass
+class RopeConfig:
+    """Rotary embedding parameters; `rope_type` is "default" or "yarn"."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    attention_factor: float | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """The hyper-parameters our model code needs, from a Hugging Face config.json.
+
+    Reads both the hub key names (num_experts, rope_theta, rope_scaling) and the
+    names Transformers 5 writes on save (rope_parameters, num_local_experts).
+    """
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope: RopeConfig
+    initializer_range: float = 0.02
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    eos_token_ids: list[int] = field(default_factory=list)
+    torch_dtype: str = "bfloat16"
+
+    @property
+    def is_moe(self) -> bool:
+        return self.architecture == "Qwen3MoeForCausalLM" and self.num_experts > 0
+
+    def layer_is_moe(self, layer: int) -> bool:
+        """Whether decoder layer `layer` uses the sparse MoE block (Qwen3-MoE's rule)."""
+        return (
+            self.is_moe
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % max(self.decoder_sparse_step, 1) == 0
+        )
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        archs = raw.get("architectures") or []
+        arch = archs[0] if archs else {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(
+            raw.get("model_type", ""), ""
+        )
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {arch!r}: qwenserve runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        heads = raw["num_attention_heads"]
+        eos = raw.get("eos_token_id")
+        return cls(
+            architecture=arch,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            intermediate_size=raw.get("intermediate_size", 0),
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=raw.get("max_position_embeddings", 32768),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            rope=_rope_from_dict(raw),
+            initializer_range=raw.get("initializer_range", 0.02),
+            num_experts=raw.get("num_experts") or raw.get("num_local_experts") or 0,
+            num_experts_per_tok=raw.get("num_experts_per_tok", 0),
+            moe_intermediate_size=raw.get("moe_intermediate_size", 0),
+            norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
+            decoder_sparse_step=raw.get("decoder_sparse_step", 1) or 1,
+            mlp_only_layers=list(raw.get("mlp_only_layers") or []),
+            eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+            torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+def _rope_from_dict(raw: dict[str, Any]) -> RopeConfig:
+    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in ("default", "yarn"):
+        raise ValueError(f"unsupported rope type {rope_type!r}: qwenserve supports default and yarn")
+    if rope_type == "default":
+        return RopeConfig(theta=float(theta))
+    return RopeConfig(
+        theta=float(theta),
+        rope_type="yarn",
+        factor=float(params.get("factor") or 1.0),
+        original_max_position_embeddings=params.get("original_max_position_embeddings")
+        or raw.get("max_position_embeddings"),
+        attention_factor=params.get("attention_factor"),
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        truncate=bool(params.get("truncate", True)),
+    )
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs to know, validated once in __post_init__.
+
+    `model` is a local directory or a hub id; None means the built-in demo model.
+    KV memory: `kv_cache_memory` bytes if given, else `gpu_memory_utilization` of the
+    GPU (what is left after weights and activations); on CPU a default of 1 GiB.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"  # auto: bf16 on GPU, float32 on CPU
+    device: str = "auto"  # auto: cuda if available
+    load_format: str = "auto"  # auto | dummy
+    max_model_len: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_queued_requests: int = 1024
+    gpu_memory_utilization: float = 0.90
+    kv_cache_memory: int | None = None
+    num_kv_blocks: int | None = None  # exact pool size (tests); overrides the memory budget
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    seed: int = 0
+    use_kernels: bool = True  # Triton kernels on CUDA when available
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.max_queued_requests < 0:
+            raise ValueError("max_queued_requests must be >= 0")
+        if self.max_model_len is not None and self.max_model_len < 16:
+            raise ValueError(f"max_model_len must be >= 16, got {self.max_model_len}")
+
+
+def parse_size(text: str) -> int:
+    """Parse a memory size such as '20GiB', '512MB', '1.5G' or a plain byte count."""
+    units = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
+             "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    if unit not in units or not num:
+        raise ValueError(f"cannot read memory size {text!r}: use e.g. 20GiB, 512MiB or a byte count")
+    return int(float(num) * units[unit])

@@ -1,0 +1,150 @@
+"""The paged KV pool's bookkeeping: block allocation and automatic prefix caching.
+
+Every full block gets a chained hash (parent hash + its token ids), so one hash names
+a whole prefix. A block whose last user finishes stays in the hash table and in the
+free list; it is reused on a hit and only evicted (least recently freed first) when
+a fresh block is needed. Block 0 is reserved as the null block that padded entries of
+block tables and padded tokens' slots point at.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from qwenserve.engine.sequence import Sequence
+
+NULL_BLOCK = 0
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] | None = None
+
+
+def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
+    """Hash of a full block given its parent's hash; collisions are caught by comparing ids."""
+    return hash((parent, token_ids))
+
+
+class BlockManager:
+    """Allocates KV blocks to sequences and shares cached prefix blocks between them."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 2:
+            raise ValueError(f"the KV pool needs at least 2 blocks, got {num_blocks}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.blocks[NULL_BLOCK].ref_count = 1  # never handed out
+        # Insertion order = eviction order: the front is evicted first.
+        self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
+        self.hash_to_block: dict[int, int] = {}
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return len(self.blocks) - 1
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self.hash_to_block)
+
+    def usage(self) -> float:
+        """Fraction of usable blocks held by live sequences (cached-but-free blocks count as free)."""
+        return 1.0 - self.num_free_blocks / self.num_usable_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- prefix cache ---------------------------------------------------------
+
+    def _lookup(self, seq: Sequence) -> list[int]:
+        """Cached blocks for the longest prefix of `seq`, never covering its last token
+        (at least one token must be computed to produce logits)."""
+        if not self.enable_prefix_caching:
+            return []
+        hits: list[int] = []
+        parent: int | None = None
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        for i in range(max_blocks):
+            ids = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            h = chain_hash(parent, ids)
+            block_id = self.hash_to_block.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != ids:
+                break
+            hits.append(block_id)
+            parent = h
+        return hits
+
+    def allocate_cached_prefix(self, seq: Sequence) -> int:
+        """Give a newly admitted sequence its cached prefix blocks; returns the tokens covered."""
+        hits = self._lookup(seq)
+        for block_id in hits:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free_blocks[block_id]
+            block.ref_count += 1
+        seq.block_table = hits
+        seq.num_computed_tokens = len(hits) * self.block_size
+        return seq.num_computed_tokens
+
+    def commit_full_blocks(self, seq: Sequence) -> None:
+        """Hash the blocks that this step filled so later requests can reuse them.
+
+        Hashes live on the sequence too, so each block is hashed once in its life and a
+        block whose content another block already caches still extends the chain.
+        """
+        if not self.enable_prefix_caching:
+            return
+        num_full = seq.num_computed_tokens // self.block_size
+        for i in range(len(seq.block_hashes), num_full):
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            ids = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            h = chain_hash(parent, ids)
+            seq.block_hashes.append(h)
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None and h not in self.hash_to_block:
+                block.hash, block.token_ids = h, ids
+                self.hash_to_block[h] = block.block_id
+
+    # -- allocation -------------------------------------------------------------
+
+    def _take_free_block(self) -> int:
+        block_id, _ = self.free_blocks.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:
+            if self.hash_to_block.get(block.hash) == block_id:
+                del self.hash_to_block[block.hash]
+            block.hash, block.token_ids = None, None
+        block.ref_count = 1
+        return block_id
+
+    def ensure_capacity(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow `seq`'s block table to hold `num_tokens`; False (and nothing taken) if the pool is short."""
+        needed = self.blocks_needed(num_tokens) - len(seq.block_table)
+        if needed <= 0:
+            return True
+        if needed > self.num_free_blocks:
+            return False
+        seq.block_table.extend(self._take_free_block() for _ in range(needed))
+        return True
+
+    def free(self, seq: Sequence) -> None:
+        """Release `seq`'s blocks. Hashed blocks stay cached; the tail is queued for eviction first
+        so a shared prefix outlives the sequence-specific blocks after it."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_blocks[block_id] = None
+                if block.hash is None:
+                    self.free_blocks.move_to_end(block_id, last=False)
+        seq.block_table = []
+        seq.num_computed_tokens = 0

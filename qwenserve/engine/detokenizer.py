@@ -1,0 +1,77 @@
+"""Incremental detokenization and stop-string matching with O(1) work per token.
+
+Only a short window of ids is decoded each step: the text of ids[prefix:] minus the
+text of ids[prefix:read], emitted once it no longer ends in a partial UTF-8
+character. Special tokens are skipped by the tokenizer (Qwen's <tool_call> family is
+not special, so it stays in the text for the tool parser).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_CONTEXT_TOKENS = 4  # prompt ids decoded before the output so the first word is spaced right
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, token_id: int) -> str:
+        """Append one id and return the text it completes (possibly empty)."""
+        self.ids.append(token_id)
+        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        return new_text[len(prefix_text) :]
+
+    def flush(self) -> str:
+        """Text still held at the end (a dangling partial character comes out as U+FFFD)."""
+        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
+
+
+class StopStringMatcher:
+    """Holds back just enough text to see a stop string that spans several tokens."""
+
+    def __init__(self, stop: list[str], include_stop: bool = False):
+        self.stop = stop
+        self.include_stop = include_stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.pending = ""
+
+    def add(self, text: str) -> tuple[str, str | None]:
+        """Feed new text; return (text safe to emit, the stop string if one matched)."""
+        if not self.stop:
+            return text, None
+        self.pending += text
+        # Any match ending in the new text starts inside pending: the held-back tail is hold chars long.
+        best: tuple[int, str] | None = None
+        for s in self.stop:
+            idx = self.pending.find(s)
+            if idx >= 0 and (best is None or idx < best[0]):
+                best = (idx, s)
+        if best is not None:
+            idx, s = best
+            out = self.pending[: idx + len(s)] if self.include_stop else self.pending[:idx]
+            self.pending = ""
+            return out, s
+        cut = max(len(self.pending) - self.hold, 0)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, None
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out

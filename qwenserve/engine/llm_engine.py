@@ -1,0 +1,375 @@
+"""The synchronous engine: load a model, accept requests, run steps, produce outputs.
+
+`step()` = schedule -> run the model -> append sampled tokens, detokenize, check stop
+conditions -> RequestOutputs. The async wrapper drives it from its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwenserve.config import EngineConfig, ModelConfig
+from qwenserve.engine.block_manager import BlockManager
+from qwenserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from qwenserve.engine.model_runner import ModelRunner, StepResult, kv_bytes_per_block
+from qwenserve.engine.outputs import RequestOutput, TokenLogprob
+from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
+from qwenserve.engine.scheduler import Scheduler
+from qwenserve.engine.sequence import Sequence, SequenceStatus
+from qwenserve.model.loader import build_model, load_model_config, read_generation_config, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+_CPU_DEFAULT_KV_BYTES = 512 << 20
+_GPU_ACTIVATION_RESERVE = 3 << 30  # logits, MoE workspaces, CUDA graphs
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at --max-queued-requests; retry later (HTTP 503)."""
+
+
+@dataclass
+class ModelInfo:
+    """What the HTTP layer needs to know about the loaded model."""
+
+    name: str
+    path: Path
+    max_model_len: int
+    eos_token_ids: list[int]
+    generation_defaults: dict[str, Any]
+    chat_template: str | None
+    is_demo: bool
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_kv_blocks: int
+    num_free_blocks: int
+    kv_cache_usage: float
+    num_cached_blocks: int
+
+
+@dataclass
+class _SeqState:
+    """Per-sequence output bookkeeping that the scheduler does not need."""
+
+    detok: IncrementalDetokenizer
+    stop: StopStringMatcher
+    new_text: list[str] = field(default_factory=list)
+    new_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    seqs: list[Sequence]
+    held_siblings: list[Sequence]  # n > 1: admitted once the first has its prompt cached
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    has_tokenizer = (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()
+    if not has_tokenizer:
+        # A config-only directory (dummy-weight benchmarks): borrow the demo model's Qwen tokenizer.
+        from qwenserve.demo import DEMO_MODEL_DIR
+
+        logger.warning("%s has no tokenizer; using the built-in Qwen tokenizer and chat template", path)
+        path = DEMO_MODEL_DIR
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = _pick_device(config.device)
+        self.dtype = _pick_dtype(config.dtype, self.device)
+        torch.manual_seed(config.seed)
+        self._load()
+        self.requests: dict[str, _Request] = {}
+        self.seq_states: dict[int, _SeqState] = {}
+
+    # -- loading ---------------------------------------------------------------
+
+    def _load(self) -> None:
+        cfg = self.config
+        is_demo = cfg.model is None
+        if is_demo:
+            from qwenserve.demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
+
+            path, name = DEMO_MODEL_DIR, DEMO_MODEL_NAME
+        else:
+            path, name = resolve_model_path(cfg.model), cfg.model.rstrip("/")
+        self.model_config: ModelConfig = load_model_config(path)
+        self.tokenizer = _load_tokenizer(path)
+        max_len = cfg.max_model_len or self.model_config.max_position_embeddings
+        self.model = build_model(
+            self.model_config, path, self.device, self.dtype, cfg.load_format, max_positions=max_len, seed=cfg.seed
+        )
+        num_blocks = self._num_kv_blocks()
+        pool_tokens = (num_blocks - 1) * cfg.block_size
+        if pool_tokens < max_len:
+            if cfg.max_model_len is not None:
+                raise ValueError(
+                    f"--max-model-len {cfg.max_model_len} needs {max_len} tokens of KV cache but only {pool_tokens} "
+                    f"fit; lower --max-model-len or give the cache more memory (--kv-cache-memory / "
+                    f"--gpu-memory-utilization)"
+                )
+            logger.warning("KV pool holds %d tokens: max_model_len lowered from %d", pool_tokens, max_len)
+            max_len = pool_tokens
+        self.max_model_len = max_len
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.model_config, num_blocks, cfg.block_size, self.device, self.dtype)
+        gen = read_generation_config(path)
+        self.model_info = ModelInfo(
+            name=name,
+            path=path,
+            max_model_len=max_len,
+            eos_token_ids=self.model_config.eos_token_ids or [self.tokenizer.eos_token_id],
+            generation_defaults={
+                k: gen[k]
+                for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                          "presence_penalty", "frequency_penalty")
+                if k in gen
+            },
+            chat_template=getattr(self.tokenizer, "chat_template", None),
+            is_demo=is_demo,
+        )
+        logger.info(
+            "loaded %s on %s (%s): %d KV blocks of %d tokens, max_model_len %d",
+            name, self.device, self.dtype, num_blocks, cfg.block_size, max_len,
+        )
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        per_block = kv_bytes_per_block(self.model_config, cfg.block_size, self.dtype)
+        if cfg.kv_cache_memory is not None:
+            budget = cfg.kv_cache_memory
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            budget = int(total * cfg.gpu_memory_utilization) - used - _GPU_ACTIVATION_RESERVE
+        else:
+            budget = _CPU_DEFAULT_KV_BYTES
+        num_blocks = budget // per_block
+        if num_blocks < 2:
+            raise ValueError(
+                f"no memory left for the KV cache ({budget / 2**30:.2f} GiB budget, {per_block} bytes per block): "
+                f"raise --gpu-memory-utilization or set --kv-cache-memory"
+            )
+        return int(num_blocks)
+
+    # -- requests ----------------------------------------------------------------
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError if this request can never run."""
+        n_prompt = len(prompt_token_ids)
+        if n_prompt == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if n_prompt >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt is {n_prompt} tokens long but this model's context is {self.max_model_len} tokens "
+                f"(the prompt must leave room for at least one generated token)",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is out of range", param="prompt")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; its max_tokens is clamped to the room left in the context."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
+        self.check_request(prompt_token_ids, params)
+        if len(self.scheduler.waiting) >= self.config.max_queued_requests:
+            raise QueueFullError(f"{len(self.scheduler.waiting)} requests are already waiting; retry shortly")
+        room = self.max_model_len - len(prompt_token_ids)
+        base_seed = params.seed if params.seed is not None else random.getrandbits(32)
+        seqs = []
+        for i in range(params.n):
+            seq = Sequence(request_id, i, prompt_token_ids, params, seed=(base_seed + i) & 0xFFFFFFFF)
+            seq.max_tokens = min(params.max_tokens or room, room)
+            self.seq_states[seq.seq_id] = _SeqState(
+                detok=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
+                stop=StopStringMatcher(params.stop, params.include_stop_str_in_output),
+            )
+            seqs.append(seq)
+        self.requests[request_id] = _Request(request_id, seqs, held_siblings=seqs[1:])
+        self.scheduler.add(seqs[0])
+
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Drop a request now and free its blocks; returns its final 'abort' outputs."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return []
+        outputs = []
+        for seq in req.seqs:
+            if seq.is_finished:
+                continue
+            self.scheduler.finish(seq)
+            seq.finish_reason = "abort"
+            outputs.append(self._make_output(seq))
+        for seq in req.seqs:
+            self.seq_states.pop(seq.seq_id, None)
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting) + sum(len(r.held_siblings) for r in self.requests.values()),
+            num_kv_blocks=bm.num_usable_blocks,
+            num_free_blocks=bm.num_free_blocks,
+            kv_cache_usage=bm.usage(),
+            num_cached_blocks=bm.num_cached_blocks,
+        )
+
+    # -- stepping ----------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step and return the outputs it produced."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        result = self.runner.execute(batch)
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += num_new
+            self.block_manager.commit_full_blocks(seq)
+        self._release_siblings(batch.seqs)
+        return self._process_samples(result)
+
+    def _release_siblings(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            if seq.index != 0 or seq.num_computed_tokens < seq.num_prompt_tokens:
+                continue
+            req = self.requests.get(seq.request_id)
+            if req and req.held_siblings:
+                for sibling in req.held_siblings:
+                    self.scheduler.add(sibling)
+                req.held_siblings = []
+
+    def _process_samples(self, result: StepResult) -> list[RequestOutput]:
+        outputs = []
+        for row, (seq, token_id) in enumerate(zip(result.seqs, result.token_ids, strict=True)):
+            seq.token_ids.append(token_id)
+            state = self.seq_states[seq.seq_id]
+            state.new_ids.append(token_id)
+            if seq.params.logprobs is not None and result.logprobs is not None:
+                state.new_logprobs.append(self._token_logprob(result, row, token_id, seq.params.logprobs))
+            self._check_stop(seq, token_id, state)
+            outputs.append(self._make_output(seq))
+            if seq.finish_reason is not None:
+                self._finish(seq)
+        return outputs
+
+    def _token_logprob(self, result: StepResult, row: int, token_id: int, k: int) -> TokenLogprob:
+        decode = self.tokenizer.decode
+        top = []
+        if k > 0 and result.top_ids is not None:
+            top = [
+                (tid, decode([tid]), lp)
+                for tid, lp in zip(result.top_ids[row][:k], result.top_logprobs[row][:k], strict=True)
+            ]
+        return TokenLogprob(token_id, decode([token_id]), result.logprobs[row], top)
+
+    def _check_stop(self, seq: Sequence, token_id: int, state: _SeqState) -> None:
+        params = seq.params
+        is_stop_token = token_id in params.stop_token_ids or (
+            not params.ignore_eos and token_id in self.model_info.eos_token_ids
+        )
+        if is_stop_token and seq.num_output_tokens > params.min_tokens:
+            seq.finish_reason, seq.stop_reason = "stop", token_id
+        else:
+            text, matched = state.stop.add(state.detok.add(token_id))
+            state.new_text.append(text)
+            if matched is not None:
+                seq.finish_reason, seq.stop_reason = "stop", matched
+                return
+            if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+                seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            # Release what was held back: a partial character, or a prefix of a stop string.
+            text, matched = state.stop.add(state.detok.flush())
+            if matched is not None:
+                seq.finish_reason, seq.stop_reason = "stop", matched
+            state.new_text.append(text if matched is not None else text + state.stop.flush())
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        req = self.requests.get(seq.request_id)
+        if req is not None and all(s.is_finished for s in req.seqs):
+            del self.requests[seq.request_id]
+            for s in req.seqs:
+                self.seq_states.pop(s.seq_id, None)
+
+    def _make_output(self, seq: Sequence) -> RequestOutput:
+        state = self.seq_states[seq.seq_id]
+        out = RequestOutput(
+            request_id=seq.request_id,
+            index=seq.index,
+            text="".join(state.new_text),
+            token_ids=state.new_ids,
+            logprobs=state.new_logprobs if seq.params.logprobs is not None else None,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            num_generated_tokens=seq.num_output_tokens,
+            stop_reason=seq.stop_reason,
+        )
+        state.new_text, state.new_ids, state.new_logprobs = [], [], []
+        return out
+
+    # -- offline convenience ---------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[RequestOutput]]:
+        """Run prompts to completion; returns, per prompt, the merged output of each choice."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{i}-{random.getrandbits(32):08x}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, params_list, strict=True):
+            self.add_request(rid, prompt, p)
+        merged: dict[tuple[str, int], RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                key = (out.request_id, out.index)
+                if key in merged:
+                    prev = merged[key]
+                    prev.text += out.text
+                    prev.token_ids = prev.token_ids + out.token_ids
+                    if out.logprobs is not None:
+                        prev.logprobs = (prev.logprobs or []) + out.logprobs
+                    prev.finish_reason, prev.stop_reason = out.finish_reason, out.stop_reason
+                    prev.num_generated_tokens = out.num_generated_tokens
+                    prev.num_cached_tokens = out.num_cached_tokens
+                else:
+                    merged[key] = out
+        return [
+            [merged[(rid, i)] for i in range(p.n)] for rid, p in zip(ids, params_list, strict=True)
+        ]

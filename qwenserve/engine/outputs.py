@@ -1,0 +1,40 @@
+"""What the engine hands back to its callers as a request progresses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token with its logprob and the top alternatives (token text -> logprob)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top_logprobs: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """An increment of one sequence's output (one choice of a request).
+
+    `text` and `token_ids` hold only what is new since the previous output for this
+    `index`. `finish_reason` is None until the last output: then "stop" (EOS, stop
+    token or stop string), "length" (max_tokens or context full) or "abort".
+    """
+
+    request_id: str
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_generated_tokens: int
+    stop_reason: int | str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

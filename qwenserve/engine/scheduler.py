@@ -1,0 +1,116 @@
+"""Continuous batching with chunked prefill, prefix-cache admission and recompute preemption.
+
+Every step spends a token budget: running sequences first (a decode costs one token,
+an unfinished prefill continues with its next chunk), then waiting sequences are
+admitted while budget, sequence slots and blocks last. A 20k-token prompt is thus cut
+into chunks that share steps with the decodes of other streams. When the pool runs
+dry the newest running sequence is preempted: its blocks are freed and it re-enters
+the front of the queue, to be recomputed (mostly from the prefix cache) later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from qwenserve.engine.block_manager import BlockManager
+from qwenserve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """The sequences of one step and how many new tokens each computes."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+
+    def add(self, seq: Sequence, num_tokens: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_tokens)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if self._reserve(seq, num_new):
+                batch.add(seq, num_new)
+                budget -= num_new
+                i += 1
+            else:
+                preempted = True
+                if seq not in self.running:
+                    break  # it preempted itself: nothing newer was left to free
+        # Admitting new work right after a preemption would only thrash the cache.
+        if not preempted:
+            self._admit_waiting(batch, budget)
+        return batch
+
+    def _reserve(self, seq: Sequence, num_new: int) -> bool:
+        """Find blocks for seq's next chunk, preempting newer sequences (then seq itself) if needed."""
+        while not self.block_manager.ensure_capacity(seq, seq.num_computed_tokens + num_new):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            num_cached = bm.allocate_cached_prefix(seq)
+            if not seq.admitted:
+                seq.num_cached_tokens = num_cached
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not bm.ensure_capacity(seq, seq.num_computed_tokens + num_new):
+                bm.free(seq)
+                break
+            self.waiting.popleft()
+            seq.admitted = True
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.add(seq, num_new)
+            budget -= num_new
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished (or aborted) sequence from the queues and free its blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED

@@ -1,0 +1,199 @@
+"""Find a Hugging Face checkpoint (local dir or hub id) and load it into our model.
+
+Weights go shard by shard, tensor by tensor, straight to the target device and dtype,
+so the host never holds the whole model. The `dummy` format draws random normal
+weights on the device instead, for full-size benchmarks without a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from qwenserve.config import ModelConfig
+from qwenserve.model.qwen3 import Ops, Qwen3ForCausalLM
+
+logger = logging.getLogger(__name__)
+
+_CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+
+
+class ModelNotFoundError(RuntimeError):
+    """The model could not be located; the message says what to do."""
+
+
+def resolve_model_path(model: str) -> Path:
+    """Return a local directory for `model`: a path as given, else a hub id from the HF cache.
+
+    The local cache is tried first; when that misses we download unless the hub is
+    unreachable or HF_HUB_OFFLINE is set, in which case the error says how to get it.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"{path} has no config.json: point --model at a Hugging Face model directory")
+        return path
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ModelNotFoundError(
+            f"model {model!r} is neither a local directory nor a Hugging Face hub id (owner/name)"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=_CHECKPOINT_PATTERNS, local_files_only=True))
+    except Exception as cache_miss:  # noqa: BLE001 - any cache miss falls through to a download
+        logger.info("%s not in the local Hugging Face cache (%s); downloading", model, type(cache_miss).__name__)
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise ModelNotFoundError(
+            f"{model} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: run "
+            f"`huggingface-cli download {model}` on a machine with network access, or pass --model /path/to/dir"
+        )
+    try:
+        return Path(snapshot_download(model, allow_patterns=_CHECKPOINT_PATTERNS))
+    except Exception as err:  # noqa: BLE001 - network, auth and 404 errors all end here with one message
+        raise ModelNotFoundError(
+            f"could not download {model} from the Hugging Face hub ({type(err).__name__}: {err}). If this machine "
+            f"is offline, download it elsewhere with `huggingface-cli download {model}` and pass --model "
+            f"/path/to/the/dir; for a gated repo, run `huggingface-cli login` first"
+        ) from err
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    """Read config.json, then take the EOS ids from generation_config.json when it lists them."""
+    cfg = ModelConfig.from_file(path / "config.json")
+    gen = read_generation_config(path)
+    eos = gen.get("eos_token_id")
+    if eos is not None:
+        cfg.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+    return cfg
+
+
+def read_generation_config(path: Path) -> dict:
+    gen_path = path / "generation_config.json"
+    if not gen_path.exists():
+        return {}
+    with open(gen_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def build_model(
+    cfg: ModelConfig,
+    path: Path | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    load_format: str = "auto",
+    ops: Ops | None = None,
+    max_positions: int | None = None,
+    seed: int = 0,
+) -> Qwen3ForCausalLM:
+    """Create the model directly on `device` and fill it from safetensors (or randomly for dummy)."""
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(cfg, ops=ops, max_positions=max_positions)
+    model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    if load_format == "dummy":
+        _init_dummy(model, cfg, seed)
+    else:
+        if path is None:
+            raise ValueError("a checkpoint path is required unless load_format is dummy")
+        _load_safetensors(model, cfg, path, device)
+    model.init_rope(device)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def _init_dummy(model: Qwen3ForCausalLM, cfg: ModelConfig, seed: int) -> None:
+    """Normal(0, initializer_range) for matrices, ones for norms: a trained model's scale, so MoE routing
+    spreads over experts the way it would on real weights."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, cfg.initializer_range, generator=gen)
+
+
+def _shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"no *.safetensors weights in {path} (pass --load-format dummy for random weights)")
+    return files
+
+
+_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_FUSED_EXPERTS = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_ATTN = re.compile(r"^layers\.(\d+)\.self_attn\.(q|k|v)_proj\.weight$")
+_DENSE = re.compile(r"^layers\.(\d+)\.mlp\.(gate|up)_proj\.weight$")
+
+
+def _target(
+    model: Qwen3ForCausalLM, cfg: ModelConfig, params: dict[str, torch.Tensor], name: str
+) -> tuple[torch.Tensor, tuple] | None:
+    """Map a checkpoint tensor name to (destination parameter, index into it); None to skip."""
+    name = name.removeprefix("model.")
+    inter = cfg.moe_intermediate_size
+    if m := _EXPERT.match(name):
+        layer, expert, kind = int(m[1]), int(m[2]), m[3]
+        mlp = model.layers[layer].mlp
+        if kind == "down":
+            return mlp.w2, (expert,)
+        rows = slice(0, inter) if kind == "gate" else slice(inter, 2 * inter)
+        return mlp.w13, (expert, rows)
+    if m := _FUSED_EXPERTS.match(name):
+        mlp = model.layers[int(m[1])].mlp
+        return (mlp.w13, ()) if m[2] == "gate_up_proj" else (mlp.w2, ())
+    if m := _ATTN.match(name):
+        attn = model.layers[int(m[1])].self_attn
+        start = {"q": 0, "k": attn.q_size, "v": attn.q_size + attn.kv_size}[m[2]]
+        size = attn.q_size if m[2] == "q" else attn.kv_size
+        return attn.qkv_proj.weight, (slice(start, start + size),)
+    if m := _DENSE.match(name):
+        mlp = model.layers[int(m[1])].mlp
+        rows = slice(0, mlp.inter) if m[2] == "gate" else slice(mlp.inter, 2 * mlp.inter)
+        return mlp.gate_up_proj.weight, (rows,)
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        return None
+    if name in params:
+        return params[name], ()
+    return None
+
+
+@torch.no_grad()
+def _load_safetensors(model: Qwen3ForCausalLM, cfg: ModelConfig, path: Path, device: torch.device) -> None:
+    files = _shard_files(path)
+    expected = {n for n, _ in model.named_parameters()}
+    filled: set[str] = set()
+    param_names = {id(p): n for n, p in model.named_parameters()}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    # safetensors reads a tensor straight onto CUDA; on CPU it memory-maps the file.
+    load_device = str(device) if device.type == "cuda" else "cpu"
+    for file in tqdm(files, desc="Loading weights", unit="shard", disable=len(files) < 2 and device.type == "cpu"):
+        with safe_open(str(file), framework="pt", device=load_device) as shard:
+            for name in shard.keys():
+                target = _target(model, cfg, params, name)
+                if target is None:
+                    continue
+                param, index = target
+                tensor = shard.get_tensor(name)
+                dest = param[index] if index else param
+                if dest.shape != tensor.shape:
+                    raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+                dest.copy_(tensor)
+                filled.add(param_names[id(param)])
+    missing = expected - filled
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks weights for: {', '.join(sorted(missing)[:8])}")

@@ -1,0 +1,136 @@
+"""The model's replaceable compute: paged attention, KV-cache writes and the MoE experts.
+
+Each function here is the torch reference (the CPU path and the oracle for kernels).
+`qwenserve.kernels` provides Triton versions with the same signatures; `select_ops`
+picks one set per device so the model code never branches on the backend.
+
+Shapes (T = tokens in the packed step, B = sequences in the step):
+- q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim]
+- k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+- slot_mapping: [T] int64, block_id * block_size + offset for every new token
+- block_tables: [B, max_blocks_per_seq] int32, padded with 0 (block 0 is never handed out)
+- context_lens: [B] int32, tokens in the sequence after this step (cached + new)
+- query_start_loc: [B + 1] int32, cumulative new-token counts (cu_seqlens_q)
+Each sequence's new tokens sit at the end of its context: query i of sequence b is at
+position context_lens[b] - query_len[b] + i and attends causally to keys 0..position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Tensors that describe one packed step to the attention op."""
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    max_query_len: int
+    max_context_len: int
+    is_decode_only: bool  # every sequence has exactly one new token
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store the step's new keys and values into their cache slots."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal GQA attention of the step's queries against each sequence's cached keys.
+
+    The cache must already hold this step's keys (write_kv_cache first). Returns
+    [T, num_heads, head_dim]. The reference gathers every sequence's context into a
+    padded batch and runs one masked SDPA, so there is no per-sequence Python loop.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_seqs = meta.block_tables.shape[0]
+    device = q.device
+    max_q, max_ctx = meta.max_query_len, meta.max_context_len
+
+    query_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
+    # Padded query layout: token t of sequence b goes to row b, column t - start[b].
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens, output_size=num_tokens)
+    col_of_token = torch.arange(num_tokens, device=device) - meta.query_start_loc[seq_of_token]
+    q_pad = q.new_zeros(num_seqs, max_q, num_heads, head_dim)
+    q_pad[seq_of_token, col_of_token] = q
+
+    # Gather each sequence's keys/values through its block table.
+    key_pos = torch.arange(max_ctx, device=device)
+    blocks = meta.block_tables[:, key_pos // block_size].long()  # [B, max_ctx]
+    slots = blocks * block_size + key_pos % block_size
+    k_seq = k_cache.view(-1, num_kv_heads, head_dim)[slots].to(q.dtype)  # [B, max_ctx, kvh, D]
+    v_seq = v_cache.view(-1, num_kv_heads, head_dim)[slots].to(q.dtype)
+
+    q_pos = (meta.context_lens - query_lens)[:, None] + torch.arange(max_q, device=device)[None, :]
+    mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < meta.context_lens[:, None, None])
+
+    group = num_heads // num_kv_heads
+    out = F.scaled_dot_product_attention(
+        q_pad.transpose(1, 2),
+        k_seq.transpose(1, 2).repeat_interleave(group, dim=1),
+        v_seq.transpose(1, 2).repeat_interleave(group, dim=1),
+        attn_mask=mask[:, None, :, :],
+        scale=scale,
+    )  # [B, H, max_q, D]
+    return out.transpose(1, 2)[seq_of_token, col_of_token]
+
+
+def fused_moe(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Mixture of SwiGLU experts.
+
+    hidden [T, H]; w13 [E, 2I, H] (gate rows then up rows); w2 [E, H, I];
+    topk_weights [T, k] (already normalised, float32); topk_ids [T, k] int.
+    Returns sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden[t]) as [T, H].
+    """
+    num_tokens, top_k = topk_ids.shape
+    inter = w2.shape[2]
+    flat_ids = topk_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    token_of = order // top_k
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()  # host sync: CPU reference only
+    x_sorted = hidden[token_of]
+    out_sorted = torch.empty(order.numel(), hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = slice(start, start + count)
+        gate_up = x_sorted[rows] @ w13[expert].t()
+        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        out_sorted[rows] = act @ w2[expert].t()
+        start += count
+    weights = topk_weights.reshape(-1)[order].to(hidden.dtype)
+    out = torch.zeros_like(hidden)
+    out.index_add_(0, token_of, out_sorted * weights[:, None])
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, as the Hugging Face reference does."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)

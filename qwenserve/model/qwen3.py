@@ -1,0 +1,162 @@
+"""Qwen3 and Qwen3-MoE decoder over a paged KV cache.
+
+One forward runs one packed step: the new tokens of every scheduled sequence
+concatenated along dim 0 ([T]), described by AttentionMetadata. There is no batch
+dimension and no per-sequence loop; attention, KV writes and the experts go through
+the `Ops` bundle so Triton kernels can replace the torch reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenserve.config import ModelConfig
+from qwenserve.model import ops as ref_ops
+from qwenserve.model.ops import AttentionMetadata
+from qwenserve.model.rope import apply_rope, build_cos_sin_cache
+
+
+@dataclass
+class Ops:
+    """The swappable compute functions (torch reference by default)."""
+
+    write_kv_cache: Callable = ref_ops.write_kv_cache
+    paged_attention: Callable = ref_ops.paged_attention
+    fused_moe: Callable = ref_ops.fused_moe
+    rms_norm: Callable = ref_ops.rms_norm
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, ops: Ops):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """GQA attention with per-head q/k RMSNorm before RoPE (Qwen3)."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops)
+        self.ops = ops
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
+        k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
+        self.ops.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        out = self.ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.inter = inter
+        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :])
+
+
+class SparseMoE(nn.Module):
+    """Router (softmax over experts, top-k, optional renormalisation) and SwiGLU experts."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        inter = cfg.moe_intermediate_size
+        self.w13 = nn.Parameter(torch.empty(cfg.num_experts, 2 * inter, cfg.hidden_size))
+        self.w2 = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, inter))
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        router_logits = self.gate(x)
+        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+        topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+        # HF rounds the routing weights to the activation dtype before use.
+        topk_weights = topk_weights.to(x.dtype)
+        return self.ops.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, ops: Ops):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.self_attn = Attention(cfg, ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.mlp: nn.Module = SparseMoE(cfg, ops) if cfg.layer_is_moe(layer) else DenseMLP(
+            cfg.hidden_size, cfg.intermediate_size
+        )
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """Qwen3 (dense) and Qwen3-MoE causal LM; which one follows from the config."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops | None = None, max_positions: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.ops = ops or Ops()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.ops) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.ops)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.max_positions = max_positions or cfg.max_position_embeddings
+        self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
+
+    def init_rope(self, device: torch.device) -> None:
+        """Build the cos/sin table on the target device (after weights are placed)."""
+        self.cos_sin_cache = build_cos_sin_cache(self.cfg.rope, self.cfg.head_dim, self.max_positions, device)
+
+    def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+        """Give every attention layer its slice of the paged KV pool."""
+        for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):
+            layer.self_attn.k_cache = k_cache
+            layer.self_attn.v_cache = v_cache
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm for the packed step."""
+        x = self.embed_tokens(input_ids)
+        cos_sin = self.cos_sin_cache[positions]
+        for layer in self.layers:
+            x = layer(x, cos_sin, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
