@@ -1,0 +1,203 @@
+"""The engine behind asyncio: the model steps on its own thread, requests stream back as they go.
+
+The HTTP layer calls `add_request` (sync, raises at once for bad requests or a full
+queue), iterates the returned stream, and calls `abort` when its client goes away.
+Commands reach the engine thread through a queue; outputs come back to the event loop
+with one `call_soon_threadsafe` per step, so the loop stays responsive during long
+prefills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from qwenserve.config import EngineConfig
+from qwenserve.engine.llm_engine import EngineStats, LLMEngine, ModelInfo, QueueFullError
+from qwenserve.engine.outputs import RequestOutput
+from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
+
+__all__ = ["AsyncEngine", "EngineStats", "ModelInfo", "QueueFullError", "InvalidRequestError", "EngineDeadError"]
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed; requests in flight receive this."""
+
+
+class RequestStream:
+    """Async iterator over one request's outputs; ends when all its choices finished."""
+
+    def __init__(self, request_id: str, n: int):
+        self.request_id = request_id
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._remaining = n
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        while self._remaining > 0:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.finished:
+                self._remaining -= 1
+            yield item
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.engine: LLMEngine | None = None
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._stats = EngineStats(0, 0, 0, 0, 0.0, 0)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = threading.Event()
+        self._dead: BaseException | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self, progress: Callable[[str], None] | None = None) -> None:
+        """Load the model on a worker thread, then start stepping."""
+        self._loop = asyncio.get_running_loop()
+        if progress:
+            progress("loading model")
+        self.engine = await asyncio.to_thread(LLMEngine, self.config)
+        self._stats = self.engine.stats()
+        self._thread = threading.Thread(target=self._run, name="qwenserve-engine", daemon=True)
+        self._thread.start()
+        if progress:
+            progress("ready")
+
+    async def shutdown(self) -> None:
+        self._stopping.set()
+        self._commands.put(("wake", None))
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    @property
+    def is_ready(self) -> bool:
+        return self.engine is not None and self._dead is None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._require().tokenizer
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._require().model_info
+
+    def _require(self) -> LLMEngine:
+        if self.engine is None:
+            raise RuntimeError("the engine is still loading")
+        return self.engine
+
+    # -- requests ----------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
+        """Queue a request and return its output stream; raises InvalidRequestError / QueueFullError."""
+        engine = self._require()
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
+        # Validate here, on the caller's thread, so errors surface at once; the engine thread applies it.
+        engine.check_request(prompt_token_ids, params)
+        if self._stats.num_waiting + self._commands.qsize() >= self.config.max_queued_requests:
+            raise QueueFullError(f"{self._stats.num_waiting} requests are already waiting; retry shortly")
+        stream = RequestStream(request_id, params.n)
+        self._streams[request_id] = stream
+        self._commands.put(("add", (request_id, prompt_token_ids, params)))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (idempotent, thread-safe); its KV blocks are freed before the next step."""
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        """Counters as of the last step (refreshed by the engine thread, never blocking on a step)."""
+        return self._stats
+
+    # -- engine thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self._require()
+        while not self._stopping.is_set():
+            self._drain_commands(block=not engine.has_unfinished())
+            if self._stopping.is_set():
+                break
+            try:
+                outputs = engine.step()
+            except Exception as err:  # noqa: BLE001 - any model failure must reach every waiting client
+                logger.exception("engine step failed")
+                self._fail_all(err)
+                continue
+            self._stats = engine.stats()
+            if outputs:
+                self._deliver(outputs)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, arg = cmd
+            if kind == "add":
+                self._add(*arg)
+            elif kind == "abort":
+                self._deliver(self._require().abort(arg))
+                self._streams.pop(arg, None)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return  # aborted before it was queued
+        try:
+            self._require().add_request(request_id, prompt_token_ids, params)
+        except (InvalidRequestError, QueueFullError) as err:
+            self._streams.pop(request_id, None)
+            self._loop.call_soon_threadsafe(_put_all, [(stream, err)])
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        pairs = []
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            pairs.append((stream, out))
+            if out.finished and out.request_id not in self._require().requests:
+                self._streams.pop(out.request_id, None)
+        if pairs and self._loop is not None:
+            self._loop.call_soon_threadsafe(_put_all, pairs)
+
+    def _fail_all(self, err: BaseException) -> None:
+        """Abort everything in flight and hand each stream the error; the engine keeps serving."""
+        engine = self._require()
+        request_ids = list(engine.requests)
+        for rid in request_ids:
+            engine.abort(rid)
+        pairs = [(self._streams.pop(rid), EngineDeadError(f"generation failed: {err}"))
+                 for rid in request_ids if rid in self._streams]
+        if pairs and self._loop is not None:
+            self._loop.call_soon_threadsafe(_put_all, pairs)
+
+
+def _put_all(pairs: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
+    for stream, item in pairs:
+        stream.put(item)
