@@ -1,0 +1,39 @@
+"""Triton kernels with the signatures of `qwenserve.model.ops` (bf16 on CUDA, Hopper-tuned).
+
+Importing this package never needs Triton; `kernel_ops()` imports the kernels lazily, so
+CPU-only installs (CI) can import it and simply keep the torch reference.
+
+Wiring: `Ops(**kernel_ops())` (qwenserve.model.qwen3.Ops) when `kernels_available()`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+
+def kernels_available() -> bool:
+    """True when Triton is installed and a CUDA device is visible."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def kernel_ops() -> dict[str, Callable]:
+    """The Triton replacements, keyed by the field names of qwen3.Ops / functions of ops.py."""
+    from qwenserve.kernels.attention import paged_attention
+    from qwenserve.kernels.kv_cache import write_kv_cache
+    from qwenserve.kernels.moe import fused_moe
+    from qwenserve.kernels.norm import rms_norm
+
+    return {
+        "write_kv_cache": write_kv_cache,
+        "paged_attention": paged_attention,
+        "fused_moe": fused_moe,
+        "rms_norm": rms_norm,
+    }
+
+
+__all__ = ["kernel_ops", "kernels_available"]

@@ -1,0 +1,464 @@
+"""Paged attention kernels: flash-decoding for pure decode steps, varlen flash attention otherwise.
+
+Both read K/V straight from the paged cache [num_blocks, block_size, num_kv_heads, head_dim]
+through the block tables, and both pack the query heads that share a KV head (GQA) into the
+rows of one tile, so every K/V tile is loaded once per KV head rather than once per query head.
+
+Decode (`meta.is_decode_only`): one program per (sequence, KV head, split). The split count
+depends only on the batch size, and each program finds its slice of the context from
+`context_lens` on the device, so the launch is the same every step and CUDA-graph capturable.
+A second small kernel merges the splits' partial outputs through their log-sum-exps.
+
+Prefill / mixed steps: one program per (tile of query tokens of one sequence, KV head); the
+grid is an upper bound (T // BLOCK_Q + B) computed from shapes, and each program finds its
+sequence by binary search over `query_start_loc`, so there is no host sync either. Keys
+strictly before the tile's first query position need no causal mask; only the diagonal tiles
+are masked.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qwenserve.model.ops import AttentionMetadata
+
+_LOG2E = 1.4426950408889634
+_NEG_BIG = -1.0e30  # finite "minus infinity" for running maxima: keeps exp2(m_old - m_new) NaN-free
+
+# Decode tiling. TILE tokens of K and V are gathered per loop step (TILE // block_size blocks).
+DECODE_TILE = 64
+DECODE_MAX_SPLITS = 32
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 3
+# Prefill tiling: BLOCK_M rows = BLOCK_M // group query tokens x group heads.
+PREFILL_BLOCK_M = 128
+PREFILL_BLOCK_N = 64
+PREFILL_NUM_WARPS = 8
+PREFILL_NUM_STAGES = 2
+
+_num_sms_cache: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _num_sms_cache:
+        _num_sms_cache[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _num_sms_cache[index]
+
+
+def decode_num_splits(
+    num_seqs: int, num_kv_heads: int, num_sms: int, max_splits: int = DECODE_MAX_SPLITS
+) -> int:
+    """Splits per (sequence, KV head) so that the grid covers about two waves of SMs.
+
+    A function of the batch shape only (never of context lengths), so a CUDA graph captured
+    for a batch size stays valid for every later step of that size. Short contexts simply
+    leave the trailing splits empty; those programs exit after writing an empty partial.
+    """
+    want = triton.cdiv(2 * num_sms, max(1, num_seqs * num_kv_heads))
+    return max(1, min(max_splits, triton.next_power_of_2(want) if want > 1 else 1))
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_P2: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DIM_P2: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    ctx = tl.load(context_lens_ptr + seq)
+    num_tiles = tl.cdiv(ctx, TILE)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    t_start = split * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
+
+    g = tl.arange(0, GROUP_P2)
+    d = tl.arange(0, DIM_P2)
+    head = kvh * GROUP + g
+    g_mask = g < GROUP
+    d_mask = d < HEAD_DIM
+    q = tl.load(
+        q_ptr + seq.to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+
+    m_i = tl.full([GROUP_P2], _NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([GROUP_P2], dtype=tl.float32)
+    acc = tl.zeros([GROUP_P2, DIM_P2], dtype=tl.float32)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    offs_n = tl.arange(0, TILE)
+    for t in range(t_start, t_end):
+        n = t * TILE + offs_n
+        valid = n < ctx
+        blk = tl.load(bt_row + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        kv_off = blk * stride_cb + (n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    # Empty contexts (graph padding rows) and empty splits leave l_i == 0: write zeros and
+    # a -inf log-sum-exp so the merge ignores them.
+    has = l_i > 0
+    l_safe = tl.where(has, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(
+            out_ptr + seq.to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=g_mask[:, None] & d_mask[None, :],
+        )
+    else:
+        row = (seq * NUM_HEADS + head).to(tl.int64) * NUM_SPLITS + split  # [B, H, S] layout
+        tl.store(part_out_ptr + row[:, None] * DIM_P2 + d[None, :], o, mask=g_mask[:, None])
+        lse = tl.where(has, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=g_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    stride_ot,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DIM_P2: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, DIM_P2)
+    base = (seq * NUM_HEADS + head).to(tl.int64) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + base + s)
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)  # empty splits: exp2(-inf) = 0
+    o = tl.load(part_out_ptr + (base + s)[:, None] * DIM_P2 + d[None, :])
+    denom = tl.sum(w, 0)
+    res = tl.sum(w[:, None] * o, 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(
+        out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + d,
+        res.to(out_ptr.dtype.element_ty),
+        mask=d < HEAD_DIM,
+    )
+
+
+@triton.jit(do_not_specialize=["num_seqs"])
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    query_start_loc_ptr,
+    out_ptr,
+    scale_log2,
+    num_seqs,
+    stride_qt,
+    stride_qh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DIM_P2: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+
+    # Sequence i owns the virtual tile range starting at start_i // BLOCK_Q + i, which leaves
+    # room for its cdiv(len_i, BLOCK_Q) tiles; find the last sequence starting at or before pid.
+    # Unrolled (SEARCH_STEPS = bit length of num_seqs) so there is no data-dependent loop.
+    lo = pid * 0
+    hi = lo + num_seqs
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        go = first <= pid
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid)
+    seq = lo
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_tile = pid - (q_start // BLOCK_Q + seq)
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    ctx = tl.load(context_lens_ptr + seq)
+    prefix = ctx - q_len
+
+    r = tl.arange(0, BLOCK_M)
+    tok = q_tile * BLOCK_Q + r // GROUP
+    head = kvh * GROUP + r % GROUP
+    row_mask = (r // GROUP < BLOCK_Q) & (tok < q_len)
+    pos = prefix + tok
+    d = tl.arange(0, DIM_P2)
+    d_mask = d < HEAD_DIM
+    q_rows = (q_start + tok).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=row_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+
+    m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DIM_P2], dtype=tl.float32)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    offs_n = tl.arange(0, BLOCK_N)
+
+    first_pos = prefix + q_tile * BLOCK_Q
+    kv_end = prefix + tl.minimum(q_len, (q_tile + 1) * BLOCK_Q)
+    full_end = (first_pos + 1) // BLOCK_N * BLOCK_N  # tiles every query of the tile sees whole
+
+    for start in range(0, full_end, BLOCK_N):
+        n = start + offs_n
+        blk = tl.load(bt_row + n // BLOCK_SIZE).to(tl.int64)
+        kv_off = blk * stride_cb + (n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
+        k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=d_mask[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    for start in range(full_end, kv_end, BLOCK_N):
+        n = start + offs_n
+        valid = n < kv_end
+        blk = tl.load(bt_row + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        kv_off = blk * stride_cb + (n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.where((n[None, :] <= pos[:, None]) & valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(
+        out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+        o.to(out_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & d_mask[None, :],
+    )
+
+
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    assert q.stride(2) == 1, "q needs a contiguous head_dim"
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
+    assert q.shape[1] % k_cache.shape[2] == 0 and q.shape[2] == k_cache.shape[3]
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    tile: int = DECODE_TILE,
+    num_warps: int = DECODE_NUM_WARPS,
+    num_stages: int = DECODE_NUM_STAGES,
+) -> torch.Tensor:
+    """Flash-decoding over the paged cache: one query token per sequence, q [B, H, D]."""
+    _check_cache(q, k_cache, v_cache)
+    num_seqs, num_heads, head_dim = q.shape
+    assert block_tables.shape[0] == num_seqs, "decode expects one query row per sequence"
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    dim_p2 = triton.next_power_of_2(head_dim)
+    out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if num_seqs == 0:
+        return out
+    if num_splits is None:
+        num_splits = decode_num_splits(num_seqs, num_kv_heads, _num_sms(q.device))
+    assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
+    tile = max(tile, 16)
+    if num_splits > 1:
+        part_out = torch.empty(
+            num_seqs * num_heads * num_splits, dim_p2, dtype=torch.float32, device=q.device
+        )
+        part_lse = torch.empty(num_seqs * num_heads * num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        out,
+        part_out,
+        part_lse,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        NUM_HEADS=num_heads,
+        GROUP=group,
+        GROUP_P2=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        DIM_P2=dim_p2,
+        BLOCK_SIZE=block_size,
+        TILE=tile,
+        NUM_SPLITS=num_splits,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _decode_merge_kernel[(num_seqs, num_heads)](
+            part_out,
+            part_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            DIM_P2=dim_p2,
+            NUM_SPLITS=num_splits,
+            num_warps=4,
+        )
+    return out
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    block_m: int = PREFILL_BLOCK_M,
+    block_n: int = PREFILL_BLOCK_N,
+    num_warps: int = PREFILL_NUM_WARPS,
+    num_stages: int = PREFILL_NUM_STAGES,
+) -> torch.Tensor:
+    """Varlen causal flash attention of packed queries [T, H, D] over each sequence's paged cache."""
+    _check_cache(q, k_cache, v_cache)
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs = block_tables.shape[0]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    block_m = max(block_m, triton.next_power_of_2(group), 16)
+    block_q = block_m // group
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    _prefill_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        query_start_loc,
+        out,
+        scale * _LOG2E,
+        num_seqs,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        DIM_P2=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_Q=block_q,
+        BLOCK_N=block_n,
+        SEARCH_STEPS=max(1, num_seqs.bit_length()),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Same contract as ops.paged_attention: returns [T, num_heads, head_dim] in q's dtype.
+
+    Pure decode steps take the flash-decoding kernel (graph-capturable: nothing read from
+    the host but shapes); anything else takes the varlen prefill kernel, which also serves
+    the query_len-1 sequences of mixed batches.
+    """
+    if meta.is_decode_only and q.shape[0] == meta.block_tables.shape[0]:
+        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+    return paged_prefill_attention(
+        q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale
+    )
+
+
+__all__ = [
+    "decode_num_splits",
+    "paged_attention",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+]

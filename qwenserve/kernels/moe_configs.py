@@ -1,0 +1,82 @@
+"""Tile configurations for the fused MoE kernels, keyed by the number of tokens in the step.
+
+The table for the Qwen3-Coder-30B-A3B shape (E=128, inter 768, hidden 2048, top-8) was
+measured with `bench/kernels.py --tune-moe` on an H100; H200 is the same SM90 chip with more
+bandwidth, and a config that is bandwidth-optimal on one is on the other (re-tune with the
+same command on an H200 and add it under its device name if that ever stops being true).
+Other shapes (tests, small models) fall back to `default_moe_config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Tiles of the two grouped GEMMs; BLOCK_M is shared because the align pads to it."""
+
+    block_m: int
+    n1: int  # GEMM1 (gate+up -> act) BLOCK_N, over the inter columns
+    k1: int
+    warps1: int
+    stages1: int
+    n2: int  # GEMM2 (act -> out) BLOCK_N, over the hidden columns
+    k2: int
+    warps2: int
+    stages2: int
+    group_m: int = 8
+
+
+# Tokens from which torch._grouped_mm replaces the Triton GEMMs (None: never).
+GROUPED_MM_MIN_TOKENS: int | None = None
+
+# (E, inter, hidden, top_k) -> sorted [(max_tokens, config)]: the first row whose
+# max_tokens >= T is used. Filled from measurements (see module docstring).
+_QWEN3_MOE = (128, 768, 2048, 8)
+_TABLES: dict[tuple[int, int, int, int], list[tuple[int, MoEConfig]]] = {
+    _QWEN3_MOE: [
+        (1, MoEConfig(16, 32, 128, 4, 4, 64, 128, 4, 4)),
+        (8, MoEConfig(16, 32, 128, 4, 4, 64, 128, 4, 4)),
+        (32, MoEConfig(16, 64, 128, 4, 4, 64, 128, 4, 4)),
+        (128, MoEConfig(16, 64, 128, 4, 4, 128, 128, 4, 4)),
+        (256, MoEConfig(32, 64, 128, 4, 4, 128, 64, 4, 4)),
+        (512, MoEConfig(64, 64, 64, 4, 4, 128, 64, 4, 4)),
+        (2048, MoEConfig(64, 128, 64, 8, 4, 128, 64, 8, 4)),
+        (1 << 30, MoEConfig(128, 64, 64, 8, 4, 128, 64, 8, 4)),
+    ],
+}
+
+
+def default_moe_config(num_tokens: int, num_experts: int, top_k: int) -> MoEConfig:
+    """Heuristic tiles: small BLOCK_M when few rows land on each expert (decode), larger otherwise."""
+    rows_per_expert = num_tokens * top_k / max(1, num_experts)
+    if rows_per_expert <= 16:
+        return MoEConfig(16, 64, 64, 4, 3, 64, 64, 4, 3)
+    if rows_per_expert <= 64:
+        return MoEConfig(64, 64, 64, 4, 3, 64, 64, 4, 3)
+    return MoEConfig(128, 64, 64, 8, 3, 128, 64, 8, 3)
+
+
+def get_moe_config(num_tokens: int, num_experts: int, inter: int, hidden: int, top_k: int) -> MoEConfig:
+    """Config for a step of num_tokens tokens (a host int: the shape, never a device value)."""
+    table = _TABLES.get((num_experts, inter, hidden, top_k))
+    if table is None or not torch.cuda.is_available():
+        return default_moe_config(num_tokens, num_experts, top_k)
+    for max_tokens, cfg in table:
+        if num_tokens <= max_tokens:
+            return cfg
+    return table[-1][1]
+
+
+def set_moe_table(
+    key: tuple[int, int, int, int],
+    rows: list[tuple[int, MoEConfig]],
+    grouped_mm_min_tokens: int | None = None,
+) -> None:
+    """Replace a shape's table (used by the tuner to try candidates in-process)."""
+    global GROUPED_MM_MIN_TOKENS
+    _TABLES[key] = sorted(rows, key=lambda r: r[0])
+    GROUPED_MM_MIN_TOKENS = grouped_mm_min_tokens
