@@ -1,0 +1,232 @@
+"""Parser for the Hermes-style JSON tool-call format used by other Qwen3 models.
+
+The model writes::
+
+    optional text
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+The JSON object is delimited by bracket matching that understands JSON
+strings, so a ``</tool_call>`` inside a string value (a file being written)
+does not end the block. A ``</tool_call>`` met outside strings with brackets
+still open is a model slip (a missing ``}``) and is repaired. Each call is
+emitted whole when its block ends: a header delta, then one arguments delta.
+Blocks whose JSON cannot be parsed at all are kept as content; parsed blocks
+without a usable name are dropped. Like the XML parser, ``parse`` is
+``feed`` + ``finish`` on a fresh instance, so both modes agree exactly.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from typing import Any
+
+from qwenserve.tool_parser.qwen3_coder import (
+    TOOL_CALL,
+    TOOL_CALL_END,
+    ToolParserBase,
+    is_partial,
+    skip_ws,
+)
+from qwenserve.tool_parser.schema import is_valid_name
+
+_IN_STRING = re.compile(r'[\\"]')
+_OUTSIDE = re.compile(r'["{}\[\]<]')
+_CLOSING = {"{": "}", "[": "]"}
+_NOT_A_CALL: Any = object()
+
+
+class Qwen3JsonToolParser(ToolParserBase):
+    """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` parser (same API as the XML one)."""
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._in_block = False
+        self._block_start = 0
+        self._json_start = 0
+        self._scan = 0
+        self._stack: list[str] = []
+        self._in_str = False
+        self._obj_end = -1
+
+    def _step(self, final: bool) -> bool:
+        return self._step_block(final) if self._in_block else self._step_content(final)
+
+    # ------------------------------------------------------------------ outside calls
+
+    def _step_content(self, final: bool) -> bool:
+        buf, i = self._buf, self._pos
+        lt = buf.find("<", i)
+        if lt < 0:
+            self._emit_content(buf[i:])
+            self._pos = len(buf)
+            return False
+        self._emit_content(buf[i:lt])
+        self._pos = lt
+        if buf.startswith(TOOL_CALL, lt):
+            return self._maybe_open(lt, final)
+        if is_partial(buf, lt, (TOOL_CALL,)):
+            if not final:
+                return False
+            self._emit_content("<" if len(buf) - lt == 1 else "")
+            self._pos = len(buf)
+            return False
+        self._emit_content("<")
+        self._pos = lt + 1
+        return True
+
+    def _maybe_open(self, lt: int, final: bool) -> bool:
+        buf = self._buf
+        j = skip_ws(buf, lt + len(TOOL_CALL))
+        if j == len(buf):
+            if final:
+                self._pos = j
+            return False
+        if buf[j] != "{":
+            self._emit_content(TOOL_CALL)
+            self._pos = lt + len(TOOL_CALL)
+            return True
+        self._in_block = True
+        self._block_start = lt
+        self._json_start = self._scan = j
+        self._stack = []
+        self._in_str = False
+        self._obj_end = -1
+        return True
+
+    # ------------------------------------------------------------------ inside a block
+
+    def _step_block(self, final: bool) -> bool:
+        if self._obj_end < 0:
+            outcome = self._scan_object(final)
+            if outcome is None:
+                return False
+            if outcome is not True:
+                text, block_end = outcome
+                self._end_block(text, block_end)
+                return True
+        return self._after_object(final)
+
+    def _scan_object(self, final: bool) -> Any:
+        """Find the end of the JSON object: True (found), (text, block end) for a
+        repaired/truncated block, or None while more text is needed."""
+        buf = self._buf
+        k = self._scan
+        while k < len(buf):
+            if self._in_str:
+                m = _IN_STRING.search(buf, k)
+                if m is None:
+                    k = len(buf)
+                    break
+                if m.group() == "\\":
+                    if m.end() >= len(buf):
+                        k = m.start()
+                        break
+                    k = m.end() + 1
+                    continue
+                self._in_str = False
+                k = m.end()
+                continue
+            m = _OUTSIDE.search(buf, k)
+            if m is None:
+                k = len(buf)
+                break
+            c, k = m.group(), m.end()
+            if c == '"':
+                self._in_str = True
+            elif c in _CLOSING:
+                self._stack.append(c)
+            elif c in "}]":
+                if self._stack:
+                    self._stack.pop()
+                if not self._stack:
+                    self._obj_end = k
+                    return True
+            elif buf.startswith(TOOL_CALL_END, m.start()):
+                # Closing tag outside any string with brackets open: a missing "}".
+                return self._repaired(m.start()), m.start() + len(TOOL_CALL_END)
+            elif is_partial(buf, m.start(), (TOOL_CALL_END,)) and not final:
+                k = m.start()
+                break
+        self._scan = k
+        if not final:
+            return None
+        return self._repaired(len(buf)), len(buf)
+
+    def _repaired(self, end: int) -> str:
+        """The JSON text up to ``end`` with an open string and brackets closed."""
+        text = self._buf[self._json_start : end].rstrip()
+        if self._in_str:
+            text += '"'
+        return text + "".join(_CLOSING[c] for c in reversed(self._stack))
+
+    def _after_object(self, final: bool) -> bool:
+        buf = self._buf
+        text = buf[self._json_start : self._obj_end]
+        j = skip_ws(buf, self._obj_end)
+        if buf.startswith(TOOL_CALL_END, j):
+            self._end_block(text, j + len(TOOL_CALL_END))
+            return True
+        if is_partial(buf, j, (TOOL_CALL_END,)):
+            if not final:
+                return False
+            self._end_block(text, len(buf))
+            return True
+        # Junk after the object: drop it up to the closing tag if there is one.
+        close = buf.find(TOOL_CALL_END, j)
+        if close >= 0:
+            self._end_block(text, close + len(TOOL_CALL_END))
+            return True
+        if not final:
+            return False
+        self._end_block(text, self._obj_end)
+        return True
+
+    def _end_block(self, text: str, block_end: int) -> None:
+        call = _interpret(text)
+        if call is None:
+            # Unparseable: keep what the model wrote rather than lose it.
+            self._emit_content(self._buf[self._block_start : block_end])
+        elif call is not _NOT_A_CALL:
+            name, arguments = call
+            record = self._open_call(name)
+            self._close_call(record, json.dumps(arguments, ensure_ascii=False))
+        self._in_block = False
+        self._pos = block_end
+
+
+def _loads(text: str) -> Any:
+    """JSON, then Python-literal decoding; None when neither parses."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+
+
+def _interpret(text: str) -> Any:
+    """(name, arguments dict), None if unparseable, or _NOT_A_CALL for a wrong shape."""
+    obj = _loads(text)
+    if obj is None:
+        return None
+    if not isinstance(obj, dict):
+        return _NOT_A_CALL
+    name = obj.get("name")
+    arguments = obj.get("arguments", obj.get("parameters"))
+    if isinstance(arguments, str):
+        arguments = _loads(arguments) if arguments.strip() else {}
+    if arguments is None:
+        arguments = {}
+    if not isinstance(name, str) or not is_valid_name(name) or not isinstance(arguments, dict):
+        return _NOT_A_CALL
+    try:
+        json.dumps(arguments, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return _NOT_A_CALL
+    return name, arguments

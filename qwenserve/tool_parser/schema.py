@@ -1,0 +1,257 @@
+"""Schema-driven typing of tool-call parameter values.
+
+Qwen3-Coder writes every parameter value as raw text; the only source of truth
+for its JSON type is the tool's JSON schema from the request. Strings must
+never be JSON-decoded (a ``package.json`` written through ``write_file`` has
+to stay a string), while integers, numbers, booleans, objects and arrays are
+decoded leniently. Nothing in this module raises on odd schemas or values.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+_STRING_TYPES = frozenset({"string", "str", "text", "varchar", "char", "enum"})
+_INT_PREFIXES = ("int", "uint", "long", "short", "unsigned")
+_NUMBER_PREFIXES = ("num", "float", "double", "decimal", "real")
+_BOOL_TYPES = frozenset({"boolean", "bool", "binary"})
+_CONTAINER_PREFIXES = ("object", "array", "arr", "dict", "list", "tuple", "map")
+_NULL_WORDS = frozenset({"null", "none"})
+_TRUE_WORDS = frozenset({"true", "1", "yes"})
+_PHANTOM_CHARS = frozenset("{}<>\"'")
+_FAIL = object()
+
+
+def is_valid_name(name: str) -> bool:
+    """Whether ``name`` can be a real function/parameter name.
+
+    Unrendered Jinja such as ``{{ tc.name }}`` (a "phantom" call the model
+    copied from a template) contains braces or whitespace and is rejected.
+    """
+    return bool(name) and not any(c in _PHANTOM_CHARS or c.isspace() for c in name)
+
+
+@dataclass(frozen=True)
+class ParamType:
+    """The resolved type of one parameter.
+
+    ``name`` is the lower-cased primary (first non-null) JSON-schema type, or
+    None for a parameter the schema does not describe (kept as raw text).
+    """
+
+    name: str | None
+    nullable: bool = False
+
+    @property
+    def is_raw_string(self) -> bool:
+        """True when any value text is returned unchanged (so it may be streamed as it arrives)."""
+        return self.name is None or (self.name in _STRING_TYPES and not self.nullable)
+
+
+RAW = ParamType(None)
+
+
+def _resolve(schema: Any) -> tuple[str | None, bool]:
+    """(primary type or None, nullable) of a schema fragment."""
+    if not isinstance(schema, Mapping):
+        return None, False
+    nullable = schema.get("nullable") is True
+    declared = schema.get("type")
+    names = [declared] if isinstance(declared, str) else declared if isinstance(declared, list) else []
+    primary: str | None = None
+    for raw_name in names:
+        if not isinstance(raw_name, str):
+            continue
+        lowered = raw_name.strip().lower()
+        if lowered == "null":
+            nullable = True
+        elif primary is None:
+            primary = lowered
+    for key in ("anyOf", "oneOf", "allOf"):
+        subs = schema.get(key)
+        if not isinstance(subs, list):
+            continue
+        for sub in subs:
+            sub_type, sub_nullable = _resolve(sub)
+            nullable = nullable or sub_nullable
+            if primary is None and sub_type is not None:
+                primary = sub_type
+    if primary is None:
+        primary = _infer_untyped(schema)
+        if isinstance(schema.get("enum"), list) and None in schema["enum"]:
+            nullable = True
+    return primary, nullable
+
+
+def _infer_untyped(schema: Mapping[str, Any]) -> str | None:
+    """Guess a type for a schema without ``type`` (enum values, properties, items)."""
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum:
+        values = [v for v in enum if v is not None]
+        # Non-string enums ([1, 2, 3]) need decoding; "any" tries JSON first.
+        return "string" if all(isinstance(v, str) for v in values) else "any"
+    if "properties" in schema:
+        return "object"
+    if "items" in schema:
+        return "array"
+    return None
+
+
+def resolve_type(schema: Any) -> ParamType:
+    """Resolve a property's JSON schema to a :class:`ParamType`.
+
+    Handles ``type`` strings and lists, ``anyOf``/``oneOf``/``allOf`` (first
+    non-null type wins), ``nullable: true`` and type-less enums. A described
+    parameter whose type cannot be determined is treated as a string, which
+    is the safe choice for raw text.
+    """
+    primary, nullable = _resolve(schema)
+    return ParamType(primary or "string", nullable)
+
+
+def _function_spec(tool: Any) -> Mapping[str, Any] | None:
+    """The ``function`` object of a Chat Completions tool (or a flat Responses-API tool)."""
+    if hasattr(tool, "model_dump"):
+        tool = tool.model_dump()
+    if not isinstance(tool, Mapping):
+        return None
+    inner = tool.get("function")
+    return inner if isinstance(inner, Mapping) else tool
+
+
+def _properties(parameters: Any) -> dict[str, ParamType] | None:
+    """Typed properties of a ``parameters`` schema; None when there are none to check against."""
+    if not isinstance(parameters, Mapping):
+        return None
+    props = parameters.get("properties")
+    if not isinstance(props, Mapping) or not props:
+        return None
+    return {name: resolve_type(spec) for name, spec in props.items() if isinstance(name, str)}
+
+
+class ToolSchemas:
+    """Per-request index of tool names to typed parameters."""
+
+    def __init__(self, tools: Iterable[Any] | None) -> None:
+        """Index ``tools`` (OpenAI tool dicts); malformed entries are ignored."""
+        self._tools: dict[str, dict[str, ParamType] | None] = {}
+        for tool in tools or ():
+            spec = _function_spec(tool)
+            name = spec.get("name") if spec is not None else None
+            if isinstance(name, str) and spec is not None:
+                self._tools[name] = _properties(spec.get("parameters"))
+
+    def param_type(self, tool: str, param: str) -> ParamType:
+        """Type of ``param`` of ``tool``; :data:`RAW` for anything the schemas do not describe."""
+        props = self._tools.get(tool)
+        if props is None:
+            return RAW
+        return props.get(param, RAW)
+
+    def is_param(self, tool: str, param: str) -> bool:
+        """Whether ``param`` may structurally be a parameter of ``tool``.
+
+        With declared properties only those names count, so literal
+        ``<parameter=other>`` text inside a value stays text; without them
+        (unknown tool, no ``properties``) any valid name counts.
+        """
+        if not is_valid_name(param):
+            return False
+        props = self._tools.get(tool)
+        return param in props if props else True
+
+
+def _decode(text: str) -> Any:
+    """JSON, then Python-literal decoding of ``text``; :data:`_FAIL` if neither works."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return _FAIL
+
+
+def _jsonable(value: Any) -> bool:
+    """Whether ``value`` serialises to strict JSON (no NaN, sets, bytes...)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return True
+
+
+def _to_int(word: str, raw: str) -> Any:
+    try:
+        return int(word)
+    except ValueError:
+        pass
+    try:
+        number = float(word)
+    except ValueError:
+        return raw
+    return int(number) if math.isfinite(number) and number.is_integer() else raw
+
+
+def _to_number(word: str, raw: str) -> Any:
+    try:
+        return int(word)
+    except ValueError:
+        pass
+    try:
+        number = float(word)
+    except ValueError:
+        return raw
+    if not math.isfinite(number):
+        return raw
+    return int(number) if number.is_integer() else number
+
+
+def _to_container(word: str, raw: str) -> Any:
+    value = _decode(word)
+    if value is _FAIL:
+        return raw
+    if isinstance(value, str):
+        # A model trained on json.dumps(str(obj)) writes "{'k': 'v'}" in quotes.
+        inner = _decode(value.strip())
+        if isinstance(inner, dict | list):
+            value = inner
+    return value if _jsonable(value) else raw
+
+
+def _to_any(word: str, raw: str) -> Any:
+    value = _decode(word)
+    return value if value is not _FAIL and _jsonable(value) else raw
+
+
+def convert_value(raw: str, ptype: ParamType) -> Any:
+    """Convert one parameter's raw text to its JSON value according to ``ptype``.
+
+    Never raises: anything that does not parse as the declared type is
+    returned as the raw string.
+    """
+    kind = ptype.name
+    if kind is None:
+        return raw
+    word = raw.strip()
+    if ptype.nullable and word.lower() in _NULL_WORDS:
+        return None
+    if kind in _STRING_TYPES:
+        return raw
+    if word.lower() in _NULL_WORDS:
+        return None
+    if kind in _BOOL_TYPES:
+        return word.lower() in _TRUE_WORDS
+    if kind.startswith(_INT_PREFIXES):
+        return _to_int(word, raw)
+    if kind.startswith(_NUMBER_PREFIXES):
+        return _to_number(word, raw)
+    if kind.startswith(_CONTAINER_PREFIXES):
+        return _to_container(word, raw)
+    return _to_any(word, raw)
