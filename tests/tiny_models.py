@@ -53,4 +53,29 @@ def make_tiny_checkpoint(
             else:
                 p.normal_(0.0, 0.08)
     model.save_pretrained(path)
+    save_tiny_tokenizer(path)
     return path
+
+
+def save_tiny_tokenizer(path: Path) -> None:
+    """A byte-level tokenizer over TINY_VOCAB ids: 256 bytes, filler words, then two special tokens.
+
+    Byte-level ids split multi-byte characters, which exercises the detokenizer's
+    partial-UTF-8 handling; id TINY_VOCAB - 1 is <|im_end|>, the tiny models' EOS.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_tokens([AddedToken(f" w{i}", special=False) for i in range(256, TINY_VOCAB - 2)])
+    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True), AddedToken("<|im_end|>", special=True)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    fast.save_pretrained(path)

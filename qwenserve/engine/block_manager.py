@@ -43,6 +43,7 @@ class BlockManager:
         # Insertion order = eviction order: the front is evicted first.
         self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
         self.hash_to_block: dict[int, int] = {}
+        self.num_evictions = 0
 
     @property
     def num_usable_blocks(self) -> int:
@@ -122,6 +123,7 @@ class BlockManager:
         if block.hash is not None:
             if self.hash_to_block.get(block.hash) == block_id:
                 del self.hash_to_block[block.hash]
+                self.num_evictions += 1
             block.hash, block.token_ids = None, None
         block.ref_count = 1
         return block_id

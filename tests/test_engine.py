@@ -1,0 +1,164 @@
+"""The engine's scheduling never changes what a request generates."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from qwenserve.config import EngineConfig
+from qwenserve.engine.llm_engine import LLMEngine
+from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def make_engine(path: Path, **overrides) -> LLMEngine:
+    cfg = dict(model=str(path), device="cpu", dtype="float32", num_kv_blocks=256, max_num_batched_tokens=512)
+    cfg.update(overrides)
+    return LLMEngine(EngineConfig(**cfg))
+
+
+def prompts(count: int, seed: int = 0, lo: int = 5, hi: int = 90) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(0, 500) for _ in range(rng.randrange(lo, hi))] for _ in range(count)]
+
+
+def tokens_of(engine: LLMEngine, batch: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
+    return [outs[0].token_ids for outs in engine.generate(batch, params)]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_moe_dir: Path) -> LLMEngine:
+    return make_engine(tiny_moe_dir)
+
+
+@pytest.fixture(scope="module")
+def alone(engine: LLMEngine) -> dict[int, list[int]]:
+    """Reference: every test prompt generated on its own, with the prefix cache off."""
+    ref = make_engine(engine.model_info.path, enable_prefix_caching=False)
+    return {i: tokens_of(ref, [p])[0] for i, p in enumerate(prompts(12))}
+
+
+def test_batched_equals_alone(engine: LLMEngine, alone: dict[int, list[int]]) -> None:
+    assert tokens_of(engine, prompts(12)) == [alone[i] for i in range(12)]
+
+
+def test_chunked_prefill_equals_alone(tiny_moe_dir: Path, alone: dict[int, list[int]]) -> None:
+    small_budget = make_engine(tiny_moe_dir, max_num_batched_tokens=7)
+    assert tokens_of(small_budget, prompts(12)) == [alone[i] for i in range(12)]
+
+
+def test_preemption_recomputes_identically(tiny_moe_dir: Path, alone: dict[int, list[int]]) -> None:
+    # 12 sequences of up to ~100 tokens need far more than 20 blocks of 16: the newest get preempted.
+    tight = make_engine(tiny_moe_dir, num_kv_blocks=20)
+    outs = tokens_of(tight, prompts(12))
+    assert outs == [alone[i] for i in range(12)]
+    assert tight.scheduler.num_preemptions > 0
+    assert tight.block_manager.num_free_blocks == tight.block_manager.num_usable_blocks
+
+
+def test_prefix_cache_hit_reports_cached_tokens_and_keeps_output(engine: LLMEngine) -> None:
+    shared = prompts(1, seed=7, lo=80, hi=81)[0]
+    first = engine.generate([shared + [1, 2, 3]], GREEDY)[0][0]
+    second = engine.generate([shared + [4, 5, 6]], GREEDY)[0][0]
+    fresh = make_engine(engine.model_info.path, enable_prefix_caching=False)
+    assert second.num_cached_tokens == (len(shared) // 16) * 16 > 0
+    assert first.num_cached_tokens == 0 or first.num_cached_tokens % 16 == 0
+    assert second.token_ids == tokens_of(fresh, [shared + [4, 5, 6]])[0]
+    # The very same prompt again is cached up to its last full block (one token is always computed).
+    again = engine.generate([shared + [1, 2, 3]], GREEDY)[0][0]
+    assert again.num_cached_tokens == ((len(shared) + 3 - 1) // 16) * 16
+    assert again.token_ids == first.token_ids
+
+
+def test_eviction_under_pressure_never_changes_outputs(tiny_moe_dir: Path, alone: dict[int, list[int]]) -> None:
+    small = make_engine(tiny_moe_dir, num_kv_blocks=24)
+    for round_ in range(3):  # each round evicts cached blocks of the previous ones
+        got = tokens_of(small, prompts(12))
+        assert got == [alone[i] for i in range(12)], f"round {round_}"
+    assert small.block_manager.num_evictions > 0
+
+
+def test_abort_frees_blocks_at_once(engine: LLMEngine) -> None:
+    bm = engine.block_manager
+    engine.add_request("to-abort", prompts(1, seed=3, lo=60, hi=61)[0], SamplingParams(max_tokens=50))
+    engine.step()
+    assert bm.num_free_blocks < bm.num_usable_blocks
+    outs = engine.abort("to-abort")
+    assert [o.finish_reason for o in outs] == ["abort"]
+    assert bm.num_free_blocks == bm.num_usable_blocks
+    assert not engine.has_unfinished()
+
+
+def test_hundred_concurrent_requests_match_alone(tiny_moe_dir: Path) -> None:
+    many = prompts(100, seed=11, lo=3, hi=40)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    eng = make_engine(tiny_moe_dir, num_kv_blocks=128, max_num_seqs=32)
+    together = tokens_of(eng, many, params)
+    solo_engine = make_engine(tiny_moe_dir, enable_prefix_caching=False)
+    for i in range(0, 100, 9):
+        assert together[i] == tokens_of(solo_engine, [many[i]], params)[0]
+    assert all(len(t) == 4 for t in together)
+
+
+def test_seed_reproducible_alone_and_in_batch(engine: LLMEngine) -> None:
+    p = prompts(1, seed=5)[0]
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=16, ignore_eos=True)
+    a = engine.generate([p], seeded)[0][0].token_ids
+    b = engine.generate([p], seeded)[0][0].token_ids
+    others = prompts(5, seed=9)
+    mixed = engine.generate([others[0], p, others[1]], [GREEDY, seeded, SamplingParams(temperature=0.8, max_tokens=16)])
+    assert a == b == mixed[1][0].token_ids
+    other_seed = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=99, max_tokens=16, ignore_eos=True)
+    assert engine.generate([p], other_seed)[0][0].token_ids != a
+
+
+def test_max_tokens_gives_length(engine: LLMEngine) -> None:
+    out = engine.generate([prompts(1)[0]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0][0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 5
+
+
+def test_stop_string_ends_with_stop_and_is_not_emitted(engine: LLMEngine) -> None:
+    p = prompts(1, seed=21)[0]
+    full = engine.generate([p], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0][0]
+    assert len(full.text) > 4
+    stop = full.text[3:5]
+    out = engine.generate([p], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]))[0][0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == full.text[: full.text.index(stop)]
+
+
+def test_stop_token_ids_and_eos(engine: LLMEngine) -> None:
+    p = prompts(1, seed=21)[0]
+    full = engine.generate([p], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0][0]
+    target = full.token_ids[3]
+    out = engine.generate([p], SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[target]))[0][0]
+    assert out.finish_reason == "stop" and out.stop_reason == target
+    assert out.token_ids == full.token_ids[: full.token_ids.index(target) + 1]
+
+
+def test_n_choices_share_the_prompt(engine: LLMEngine) -> None:
+    p = prompts(1, seed=31, lo=70, hi=71)[0]
+    params = SamplingParams(temperature=1.0, n=3, seed=7, max_tokens=6, ignore_eos=True)
+    outs = engine.generate([p], params)[0]
+    assert [o.index for o in outs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in outs}) > 1
+    assert all(o.num_cached_tokens >= 64 for o in outs[1:])  # siblings reuse the first choice's blocks
+
+
+def test_prompt_that_can_never_fit_is_refused(tiny_moe_dir: Path) -> None:
+    eng = make_engine(tiny_moe_dir, num_kv_blocks=8)  # 7 usable blocks = 112 tokens
+    assert eng.max_model_len == 112
+    with pytest.raises(InvalidRequestError, match="200 tokens.*112"):
+        eng.add_request("long", list(range(200)), GREEDY)
+
+
+def test_logprobs(engine: LLMEngine) -> None:
+    out = engine.generate([prompts(1)[0]], SamplingParams(temperature=0, max_tokens=3, logprobs=5))[0][0]
+    assert len(out.logprobs) == 3
+    for lp in out.logprobs:
+        assert len(lp.top_logprobs) == 5
+        assert lp.top_logprobs[0][0] == lp.token_id  # greedy picks the most likely token
+        assert lp.logprob == pytest.approx(lp.top_logprobs[0][2])
