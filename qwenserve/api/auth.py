@@ -1,0 +1,44 @@
+"""`--api-key`: every route but /health needs `Authorization: Bearer KEY` (or `x-api-key`)."""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from qwenserve.api.errors import APIError
+
+OPEN_PATHS = frozenset({"/health"})
+
+
+def _presented_key(scope: Scope) -> str | None:
+    headers = dict(scope.get("headers") or [])
+    auth = headers.get(b"authorization", b"").decode("latin-1").strip()
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    key = headers.get(b"x-api-key")
+    return key.decode("latin-1").strip() if key else None
+
+
+class APIKeyMiddleware:
+    """Rejects requests without the configured key with an OpenAI-shaped 401."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app = app
+        self.api_key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        key = _presented_key(scope)
+        if key is None or not hmac.compare_digest(key.encode(), self.api_key):
+            message = (
+                "Missing API key: send 'Authorization: Bearer <key>'."
+                if key is None
+                else "Incorrect API key."
+            )
+            err = APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            await err.response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

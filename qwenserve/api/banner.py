@@ -1,0 +1,65 @@
+"""What `qwenserve serve` prints once the model is ready: the URL and the exact qwen-code
+settings (environment variables and a ~/.qwen/settings.json snippet)."""
+
+from __future__ import annotations
+
+import json
+
+
+def client_host(host: str) -> str:
+    """The address a local client should dial: wildcard binds become loopback."""
+    if host in ("0.0.0.0", "", "*"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def base_url(host: str, port: int) -> str:
+    return f"http://{client_host(host)}:{port}/v1"
+
+
+def qwen_code_settings(url: str, model: str, context: int) -> dict:
+    """A ~/.qwen/settings.json that selects this server (key read from OPENAI_API_KEY)."""
+    return {
+        "modelProviders": {
+            "openai": [
+                {
+                    "id": model,
+                    "name": f"{model} (qwenserve)",
+                    "baseUrl": url,
+                    "envKey": "OPENAI_API_KEY",
+                    "generationConfig": {"contextWindowSize": context},
+                }
+            ]
+        },
+        "security": {"auth": {"selectedType": "openai"}},
+        "model": {"name": model},
+    }
+
+
+def ready_banner(
+    host: str, port: int, model: str, context: int, api_key: str | None, is_demo: bool, path: str
+) -> str:
+    """The multi-line message printed when the server is ready."""
+    url = base_url(host, port)
+    key = api_key or "qwenserve"
+    what = "the built-in demo model (a tiny test model, not a real coder)" if is_demo else path
+    settings = json.dumps(qwen_code_settings(url, model, context), indent=2)
+    lines = [
+        "",
+        f"qwenserve is ready: serving {model!r} ({what}), context {context} tokens",
+        f"  OpenAI-compatible API: {url}   (docs: {url[:-3]}/docs)",
+        "",
+        "Use it from qwen-code:",
+        f"  export OPENAI_BASE_URL={url}",
+        f"  export OPENAI_API_KEY={key}"
+        + ("" if api_key else "   # any non-empty value: no --api-key was set"),
+        f"  export OPENAI_MODEL={model}",
+        '  qwen            # or headless: qwen -p "List the files in this directory" --yolo',
+        "",
+        "or put this in ~/.qwen/settings.json (and export OPENAI_API_KEY):",
+        settings,
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""Chat messages to a prompt string: normalise what clients send into the plain dicts the
+model's Jinja template expects, choose the tool-call format, and render.
+
+Past bugs this module exists to prevent (see ORIGINAL_SYSTEM.md): pydantic objects reaching
+Jinja, and assistant `arguments` arriving as a JSON string where the Qwen3-Coder template
+iterates `arguments|items`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+
+from qwenserve.api.errors import APIError, bad_request
+from qwenserve.api.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, Tool
+
+logger = logging.getLogger("qwenserve.api")
+
+_TEXT_PART_TYPES = ("text", "input_text", "output_text")
+
+
+def content_to_text(content: Any, param: str) -> str:
+    """A message's content as one string: text parts joined with "\\n", null as ""."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        kind = part.get("type", "text")
+        if kind in _TEXT_PART_TYPES:
+            text = part.get("text")
+            texts.append("" if text is None else str(text))
+        elif kind == "refusal":
+            texts.append(str(part.get("refusal") or ""))
+        else:
+            raise bad_request(
+                f"Content parts of type {kind!r} are not supported: this model reads text only.",
+                param=f"{param}[{j}].type",
+                code="unsupported_content",
+            )
+    return "\n".join(texts)
+
+
+def arguments_to_dict(arguments: Any) -> dict[str, Any]:
+    """Past tool-call arguments as a dict for the template; bad input degrades to {}.
+
+    qwen-code sends JSON strings; null, "" and non-JSON text must never crash rendering.
+    """
+    if isinstance(arguments, dict):
+        return arguments
+    if isinstance(arguments, str) and arguments.strip():
+        try:
+            value = json.loads(arguments)
+        except ValueError:
+            logger.debug("tool call arguments are not JSON, rendering them as {}: %.200s", arguments)
+            return {}
+        if isinstance(value, dict):
+            return value
+    return {}
+
+
+def normalize_message(msg: ChatMessage, i: int) -> dict[str, Any]:
+    """One message as a plain dict in the shape the Qwen chat templates read."""
+    role = "system" if msg.role == "developer" else msg.role
+    out: dict[str, Any] = {"role": role, "content": content_to_text(msg.content, f"messages[{i}].content")}
+    if msg.name:
+        out["name"] = msg.name
+    if role == "assistant" and msg.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": call.id or f"call_{i}_{k}",
+                "type": "function",
+                "function": {
+                    "name": call.function.name,
+                    "arguments": arguments_to_dict(call.function.arguments),
+                },
+            }
+            for k, call in enumerate(msg.tool_calls)
+        ]
+    if role == "tool" and msg.tool_call_id:
+        out["tool_call_id"] = msg.tool_call_id
+    return out
+
+
+def normalize_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """All messages as plain dicts (content strings, argument dicts)."""
+    return [normalize_message(m, i) for i, m in enumerate(messages)]
+
+
+def normalize_tools(tools: list[Tool] | None) -> list[dict[str, Any]] | None:
+    """Tools as plain dicts; a missing or null `parameters` becomes an empty object schema."""
+    if not tools:
+        return None
+    out = []
+    for tool in tools:
+        fn: dict[str, Any] = {"name": tool.function.name}
+        if tool.function.description is not None:
+            fn["description"] = tool.function.description
+        params = tool.function.parameters
+        fn["parameters"] = params if params is not None else {"type": "object", "properties": {}}
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+@dataclass
+class ToolPlan:
+    """How a chat request uses tools: what the template sees, whether to parse the output,
+    and the text appended to the prompt to force a call (also fed to the parser first)."""
+
+    tools: list[dict[str, Any]] | None
+    parse: bool
+    forced_prefix: str = ""
+
+
+def is_xml_tool_format(chat_template: str | None) -> bool:
+    """Qwen3-Coder's XML calls when the template writes `<function=`, else Qwen3's JSON calls."""
+    return chat_template is None or "<function=" in chat_template
+
+
+def plan_tools(request: ChatCompletionRequest, xml: bool) -> ToolPlan:
+    """Apply tool_choice: none hides the tools, required/named prefill the start of a call.
+
+    `xml` selects the call syntax the prefill uses (see is_xml_tool_format).
+    """
+    tools = normalize_tools(request.tools)
+    choice = request.tool_choice
+    if not tools:
+        if choice == "required" or isinstance(choice, NamedToolChoice):
+            raise bad_request("tool_choice requires a non-empty 'tools' list.", param="tool_choice")
+        return ToolPlan(tools=None, parse=False)
+    if choice == "none":
+        return ToolPlan(tools=None, parse=False)
+    if isinstance(choice, NamedToolChoice):
+        name = choice.function.name
+        if name not in {t["function"]["name"] for t in tools}:
+            raise bad_request(f"tool_choice names {name!r}, which is not in 'tools'.", param="tool_choice")
+        prefix = (
+            f"<tool_call>\n<function={name}>\n" if xml else f'<tool_call>\n{{"name": "{name}", "arguments": '
+        )
+        return ToolPlan(tools=tools, parse=True, forced_prefix=prefix)
+    if choice == "required":
+        prefix = "<tool_call>\n<function=" if xml else '<tool_call>\n{"name": "'
+        return ToolPlan(tools=tools, parse=True, forced_prefix=prefix)
+    return ToolPlan(tools=tools, parse=True)
+
+
+def _template_kwargs(tokenizer: Any, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """chat_template_kwargs minus anything that would clash with apply_chat_template's own
+    parameters (tokenize, tools, chat_template, ...): unknown keys are just template vars."""
+    if not kwargs:
+        return {}
+    reserved = set(inspect.signature(tokenizer.apply_chat_template).parameters) | {"messages"}
+    return {k: v for k, v in kwargs.items() if k not in reserved}
+
+
+def render_chat(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    template_kwargs: dict[str, Any] | None = None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> str:
+    """Render with the model's own chat template; template errors become a 400."""
+    if continue_final_message:
+        if messages[-1]["role"] != "assistant":
+            raise bad_request("continue_final_message needs a final assistant message.", param="messages")
+        add_generation_prompt = False
+    try:
+        return tokenizer.apply_chat_template(
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tokenize=False,
+            **_template_kwargs(tokenizer, template_kwargs),
+        )
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError) as exc:
+        raise APIError(
+            400, f"The chat template could not render these messages: {exc}", param="messages"
+        ) from exc

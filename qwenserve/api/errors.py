@@ -1,0 +1,141 @@
+"""OpenAI-shaped errors: one exception type and the handlers that turn every failure into
+`{"error": {"message", "type", "param", "code"}}` with the right status code."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qwenserve.engine.sampling_params import InvalidRequestError
+
+logger = logging.getLogger("qwenserve.api")
+
+# OpenAI's `type` strings by status code.
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
+
+
+class APIError(Exception):
+    """An error the HTTP layer answers with an OpenAI-shaped body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    @property
+    def type(self) -> str:
+        return _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body, shared by plain responses and mid-stream `data: {"error": ...}` chunks."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """A 400 naming the offending field."""
+    return APIError(400, message, param=param, code=code)
+
+
+def unavailable(message: str, retry_after: int = 5, code: str = "service_unavailable") -> APIError:
+    """A 503 with Retry-After, which the OpenAI SDKs and qwen-code retry."""
+    return APIError(503, message, code=code, headers={"Retry-After": str(retry_after)})
+
+
+def from_invalid_request(exc: InvalidRequestError) -> APIError:
+    """Map the engine's validation error (bad sampling value, prompt too long) to a 400."""
+    return APIError(400, exc.message, param=exc.param, code=exc.code)
+
+
+def format_loc(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    """('body', 'messages', 0, 'role') -> 'messages[0].role'; None for the body itself."""
+    out = ""
+    for part in loc:
+        if part == "body" and not out:
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or None
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    """Turn FastAPI/pydantic's 422 into OpenAI's 400 with `param` set to the first bad field."""
+    errors = exc.errors()
+    if not errors:
+        return bad_request("Invalid request body.")
+    first = errors[0]
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "") or first.get("msg", "")
+        return bad_request(f"Request body is not valid JSON: {detail}", code="invalid_json")
+    loc = first.get("loc", ())
+    param = format_loc(loc)
+    if kind == "missing" and param is None:
+        return bad_request("Request body is missing: send a JSON object.", code="invalid_json")
+    msg = first.get("msg", "invalid value")
+    if kind == "model_attributes_type" and param is None:
+        return bad_request("Request body must be a JSON object.", code="invalid_json")
+    where = f"'{param}'" if param else "request body"
+    extra = f" ({len(errors) - 1} more error(s))" if len(errors) > 1 else ""
+    return bad_request(f"Invalid value for {where}: {msg}{extra}", param=param, code="invalid_value")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make every failure path, FastAPI's own included, answer in OpenAI's shape."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(InvalidRequestError)
+    async def _invalid(_: Request, exc: InvalidRequestError) -> JSONResponse:
+        return from_invalid_request(exc).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"Unknown route: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"Method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        err = APIError(exc.status_code, message, headers=dict(exc.headers or {}))
+        return err.response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("internal error on %s %s", request.method, request.url.path)
+        return APIError(500, f"Internal server error: {type(exc).__name__}: {exc}").response()

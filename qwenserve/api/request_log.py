@@ -1,0 +1,103 @@
+"""Per-request timing and accounting: feeds the latency histograms and token counters, and
+writes the one log line per request (id, tokens, TTFT, tok/s, finish reason)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from qwenserve.api.metrics import Metrics
+from qwenserve.engine.outputs import RequestOutput
+
+logger = logging.getLogger("qwenserve.api")
+
+
+def log_request_body(request_id: str, body: Any) -> None:
+    """`--log-requests`: the full request body, as received (after JSON parsing)."""
+    if hasattr(body, "model_dump"):
+        body = body.model_dump(exclude_none=True)
+    logger.info("request %s body: %s", request_id, json.dumps(body, ensure_ascii=False, default=str))
+
+
+class RequestTracker:
+    """Watches one request's outputs; call `observe` on each and `done` once at the end."""
+
+    def __init__(self, request_id: str, metrics: Metrics | None):
+        self.request_id = request_id
+        self.metrics = metrics
+        self.arrival = time.monotonic()
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.generated: dict[int, int] = {}
+        self.finish_reasons: dict[int, str] = {}
+        self.tool_calls = 0
+        self._logged = False
+
+    def observe(self, out: RequestOutput) -> None:
+        """Record one RequestOutput increment (timing and token counts)."""
+        now = time.monotonic()
+        self.prompt_tokens = out.num_prompt_tokens
+        self.cached_tokens = max(self.cached_tokens, out.num_cached_tokens)
+        if out.token_ids:
+            if self.first_token is None:
+                self.first_token = now
+                if self.metrics:
+                    self.metrics.ttft.observe(now - self.arrival)
+            elif self.metrics and self.last_token is not None:
+                # Several tokens in one increment: spread the gap evenly between them.
+                gap = (now - self.last_token) / len(out.token_ids)
+                for _ in out.token_ids:
+                    self.metrics.itl.observe(gap)
+            self.last_token = now
+        self.generated[out.index] = out.num_generated_tokens
+        if out.finish_reason:
+            self.finish_reasons[out.index] = out.finish_reason
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.generated.values())
+
+    def usage(self) -> dict[str, Any]:
+        """OpenAI usage, with the prefix-cache hits in prompt_tokens_details."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+    def done(self, finish: str | None = None, error: str | None = None) -> None:
+        """Count tokens, observe latency and write the request's log line (once)."""
+        if self._logged:
+            return
+        self._logged = True
+        now = time.monotonic()
+        finish = finish or ",".join(sorted(set(self.finish_reasons.values()))) or "none"
+        if self.metrics:
+            self.metrics.prompt_tokens.inc(self.prompt_tokens)
+            self.metrics.cached_tokens.inc(self.cached_tokens)
+            self.metrics.generation_tokens.inc(self.completion_tokens)
+            self.metrics.finished.labels(finish_reason=finish).inc()
+            self.metrics.e2e.observe(now - self.arrival)
+        ttft = f"{self.first_token - self.arrival:.3f}s" if self.first_token is not None else "-"
+        decode_time = (self.last_token or now) - (self.first_token or now)
+        rate = (self.completion_tokens - len(self.generated)) / decode_time if decode_time > 0 else 0.0
+        tools = f" tool_calls={self.tool_calls}" if self.tool_calls else ""
+        err = f" error={error!r}" if error else ""
+        logger.info(
+            "request %s: prompt=%d cached=%d generated=%d ttft=%s %.1f tok/s total=%.3fs finish=%s%s%s",
+            self.request_id,
+            self.prompt_tokens,
+            self.cached_tokens,
+            self.completion_tokens,
+            ttft,
+            rate,
+            now - self.arrival,
+            finish,
+            tools,
+            err,
+        )

@@ -1,0 +1,64 @@
+"""Request fields to engine SamplingParams: request values win, then the model's
+generation_config.json defaults, then SamplingParams' own defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qwenserve.api.protocol import SamplingFields
+from qwenserve.engine.sampling_params import SamplingParams
+
+# Fields that generation_config.json may supply when the request leaves them out.
+_DEFAULTABLE = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def build_sampling_params(
+    req: SamplingFields,
+    defaults: dict[str, Any],
+    *,
+    max_tokens: int | None,
+    logprobs: int | None,
+    extra_stop_token_ids: list[int] | None = None,
+) -> SamplingParams:
+    """SamplingParams for one request; raises InvalidRequestError on out-of-range values.
+
+    temperature 0 from the request is respected (it is not "unset"); `max_tokens` None
+    means up to the context limit (the engine clamps anything larger to the room left).
+    """
+    values: dict[str, Any] = {}
+    for name in _DEFAULTABLE:
+        value = getattr(req, name)
+        if value is None:
+            value = defaults.get(name)
+        if value is not None:
+            values[name] = value
+    if req.temperature is None and defaults.get("do_sample") is False:
+        values["temperature"] = 0.0  # generation_config.json asks for greedy decoding
+    if values.get("top_k") is not None:
+        values["top_k"] = int(values["top_k"])
+    stop_ids = list(req.stop_token_ids or []) + list(extra_stop_token_ids or [])
+    return SamplingParams(
+        **values,
+        seed=req.seed,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        stop=_stop_list(req.stop),
+        stop_token_ids=stop_ids,
+        ignore_eos=req.ignore_eos,
+        n=req.n,
+        logprobs=logprobs,
+    )

@@ -1,0 +1,226 @@
+"""The FastAPI app: routes, middlewares, and background model loading.
+
+Uvicorn starts answering at once; the engine loads in the background, so /health says 503
+(and every other route 503 + Retry-After) until the model is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from qwenserve import __version__
+from qwenserve.api.auth import APIKeyMiddleware
+from qwenserve.api.banner import ready_banner
+from qwenserve.api.chat import normalize_messages, normalize_tools, render_chat
+from qwenserve.api.errors import APIError, bad_request, install_error_handlers, unavailable
+from qwenserve.api.metrics import Metrics
+from qwenserve.api.middleware import LoadingGateMiddleware, StatusCountMiddleware
+from qwenserve.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from qwenserve.api.serving_chat import ChatCompletions
+from qwenserve.api.serving_completions import Completions
+from qwenserve.api.state import ServerSettings, ServerState
+
+logger = logging.getLogger("qwenserve.api")
+
+
+class AppContext:
+    """Mutable per-app holder: the ServerState appears once the engine is ready."""
+
+    def __init__(self, engine: Any, settings: ServerSettings):
+        self.engine = engine
+        self.settings = settings
+        self.metrics = Metrics(stats=self._stats)
+        self.state: ServerState | None = None
+        self.chat: ChatCompletions | None = None
+        self.completions: Completions | None = None
+        self.load_error: str | None = None
+        self.exit_code = 0
+        self.server: Any = None  # uvicorn.Server, so a failed load can stop it
+
+    def _stats(self) -> Any | None:
+        return self.engine.stats() if self.state is not None else None
+
+    @property
+    def ready(self) -> bool:
+        return self.state is not None
+
+    def require(self) -> ServerState:
+        if self.state is None:
+            raise unavailable("The model is still loading; retry shortly.", code="model_loading")
+        return self.state
+
+    async def load(self) -> None:
+        """Load the engine; on failure log why and stop the server with exit code 1."""
+        started = time.monotonic()
+        try:
+            await self.engine.start()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any load failure ends the process with its message
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            logger.error("failed to load the model: %s", self.load_error)
+            self.exit_code = 1
+            if self.server is not None:
+                self.server.should_exit = True
+            return
+        state = ServerState(self.engine, self.settings, self.metrics)
+        self.chat, self.completions, self.state = ChatCompletions(state), Completions(state), state
+        info = state.model_info
+        logger.info("model %s loaded in %.1fs", info.name, time.monotonic() - started)
+        banner = ready_banner(
+            self.settings.host,
+            self.settings.port,
+            state.served_names[0],
+            info.max_model_len,
+            self.settings.api_key,
+            info.is_demo,
+            str(info.path),
+        )
+        print(banner, flush=True)
+
+
+def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
+    """The ASGI app for `engine` (an AsyncEngine that is not started yet)."""
+    ctx = AppContext(engine, settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(ctx.load())
+        try:
+            yield
+        finally:
+            task.cancel()
+            if ctx.state is not None:
+                ctx.state.close()
+            await engine.shutdown()
+
+    app = FastAPI(
+        title="qwenserve",
+        version=__version__,
+        description="OpenAI-compatible server for Qwen3-Coder models.",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    # add_middleware wraps outside-in in reverse order: counting sees every response,
+    # auth runs before the loading gate so an unauthenticated caller learns nothing.
+    app.add_middleware(LoadingGateMiddleware, is_ready=lambda: ctx.ready)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(StatusCountMiddleware, metrics=ctx.metrics)
+    _add_routes(app, ctx)
+    return app
+
+
+def _add_routes(app: FastAPI, ctx: AppContext) -> None:
+    @app.get("/health", tags=["ops"])
+    async def health() -> Response:
+        """200 when the model is loaded and serving, 503 while it loads."""
+        if ctx.load_error:
+            return APIError(503, f"Model failed to load: {ctx.load_error}", code="load_failed").response()
+        if not ctx.ready:
+            return unavailable("The model is still loading.", code="model_loading").response()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version", tags=["ops"])
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics() -> Response:
+        """Prometheus exposition of request, token, latency and KV cache series."""
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", tags=["openai"])
+    async def models() -> dict[str, Any]:
+        """Every served model name (any name is accepted in requests)."""
+        state = ctx.require()
+        created = int(time.time())
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "qwen",
+                "root": str(state.model_info.path),
+                "max_model_len": state.max_model_len,
+            }
+            for name in state.served_names
+        ]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions", tags=["openai"])
+    async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
+        """Chat completion, streaming (SSE) or not, with tool calls."""
+        ctx.require()
+        assert ctx.chat is not None
+        return await ctx.chat.create(req, raw)
+
+    @app.post("/v1/completions", tags=["openai"])
+    async def completions(req: CompletionRequest, raw: Request) -> Response:
+        """Text completion, with echo, logprobs and fill-in-the-middle via `suffix`."""
+        ctx.require()
+        assert ctx.completions is not None
+        return await ctx.completions.create(req, raw)
+
+    @app.post("/tokenize", tags=["tokens"])
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        """vLLM's shape: `prompt` or chat `messages` in; count, max_model_len, tokens out."""
+        state = ctx.require()
+        tokens = await state.run_cpu(_tokenize, state, req)
+        out: dict[str, Any] = {"count": len(tokens), "max_model_len": state.max_model_len, "tokens": tokens}
+        if req.return_token_strs:
+            out["token_strs"] = state.tokenizer.convert_ids_to_tokens(tokens)
+        return out
+
+    @app.post("/detokenize", tags=["tokens"])
+    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+        """vLLM's shape: `tokens` in, `prompt` (the decoded text) out."""
+        state = ctx.require()
+        vocab = len(state.tokenizer)
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"Token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}", param="tokens")
+        return {"prompt": await state.run_cpu(state.decode, req.tokens)}
+
+
+def _tokenize(state: ServerState, req: TokenizeRequest) -> list[int]:
+    if req.messages is not None:
+        if not req.messages:
+            raise bad_request("'messages' must not be empty.", param="messages")
+        text = render_chat(
+            state.tokenizer,
+            normalize_messages(req.messages),
+            normalize_tools(req.tools),
+            req.chat_template_kwargs,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+        )
+        return state.encode(text)
+    if req.prompt is None:
+        raise bad_request("Send either 'prompt' or 'messages'.", param="prompt")
+    return state.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+
+
+def uvloop_available() -> bool:
+    """uvloop is optional (not on Windows); fall back to asyncio's loop."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return sys.platform != "win32"

@@ -1,0 +1,275 @@
+"""POST /v1/chat/completions: render, submit, and answer as one JSON body or an SSE stream
+with incremental content and tool-call deltas."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from qwenserve.api.chat import ToolPlan, normalize_messages, plan_tools, render_chat
+from qwenserve.api.errors import APIError
+from qwenserve.api.logprobs import chat_logprobs
+from qwenserve.api.protocol import ChatCompletionRequest
+from qwenserve.api.request_log import RequestTracker, log_request_body
+from qwenserve.api.sampling import build_sampling_params
+from qwenserve.api.state import ServerState, new_id
+from qwenserve.api.streaming import SSE_DONE, SSEResponse, sse, with_heartbeat
+from qwenserve.engine.outputs import RequestOutput
+
+logger = logging.getLogger("qwenserve.api")
+
+
+def final_finish_reason(engine_reason: str, made_tool_call: bool) -> str:
+    """`tool_calls` when a call was emitted and generation ended normally."""
+    if engine_reason == "abort":
+        raise APIError(
+            503, "The request was aborted by the server.", code="aborted", headers={"Retry-After": "1"}
+        )
+    if made_tool_call and engine_reason == "stop":
+        return "tool_calls"
+    return engine_reason
+
+
+async def wait_or_disconnect(
+    request: Request, work: asyncio.Future[Any], request_id: str, state: ServerState
+) -> Any:
+    """Await `work`, aborting the engine request if the client hangs up first."""
+    while True:
+        done, _ = await asyncio.wait({work}, timeout=1.0)
+        if done:
+            return work.result()
+        if await request.is_disconnected():
+            state.abort(request_id)
+            work.cancel()
+            raise APIError(499, "Client disconnected.", code="client_disconnected")
+
+
+class ChatCompletions:
+    """Handler for one app; stateless between requests apart from `state`."""
+
+    def __init__(self, state: ServerState):
+        self.state = state
+
+    def _prompt(self, req: ChatCompletionRequest, plan: ToolPlan) -> list[int]:
+        """Render and tokenize (runs on the tokenization thread)."""
+        messages = normalize_messages(req.messages)
+        text = render_chat(
+            self.state.tokenizer,
+            messages,
+            plan.tools,
+            req.chat_template_kwargs,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+        )
+        return self.state.encode(text + plan.forced_prefix)
+
+    def _parser(self, plan: ToolPlan) -> Any | None:
+        if not plan.parse or self.state.tool_parser_cls is None:
+            return None
+        return self.state.tool_parser_cls(plan.tools)
+
+    async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        """Validate, submit to the engine, and answer (stream or not)."""
+        state = self.state
+        request_id = new_id("chatcmpl")
+        if state.settings.log_requests:
+            log_request_body(request_id, req)
+        plan = plan_tools(req, state.xml_tools)
+        prompt_ids = await state.run_cpu(self._prompt, req, plan)
+        params = build_sampling_params(
+            req,
+            state.generation_defaults,
+            max_tokens=req.max_completion_tokens or req.max_tokens,
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        )
+        tracker = RequestTracker(request_id, state.metrics)
+        stream = state.add_request(request_id, prompt_ids, params)
+        ctx = _ChatContext(state, req, plan, request_id, tracker, [self._parser(plan) for _ in range(req.n)])
+        if req.stream:
+            return SSEResponse(
+                with_heartbeat(ctx.stream(stream), ctx.heartbeat), on_close=lambda: ctx.close_if_unfinished()
+            )
+        work = asyncio.ensure_future(ctx.collect(stream))
+        try:
+            body = await wait_or_disconnect(raw, work, request_id, state)
+        finally:
+            ctx.close_if_unfinished()
+        return JSONResponse(body)
+
+
+class _ChatContext:
+    """One request's response assembly (ids, parsers, logprobs, usage)."""
+
+    def __init__(
+        self,
+        state: ServerState,
+        req: ChatCompletionRequest,
+        plan: ToolPlan,
+        request_id: str,
+        tracker: RequestTracker,
+        parsers: list[Any | None],
+    ):
+        self.state = state
+        self.req = req
+        self.plan = plan
+        self.request_id = request_id
+        self.tracker = tracker
+        self.parsers = parsers
+        self.model = state.model_name(req.model)
+        self.created = int(time.time())
+        self.want_logprobs = req.logprobs
+        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        self.finished = False
+
+    def close_if_unfinished(self) -> None:
+        """Abort in the engine (frees KV blocks) unless the request already completed."""
+        if not self.finished:
+            self.finished = True
+            self.state.abort(self.request_id)
+            self.tracker.done(finish="abort")
+
+    # ---- streaming ----
+
+    def chunk(
+        self, index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None
+    ) -> str:
+        payload: dict[str, Any] = {
+            "id": self.request_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+        }
+        if self.include_usage:
+            payload["usage"] = None
+        return sse(payload)
+
+    def heartbeat(self) -> str:
+        """An empty delta: resets qwen-code's idle watchdog, ignored by every client."""
+        return self.chunk(0, {})
+
+    def _deltas(self, index: int, text: str, final: bool) -> list[dict[str, Any]]:
+        parser = self.parsers[index]
+        if parser is None:
+            return [{"content": text}] if text else []
+        deltas = list(parser.feed(text)) if text else []
+        if final:
+            deltas += list(parser.finish())
+        return [d for d in deltas if d.get("content") or d.get("tool_calls")]
+
+    async def stream(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+        """The SSE body: role, deltas as parsed, finish chunk per choice, usage, [DONE]."""
+        n = self.req.n
+        made_call = [False] * n
+        pending_lp: list[list[Any]] = [[] for _ in range(n)]
+        try:
+            for i in range(n):
+                yield self.chunk(i, {"role": "assistant", "content": ""})
+                if self.plan.forced_prefix and self.parsers[i] is not None:
+                    for d in self._deltas(i, self.plan.forced_prefix, final=False):
+                        made_call[i] |= self._count_calls(d)
+                        yield self.chunk(i, d)
+            async for out in stream:
+                self.tracker.observe(out)
+                i = out.index
+                if self.want_logprobs and out.logprobs:
+                    pending_lp[i].extend(out.logprobs)
+                for d in self._deltas(i, out.text, final=out.finish_reason is not None):
+                    made_call[i] |= self._count_calls(d)
+                    yield self.chunk(i, d, logprobs=self._take(pending_lp, i))
+                if out.finish_reason is not None:
+                    reason = final_finish_reason(out.finish_reason, made_call[i])
+                    yield self.chunk(i, {}, reason, logprobs=self._take(pending_lp, i))
+            self.finished = True
+            if self.include_usage:
+                yield sse(self._usage_chunk())
+            self.tracker.done()
+            yield SSE_DONE
+        except APIError as exc:
+            yield from_error(self, exc)
+            yield SSE_DONE
+        except Exception as exc:  # noqa: BLE001 - reported to the client as a mid-stream error
+            logger.exception("request %s failed mid-stream", self.request_id)
+            yield from_error(self, APIError(500, f"Generation failed: {type(exc).__name__}: {exc}"))
+            yield SSE_DONE
+        finally:
+            self.close_if_unfinished()
+
+    def _count_calls(self, delta: dict[str, Any]) -> bool:
+        """Count new calls (their first delta has an id); True if the delta has tool calls."""
+        calls = delta.get("tool_calls") or []
+        self.tracker.tool_calls += sum(1 for c in calls if c.get("id"))
+        return bool(calls)
+
+    def _take(self, pending: list[list[Any]], i: int) -> Any:
+        if not pending[i]:
+            return None
+        out = chat_logprobs(pending[i])
+        pending[i] = []
+        return out
+
+    def _usage_chunk(self) -> dict[str, Any]:
+        return {
+            "id": self.request_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": self.tracker.usage(),
+        }
+
+    # ---- non-streaming ----
+
+    async def collect(self, stream: AsyncIterator[RequestOutput]) -> dict[str, Any]:
+        """Run to completion and build the chat.completion body."""
+        n = self.req.n
+        texts = [""] * n
+        logprobs: list[list[Any]] = [[] for _ in range(n)]
+        reasons = ["stop"] * n
+        async for out in stream:
+            self.tracker.observe(out)
+            texts[out.index] += out.text
+            if out.logprobs:
+                logprobs[out.index].extend(out.logprobs)
+            if out.finish_reason is not None:
+                reasons[out.index] = out.finish_reason
+        self.finished = True
+        choices = [self._choice(i, texts[i], reasons[i], logprobs[i]) for i in range(n)]
+        self.tracker.done()
+        return {
+            "id": self.request_id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.tracker.usage(),
+        }
+
+    def _choice(self, i: int, text: str, reason: str, logprobs: list[Any]) -> dict[str, Any]:
+        parser = self.parsers[i]
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        calls: list[dict[str, Any]] = []
+        if parser is not None:
+            content, calls = parser.parse(self.plan.forced_prefix + text)
+            message["content"] = content
+            if calls:
+                message["tool_calls"] = calls
+                self.tracker.tool_calls += len(calls)
+        return {
+            "index": i,
+            "message": message,
+            "logprobs": chat_logprobs(logprobs) if self.want_logprobs else None,
+            "finish_reason": final_finish_reason(reason, bool(calls)),
+        }
+
+
+def from_error(ctx: _ChatContext, exc: APIError) -> str:
+    """A mid-stream failure: the OpenAI SDKs raise APIError on a chunk with top-level `error`."""
+    ctx.tracker.done(error=exc.message)
+    return sse(exc.body())

@@ -1,0 +1,288 @@
+"""POST /v1/completions: raw prompts (text or token ids, one or several), echo, logprobs, and
+fill-in-the-middle through `suffix` with Qwen's FIM tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from qwenserve.api.errors import APIError, bad_request
+from qwenserve.api.logprobs import completion_logprobs
+from qwenserve.api.protocol import CompletionRequest
+from qwenserve.api.request_log import RequestTracker, log_request_body
+from qwenserve.api.sampling import build_sampling_params
+from qwenserve.api.serving_chat import wait_or_disconnect
+from qwenserve.api.state import ServerState, new_id
+from qwenserve.api.streaming import SSE_DONE, SSEResponse, merge_streams, sse, with_heartbeat
+from qwenserve.engine.outputs import RequestOutput
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def fim_prompt(prefix: str, suffix: str) -> str:
+    """Qwen2.5/3-Coder fill-in-the-middle layout (prefix, suffix, then the middle to write)."""
+    return f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
+
+
+def split_prompts(prompt: Any) -> list[str | list[int]]:
+    """The `prompt` field as a list of prompts, each a string or a list of token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise bad_request("'prompt' must not be empty.", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return list(prompt)
+
+
+@dataclass
+class _Sub:
+    """One prompt of the request and its engine stream."""
+
+    pos: int
+    request_id: str
+    prompt_text: str
+    prompt_ids: list[int]  # what `echo` returns (without the FIM wrapping)
+    tracker: RequestTracker
+    stream: AsyncIterator[RequestOutput] | None = None
+    finished: bool = False
+    offsets: dict[int, int] = field(default_factory=dict)
+
+
+class Completions:
+    """Handler for /v1/completions."""
+
+    def __init__(self, state: ServerState):
+        self.state = state
+
+    def _tokenize(
+        self, req: CompletionRequest, prompts: list[str | list[int]]
+    ) -> list[tuple[str, list[int], list[int]]]:
+        """(echo text, echo ids, ids to submit) per prompt."""
+        out = []
+        vocab = len(self.state.tokenizer)
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                ids = self.state.encode(p)
+                submit = self.state.encode(fim_prompt(p, req.suffix)) if req.suffix is not None else ids
+                out.append((p, ids, submit))
+                continue
+            if req.suffix is not None:
+                raise bad_request("'suffix' needs a text prompt, not token ids.", param="suffix")
+            if any(not 0 <= t < vocab for t in p):
+                raise bad_request(
+                    f"prompt[{i}] holds token ids outside the vocabulary (0..{vocab - 1}).", param="prompt"
+                )
+            out.append((self.state.decode(p), list(p), list(p)))
+        return out
+
+    async def create(self, req: CompletionRequest, raw: Request) -> Response:
+        """Validate, submit every prompt, answer."""
+        state = self.state
+        base_id = new_id("cmpl")
+        if state.settings.log_requests:
+            log_request_body(base_id, req)
+        prompts = split_prompts(req.prompt)
+        encoded = await state.run_cpu(self._tokenize, req, prompts)
+        params = build_sampling_params(
+            req,
+            state.generation_defaults,
+            max_tokens=req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS,
+            logprobs=req.logprobs,
+            extra_stop_token_ids=state.fim_stop_ids if req.suffix is not None else None,
+        )
+        subs = []
+        try:
+            for pos, (text, echo_ids, ids) in enumerate(encoded):
+                rid = base_id if len(encoded) == 1 else f"{base_id}-{pos}"
+                sub = _Sub(pos, rid, text, echo_ids, RequestTracker(rid, state.metrics))
+                sub.stream = state.add_request(rid, ids, params, prompt_param="prompt")
+                subs.append(sub)
+        except APIError:
+            _abort_all(state, subs)
+            raise
+        ctx = _CompletionContext(state, req, base_id, subs)
+        if req.stream:
+            return SSEResponse(with_heartbeat(ctx.stream(), ctx.heartbeat), on_close=ctx.close_if_unfinished)
+        work = asyncio.ensure_future(ctx.collect())
+        try:
+            body = await wait_or_disconnect(raw, work, base_id, state)
+        finally:
+            ctx.close_if_unfinished()
+        return JSONResponse(body)
+
+
+def _abort_all(state: ServerState, subs: list[_Sub]) -> None:
+    for sub in subs:
+        if not sub.finished:
+            sub.finished = True
+            state.abort(sub.request_id)
+            sub.tracker.done(finish="abort")
+
+
+class _CompletionContext:
+    def __init__(self, state: ServerState, req: CompletionRequest, request_id: str, subs: list[_Sub]):
+        self.state = state
+        self.req = req
+        self.request_id = request_id
+        self.subs = subs
+        self.model = state.model_name(req.model)
+        self.created = int(time.time())
+        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def close_if_unfinished(self) -> None:
+        _abort_all(self.state, self.subs)
+
+    def _index(self, sub: _Sub, out_index: int) -> int:
+        return sub.pos * self.req.n + out_index
+
+    def _chunk(self, index: int, text: str, logprobs: Any = None, finish: str | None = None) -> str:
+        payload: dict[str, Any] = {
+            "id": self.request_id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+        }
+        if self.include_usage:
+            payload["usage"] = None
+        return sse(payload)
+
+    def heartbeat(self) -> str:
+        return self._chunk(0, "")
+
+    def _echo(self, sub: _Sub) -> tuple[str, Any]:
+        """Echoed prompt text and, with logprobs, its tokens (which carry no logprob)."""
+        if not self.req.echo:
+            return "", None
+        if self.req.logprobs is None:
+            return sub.prompt_text, None
+        tokens = [self.state.decode([t]) for t in sub.prompt_ids]
+        return sub.prompt_text, completion_logprobs([None] * len(tokens), tokens)
+
+    def _logprobs(self, sub: _Sub, out: RequestOutput, start: int) -> Any:
+        if self.req.logprobs is None or not out.logprobs:
+            return None
+        return completion_logprobs(out.logprobs, [lp.token for lp in out.logprobs], start)
+
+    def usage(self) -> dict[str, Any]:
+        usages = [s.tracker.usage() for s in self.subs]
+        prompt = sum(u["prompt_tokens"] for u in usages)
+        completion = sum(u["completion_tokens"] for u in usages)
+        cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+
+    async def stream(self) -> AsyncIterator[str]:
+        """SSE body: echo first, then text deltas, a finish per choice, usage, [DONE]."""
+        try:
+            for sub in self.subs:
+                text, lp = self._echo(sub)
+                for k in range(self.req.n):
+                    sub.offsets[k] = len(text)
+                    if text:
+                        yield self._chunk(self._index(sub, k), text, lp)
+            streams = [s.stream for s in self.subs]
+            async for pos, out in merge_streams(streams):  # type: ignore[arg-type]
+                sub = self.subs[pos]
+                sub.tracker.observe(out)
+                start = sub.offsets.get(out.index, 0)
+                sub.offsets[out.index] = start + len(out.text)
+                lp = self._logprobs(sub, out, start)
+                finish = _finish(out.finish_reason)
+                if out.text or lp or finish:
+                    yield self._chunk(self._index(sub, out.index), out.text, lp, finish)
+            for sub in self.subs:
+                sub.finished = True
+                sub.tracker.done()
+            if self.include_usage:
+                yield sse(
+                    {
+                        "id": self.request_id,
+                        "object": "text_completion",
+                        "created": self.created,
+                        "model": self.model,
+                        "choices": [],
+                        "usage": self.usage(),
+                    }
+                )
+            yield SSE_DONE
+        except APIError as exc:
+            yield sse(exc.body())
+            yield SSE_DONE
+        except Exception as exc:  # noqa: BLE001 - reported to the client as a mid-stream error
+            yield sse(APIError(500, f"Generation failed: {type(exc).__name__}: {exc}").body())
+            yield SSE_DONE
+        finally:
+            self.close_if_unfinished()
+
+    async def collect(self) -> dict[str, Any]:
+        """Run every prompt to completion and build the text_completion body."""
+        n = self.req.n
+        texts: dict[int, str] = {}
+        lps: dict[int, list[Any]] = {}
+        reasons: dict[int, str] = {}
+        streams = [s.stream for s in self.subs]
+        async for pos, out in merge_streams(streams):  # type: ignore[arg-type]
+            sub = self.subs[pos]
+            sub.tracker.observe(out)
+            idx = self._index(sub, out.index)
+            texts[idx] = texts.get(idx, "") + out.text
+            lps.setdefault(idx, []).extend(out.logprobs or [])
+            if out.finish_reason is not None:
+                reasons[idx] = _finish(out.finish_reason) or "stop"
+        for sub in self.subs:
+            sub.finished = True
+            sub.tracker.done()
+        choices = []
+        for sub in self.subs:
+            echo_text, echo_lp = self._echo(sub)
+            for k in range(n):
+                idx = self._index(sub, k)
+                choices.append(
+                    self._choice(
+                        idx,
+                        echo_text,
+                        echo_lp,
+                        texts.get(idx, ""),
+                        lps.get(idx, []),
+                        reasons.get(idx, "stop"),
+                    )
+                )
+        return {
+            "id": self.request_id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage(),
+        }
+
+    def _choice(
+        self, idx: int, echo: str, echo_lp: Any, text: str, lps: list[Any], reason: str
+    ) -> dict[str, Any]:
+        logprobs = None
+        if self.req.logprobs is not None:
+            gen = completion_logprobs(lps, [lp.token for lp in lps], len(echo))
+            if echo_lp:
+                gen = {k: echo_lp[k] + gen[k] for k in gen}
+            logprobs = gen
+        return {"index": idx, "text": echo + text, "logprobs": logprobs, "finish_reason": reason}
+
+
+def _finish(reason: str | None) -> str | None:
+    if reason == "abort":
+        raise APIError(
+            503, "The request was aborted by the server.", code="aborted", headers={"Retry-After": "1"}
+        )
+    return reason

@@ -1,0 +1,131 @@
+"""What the route handlers share once the model is loaded: the engine, its tokenizer and
+model facts, served names, the tool parser class, metrics and a tokenization thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from qwenserve.api.chat import is_xml_tool_format
+from qwenserve.api.errors import APIError, from_invalid_request, unavailable
+from qwenserve.api.metrics import Metrics
+from qwenserve.engine.outputs import RequestOutput
+from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
+
+logger = logging.getLogger("qwenserve.api")
+
+T = TypeVar("T")
+
+
+def new_id(prefix: str) -> str:
+    """An OpenAI-style id such as chatcmpl-3f2a...; also the engine's request id."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _load_tool_parser_class(chat_template: str | None) -> type | None:
+    """The parser matching the template's call format (XML when it writes `<function=`)."""
+    try:
+        from qwenserve.tool_parser import get_tool_parser_class
+    except ImportError:
+        logger.warning("qwenserve.tool_parser is not available: tool calls will be returned as text")
+        return None
+    return get_tool_parser_class(chat_template or "")
+
+
+@dataclass
+class ServerSettings:
+    """Options from the command line that the HTTP layer uses."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_names: list[str] = field(default_factory=list)
+    api_key: str | None = None
+    log_requests: bool = False
+
+
+class ServerState:
+    """Everything a request handler needs after the engine is ready."""
+
+    def __init__(self, engine: Any, settings: ServerSettings, metrics: Metrics):
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.tokenizer = engine.tokenizer
+        self.model_info = engine.model_info
+        self.served_names = settings.served_model_names or [self.model_info.name]
+        template = self.model_info.chat_template or getattr(self.tokenizer, "chat_template", None)
+        self.xml_tools = is_xml_tool_format(template)
+        self.tool_parser_cls = _load_tool_parser_class(template)
+        # One thread: keeps template rendering and tokenization off the event loop while
+        # never using the (not thread-safe for mutation) HF tokenizer from two threads at once.
+        self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwenserve-tokenize")
+        self.fim_stop_ids = self._token_ids(
+            [
+                "<|fim_prefix|>",
+                "<|fim_suffix|>",
+                "<|fim_pad|>",
+                "<|repo_name|>",
+                "<|file_sep|>",
+                "<|endoftext|>",
+            ]
+        )
+
+    @property
+    def max_model_len(self) -> int:
+        return self.model_info.max_model_len
+
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        return self.model_info.generation_defaults or {}
+
+    def model_name(self, requested: str | None) -> str:
+        """Echo whatever model name the client asked for (any name is served)."""
+        return requested or self.served_names[0]
+
+    def _token_ids(self, tokens: list[str]) -> list[int]:
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in tokens]
+        return [i for i in ids if isinstance(i, int) and i >= 0 and i != unk]
+
+    async def run_cpu(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a CPU-bound step (render, tokenize) on the tokenization thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, *args)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; special-token text such as <|fim_prefix|> maps to its id."""
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt_param: str = "messages"
+    ) -> AsyncIterator[RequestOutput]:
+        """Submit to the engine, mapping its refusals to HTTP errors (400, 503).
+
+        `prompt_param` is the request field a prompt-level error points at.
+        """
+        from qwenserve.engine.async_engine import QueueFullError
+
+        if not prompt_ids:
+            raise APIError(400, "The prompt is empty.", param=prompt_param)
+        try:
+            return self.engine.add_request(request_id, prompt_ids, params)
+        except InvalidRequestError as exc:
+            err = from_invalid_request(exc)
+            if err.param in ("prompt", "messages"):
+                err.param = prompt_param
+            raise err from exc
+        except QueueFullError as exc:
+            raise unavailable(f"Server is busy: {exc}", retry_after=1, code="queue_full") from exc
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    def close(self) -> None:
+        self._cpu.shutdown(wait=False, cancel_futures=True)

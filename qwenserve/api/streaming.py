@@ -1,0 +1,120 @@
+"""Server-sent events plumbing: `data:` framing, keep-alive chunks, merging several engine
+streams, and a response class that always closes its generator (so aborts run) when the
+client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+T = TypeVar("T")
+
+SSE_DONE = "data: [DONE]\n\n"
+
+# qwen-code aborts a stream after 240 s without a chunk (SSE comments do not count), so an
+# empty-delta chunk goes out whenever nothing else has for this long.
+HEARTBEAT_SECONDS = float(os.environ.get("QWENSERVE_HEARTBEAT_SECONDS", "10"))
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse(payload: dict[str, Any]) -> str:
+    """One SSE event: a `data:` line with compact JSON and the blank line that ends it."""
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def with_heartbeat(
+    source: AsyncIterator[str], heartbeat: Callable[[], str], interval: float = HEARTBEAT_SECONDS
+) -> AsyncIterator[str]:
+    """Re-yield `source`, inserting `heartbeat()` whenever it has been quiet for `interval` s.
+
+    The source is advanced in a task so a timeout never cancels it mid-step; closing this
+    generator cancels that task, which runs the source's `finally` (and so its abort).
+    """
+    pending: asyncio.Future[str] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(source))
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield heartbeat()
+                continue
+            task, pending = pending, None
+            try:
+                item = task.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+        else:
+            await source.aclose()  # type: ignore[attr-defined]
+
+
+_END = object()
+
+
+async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave several async iterators as (position, item) in arrival order."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, Any, BaseException | None]] = asyncio.Queue()
+
+    async def pump(pos: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((pos, item, None))
+            await queue.put((pos, _END, None))
+        except Exception as exc:  # noqa: BLE001 - forwarded to the consumer, which re-raises it
+            await queue.put((pos, _END, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            pos, item, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if item is _END:
+                remaining -= 1
+                continue
+            yield pos, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class SSEResponse(StreamingResponse):
+    """text/event-stream response that closes its body generator however the stream ends.
+
+    Starlette cancels the sending task when the client disconnects; closing the generator
+    here as well makes its `finally` (engine.abort) run at once, not at garbage collection.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None] | None = None):
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except OSError:
+            pass  # the client went away mid-write: nothing left to send it
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()

@@ -1,0 +1,190 @@
+"""`qwenserve` command line: `serve` runs the OpenAI-compatible server; `bench` is dispatched
+to `qwenserve.bench:main` when that module is installed."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+
+from qwenserve import __version__
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _size(text: str) -> int:
+    from qwenserve.config import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _length(text: str) -> int:
+    """Token counts such as 32768, 32k or 128K."""
+    t = text.strip().lower()
+    try:
+        if t.endswith("k"):
+            return int(float(t[:-1]) * 1024)
+        return int(t)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (use e.g. 32768 or 32k)") from exc
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """`serve` flags, spelled as vLLM spells them where vLLM has the same flag."""
+    p.add_argument("model_tag", nargs="?", metavar="MODEL", help="same as --model")
+    p.add_argument(
+        "--model", help="local Hugging Face checkpoint directory or hub id (default: the built-in demo model)"
+    )
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        metavar="NAME",
+        help="name(s) listed by /v1/models (default: the model's name); any name is accepted in requests",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("QWENSERVE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every route but /health (env QWENSERVE_API_KEY)",
+    )
+    p.add_argument("--max-model-len", type=_length, help="context length (default: the model's)")
+    mem = p.add_mutually_exclusive_group()
+    mem.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.90,
+        help="fraction of GPU memory for weights + KV cache (default 0.90)",
+    )
+    mem.add_argument(
+        "--kv-cache-memory",
+        "--kv-cache-memory-bytes",
+        type=_size,
+        metavar="SIZE",
+        help="KV cache size, e.g. 20GiB (overrides --gpu-memory-utilization)",
+    )
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in a batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget per engine step")
+    p.add_argument("--max-queued-requests", type=int, default=1024, help="waiting requests before 503")
+    p.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "dummy"],
+        help="dummy: random weights of the model's shape (benchmarks without a checkpoint)",
+    )
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--log-requests", "--enable-log-requests", action="store_true", help="also log every request body"
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="qwenserve", description="OpenAI-compatible server for Qwen3-Coder models."
+    )
+    parser.add_argument("--version", action="version", version=f"qwenserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,bench}")
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model over the OpenAI API",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_serve_args(serve)
+    sub.add_parser(
+        "bench", help="benchmark a running server or the engine (qwenserve bench --help)", add_help=False
+    )
+    return parser
+
+
+def engine_config(args: argparse.Namespace):  # -> EngineConfig
+    """EngineConfig from the parsed `serve` flags; raises ValueError on bad combinations."""
+    from qwenserve.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        load_format=args.load_format,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_queued_requests=args.max_queued_requests,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory=args.kv_cache_memory,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enforce_eager=args.enforce_eager,
+        seed=args.seed,
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run `qwenserve serve`; returns the exit code."""
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    log = logging.getLogger("qwenserve")
+    if args.model_tag and args.model and args.model_tag != args.model:
+        log.error("give the model once: positional %r and --model %r differ", args.model_tag, args.model)
+        return 2
+    args.model = args.model or args.model_tag
+    try:
+        config = engine_config(args)
+    except ValueError as exc:
+        log.error("invalid option: %s", exc)
+        return 2
+    if args.model is None:
+        from qwenserve.demo import DEMO_MODEL_NAME
+
+        log.info(
+            "no --model given: serving the built-in demo model %r (a tiny model for trying things out "
+            "and tests; pass --model PATH_OR_HUB_ID for a real checkpoint)",
+            DEMO_MODEL_NAME,
+        )
+    from qwenserve.api.launch import run_server
+    from qwenserve.api.state import ServerSettings
+    from qwenserve.engine.async_engine import AsyncEngine
+
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        served_model_names=list(args.served_model_name or []),
+        api_key=args.api_key or None,
+        log_requests=args.log_requests,
+    )
+    return run_server(AsyncEngine(config), settings, log_level=args.log_level)
+
+
+def run_bench(argv: list[str]) -> int:
+    """Hand `qwenserve bench ...` to qwenserve.bench:main (written separately)."""
+    if importlib.util.find_spec("qwenserve.bench") is None:
+        print("qwenserve bench is not available in this installation", file=sys.stderr)
+        return 2
+    result = importlib.import_module("qwenserve.bench").main(argv)
+    return int(result or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `qwenserve` script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":
+        return run_bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
