@@ -1,0 +1,136 @@
+"""Sampler masks and noise, incremental detokenization and stop-string holding."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwenserve.config import EngineConfig
+from qwenserve.engine.async_engine import AsyncEngine
+from qwenserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from qwenserve.engine.sampler import SamplingBatch, gumbel_noise, sample
+from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
+
+
+def _batch(rows: int, **kw) -> SamplingBatch:
+    base = dict(
+        temperature=torch.ones(rows),
+        top_p=torch.ones(rows),
+        top_k=torch.zeros(rows, dtype=torch.int64),
+        min_p=torch.zeros(rows),
+        seeds=torch.arange(rows, dtype=torch.int64),
+        steps=torch.zeros(rows, dtype=torch.int64),
+    )
+    base.update(kw)
+    return SamplingBatch(**base)
+
+
+def test_noise_depends_only_on_seed_and_step() -> None:
+    a = gumbel_noise(torch.tensor([7, 8, 7]), torch.tensor([3, 3, 3]), 1000)
+    assert torch.equal(a[0], a[2]) and not torch.equal(a[0], a[1])
+    b = gumbel_noise(torch.tensor([7]), torch.tensor([4]), 1000)
+    assert not torch.equal(a[0], b[0])
+    # Gumbel(0,1) has mean ~0.577 and std ~1.28.
+    big = gumbel_noise(torch.arange(64), torch.zeros(64, dtype=torch.int64), 20000)
+    assert abs(big.mean().item() - 0.5772) < 0.02 and abs(big.std().item() - 1.2825) < 0.02
+
+
+def test_top_k_top_p_min_p_restrict_the_support() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(300, 1)
+    seeds = torch.arange(300, dtype=torch.int64)
+    top_k = sample(logits, _batch(300, seeds=seeds, top_k=torch.full((300,), 2), needs_top_k_p=True))
+    assert set(top_k.token_ids.tolist()) == {0, 1}
+    top_p = sample(logits, _batch(300, seeds=seeds, top_p=torch.full((300,), 0.7), needs_top_k_p=True))
+    assert set(top_p.token_ids.tolist()) == {0, 1}
+    min_p = sample(logits, _batch(300, seeds=seeds, min_p=torch.full((300,), 0.35), needs_min_p=True))
+    assert set(min_p.token_ids.tolist()) == {0, 1}
+    free = sample(logits, _batch(300, seeds=seeds))
+    assert set(free.token_ids.tolist()) == {0, 1, 2, 3}
+
+
+def test_penalties_push_seen_tokens_down() -> None:
+    logits = torch.tensor([[2.0, 1.9, -1.0]])
+    seen = torch.tensor([[True, False, True]])
+    counts = torch.tensor([[3, 0, 0]])
+    out = sample(
+        logits,
+        _batch(
+            1,
+            temperature=torch.zeros(1),
+            repetition_penalty=torch.tensor([1.5]),
+            frequency_penalty=torch.tensor([0.1]),
+            presence_penalty=torch.tensor([0.0]),
+            seen_mask=seen,
+            output_counts=counts,
+            all_greedy=True,
+        ),
+    )
+    assert out.token_ids.tolist() == [1]
+
+
+def test_invalid_sampling_params_name_the_field() -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(top_p=0.0)
+    assert err.value.param == "top_p"
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(logprobs=21)
+    assert err.value.param == "top_logprobs"
+
+
+def test_incremental_detokenizer_never_splits_characters(tiny_moe_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_moe_dir)
+    text = "héllo wörld 世界 🎉 code()"
+    ids = tok.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, [], skip_special_tokens=True)
+    pieces = [detok.add(i) for i in ids + [tok.eos_token_id]]
+    pieces.append(detok.flush())
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert sum(1 for p in pieces if p) > 10  # it really streamed
+
+
+def test_stop_matcher_holds_back_only_possible_prefixes() -> None:
+    m = StopStringMatcher(["END"])
+    assert m.add("abc") == ("a", None)
+    assert m.add("E") == ("b", None)
+    assert m.add("N") == ("c", None)
+    assert m.add("Dx") == ("", "END")
+    m2 = StopStringMatcher(["</stop>"], include_stop=True)
+    assert m2.add("hi </st")[1] is None
+    out, hit = m2.add("op> tail")
+    assert hit == "</stop>" and out.endswith("</stop>")
+
+
+def test_async_engine_streams_and_aborts(tiny_moe_dir: Path) -> None:
+    async def main() -> None:
+        cfg = EngineConfig(model=str(tiny_moe_dir), device="cpu", dtype="float32", num_kv_blocks=64)
+        engine = AsyncEngine(cfg)
+        await engine.start()
+        try:
+            params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+            outs = [o async for o in engine.add_request("a", [1, 2, 3, 4], params)]
+            assert outs[-1].finish_reason == "length" and sum(len(o.token_ids) for o in outs) == 6
+            assert len(outs) >= 2  # increments, not one final blob
+
+            long = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+            stream = engine.add_request("b", [5, 6, 7], long)
+            async for out in stream:
+                if out.num_generated_tokens >= 2:
+                    engine.abort("b")
+                if out.finished:
+                    assert out.finish_reason == "abort"
+            await asyncio.sleep(0.2)
+            stats = engine.stats()
+            assert stats.num_free_blocks == stats.num_kv_blocks and stats.num_running == 0
+
+            with pytest.raises(InvalidRequestError):
+                engine.add_request("c", list(range(5000)), params)
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
