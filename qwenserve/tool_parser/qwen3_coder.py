@@ -274,6 +274,9 @@ class _Value:
     lead_known: bool = False
     scan: int = 0
     nest: list[str] = field(default_factory=list)
+    # First literal nested opener: text after it is not streamed, so that the
+    # end-of-text fallback may still reinterpret the nesting.
+    nest_floor: int = -1
 
 
 class Qwen3CoderToolParser(ToolParserBase):
@@ -540,6 +543,8 @@ class Qwen3CoderToolParser(ToolParserBase):
             if buf.startswith(tag, lt):
                 if nest is not None and _indented_line_start(buf, lt, value.start):
                     nest.append(opener)
+                    if value.nest_floor < 0:
+                        value.nest_floor = lt
                 return lt + 1
         for tag, opener, follow in (
             (FUNCTION_END, "fn", (TOOL_CALL_END, TOOL_CALL, FUNCTION)),
@@ -585,16 +590,24 @@ class Qwen3CoderToolParser(ToolParserBase):
             status, name, _ = read_name(buf, k + len(PARAM))
             if status is _WAIT:
                 return True if final else _WAIT
-            return status is None and self._is_next_param(value, name)
+            return status is None and self._is_next_param(value, name, allow_repeat=True)
         if is_partial(buf, k, tags + ((PARAM,) if params else ())):
             # A tag cut off by the end of generation still closes the value.
             return True if final else _WAIT
         return False
 
-    def _is_next_param(self, value: _Value, name: str) -> bool:
+    def _is_next_param(self, value: _Value, name: str, allow_repeat: bool = False) -> bool:
+        """Whether ``<parameter=name>`` can structurally start the next parameter.
+
+        After an explicit ``</parameter>`` a repeated name is a duplicate key
+        (the model slips so; first value wins). Without the close, a repeated
+        name is far more likely literal text such as a fixture in a file.
+        """
         call = self._call
         assert call is not None
-        return name != value.name and name not in call.params and self._schemas.is_param(call.name, name)
+        if name == value.name or (name in call.params and not allow_repeat):
+            return False
+        return self._schemas.is_param(call.name, name)
 
     def _trailing_close(self, value: _Value) -> tuple[int, int]:
         """No structural close anywhere: the value runs to the end, minus dangling closers."""
@@ -626,7 +639,7 @@ class Qwen3CoderToolParser(ToolParserBase):
             value.lead_known = True
             if buf[value.start] == "\n":
                 value.stream_pos = value.start + 1
-        bound = value.scan
+        bound = value.scan if value.nest_floor < 0 else min(value.scan, value.nest_floor)
         # A newline right before an undecided tag may be the stripped trailing one.
         if bound > value.stream_pos and buf[bound - 1] == "\n":
             bound -= 1
