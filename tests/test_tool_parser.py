@@ -87,7 +87,9 @@ def reconstruct(deltas: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]
                 assert CALL_ID.match(tc["id"])
                 assert tc["type"] == "function"
                 assert fn["name"] and fn["arguments"] == ""
-                calls.append({"id": tc["id"], "type": "function", "function": {"name": fn["name"], "arguments": ""}})
+                calls.append(
+                    {"id": tc["id"], "type": "function", "function": {"name": fn["name"], "arguments": ""}}
+                )
             else:
                 assert idx == len(calls) - 1, "arguments must target the newest call"
                 assert "id" not in tc and "type" not in tc and "name" not in fn
@@ -192,9 +194,16 @@ EXTRACT_CASES = {
         [("get_current_weather", DALLAS)],
     ),
     "single_tool_multiline_param": (
-        xml_call("calculate_area", shape="rectangle", dimensions='{"width": 10,\n "height": 20}', precision="2"),
+        xml_call(
+            "calculate_area", shape="rectangle", dimensions='{"width": 10,\n "height": 20}', precision="2"
+        ),
         None,
-        [("calculate_area", {"shape": "rectangle", "dimensions": {"width": 10, "height": 20}, "precision": 2})],
+        [
+            (
+                "calculate_area",
+                {"shape": "rectangle", "dimensions": {"width": 10, "height": 20}, "precision": 2},
+            )
+        ],
     ),
     "parallel_tools": (
         SINGLE + "\n" + xml_call("get_current_weather", city="Orlando", state="FL", unit="fahrenheit"),
@@ -243,7 +252,10 @@ def test_missing_opening_tool_call_tag() -> None:
 
 def test_unknown_tool_and_unknown_param_are_raw_strings() -> None:
     text = xml_call("mystery", count="42", flag="true", obj='{"a": 1}')
-    assert parse_both(TOOLS, text) == (None, [("mystery", {"count": "42", "flag": "true", "obj": '{"a": 1}'})])
+    assert parse_both(TOOLS, text) == (
+        None,
+        [("mystery", {"count": "42", "flag": "true", "obj": '{"a": 1}'})],
+    )
     text2 = xml_call("calculate_area", extra="7", precision="3")
     assert parse_both(TOOLS, text2) == (None, [("calculate_area", {"extra": "7", "precision": 3})])
 
@@ -313,7 +325,9 @@ def test_typed_values(param: str, raw: str, expected: Any) -> None:
 
 def test_string_args_not_double_serialized() -> None:
     tools = [_tool("greet", {"message": {"type": "string"}})]
-    text = "<tool_call>\n<function=greet>\n<parameter=message>hello world</parameter>\n</function>\n</tool_call>"
+    text = (
+        "<tool_call>\n<function=greet>\n<parameter=message>hello world</parameter>\n</function>\n</tool_call>"
+    )
     _, calls = Qwen3CoderToolParser(tools).parse(text)
     assert json.loads(calls[0]["function"]["arguments"]) == {"message": "hello world"}
     assert '\\"hello world\\"' not in calls[0]["function"]["arguments"]
@@ -396,7 +410,9 @@ def test_missing_closing_parameter_tag() -> None:
 
 
 def test_missing_closing_parameter_before_function_end() -> None:
-    text = "<tool_call>\n<function=get_current_weather>\n<parameter=city>\nDallas\n</function>\n</tool_call>\nok"
+    text = (
+        "<tool_call>\n<function=get_current_weather>\n<parameter=city>\nDallas\n</function>\n</tool_call>\nok"
+    )
     assert parse_both(TOOLS, text) == ("\nok", [("get_current_weather", {"city": "Dallas"})])
 
 
@@ -527,7 +543,10 @@ def test_two_calls_second_embeds_out_of_schema_nested_call() -> None:
     )
     content, calls = parse_both(WRITE_FILE, text)
     assert content is None
-    assert calls == [("foo", {"bar": "baz"}), ("write_file", {"path": "fixture.py", "content": nested.rstrip("\n")})]
+    assert calls == [
+        ("foo", {"bar": "baz"}),
+        ("write_file", {"path": "fixture.py", "content": nested.rstrip("\n")}),
+    ]
 
 
 def test_unbalanced_literal_nesting_falls_back() -> None:
@@ -574,7 +593,10 @@ def test_parameters_are_emitted_before_the_call_ends() -> None:
     deltas = parser.feed(head)
     assert [d["tool_calls"][0]["function"].get("name") for d in deltas] == ["calculate_area"]
     deltas = parser.feed("<parameter=shape>\n")
-    assert [d["tool_calls"][0]["function"]["arguments"] for d in deltas] == ['{"precision": 2', ', "shape": "']
+    assert [d["tool_calls"][0]["function"]["arguments"] for d in deltas] == [
+        '{"precision": 2',
+        ', "shape": "',
+    ]
     deltas = parser.feed("circle\n")
     assert deltas == [{"tool_calls": [{"index": 0, "function": {"arguments": "circle"}}]}]
 
@@ -589,9 +611,13 @@ def test_string_values_stream_before_close() -> None:
         for d in parser.feed(line):
             streamed += d["tool_calls"][0]["function"]["arguments"]
     assert streamed == '{"content": "line one\\nx = \'</parameter>\'\\n</parameter> literal\\nlast'
-    rest = "".join(d["tool_calls"][0]["function"]["arguments"] for d in parser.feed("</parameter>\n</function>"))
+    rest = "".join(
+        d["tool_calls"][0]["function"]["arguments"] for d in parser.feed("</parameter>\n</function>")
+    )
     rest += "".join(d["tool_calls"][0]["function"]["arguments"] for d in parser.finish())
-    assert json.loads(streamed + rest) == {"content": "line one\nx = '</parameter>'\n</parameter> literal\nlast"}
+    assert json.loads(streamed + rest) == {
+        "content": "line one\nx = '</parameter>'\n</parameter> literal\nlast"
+    }
 
 
 def test_no_markup_leaks_into_content_char_by_char() -> None:
@@ -655,22 +681,31 @@ def test_anyof_object_streaming_not_double_encoded() -> None:
 
 # ---------------------------------------------------------------------------- property test
 
-PROPERTY_CASES: list[tuple[Any, str]] = [
-    (TOOLS, text) for text, _, _ in EXTRACT_CASES.values()
-] + [
-    (WRITE_FILE, write_file_output(v)) for v in LITERAL_VALUES.values()
-] + [
-    (TOOLS, "Plain answer with a < sign and <b>html</b>."),
-    (TOOLS, "I'll show: <tool_call>example</tool_call>. Now real:\n" + SINGLE + "\nAll done!"),
-    (TOOLS, "<function=get_current_weather>\n<parameter=city>\nDallas\n</parameter>\n</function>"),
-    (TOOLS, "<tool_call>\n<function=get_current_weather\n<parameter=city>Dallas</parameter>\n</function>\n</tool_call>ok"),
-    (TOOLS, "Text\n<tool_call>\n<function=get_current_weather>\n<parameter=city>\nDallas\n<parameter=state>\nTX"),
-    (TYPES, xml_call("test_types", obj_param="{'a': [1, 2]}", int_param="None", str_param="null\n")),
-    (ANYOF, xml_call("f", str_or_null="None", obj_or_null='"{\'k\': 1}"', int_or_null="\n5\n")),
-    (None, xml_call("x", a="</parameter>", b="<parameter=a>\n1") + "\n\n" + xml_call("y")),
-    (WRITE_FILE, write_file_output("a\n</parameter>\n</function>\n</tool_call>\nb\n") + "\ntail"),
-    (WRITE_FILE, "<tool_call>\n<function=write_file>\n<parameter=content>\nunicode é 中文 \\ \" \t\n</parameter>\n</function>"),
-]
+PROPERTY_CASES: list[tuple[Any, str]] = (
+    [(TOOLS, text) for text, _, _ in EXTRACT_CASES.values()]
+    + [(WRITE_FILE, write_file_output(v)) for v in LITERAL_VALUES.values()]
+    + [
+        (TOOLS, "Plain answer with a < sign and <b>html</b>."),
+        (TOOLS, "I'll show: <tool_call>example</tool_call>. Now real:\n" + SINGLE + "\nAll done!"),
+        (TOOLS, "<function=get_current_weather>\n<parameter=city>\nDallas\n</parameter>\n</function>"),
+        (
+            TOOLS,
+            "<tool_call>\n<function=get_current_weather\n<parameter=city>Dallas</parameter>\n</function>\n</tool_call>ok",
+        ),
+        (
+            TOOLS,
+            "Text\n<tool_call>\n<function=get_current_weather>\n<parameter=city>\nDallas\n<parameter=state>\nTX",
+        ),
+        (TYPES, xml_call("test_types", obj_param="{'a': [1, 2]}", int_param="None", str_param="null\n")),
+        (ANYOF, xml_call("f", str_or_null="None", obj_or_null="\"{'k': 1}\"", int_or_null="\n5\n")),
+        (None, xml_call("x", a="</parameter>", b="<parameter=a>\n1") + "\n\n" + xml_call("y")),
+        (WRITE_FILE, write_file_output("a\n</parameter>\n</function>\n</tool_call>\nb\n") + "\ntail"),
+        (
+            WRITE_FILE,
+            '<tool_call>\n<function=write_file>\n<parameter=content>\nunicode é 中文 \\ " \t\n</parameter>\n</function>',
+        ),
+    ]
+)
 
 
 @pytest.mark.parametrize("index", range(len(PROPERTY_CASES)))

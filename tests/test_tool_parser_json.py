@@ -1,0 +1,187 @@
+"""Tests for the Hermes-style JSON-in-``<tool_call>`` parser (Qwen3 non-Coder models)."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import pytest
+from test_tool_parser import CALL_ID, args_of, assert_stream_matches, random_chunks, reconstruct, run_stream
+
+from qwenserve.tool_parser import Qwen3JsonToolParser
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+
+
+def block(name: str, arguments: Any, key: str = "arguments") -> str:
+    return "<tool_call>\n" + json.dumps({"name": name, key: arguments}) + "\n</tool_call>"
+
+
+def parse_both(text: str, tools: Any = TOOLS) -> tuple[str | None, list[tuple[str, Any]]]:
+    content, calls = assert_stream_matches(Qwen3JsonToolParser, tools, text)
+    for call in calls:
+        assert CALL_ID.match(call["id"]) and call["type"] == "function"
+    return content, args_of(calls)
+
+
+PARIS = block("get_weather", {"city": "Paris"})
+LONDON = block("get_weather", {"city": "London"})
+
+
+def test_no_calls_content_verbatim() -> None:
+    text = "Just an answer, with <b>tags</b> and a < sign."
+    assert Qwen3JsonToolParser(TOOLS).parse(text) == (text, [])
+    assert parse_both(text) == (text, [])
+    assert parse_both("  \n") == (None, [])
+
+
+@pytest.mark.parametrize(
+    ("text", "content", "calls"),
+    [
+        (PARIS, None, [("get_weather", {"city": "Paris"})]),
+        ("Let me check." + PARIS, "Let me check.", [("get_weather", {"city": "Paris"})]),
+        (
+            PARIS + "\n" + LONDON,
+            None,
+            [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "London"})],
+        ),
+        (PARIS + "\nAll done!", "\nAll done!", [("get_weather", {"city": "Paris"})]),
+        (block("list_files", {}), None, [("list_files", {})]),
+        (block("unknown_tool", {"n": 1}), None, [("unknown_tool", {"n": 1})]),
+        (block("get_weather", {"city": "Rome"}, key="parameters"), None, [("get_weather", {"city": "Rome"})]),
+    ],
+)
+def test_extraction(text: str, content: str | None, calls: list[tuple[str, Any]]) -> None:
+    assert parse_both(text) == (content, calls)
+
+
+def test_missing_arguments_and_double_encoded_arguments() -> None:
+    assert parse_both('<tool_call>\n{"name": "ping"}\n</tool_call>') == (None, [("ping", {})])
+    encoded = block("get_weather", json.dumps({"city": "Oslo"}))
+    assert parse_both(encoded) == (None, [("get_weather", {"city": "Oslo"})])
+
+
+def test_closing_tag_inside_string_value() -> None:
+    content = 'x = "</tool_call>"\n<tool_call>\n{"name": "nested"}\n</tool_call>\n'
+    text = block("write_file", {"path": "a.py", "content": content}) + "\nDone"
+    assert parse_both(text) == ("\nDone", [("write_file", {"path": "a.py", "content": content})])
+
+
+def test_escaped_quotes_and_unicode() -> None:
+    args = {"content": 'say "hi" \\ </tool_call> é 中文', "n": [1, {"a": None}]}
+    assert parse_both(block("w", args)) == (None, [("w", args)])
+
+
+def test_missing_closing_brace_is_repaired() -> None:
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}\n</tool_call>after'
+    assert parse_both(text) == ("after", [("get_weather", {"city": "Paris"})])
+
+
+def test_python_literal_object_accepted() -> None:
+    text = (
+        "<tool_call>\n{'name': 'get_weather', 'arguments': {'city': 'Paris', 'metric': True}}\n</tool_call>"
+    )
+    assert parse_both(text) == (None, [("get_weather", {"city": "Paris", "metric": True})])
+
+
+def test_invalid_json_is_kept_as_content() -> None:
+    text = '<tool_call>\n{"name": get_weather, "arguments": {}}\n</tool_call>'
+    assert parse_both("Before " + text + " after") == ("Before " + text + " after", [])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        '<tool_call>\n{"arguments": {"city": "Paris"}}\n</tool_call>',
+        '<tool_call>\n{"name": "{{ tool.name }}", "arguments": {}}\n</tool_call>',
+        '<tool_call>\n{"name": "get_weather", "arguments": [1, 2]}\n</tool_call>',
+        '<tool_call>\n{"name": 5}\n</tool_call>',
+    ],
+)
+def test_wrong_shape_is_dropped(bad: str) -> None:
+    assert parse_both(bad + "\nok" + PARIS) == ("\nok", [("get_weather", {"city": "Paris"})])
+
+
+def test_literal_tool_call_in_prose_is_content() -> None:
+    text = "I show <tool_call>example</tool_call> here."
+    assert parse_both(text) == (text, [])
+
+
+def test_truncated_block_is_closed() -> None:
+    assert parse_both('<tool_call>\n{"name": "w", "arguments": {"content": "trunc') == (
+        None,
+        [("w", {"content": "trunc"})],
+    )
+    assert parse_both("Hi <tool_call>\n") == ("Hi ", [])
+    assert parse_both("Hi <tool_ca") == ("Hi ", [])
+
+
+def test_junk_after_object_is_dropped() -> None:
+    text = '<tool_call>\n{"name": "w", "arguments": {}} trailing junk\n</tool_call>x'
+    assert parse_both(text) == ("x", [("w", {})])
+
+
+def test_streaming_deltas_shape() -> None:
+    parser = Qwen3JsonToolParser(TOOLS)
+    deltas: list[dict[str, Any]] = []
+    for ch in "Sure." + PARIS + LONDON:
+        deltas += parser.feed(ch)
+    deltas += parser.finish()
+    content, calls = reconstruct(deltas)
+    assert content == "Sure."
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_weather"]
+    headers = [d["tool_calls"][0] for d in deltas if d.get("tool_calls") and "id" in d["tool_calls"][0]]
+    assert [h["index"] for h in headers] == [0, 1]
+    assert all(h["function"]["arguments"] == "" for h in headers)
+    assert parser.tool_calls_emitted == 2
+    assert args_of(parser.tool_calls) == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_weather", {"city": "London"}),
+    ]
+
+
+def test_no_markup_in_content_while_streaming() -> None:
+    parser = Qwen3JsonToolParser(TOOLS)
+    content = ""
+    for ch in "Look: " + PARIS:
+        content += "".join(d.get("content", "") for d in parser.feed(ch))
+    content += "".join(d.get("content", "") for d in parser.finish())
+    assert content == "Look: "
+
+
+def test_streaming_equals_non_streaming_random() -> None:
+    pieces = [
+        "<tool_call>\n",
+        "</tool_call>",
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+        '{"name": "w", "arguments": {"c": "</tool_call>\\"{"}}',
+        '{"name": "x"',
+        "}",
+        "{",
+        '"',
+        "\\",
+        "text ",
+        "\n",
+        "<tool_c",
+        "'",
+        "[",
+    ]
+    rng = random.Random(99)
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 10)))
+        content, calls = Qwen3JsonToolParser(TOOLS).parse(text)
+        for chunks in (list(text), random_chunks(text, rng, 5)):
+            s_content, s_calls = run_stream(Qwen3JsonToolParser(TOOLS), chunks)
+            assert (s_content or None) == content, text
+            assert [c["function"] for c in s_calls] == [c["function"] for c in calls], text
+        for call in calls:
+            assert isinstance(json.loads(call["function"]["arguments"]), dict)
