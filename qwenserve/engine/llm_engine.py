@@ -17,12 +17,13 @@ import torch
 from qwenserve.config import EngineConfig, ModelConfig
 from qwenserve.engine.block_manager import BlockManager
 from qwenserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from qwenserve.engine.model_runner import ModelRunner, StepResult, kv_bytes_per_block
+from qwenserve.engine.model_runner import ModelRunner, StepResult, kv_bytes_per_block, select_ops
 from qwenserve.engine.outputs import RequestOutput, TokenLogprob
 from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from qwenserve.engine.scheduler import Scheduler
-from qwenserve.engine.sequence import Sequence, SequenceStatus
+from qwenserve.engine.sequence import Sequence
 from qwenserve.model.loader import build_model, load_model_config, read_generation_config, resolve_model_path
+from qwenserve.model.qwen3 import Ops
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +125,11 @@ class LLMEngine:
         self.model_config: ModelConfig = load_model_config(path)
         self.tokenizer = _load_tokenizer(path)
         max_len = cfg.max_model_len or self.model_config.max_position_embeddings
+        ops = select_ops(self.device, cfg.use_kernels)
+        self.uses_kernels = ops != Ops()
         self.model = build_model(
-            self.model_config, path, self.device, self.dtype, cfg.load_format, max_positions=max_len, seed=cfg.seed
+            self.model_config, path, self.device, self.dtype, cfg.load_format, ops=ops, max_positions=max_len,
+            seed=cfg.seed,
         )
         num_blocks = self._num_kv_blocks()
         pool_tokens = (num_blocks - 1) * cfg.block_size
@@ -142,6 +146,9 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.model_config, num_blocks, cfg.block_size, self.device, self.dtype)
+        # The torch reference MoE syncs with the host, so only the kernel path can be captured.
+        if self.device.type == "cuda" and self.uses_kernels and not cfg.enforce_eager:
+            self.runner.capture_graphs(cfg.max_num_seqs, max_len)
         gen = read_generation_config(path)
         self.model_info = ModelInfo(
             name=name,

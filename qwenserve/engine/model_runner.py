@@ -8,7 +8,9 @@ and returns the chosen ids (one host sync per step).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,13 +20,46 @@ from qwenserve.engine.sampler import SamplerOutput, SamplingBatch, sample
 from qwenserve.engine.scheduler import ScheduledBatch
 from qwenserve.engine.sequence import Sequence
 from qwenserve.model.ops import AttentionMetadata
-from qwenserve.model.qwen3 import Qwen3ForCausalLM
+from qwenserve.model.qwen3 import Ops, Qwen3ForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+def select_ops(device: torch.device, use_kernels: bool) -> Ops:
+    """Triton kernels on CUDA when available, else the torch reference."""
+    from qwenserve.kernels import kernel_ops, kernels_available
+
+    if use_kernels and device.type == "cuda" and kernels_available():
+        return Ops(**kernel_ops())
+    return Ops()
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """The decode batch sizes to capture: 1, 2, 4, 8, then every 8 up to 64, every 16 up to 512."""
+    sizes = [1, 2, 4] + list(range(8, 65, 8)) + list(range(80, 513, 16))
+    return [b for b in sizes if b < max_num_seqs] + [min(max_num_seqs, 512)]
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of K and V for one block across all layers."""
     elem = torch.tensor([], dtype=dtype).element_size()
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+@dataclass
+class StepInputs:
+    """Host-side description of one step before it is copied to the device."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slot_mapping: list[int] = field(default_factory=list)
+    query_start_loc: list[int] = field(default_factory=lambda: [0])
+    context_lens: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    logits_indices: list[int] = field(default_factory=list)
+    sample_seqs: list[Sequence] = field(default_factory=list)
+    max_query_len: int = 0
+    is_decode_only: bool = False
 
 
 @dataclass
@@ -59,46 +94,48 @@ class ModelRunner:
         self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         model.bind_kv_cache(self.k_caches, self.v_caches)
         self.pin = device.type == "cuda"
+        self.graphs: DecodeGraphs | None = None
 
     def _to_device(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype, pin_memory=self.pin)
         return t.to(self.device, non_blocking=True)
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[Sequence]]:
-        """Flatten the batch into model inputs; returns (ids, positions, metadata, logits rows, sampling seqs)."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        query_start_loc = [0]
-        context_lens: list[int] = []
-        logits_indices: list[int] = []
-        sample_seqs: list[Sequence] = []
+    def _host_inputs(self, batch: ScheduledBatch) -> StepInputs:
+        """Flatten the batch into host lists: one row per new token, one entry per sequence."""
+        inp = StepInputs()
         bs = self.block_size
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
+            inp.input_ids.extend(seq.token_ids[start:end])
+            inp.positions.extend(range(start, end))
             table = seq.block_table
-            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_start_loc.append(len(input_ids))
-            context_lens.append(end)
+            inp.slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            inp.query_start_loc.append(len(inp.input_ids))
+            inp.context_lens.append(end)
             if end == seq.num_tokens:
-                logits_indices.append(len(input_ids) - 1)
-                sample_seqs.append(seq)
+                inp.logits_indices.append(len(inp.input_ids) - 1)
+                inp.sample_seqs.append(seq)
         max_blocks = max(len(seq.block_table) for seq in batch.seqs)
-        block_tables = [s.block_table + [NULL_BLOCK] * (max_blocks - len(s.block_table)) for s in batch.seqs]
+        inp.block_tables = [s.block_table + [NULL_BLOCK] * (max_blocks - len(s.block_table)) for s in batch.seqs]
+        inp.max_query_len = max(batch.num_new_tokens)
+        inp.is_decode_only = inp.max_query_len == 1
+        return inp
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[Sequence]]:
+        """Model inputs on the device: (ids, positions, metadata, logits rows, sampling seqs)."""
+        inp = self._host_inputs(batch)
         meta = AttentionMetadata(
-            slot_mapping=self._to_device(slot_mapping, torch.int64),
-            block_tables=self._to_device(block_tables, torch.int32),
-            context_lens=self._to_device(context_lens, torch.int32),
-            query_start_loc=self._to_device(query_start_loc, torch.int32),
-            max_query_len=max(batch.num_new_tokens),
-            max_context_len=max(context_lens),
-            is_decode_only=all(n == 1 for n in batch.num_new_tokens),
+            slot_mapping=self._to_device(inp.slot_mapping, torch.int64),
+            block_tables=self._to_device(inp.block_tables, torch.int32),
+            context_lens=self._to_device(inp.context_lens, torch.int32),
+            query_start_loc=self._to_device(inp.query_start_loc, torch.int32),
+            max_query_len=inp.max_query_len,
+            max_context_len=max(inp.context_lens),
+            is_decode_only=inp.is_decode_only,
         )
-        ids = self._to_device(input_ids, torch.int64)
-        pos = self._to_device(positions, torch.int64)
-        return ids, pos, meta, logits_indices, sample_seqs
+        ids = self._to_device(inp.input_ids, torch.int64)
+        pos = self._to_device(inp.positions, torch.int64)
+        return ids, pos, meta, inp.logits_indices, inp.sample_seqs
 
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         """Gather the sampling parameters of the rows that sample this step."""
@@ -139,14 +176,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
-        ids, pos, meta, logits_indices, sample_seqs = self.prepare(batch)
-        hidden = self.model(ids, pos, meta)
-        if not sample_seqs:
-            return StepResult(seqs=[], token_ids=[])
-        rows = torch.tensor(logits_indices, device=self.device)
-        logits = self.model.compute_logits(hidden[rows]).float()
+        if self.graphs is not None and self.graphs.can_run(batch):
+            inp = self._host_inputs(batch)
+            logits = self.graphs.run(inp).float()
+            sample_seqs = inp.sample_seqs
+        else:
+            ids, pos, meta, logits_indices, sample_seqs = self.prepare(batch)
+            hidden = self.model(ids, pos, meta)
+            if not sample_seqs:
+                return StepResult(seqs=[], token_ids=[])
+            rows = torch.tensor(logits_indices, device=self.device)
+            logits = self.model.compute_logits(hidden[rows]).float()
         out = sample(logits, self.sampling_batch(sample_seqs))
         return self._to_host(sample_seqs, out)
+
+    def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Record CUDA graphs of the decode step (forward + logits) for a ladder of batch sizes."""
+        max_blocks = -(-max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(self.model, max_num_seqs, max_blocks, self.block_size, self.device)
 
     @staticmethod
     def _to_host(seqs: list[Sequence], out: SamplerOutput) -> StepResult:
@@ -157,3 +204,78 @@ class ModelRunner:
             result.top_logprobs = out.top_logprobs.tolist()
             result.top_ids = out.top_ids.tolist()
         return result
+
+
+class DecodeGraphs:
+    """CUDA graphs of decode steps: static input buffers, one graph per padded batch size.
+
+    Padded rows write to slot 0 of the null block and read one token of it, so they cost
+    almost nothing and touch no live sequence. Every kernel on this path reads its sizes
+    from device tensors, which is what lets one recorded launch serve every step.
+    """
+
+    def __init__(self, model: Qwen3ForCausalLM, max_num_seqs: int, max_blocks: int, block_size: int, device: torch.device):
+        self.model = model
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        self.max_bs = self.sizes[-1]
+        self.max_blocks = max_blocks
+        n = self.max_bs
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.zeros(n, dtype=torch.int64, device=device)
+        self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.host = torch.zeros(4, n, dtype=torch.int64, pin_memory=True)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        start = time.perf_counter()
+        pool = None
+        for bs in reversed(self.sizes):
+            meta = self._meta(bs, max_blocks * block_size)
+            args = (self.input_ids[:bs], self.positions[:bs], meta)
+            model.compute_logits(model(*args))  # warm up: autotuning and lazy init stay out of the graph
+            torch.cuda.synchronize(device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[bs] = model.compute_logits(model(*args))
+            pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(device)
+        logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1fs", len(self.sizes), n, time.perf_counter() - start)
+
+    def _meta(self, bs: int, max_context_len: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs],
+            block_tables=self.block_tables[:bs],
+            context_lens=self.context_lens[:bs],
+            query_start_loc=self.query_start_loc[: bs + 1],
+            max_query_len=1,
+            max_context_len=max_context_len,
+            is_decode_only=True,
+        )
+
+    def can_run(self, batch: ScheduledBatch) -> bool:
+        return len(batch.seqs) <= self.max_bs and all(n == 1 for n in batch.num_new_tokens)
+
+    def run(self, inp: StepInputs) -> torch.Tensor:
+        """Replay the smallest graph that fits; returns logits [num_seqs, vocab]."""
+        n = len(inp.input_ids)
+        bs = next(size for size in self.sizes if size >= n)
+        host = self.host
+        host[:, n:bs] = 0
+        host[0, :n] = torch.tensor(inp.input_ids)
+        host[1, :n] = torch.tensor(inp.positions)
+        host[2, :n] = torch.tensor(inp.slot_mapping)
+        host[3, :n] = torch.tensor(inp.context_lens)
+        host[3, n:bs] = 1
+        dev = host[:, :bs].to(self.input_ids.device, non_blocking=True)
+        self.input_ids[:bs].copy_(dev[0])
+        self.positions[:bs].copy_(dev[1])
+        self.slot_mapping[:bs].copy_(dev[2])
+        self.context_lens[:bs].copy_(dev[3])
+        tables = torch.tensor(inp.block_tables, dtype=torch.int32, pin_memory=True)
+        self.block_tables[:n, : tables.shape[1]].copy_(tables, non_blocking=True)
+        self.block_tables[n:bs, 0] = 0
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]
