@@ -746,3 +746,54 @@ def test_streaming_equals_non_streaming_random_texts() -> None:
             assert [c["function"] for c in s_calls] == [c["function"] for c in calls], text
         for call in calls:
             assert isinstance(json.loads(call["function"]["arguments"]), dict)
+
+
+# ---------------------------------------------------------------------------- structural rules
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("a</parameter>b", "close followed by text"),
+        ("a\n</parameter>\nmore text", "close followed by a text line"),
+        ("a\n</parameter>\n<parameter=country>\nUS", "close followed by an unknown parameter"),
+        ("a\n</parameter>\n<parameter=city>\nB", "close followed by the current parameter"),
+        ("x\n</function>\nnot the end", "line-start </function> followed by text"),
+    ],
+)
+def test_literal_closers_stay_in_value(value: str, why: str) -> None:
+    text = xml_call("get_current_weather", city=value, state="TX")
+    assert parse_both(TOOLS, text) == (None, [("get_current_weather", {"city": value, "state": "TX"})]), why
+
+
+def test_empty_and_whitespace_values() -> None:
+    text = "<tool_call>\n<function=get_current_weather>\n<parameter=city>\n</parameter>\n<parameter=state>\n\n\n</parameter>\n</function>\n</tool_call>"
+    assert parse_both(TOOLS, text) == (None, [("get_current_weather", {"city": "", "state": "\n"})])
+
+
+def test_big_integers_keep_precision() -> None:
+    big = "123456789012345678901234567890"
+    assert parse_both(TYPES, xml_call("test_types", int_param=big, num_param=big))[1] == [
+        ("test_types", {"int_param": int(big), "num_param": int(big)})
+    ]
+
+
+def test_parse_does_not_disturb_streaming_state() -> None:
+    parser = Qwen3CoderToolParser(TOOLS)
+    first = parser.feed("Hi <tool_call>\n<function=get_current_weather>\n<parameter=city>\nX")
+    assert parser.parse(SINGLE)[1][0]["function"]["name"] == "get_current_weather"
+    rest = parser.feed("\n</parameter>\n</function>\n</tool_call>") + parser.finish()
+    content, calls = reconstruct(first + rest)
+    assert content == "Hi " and args_of(calls) == [("get_current_weather", {"city": "X"})]
+
+
+def test_streaming_holds_text_after_a_literal_nested_opener() -> None:
+    """Text after a line-start literal <tool_call> is held so the end-of-text fallback stays possible."""
+    parser = Qwen3CoderToolParser(WRITE_FILE)
+    out = parser.feed(
+        "<tool_call>\n<function=write_file>\n<parameter=content>\nbefore\n<tool_call>\ninside\n"
+    )
+    streamed = "".join(
+        d["tool_calls"][0]["function"]["arguments"] for d in out if "id" not in d["tool_calls"][0]
+    )
+    assert streamed == '{"content": "before'
