@@ -151,7 +151,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_queued_requests: int = 1024
-    gpu_memory_utilization: float = 0.90
+    gpu_memory_utilization: float = 0.92
     kv_cache_memory: int | None = None
     num_kv_blocks: int | None = None  # exact pool size (tests); overrides the memory budget
     enable_prefix_caching: bool = True

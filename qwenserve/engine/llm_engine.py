@@ -20,7 +20,7 @@ from qwenserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatch
 from qwenserve.engine.model_runner import ModelRunner, StepResult, kv_bytes_per_block, select_ops
 from qwenserve.engine.outputs import RequestOutput, TokenLogprob
 from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
-from qwenserve.engine.scheduler import Scheduler
+from qwenserve.engine.scheduler import ScheduledBatch, Scheduler
 from qwenserve.engine.sequence import Sequence
 from qwenserve.model.loader import build_model, load_model_config, read_generation_config, resolve_model_path
 from qwenserve.model.qwen3 import Ops
@@ -28,7 +28,7 @@ from qwenserve.model.qwen3 import Ops
 logger = logging.getLogger(__name__)
 
 _CPU_DEFAULT_KV_BYTES = 512 << 20
-_GPU_ACTIVATION_RESERVE = 3 << 30  # logits, MoE workspaces, CUDA graphs
+_GPU_GRAPH_RESERVE = 512 << 20  # CUDA graph pools and the logits of the largest decode batch
 
 
 class QueueFullError(RuntimeError):
@@ -131,6 +131,7 @@ class LLMEngine:
             self.model_config, path, self.device, self.dtype, cfg.load_format, ops=ops, max_positions=max_len,
             seed=cfg.seed,
         )
+        self.max_positions = max_len
         num_blocks = self._num_kv_blocks()
         pool_tokens = (num_blocks - 1) * cfg.block_size
         if pool_tokens < max_len:
@@ -177,9 +178,10 @@ class LLMEngine:
         if cfg.kv_cache_memory is not None:
             budget = cfg.kv_cache_memory
         elif self.device.type == "cuda":
+            activation_peak = self._profile_activations()
             free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            budget = int(total * cfg.gpu_memory_utilization) - used - _GPU_ACTIVATION_RESERVE
+            used = total - free  # weights, the CUDA context and anything else on the GPU
+            budget = int(total * cfg.gpu_memory_utilization) - used - activation_peak - _GPU_GRAPH_RESERVE
         else:
             budget = _CPU_DEFAULT_KV_BYTES
         num_blocks = budget // per_block
@@ -189,6 +191,28 @@ class LLMEngine:
                 f"raise --gpu-memory-utilization or set --kv-cache-memory"
             )
         return int(num_blocks)
+
+    @torch.inference_mode()
+    def _profile_activations(self) -> int:
+        """Run the largest step this engine will ever schedule and return the memory it needed
+        beyond the weights, so the KV pool can take everything else."""
+        cfg = self.config
+        num_tokens = min(cfg.max_num_batched_tokens, self.max_positions)
+        blocks = -(-num_tokens // cfg.block_size) + 1
+        probe = ModelRunner(self.model, self.model_config, blocks, cfg.block_size, self.device, self.dtype)
+        seq = Sequence("profile", 0, [0] * num_tokens, SamplingParams(temperature=0.0), seed=0)
+        seq.block_table = list(range(1, blocks))
+        batch = ScheduledBatch()
+        batch.add(seq, num_tokens)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        probe.execute(batch)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del probe
+        torch.cuda.empty_cache()
+        return int(peak)
 
     # -- requests ----------------------------------------------------------------
 
