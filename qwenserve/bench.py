@@ -146,7 +146,8 @@ def hf_baseline(engine: LLMEngine, config_dir: Path, context: int, new_tokens: i
         hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=engine.dtype)
     hf.load_state_dict(hf_state_dict(engine), assign=True, strict=False)
     rotary = hf.model.rotary_emb
-    hf.model.rotary_emb = type(rotary)(config=hf.config, device=engine.device)
+    with torch.device("cpu"):  # its buffers were left on meta; rebuild them for real
+        hf.model.rotary_emb = type(rotary)(config=hf.config).to(engine.device)
     hf.eval()
     ids = torch.tensor([random_prompt(context, rng)], device=engine.device)
 

@@ -7,6 +7,7 @@ conditions -> RequestOutputs. The async wrapper drives it from its own thread.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,17 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _limit_cpu_threads(cfg: ModelConfig) -> None:
+    """Small models run one op thread on CPU: their ops are too short to split, and OpenMP workers
+    that wait on each other turn a microsecond kernel into tens of milliseconds whenever another
+    process (the HTTP client, a test) shares the cores. QWENSERVE_CPU_THREADS overrides."""
+    threads = os.environ.get("QWENSERVE_CPU_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    elif cfg.hidden_size * cfg.num_hidden_layers <= 4096:
+        torch.set_num_threads(1)
+
+
 def _load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
@@ -125,6 +137,8 @@ class LLMEngine:
         self.model_config: ModelConfig = load_model_config(path)
         self.tokenizer = _load_tokenizer(path)
         max_len = cfg.max_model_len or self.model_config.max_position_embeddings
+        if self.device.type == "cpu":
+            _limit_cpu_threads(self.model_config)
         ops = select_ops(self.device, cfg.use_kernels)
         self.uses_kernels = ops != Ops()
         self.model = build_model(
