@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh test
 [ -n "${VIRTUAL_ENV:-}" ] || source .venv/bin/activate
-ruff check qwenserve tests bench
+ruff check .
 exec python -m pytest -q -rs "$@"

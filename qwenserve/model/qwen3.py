@@ -8,8 +8,8 @@ the `Ops` bundle so Triton kernels can replace the torch reference.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
