@@ -126,6 +126,13 @@ def is_xml_tool_format(chat_template: str | None) -> bool:
     return chat_template is None or "<function=" in chat_template
 
 
+def _call_prefix(xml: bool, name: str | None) -> str:
+    """The opening of a tool call, up to and including the function name when known."""
+    if xml:
+        return f"<tool_call>\n<function={name}>\n" if name else "<tool_call>\n<function="
+    return f'<tool_call>\n{{"name": "{name}", "arguments": ' if name else '<tool_call>\n{"name": "'
+
+
 def plan_tools(request: ChatCompletionRequest, xml: bool) -> ToolPlan:
     """Apply tool_choice: none hides the tools, required/named prefill the start of a call.
 
@@ -139,17 +146,17 @@ def plan_tools(request: ChatCompletionRequest, xml: bool) -> ToolPlan:
         return ToolPlan(tools=None, parse=False)
     if choice == "none":
         return ToolPlan(tools=None, parse=False)
+    names = [t["function"]["name"] for t in tools]
     if isinstance(choice, NamedToolChoice):
-        name = choice.function.name
-        if name not in {t["function"]["name"] for t in tools}:
-            raise bad_request(f"tool_choice names {name!r}, which is not in 'tools'.", param="tool_choice")
-        prefix = (
-            f"<tool_call>\n<function={name}>\n" if xml else f'<tool_call>\n{{"name": "{name}", "arguments": '
-        )
-        return ToolPlan(tools=tools, parse=True, forced_prefix=prefix)
+        if choice.function.name not in names:
+            raise bad_request(
+                f"tool_choice names {choice.function.name!r}, which is not in 'tools'.", param="tool_choice"
+            )
+        return ToolPlan(tools=tools, parse=True, forced_prefix=_call_prefix(xml, choice.function.name))
     if choice == "required":
-        prefix = "<tool_call>\n<function=" if xml else '<tool_call>\n{"name": "'
-        return ToolPlan(tools=tools, parse=True, forced_prefix=prefix)
+        # With one tool, "required" can only mean that tool: force its name as well.
+        name = names[0] if len(names) == 1 else None
+        return ToolPlan(tools=tools, parse=True, forced_prefix=_call_prefix(xml, name))
     return ToolPlan(tools=tools, parse=True)
 
 

@@ -74,11 +74,21 @@ def from_invalid_request(exc: InvalidRequestError) -> APIError:
     return APIError(400, exc.message, param=exc.param, code=exc.code)
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"})
+
+
+def _is_union_tag(part: str) -> bool:
+    """pydantic puts the union member it tried into `loc` (str, literal[...], NamedToolChoice)."""
+    return part in _TYPE_TAGS or not part.isidentifier() or part[:1].isupper()
+
+
 def format_loc(loc: tuple[Any, ...] | list[Any]) -> str | None:
     """('body', 'messages', 0, 'role') -> 'messages[0].role'; None for the body itself."""
     out = ""
     for part in loc:
         if part == "body" and not out:
+            continue
+        if isinstance(part, str) and _is_union_tag(part):
             continue
         if isinstance(part, int):
             out += f"[{part}]"

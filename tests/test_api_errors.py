@@ -1,0 +1,314 @@
+"""Errors, limits and lifecycle against a real server: OpenAI-shaped 400/401/404/405/503,
+loading, a full queue, heartbeats while waiting, and aborts on client disconnect.
+
+The server here is deliberately small: a 1024-token context, one running sequence and a
+one-request waiting queue, an API key, and a 0.2 s heartbeat.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from server_utils import ServerProcess, start_server
+
+pytestmark = pytest.mark.slow
+
+KEY = "sekret-key"
+CONTEXT = 1024
+HI = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = start_server(
+        tmp_path_factory.mktemp("errors"),
+        "--max-model-len", str(CONTEXT),
+        "--max-num-seqs", "1",
+        "--max-queued-requests", "1",
+        "--log-requests",
+        api_key=KEY,
+        env={"QWENSERVE_HEARTBEAT_SECONDS": "0.2"},
+    )  # fmt: skip
+    yield srv
+    srv.stop()
+
+
+def assert_openai_error(r: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+def wait_for(cond: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def test_503_with_retry_after_while_loading(server: ServerProcess) -> None:
+    seen = server.early_responses
+    assert ("/health", 503) in [(p, s) for p, s, _ in seen], "the load window was never observed"
+    models = [h for p, s, h in seen if p == "/v1/models" and s == 503]
+    assert models and all("retry-after" in h for h in models)
+
+
+def test_api_key_required_everywhere_but_health(server: ServerProcess) -> None:
+    base = server.base_url
+    assert httpx.get(f"{base}/health").status_code == 200
+    for method, path in [("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/chat/completions"),
+                         ("POST", "/tokenize"), ("GET", "/docs"), ("GET", "/nope")]:  # fmt: skip
+        assert_openai_error(httpx.request(method, base + path), 401)
+        wrong = httpx.request(method, base + path, headers={"Authorization": "Bearer nope"})
+        assert_openai_error(wrong, 401)
+    bad = openai.OpenAI(base_url=f"{base}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    good = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+    assert good.models.list().data[0].id == "qwen3-coder-demo"
+
+
+CHAT = "/v1/chat/completions"
+BAD_INPUTS: list[tuple[str, Any, str | None]] = [
+    (CHAT, b"{not json", None),
+    (CHAT, b"", None),
+    (CHAT, [1, 2], None),
+    (CHAT, {"model": "m"}, "messages"),
+    (CHAT, {"messages": []}, "messages"),
+    (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages[0].content[0].type",
+    ),  # fmt: skip
+    (CHAT, {"messages": HI, "temperature": -1}, "temperature"),
+    (CHAT, {"messages": HI, "temperature": "hot"}, "temperature"),
+    (CHAT, {"messages": HI, "top_p": 0}, "top_p"),
+    (CHAT, {"messages": HI, "n": 0}, "n"),
+    (CHAT, {"messages": HI, "max_tokens": 0}, "max_tokens"),
+    (CHAT, {"messages": HI, "top_logprobs": 50, "logprobs": True}, "top_logprobs"),
+    (CHAT, {"messages": HI, "seed": "abc"}, "seed"),
+    (CHAT, {"messages": HI, "stop": 7}, "stop"),
+    (CHAT, {"messages": HI, "tools": "all of them"}, "tools"),
+    (CHAT, {"messages": HI, "tools": [{"type": "function"}]}, "tools[0].function"),
+    (
+        CHAT,
+        {"messages": HI, "tools": [{"type": "function", "function": {"name": ""}}]},
+        "tools[0].function.name",
+    ),
+    (CHAT, {"messages": HI, "tool_choice": "sometimes"}, "tool_choice"),
+    (CHAT, {"messages": HI, "tool_choice": "required"}, "tool_choice"),
+    (
+        CHAT,
+        {
+            "messages": HI,
+            "tools": [{"type": "function", "function": {"name": "a"}}],
+            "tool_choice": {"type": "function", "function": {"name": "b"}},
+        },
+        "tool_choice",
+    ),  # fmt: skip
+    ("/v1/completions", {"prompt": []}, "prompt"),
+    ("/v1/completions", {"prompt": [10**9]}, "prompt"),
+    ("/v1/completions", {"prompt": [1, 2], "suffix": "x"}, "suffix"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 99}, "logprobs"),
+    ("/tokenize", {}, "prompt"),
+    ("/detokenize", {"tokens": [-1]}, "tokens"),
+    ("/detokenize", {"tokens": "abc"}, "tokens"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), BAD_INPUTS, ids=[f"{i}" for i in range(len(BAD_INPUTS))])
+def test_bad_input_gets_400_and_server_stays_healthy(
+    server: ServerProcess, path: str, body: Any, param: str
+) -> None:
+    if isinstance(body, bytes):
+        r = server.post(path, content=body, headers={"Content-Type": "application/json"})
+    else:
+        r = server.post(path, json=body)
+    err = assert_openai_error(r, 400, param)
+    assert err["type"] == "invalid_request_error"
+    if param is None:
+        assert err["param"] is None
+    assert httpx.get(f"{server.base_url}/health").status_code == 200
+
+
+def test_unknown_route_and_method(server: ServerProcess) -> None:
+    assert_openai_error(server.get("/v1/embeddings"), 404)
+    assert_openai_error(server.get(CHAT), 405)
+
+
+def test_prompt_longer_than_context_names_both_counts(server: ServerProcess) -> None:
+    r = server.post(CHAT, json={"messages": [{"role": "user", "content": "hello " * 1500}]})
+    err = assert_openai_error(r, 400, "messages")
+    count = server.post(
+        "/tokenize", json={"messages": [{"role": "user", "content": "hello " * 1500}]}
+    ).json()["count"]
+    assert str(count) in err["message"] and str(CONTEXT) in err["message"]
+
+
+def test_max_tokens_beyond_context_is_clamped(server: ServerProcess) -> None:
+    messages = [{"role": "user", "content": "hello " * 990}]
+    r = server.post(CHAT, json={"messages": messages, "max_tokens": 32000, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] <= CONTEXT
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_lenient_request_shapes(server: ServerProcess) -> None:
+    """What qwen-code and other clients send: extra fields, odd tools and history, all accepted."""
+    body = {
+        "model": "whatever",
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "List", "cache_control": {"type": "ephemeral"}},
+                    {"type": "text", "text": "files"},
+                ],
+            },  # fmt: skip
+            {
+                "role": "assistant",
+                "content": None,
+                "reasoning_content": "hmm",
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "ls", "arguments": "not json"}},
+                    {"id": "c2", "type": "function", "function": {"name": "noargs", "arguments": None}},
+                    {"id": "c3", "type": "function", "function": {"name": "noargs", "arguments": ""}},
+                    {"id": "c4", "type": "function", "function": {"name": "ls", "arguments": "[1, 2]"}},
+                ],
+            },  # fmt: skip
+            {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "a.txt"}]},
+            {"role": "tool", "tool_call_id": "c2", "content": ""},
+            {"role": "tool", "tool_call_id": "c3", "content": None},
+            {"role": "tool", "tool_call_id": "c4", "content": "b.txt"},
+            {"role": "developer", "content": "Be brief."},
+        ],
+        "tools": [
+            {"type": "function", "function": {"name": "ls", "parameters": {"type": "object"}}},
+            {"type": "function", "function": {"name": "noargs", "parameters": None}},
+            {"type": "function", "function": {"name": "bare"}},
+            {
+                "type": "function",
+                "function": {
+                    "name": "schema",
+                    "strict": True,
+                    "parameters": {
+                        "$schema": "http://json-schema.org/draft-07/schema#",
+                        "type": "object",
+                        "properties": {"x": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
+                        "additionalProperties": False,
+                    },
+                },
+            },  # fmt: skip
+        ],
+        "max_tokens": 8,
+        "temperature": 0,
+        "top_k": 20,
+        "min_p": 0.0,
+        "repetition_penalty": 1.05,
+        "stream": False,
+        "chat_template_kwargs": {"enable_thinking": False, "tokenize": True, "tools": "ignored"},
+        "reasoning": {"effort": "low"},
+        "enable_thinking": False,
+        "metadata": {"a": 1},
+        "parallel_tool_calls": True,
+        "vl_high_resolution_images": False,
+        "some_future_field": {"x": [1, 2, 3]},
+    }
+    r = server.post(CHAT, json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "whatever"
+
+
+def _metric(server: ServerProcess, name: str) -> float:
+    return server.metrics().get(name, -1.0)
+
+
+def _stream_lines(
+    server: ServerProcess, body: dict[str, Any], sink: list[str], stop_after: int | None
+) -> None:
+    """POST a streaming request, appending each `data:` payload to sink; hang up after `stop_after`."""
+    with httpx.stream("POST", server.base_url + CHAT, json=body, headers=server.headers, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                sink.append(line[6:])
+                if stop_after is not None and len(sink) >= stop_after:
+                    return  # leaving the context manager closes the connection mid-stream
+
+
+def test_queue_full_heartbeat_and_disconnect_abort(server: ServerProcess) -> None:
+    idle_usage = _metric(server, "qwenserve_kv_cache_usage_perc")
+    long_body = {"messages": HI, "stream": True, "max_tokens": 900, "ignore_eos": True, "temperature": 0}
+    # A occupies the only running slot; hang up after 20 chunks.
+    a_lines: list[str] = []
+    a_started = threading.Event()
+    a_release = threading.Event()
+
+    def run_a() -> None:
+        with httpx.stream(
+            "POST", server.base_url + CHAT, json=long_body, headers=server.headers, timeout=120
+        ) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    a_lines.append(line[6:])
+                    if len(a_lines) == 5:
+                        a_started.set()
+                        a_release.wait(60)
+                        return
+
+    a = threading.Thread(target=run_a)
+    a.start()
+    assert a_started.wait(60)
+    # B waits in the queue: it gets its role chunk, then heartbeats until A goes away.
+    b_lines: list[str] = []
+    b = threading.Thread(target=_stream_lines, args=(server, {**long_body, "max_tokens": 5}, b_lines, None))
+    b.start()
+    wait_for(lambda: _metric(server, "qwenserve_num_requests_waiting") == 1)
+    time.sleep(0.7)  # several heartbeat periods
+    # C finds the queue full: 503 with Retry-After, which clients retry.
+    c = server.post(CHAT, json={"messages": HI, "max_tokens": 4})
+    err = assert_openai_error(c, 503)
+    assert c.headers.get("retry-after") and err["code"] == "queue_full"
+    # A hangs up mid-stream: its request is aborted and B runs to completion.
+    a_release.set()
+    a.join(30)
+    b.join(60)
+    assert b_lines[-1] == "[DONE]"
+    chunks = [json.loads(x) for x in b_lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    first_content = next(i for i, c in enumerate(chunks) if c["choices"][0]["delta"].get("content"))
+    heartbeats = [c for c in chunks[1:first_content] if c["choices"][0]["delta"] == {}]
+    assert len(heartbeats) >= 2, "empty-delta chunks keep the stream alive while waiting"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    wait_for(lambda: _metric(server, "qwenserve_num_requests_running") == 0)
+    wait_for(lambda: _metric(server, "qwenserve_kv_cache_usage_perc") <= idle_usage)
+    assert "finish=abort" in server.log()
+
+
+def test_non_streaming_disconnect_aborts(server: ServerProcess) -> None:
+    body = {"messages": HI, "max_tokens": 900, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        server.post(CHAT, json=body, timeout=1.0)
+    wait_for(lambda: _metric(server, "qwenserve_num_requests_running") == 0, timeout=10)
+    assert server.get("/health").status_code == 200
+
+
+def test_log_requests_writes_bodies(server: ServerProcess) -> None:
+    server.post(CHAT, json={"messages": [{"role": "user", "content": "log me please"}], "max_tokens": 2})
+    assert "log me please" in server.log()

@@ -1,0 +1,367 @@
+"""The OpenAI Python SDK against a real `qwenserve serve` process serving the demo model.
+
+One server for the module. The demo model's greedy answers are known (see
+qwenserve/demo/build.py): a plain answer about France, an `ls` tool call when asked to
+list files with a shell tool offered, and a short answer after the tool result.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from server_utils import ServerProcess, load_fixture, start_server
+
+pytestmark = pytest.mark.slow
+
+SERVED = ["qwen3-coder-30b", "demo-alias"]
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+LIST_FILES = [{"role": "user", "content": [{"type": "text", "text": "List the files in this directory"}]}]
+SHELL_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "run_shell_command",
+        "description": "Executes a given shell command as `bash -c <command>`.",
+        "parameters": {
+            "type": "object",
+            "properties": {"command": {"type": "string", "description": "Exact bash command to execute"}},
+            "required": ["command"],
+        },
+    },
+}
+MARKUP = re.compile(r"<tool_call>|</tool_call>|<function=|<parameter=|<\|im_")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = start_server(tmp_path_factory.mktemp("openai"), "--served-model-name", *SERVED)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="anything", max_retries=0, timeout=300)
+
+
+def collect_stream(stream: Any) -> dict[str, Any]:
+    """Fold a chat stream into per-choice text / tool calls / finish, checking chunk invariants."""
+    out: dict[str, Any] = {"chunks": [], "usage": None, "choices": {}}
+    for chunk in stream:
+        out["chunks"].append(chunk)
+        assert out["usage"] is None, "nothing may follow the usage chunk"
+        if not chunk.choices:
+            out["usage"] = chunk.usage
+            continue
+        (choice,) = chunk.choices
+        st = out["choices"].setdefault(choice.index, {"text": "", "calls": {}, "finish": None, "role": None})
+        assert st["finish"] is None, "no delta after a choice's finish chunk"
+        delta = choice.delta
+        if delta.role:
+            assert st["role"] is None and not st["text"], "the role comes first, once"
+            st["role"] = delta.role
+        st["text"] += delta.content or ""
+        for tc in delta.tool_calls or []:
+            call = st["calls"].get(tc.index)
+            if call is None:
+                assert tc.index == len(st["calls"]), "tool call indices are 0, 1, 2 ..."
+                assert tc.id and tc.function.name, "the first delta of a call has its id and name"
+                call = st["calls"][tc.index] = {"id": tc.id, "name": tc.function.name, "arguments": ""}
+            else:
+                assert tc.id in (None, call["id"]) and not (tc.function and tc.function.name), (
+                    "id/name sent once"
+                )
+            call["arguments"] += (tc.function.arguments if tc.function else None) or ""
+        if choice.finish_reason:
+            st["finish"] = choice.finish_reason
+    for st in out["choices"].values():
+        assert st["role"] == "assistant"
+        assert st["finish"] in ("stop", "length", "tool_calls")
+        assert not MARKUP.search(st["text"]), f"markup leaked into content: {st['text']!r}"
+        if st["finish"] == "tool_calls":
+            assert st["calls"], "finish_reason tool_calls needs at least one call"
+    return out
+
+
+def test_models_lists_served_names(client: openai.OpenAI) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == SERVED
+    assert all(m.owned_by == "qwen" for m in models.data)
+
+
+def test_chat_plain_answer(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="any-name-at-all", messages=FRANCE, temperature=0, max_tokens=32)
+    assert r.model == "any-name-at-all"
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    choice = r.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == "The capital of France is Paris."
+    assert choice.finish_reason == "stop"
+    assert not choice.message.tool_calls
+    assert r.usage.prompt_tokens > 5 and r.usage.completion_tokens > 3
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_chat_streaming_matches_non_streaming(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=SERVED[0],
+        messages=FRANCE,
+        temperature=0,
+        max_tokens=32,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    out = collect_stream(stream)
+    st = out["choices"][0]
+    assert st["text"] == "The capital of France is Paris."
+    assert st["finish"] == "stop"
+    assert len([c for c in out["chunks"] if c.choices and c.choices[0].delta.content]) > 3, "content streams"
+    usage = out["usage"]
+    assert usage is not None and usage.completion_tokens > 3
+    # The same prompt ran just before: its full blocks come from the prefix cache.
+    assert usage.prompt_tokens_details.cached_tokens > 0
+
+
+def _tool_turn(client: openai.OpenAI, messages: list[dict[str, Any]], stream: bool) -> dict[str, Any]:
+    """One agent turn; returns {"text", "calls", "finish"} whatever the mode."""
+    kw: dict[str, Any] = dict(
+        model=SERVED[0], messages=messages, tools=[SHELL_TOOL], temperature=0, max_tokens=64
+    )
+    if stream:
+        st = collect_stream(client.chat.completions.create(**kw, stream=True))["choices"][0]
+        return {"text": st["text"], "calls": list(st["calls"].values()), "finish": st["finish"]}
+    r = client.chat.completions.create(**kw)
+    msg = r.choices[0].message
+    calls = [
+        {"id": c.id, "name": c.function.name, "arguments": c.function.arguments} for c in msg.tool_calls or []
+    ]
+    return {"text": msg.content or "", "calls": calls, "finish": r.choices[0].finish_reason}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_tool_call_round_trip(client: openai.OpenAI, stream: bool) -> None:
+    first = _tool_turn(client, LIST_FILES, stream)
+    assert first["finish"] == "tool_calls"
+    (call,) = first["calls"]
+    assert call["name"] == "run_shell_command" and call["id"].startswith("call_")
+    assert json.loads(call["arguments"]) == {"command": "ls"}
+    assert not MARKUP.search(first["text"])
+    history = LIST_FILES + [
+        {
+            "role": "assistant",
+            "content": first["text"] or None,
+            # As qwen-code sends it: arguments is a JSON string.
+            "tool_calls": [
+                {
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": call["name"], "arguments": call["arguments"]},
+                }
+            ],
+        },
+        {
+            "role": "tool",
+            "tool_call_id": call["id"],
+            "content": [{"type": "text", "text": "README.md\nmain.py"}],
+        },
+    ]
+    second = _tool_turn(client, history, stream)
+    assert second["finish"] == "stop" and not second["calls"]
+    assert second["text"].strip() and not MARKUP.search(second["text"])
+
+
+def test_tool_choice_none_required_named(client: openai.OpenAI) -> None:
+    kw: dict[str, Any] = dict(model=SERVED[0], tools=[SHELL_TOOL], temperature=0, max_tokens=48)
+    none = client.chat.completions.create(messages=LIST_FILES, tool_choice="none", **kw)
+    assert not none.choices[0].message.tool_calls and none.choices[0].finish_reason != "tool_calls"
+    for choice, messages in (
+        ("required", LIST_FILES),
+        ({"type": "function", "function": {"name": "run_shell_command"}}, FRANCE),
+    ):
+        r = client.chat.completions.create(messages=messages, tool_choice=choice, **kw)
+        calls = r.choices[0].message.tool_calls
+        assert calls and calls[0].function.name == "run_shell_command", choice
+        assert isinstance(json.loads(calls[0].function.arguments), dict)
+
+
+def test_n_choices(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model="m", messages=FRANCE, n=2, temperature=0.9, seed=7, max_tokens=12
+    )
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    assert all(c.finish_reason in ("stop", "length") for c in r.choices)
+    one = client.chat.completions.create(model="m", messages=FRANCE, temperature=0, max_tokens=12)
+    out = collect_stream(
+        client.chat.completions.create(
+            model="m",
+            messages=FRANCE,
+            n=2,
+            temperature=0,
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert sorted(out["choices"]) == [0, 1]
+    assert out["choices"][0]["text"] == out["choices"][1]["text"] == "The capital of France is Paris."
+    assert out["usage"].completion_tokens == 2 * one.usage.completion_tokens
+
+
+def test_stop_string(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model="m", messages=FRANCE, temperature=0, stop=[" Paris"], max_tokens=32
+    )
+    assert r.choices[0].message.content == "The capital of France is"
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_logprobs(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model="m", messages=FRANCE, temperature=0, logprobs=True, top_logprobs=3, max_tokens=32
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(t.token for t in content).startswith("The capital of France is Paris.")
+    for tok in content:
+        assert tok.logprob <= 0 and len(tok.top_logprobs) == 3
+        assert tok.logprob >= max(t.logprob for t in tok.top_logprobs) - 1e-4, "greedy picks the top token"
+    stream = client.chat.completions.create(
+        model="m", messages=FRANCE, temperature=0, logprobs=True, top_logprobs=2, max_tokens=32, stream=True
+    )
+    streamed = [
+        t for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content
+    ]
+    assert [t.token for t in streamed] == [t.token for t in content]
+
+
+def test_seed_reproducible(client: openai.OpenAI) -> None:
+    kw: dict[str, Any] = dict(
+        model="m", messages=[{"role": "user", "content": "Write a poem"}], temperature=1.0, max_tokens=16
+    )
+    a = client.chat.completions.create(seed=1234, **kw).choices[0].message.content
+    b = client.chat.completions.create(seed=1234, **kw).choices[0].message.content
+    assert a == b
+
+
+def test_max_tokens_larger_than_context_is_clamped(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="m", messages=FRANCE, temperature=0, max_tokens=10_000_000)
+    assert r.choices[0].message.content == "The capital of France is Paris."
+    r = client.chat.completions.create(model="m", messages=FRANCE, temperature=0, max_completion_tokens=3)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+
+
+def test_completions_fim_suffix(client: openai.OpenAI, server: ServerProcess) -> None:
+    prompt, suffix = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
+    r = client.completions.create(model="m", prompt=prompt, suffix=suffix, max_tokens=8, temperature=0)
+    assert r.object == "text_completion" and isinstance(r.choices[0].text, str)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    fim = f"<|fim_prefix|>{prompt}<|fim_suffix|>{suffix}<|fim_middle|>"
+    count = server.post("/tokenize", json={"prompt": fim}).json()["count"]
+    assert r.usage.prompt_tokens == count, "the FIM layout uses single special tokens"
+
+
+def test_completions_echo_logprobs_token_ids_and_stream(client: openai.OpenAI) -> None:
+    r = client.completions.create(
+        model="m", prompt="Hello there", max_tokens=4, temperature=0, echo=True, logprobs=2
+    )
+    choice = r.choices[0]
+    assert choice.text.startswith("Hello there")
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == r.usage.prompt_tokens + 4
+    assert lp.token_logprobs[0] is None and lp.token_logprobs[-1] <= 0
+    assert "".join(lp.tokens) == choice.text
+    ids = client.completions.create(model="m", prompt=[[9707, 1052], [9707]], max_tokens=3, temperature=0)
+    assert sorted(c.index for c in ids.choices) == [0, 1]
+    chunks = list(
+        client.completions.create(
+            model="m",
+            prompt="Hello there",
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].usage.completion_tokens == 4 and not chunks[-1].choices
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == choice.text[len("Hello there") :]
+
+
+@pytest.mark.parametrize("name", ["first-turn.json", "after-tool-call.json"])
+def test_qwen_code_fixture_requests_stream(client: openai.OpenAI, name: str) -> None:
+    body = load_fixture(name)
+    assert body["stream"] and body["stream_options"] == {"include_usage": True}
+    body["max_tokens"] = 48  # the real 32768 would only make the CPU test slow
+    out = collect_stream(client.chat.completions.create(**body))
+    st = out["choices"][0]
+    assert st["finish"] in ("stop", "length", "tool_calls")
+    assert st["text"] or st["calls"], "a turn needs text or a tool call (qwen-code rejects empty turns)"
+    for call in st["calls"].values():
+        assert call["name"] and isinstance(json.loads(call["arguments"] or "{}"), dict)
+    usage = out["usage"]
+    assert usage.prompt_tokens > 10_000 and usage.completion_tokens >= 1
+    assert usage.prompt_tokens_details is not None
+
+
+def test_tokenize_detokenize(server: ServerProcess, client: openai.OpenAI) -> None:
+    tok = server.post("/tokenize", json={"model": "m", "prompt": "Hello world"}).json()
+    assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] > 1000
+    assert server.post("/detokenize", json={"tokens": tok["tokens"]}).json() == {"prompt": "Hello world"}
+    chat = server.post("/tokenize", json={"messages": FRANCE}).json()
+    r = client.chat.completions.create(model="m", messages=FRANCE, temperature=0, max_tokens=2)
+    assert chat["count"] == r.usage.prompt_tokens
+
+
+def test_metrics_and_request_log(server: ServerProcess) -> None:
+    text = server.get("/metrics").text
+    for series in (
+        "qwenserve_requests_total",
+        "qwenserve_prompt_tokens_total",
+        "qwenserve_cached_prompt_tokens_total",
+        "qwenserve_generation_tokens_total",
+        "qwenserve_num_requests_running",
+        "qwenserve_num_requests_waiting",
+        "qwenserve_kv_cache_usage_perc",
+        "qwenserve_time_to_first_token_seconds_bucket",
+        "qwenserve_inter_token_latency_seconds_bucket",
+    ):
+        assert series in text, series
+    assert 'qwenserve_requests_total{route="/v1/chat/completions",status="200"}' in text
+    m = server.metrics()
+    assert m["qwenserve_generation_tokens_total"] > 0 and m["qwenserve_prompt_tokens_total"] > 0
+    line = re.compile(
+        r"request chatcmpl-\w+: prompt=\d+ cached=\d+ generated=\d+ ttft=[\d.]+s [\d.]+ tok/s .* finish=\w+"
+    )
+    assert line.search(server.log()), "one log line per request"
+
+
+def test_docs_and_health(server: ServerProcess) -> None:
+    assert server.get("/health").status_code == 200
+    assert server.get("/docs").status_code == 200
+    assert "/v1/chat/completions" in server.get("/openapi.json").json()["paths"]
+
+
+def test_banner_tells_qwen_code_settings(server: ServerProcess) -> None:
+    log = server.log()
+    assert f"OPENAI_BASE_URL=http://127.0.0.1:{server.port}/v1" in log
+    assert f"OPENAI_MODEL={SERVED[0]}" in log and "OPENAI_API_KEY=" in log
+    assert '"modelProviders"' in log and "demo model" in log
+
+
+def test_raw_sse_framing(server: ServerProcess) -> None:
+    """Only `data:` lines (no `event:`), JSON chunks, `[DONE]` last."""
+    body = {"model": "m", "messages": FRANCE, "stream": True, "max_tokens": 8}
+    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        chunk = json.loads(line[6:])
+        assert chunk["object"] == "chat.completion.chunk" and len(chunk["choices"]) == 1
