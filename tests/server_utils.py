@@ -18,7 +18,9 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
-FIXTURES = Path(os.environ.get("QWENSERVE_FIXTURES_DIR", REPO.parent / "shared" / "fixtures" / "qwen-code-0.24.4"))
+FIXTURES = Path(
+    os.environ.get("QWENSERVE_FIXTURES_DIR", REPO.parent / "shared" / "fixtures" / "qwen-code-0.24.4")
+)
 STARTUP_TIMEOUT = float(os.environ.get("QWENSERVE_TEST_STARTUP_TIMEOUT", "240"))
 
 
@@ -32,7 +34,9 @@ def free_port() -> int:
 class ServerProcess:
     """A `python -m qwenserve serve` child process with its log captured to a file."""
 
-    def __init__(self, log_dir: Path, *args: str, env: dict[str, str] | None = None, api_key: str | None = None):
+    def __init__(
+        self, log_dir: Path, *args: str, env: dict[str, str] | None = None, api_key: str | None = None
+    ):
         self.port = free_port()
         self.api_key = api_key
         self.log_path = log_dir / f"qwenserve-{self.port}.log"
