@@ -158,6 +158,7 @@ class EngineConfig:
     enforce_eager: bool = False
     seed: int = 0
     use_kernels: bool = True  # Triton kernels on CUDA when available
+    tensor_parallel_size: int = 1  # processes (GPUs): attention/dense tensor parallel, MoE expert parallel
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
@@ -174,6 +175,8 @@ class EngineConfig:
             raise ValueError("max_queued_requests must be >= 0")
         if self.max_model_len is not None and self.max_model_len < 16:
             raise ValueError(f"max_model_len must be >= 16, got {self.max_model_len}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
 
 
 def parse_size(text: str) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qwenserve.config import ModelConfig
+from qwenserve.distributed.sharding import kv_heads_per_rank
 from qwenserve.engine.block_manager import NULL_BLOCK
 from qwenserve.engine.sampler import SamplerOutput, SamplingBatch, sample
 from qwenserve.engine.scheduler import ScheduledBatch
@@ -40,10 +41,11 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return [b for b in sizes if b < max_num_seqs] + [min(max_num_seqs, 512)]
 
 
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of K and V for one block across all layers."""
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, world_size: int = 1) -> int:
+    """Bytes of K and V for one block across all layers (on one rank: its kv heads only)."""
     elem = torch.tensor([], dtype=dtype).element_size()
-    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+    kv_heads = kv_heads_per_rank(cfg, world_size)
+    return 2 * cfg.num_hidden_layers * block_size * kv_heads * cfg.head_dim * elem
 
 
 @dataclass
@@ -88,7 +90,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.vocab_size = cfg.vocab_size
-        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (num_blocks, block_size, model.num_kv_heads, cfg.head_dim)  # this rank's kv heads
         # Zero-filled: the torch reference masks unused slots, and 0 * NaN garbage would still be NaN.
         self.k_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from qwenserve.config import ModelConfig
+from qwenserve.distributed.sharding import shard_checkpoint_tensor, shard_param
 from qwenserve.model.qwen3 import Ops, Qwen3ForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -92,19 +93,26 @@ def build_model(
     ops: Ops | None = None,
     max_positions: int | None = None,
     seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Qwen3ForCausalLM:
-    """Create the model directly on `device` and fill it from safetensors (or randomly for dummy)."""
+    """Create the model directly on `device` and fill it from safetensors (or randomly for dummy).
+
+    With world_size > 1 only this rank's shard is built and loaded (qwenserve.distributed.sharding).
+    """
     with torch.device("meta"):
-        model = Qwen3ForCausalLM(cfg, ops=ops, max_positions=max_positions)
+        model = Qwen3ForCausalLM(cfg, ops=ops, max_positions=max_positions, rank=rank, world_size=world_size)
     model = model.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    if load_format == "dummy":
+    if load_format == "dummy" and world_size > 1:
+        _init_dummy_shard(model, cfg, seed, rank, world_size)
+    elif load_format == "dummy":
         _init_dummy(model, cfg, seed)
     else:
         if path is None:
             raise ValueError("a checkpoint path is required unless load_format is dummy")
-        _load_safetensors(model, cfg, path, device)
+        _load_safetensors(model, cfg, path, device, rank, world_size)
     model.init_rope(device)
     model.eval()
     return model
@@ -120,6 +128,26 @@ def _init_dummy(model: Qwen3ForCausalLM, cfg: ModelConfig, seed: int) -> None:
             param.fill_(1.0)
         else:
             param.normal_(0.0, cfg.initializer_range, generator=gen)
+
+
+@torch.no_grad()
+def _init_dummy_shard(model: Qwen3ForCausalLM, cfg: ModelConfig, seed: int, rank: int, world_size: int) -> None:
+    """The dummy weights of world size 1, sliced: every rank draws each full tensor in the same
+    order from the same generator and keeps its part, so N ranks serve the same model as one."""
+    with torch.device("meta"):
+        full_model = Qwen3ForCausalLM(cfg)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = dict(model.named_parameters())
+    for name, meta_param in full_model.named_parameters():
+        param = params[name]
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+            continue
+        full = torch.empty(meta_param.shape, dtype=param.dtype, device=device)
+        full.normal_(0.0, cfg.initializer_range, generator=gen)
+        param.copy_(shard_param(name, full, cfg, rank, world_size))
+        del full
 
 
 def _shard_files(path: Path) -> list[Path]:
@@ -173,7 +201,9 @@ def _target(
 
 
 @torch.no_grad()
-def _load_safetensors(model: Qwen3ForCausalLM, cfg: ModelConfig, path: Path, device: torch.device) -> None:
+def _load_safetensors(
+    model: Qwen3ForCausalLM, cfg: ModelConfig, path: Path, device: torch.device, rank: int = 0, world_size: int = 1
+) -> None:
     files = _shard_files(path)
     expected = {n for n, _ in model.named_parameters()}
     filled: set[str] = set()
@@ -184,11 +214,19 @@ def _load_safetensors(model: Qwen3ForCausalLM, cfg: ModelConfig, path: Path, dev
     for file in tqdm(files, desc="Loading weights", unit="shard", disable=len(files) < 2 and device.type == "cpu"):
         with safe_open(str(file), framework="pt", device=load_device) as shard:
             for name in shard.keys():
+                tensor = None
+                if world_size > 1:
+                    # This rank's slice, with expert indices made local; None: another rank's expert.
+                    sliced = shard_checkpoint_tensor(name, lambda n=name: shard.get_tensor(n), cfg, rank, world_size)
+                    if sliced is None:
+                        continue
+                    name, tensor = sliced
                 target = _target(model, cfg, params, name)
                 if target is None:
                     continue
                 param, index = target
-                tensor = shard.get_tensor(name)
+                if tensor is None:
+                    tensor = shard.get_tensor(name)
                 dest = param[index] if index else param
                 if dest.shape != tensor.shape:
                     raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")

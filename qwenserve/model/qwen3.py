@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenserve.config import ModelConfig
+from qwenserve.distributed.parallel import all_reduce
+from qwenserve.distributed.sharding import expert_range, head_ranges
 from qwenserve.model import ops as ref_ops
 from qwenserve.model.ops import AttentionMetadata
 from qwenserve.model.rope import apply_rope, build_cos_sin_cache
@@ -43,12 +45,17 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """GQA attention with per-head q/k RMSNorm before RoPE (Qwen3)."""
+    """GQA attention with per-head q/k RMSNorm before RoPE (Qwen3).
 
-    def __init__(self, cfg: ModelConfig, ops: Ops):
+    With world_size > 1 this rank's heads only (qkv column parallel, o_proj row parallel + all_reduce).
+    """
+
+    def __init__(self, cfg: ModelConfig, ops: Ops, rank: int = 0, world_size: int = 1):
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        q_heads, kv_heads = head_ranges(cfg.num_attention_heads, cfg.num_key_value_heads, rank, world_size)
+        self.num_heads = len(q_heads)
+        self.num_kv_heads = len(kv_heads)
+        self.world_size = world_size
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -70,32 +77,44 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
         self.ops.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = self.ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        out = self.o_proj(out.reshape(num_tokens, self.q_size))
+        return all_reduce(out) if self.world_size > 1 else out
 
 
 class DenseMLP(nn.Module):
-    def __init__(self, hidden: int, inter: int):
+    """SwiGLU MLP; with world_size > 1 this rank's 1/world of the intermediate columns (+ all_reduce)."""
+
+    def __init__(self, hidden: int, inter: int, world_size: int = 1):
         super().__init__()
+        inter //= world_size
         self.inter = inter
+        self.world_size = world_size
         self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        return self.down_proj(F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :])
+        out = self.down_proj(F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :])
+        return all_reduce(out) if self.world_size > 1 else out
 
 
 class SparseMoE(nn.Module):
-    """Router (softmax over experts, top-k, optional renormalisation) and SwiGLU experts."""
+    """Router (softmax over experts, top-k, optional renormalisation) and SwiGLU experts.
 
-    def __init__(self, cfg: ModelConfig, ops: Ops):
+    With world_size > 1 (expert parallel) this rank holds experts [start, start + E/world) and a
+    replicated router; it adds its experts' weighted outputs for every token, all_reduce sums.
+    """
+
+    def __init__(self, cfg: ModelConfig, ops: Ops, rank: int = 0, world_size: int = 1):
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
         self.norm_topk_prob = cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         inter = cfg.moe_intermediate_size
-        self.w13 = nn.Parameter(torch.empty(cfg.num_experts, 2 * inter, cfg.hidden_size))
-        self.w2 = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, inter))
+        experts = expert_range(cfg.num_experts, rank, world_size)
+        self.expert_start, self.world_size = experts.start, world_size
+        self.w13 = nn.Parameter(torch.empty(len(experts), 2 * inter, cfg.hidden_size))
+        self.w2 = nn.Parameter(torch.empty(len(experts), cfg.hidden_size, inter))
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,17 +125,25 @@ class SparseMoE(nn.Module):
             topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
         # HF rounds the routing weights to the activation dtype before use.
         topk_weights = topk_weights.to(x.dtype)
-        return self.ops.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
+        if self.world_size == 1:
+            return self.ops.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
+        # Pairs routed to other ranks' experts go to local expert 0 with weight 0: every fused_moe
+        # backend takes that as is, without a host sync (at the cost of computing those pairs).
+        local_ids = topk_ids - self.expert_start
+        is_local = (local_ids >= 0) & (local_ids < self.w13.shape[0])
+        local_ids = torch.where(is_local, local_ids, 0)
+        topk_weights = torch.where(is_local, topk_weights, 0)
+        return all_reduce(self.ops.fused_moe(x, self.w13, self.w2, topk_weights, local_ids))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, ops: Ops):
+    def __init__(self, cfg: ModelConfig, layer: int, ops: Ops, rank: int = 0, world_size: int = 1):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.self_attn = Attention(cfg, ops)
+        self.self_attn = Attention(cfg, ops, rank, world_size)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.mlp: nn.Module = SparseMoE(cfg, ops) if cfg.layer_is_moe(layer) else DenseMLP(
-            cfg.hidden_size, cfg.intermediate_size
+        self.mlp: nn.Module = SparseMoE(cfg, ops, rank, world_size) if cfg.layer_is_moe(layer) else DenseMLP(
+            cfg.hidden_size, cfg.intermediate_size, world_size
         )
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -125,14 +152,29 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen3ForCausalLM(nn.Module):
-    """Qwen3 (dense) and Qwen3-MoE causal LM; which one follows from the config."""
+    """Qwen3 (dense) and Qwen3-MoE causal LM; which one follows from the config.
 
-    def __init__(self, cfg: ModelConfig, ops: Ops | None = None, max_positions: int | None = None):
+    `rank` / `world_size` > 1 build this rank's shard (qwenserve.distributed.sharding); the
+    embedding, norms and lm_head stay whole on every rank.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        ops: Ops | None = None,
+        max_positions: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         super().__init__()
         self.cfg = cfg
         self.ops = ops or Ops()
+        self.rank, self.world_size = rank, world_size
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.ops) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, self.ops, rank, world_size) for i in range(cfg.num_hidden_layers)
+        )
+        self.num_kv_heads = self.layers[0].self_attn.num_kv_heads  # per rank: the KV cache's head count
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.ops)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
