@@ -57,6 +57,10 @@ class RequestTracker:
         if out.finish_reason:
             self.finish_reasons[out.index] = out.finish_reason
 
+    def set_finish(self, index: int, reason: str) -> None:
+        """Record the finish reason the client saw (e.g. tool_calls rather than the engine's stop)."""
+        self.finish_reasons[index] = reason
+
     @property
     def completion_tokens(self) -> int:
         return sum(self.generated.values())

@@ -185,6 +185,7 @@ class _ChatContext:
                     yield self.chunk(i, d, logprobs=self._take(pending_lp, i))
                 if out.finish_reason is not None:
                     reason = final_finish_reason(out.finish_reason, made_call[i])
+                    self.tracker.set_finish(i, reason)
                     yield self.chunk(i, {}, reason, logprobs=self._take(pending_lp, i))
             self.finished = True
             if self.include_usage:
@@ -261,11 +262,13 @@ class _ChatContext:
             if calls:
                 message["tool_calls"] = calls
                 self.tracker.tool_calls += len(calls)
+        finish = final_finish_reason(reason, bool(calls))
+        self.tracker.set_finish(i, finish)
         return {
             "index": i,
             "message": message,
             "logprobs": chat_logprobs(logprobs) if self.want_logprobs else None,
-            "finish_reason": final_finish_reason(reason, bool(calls)),
+            "finish_reason": finish,
         }
 
 

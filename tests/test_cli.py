@@ -1,0 +1,111 @@
+"""The `qwenserve` command line: flags, their mapping to EngineConfig, bench dispatch, and
+the fast failure paths of `serve` (busy port, a model that cannot load)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from server_utils import REPO
+
+from qwenserve import cli
+
+
+def parse(*argv: str):
+    return cli.build_parser().parse_args(["serve", *argv])
+
+
+def test_defaults_are_loopback_and_demo() -> None:
+    args = parse()
+    assert args.host == "127.0.0.1" and args.port == 8000
+    assert args.model is None and args.model_tag is None
+    config = cli.engine_config(args)
+    assert config.model is None and config.load_format == "auto"
+
+
+def test_vllm_flag_names_map_to_engine_config() -> None:
+    args = parse(
+        "--model", "Qwen/Qwen3-Coder-30B-A3B-Instruct",
+        "--served-model-name", "qwen3-coder-30b", "coder",
+        "--max-model-len", "32k",
+        "--kv-cache-memory", "2GiB",
+        "--max-num-seqs", "8",
+        "--max-num-batched-tokens", "4096",
+        "--max-queued-requests", "16",
+        "--load-format", "dummy",
+        "--dtype", "bfloat16",
+        "--no-enable-prefix-caching",
+        "--api-key", "k",
+        "--log-requests",
+    )  # fmt: skip
+    assert (
+        args.served_model_name == ["qwen3-coder-30b", "coder"] and args.api_key == "k" and args.log_requests
+    )
+    config = cli.engine_config(args)
+    assert config.model == "Qwen/Qwen3-Coder-30B-A3B-Instruct"
+    assert config.max_model_len == 32768 and config.kv_cache_memory == 2 << 30
+    assert (config.max_num_seqs, config.max_num_batched_tokens, config.max_queued_requests) == (8, 4096, 16)
+    assert config.load_format == "dummy" and config.dtype == "bfloat16" and not config.enable_prefix_caching
+    assert cli.engine_config(parse("--gpu-memory-utilization", "0.5")).gpu_memory_utilization == 0.5
+
+
+def test_memory_flags_are_exclusive_and_validated(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse("--gpu-memory-utilization", "0.5", "--kv-cache-memory", "1GiB")
+    with pytest.raises(SystemExit):
+        parse("--kv-cache-memory", "lots")
+    with pytest.raises(SystemExit):
+        parse("--load-format", "pickle")
+    assert "kv-cache-memory" in capsys.readouterr().err
+
+
+def test_help_lists_serve_and_bench() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "qwenserve", "--help"], capture_output=True, text=True, cwd=REPO
+    )
+    assert out.returncode == 0 and "serve" in out.stdout and "bench" in out.stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "qwenserve", "serve", "--help"], capture_output=True, text=True
+    )
+    for flag in ("--served-model-name", "--max-model-len", "--api-key", "--gpu-memory-utilization",
+                 "--kv-cache-memory", "--max-num-seqs", "--log-requests", "--load-format", "--dtype"):  # fmt: skip
+        assert flag in out.stdout, flag
+
+
+def test_bench_is_dispatched(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+    fake = types.ModuleType("qwenserve.bench")
+    fake.main = lambda argv: seen.append(argv) or 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "qwenserve.bench", fake)
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())
+    assert cli.main(["bench", "--foo", "1"]) == 0
+    assert seen == [["--foo", "1"]]
+
+
+def test_busy_port_fails_fast() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "qwenserve", "serve", "--port", str(port)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert out.returncode == 1
+    assert "cannot listen" in out.stderr and str(port) in out.stderr
+
+
+@pytest.mark.slow
+def test_unloadable_model_exits_with_its_reason(tmp_path: Path) -> None:
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    out = subprocess.run(
+        [sys.executable, "-m", "qwenserve", "serve", "--model", str(empty), "--port", "0"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "failed to load the model" in out.stderr
