@@ -35,32 +35,39 @@ def _length(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a token count: {text!r} (use e.g. 32768 or 32k)") from exc
 
 
+def _default(name: str) -> object:
+    """EngineConfig's own default, so the CLI and the library never disagree."""
+    from qwenserve.config import EngineConfig
+
+    return EngineConfig.__dataclass_fields__[name].default
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """`serve` flags, spelled as vLLM spells them where vLLM has the same flag."""
     p.add_argument("model_tag", nargs="?", metavar="MODEL", help="same as --model")
     p.add_argument(
-        "--model", help="local Hugging Face checkpoint directory or hub id (default: the built-in demo model)"
+        "--model", help="local Hugging Face checkpoint directory or hub id; none: the built-in demo model"
     )
     p.add_argument(
         "--served-model-name",
         nargs="+",
         metavar="NAME",
-        help="name(s) listed by /v1/models (default: the model's name); any name is accepted in requests",
+        help="name(s) listed by /v1/models; none: the model's name (requests may use any name)",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback: local clients only)")
     p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
     p.add_argument(
         "--api-key",
         default=os.environ.get("QWENSERVE_API_KEY"),
         help="require 'Authorization: Bearer KEY' on every route but /health (env QWENSERVE_API_KEY)",
     )
-    p.add_argument("--max-model-len", type=_length, help="context length (default: the model's)")
+    p.add_argument("--max-model-len", type=_length, help="context length; none: the model's")
     mem = p.add_mutually_exclusive_group()
     mem.add_argument(
         "--gpu-memory-utilization",
         type=float,
-        default=0.90,
-        help="fraction of GPU memory for weights + KV cache (default 0.90)",
+        default=_default("gpu_memory_utilization"),
+        help="fraction of GPU memory for weights + KV cache",
     )
     mem.add_argument(
         "--kv-cache-memory",
@@ -69,10 +76,24 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="KV cache size, e.g. 20GiB (overrides --gpu-memory-utilization)",
     )
-    p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in a batch")
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget per engine step")
-    p.add_argument("--max-queued-requests", type=int, default=1024, help="waiting requests before 503")
-    p.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens")
+    p.add_argument(
+        "--max-num-seqs", type=int, default=_default("max_num_seqs"), help="most sequences in a batch"
+    )
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=_default("max_num_batched_tokens"),
+        help="token budget per engine step",
+    )
+    p.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=_default("max_queued_requests"),
+        help="waiting requests before 503",
+    )
+    p.add_argument(
+        "--block-size", type=int, default=_default("block_size"), help="KV cache block size in tokens"
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument(
@@ -83,7 +104,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=_default("seed"))
     p.add_argument(
         "--log-requests", "--enable-log-requests", action="store_true", help="also log every request body"
     )
