@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = EngineConfig(
         model=str(args.config), load_format="dummy", max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager,
+        enforce_eager=args.enforce_eager, use_kernels=args.use_kernels,
     )
     t0 = time.perf_counter()
     engine = LLMEngine(config)
@@ -302,6 +302,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.92)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--no-kernels", dest="use_kernels", action="store_false", help="torch reference ops only")
     p.add_argument("--decode-contexts", type=int, nargs="*", default=[512, 32768])
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--prefill-lengths", type=int, nargs="*", default=[2048, 8192])
