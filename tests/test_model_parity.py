@@ -82,3 +82,18 @@ def test_hub_config_key_names_are_read() -> None:
     assert cfg.rope.theta == 10_000_000 and cfg.rope.rope_type == "default"
     assert cfg.head_dim == 128 and cfg.num_key_value_heads == 4
     assert cfg.eos_token_ids == [151645, 151643]  # from generation_config.json
+
+
+def test_reference_attention_splits_long_queries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference bounds its score matrix by splitting query rows; results must not change."""
+    from qwenserve.model import ops
+
+    monkeypatch.setattr(ops, "_SCORE_BUDGET", 4 * 64 * 3)  # ~3 query rows per slice
+    path = make_tiny_checkpoint(tmp_path, moe=False)
+    model, runner, hf = _ours_and_hf(path)
+    prompt = torch.randint(0, 500, (41,), generator=torch.Generator().manual_seed(3)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0]
+    seq = Sequence("r", 0, prompt, SamplingParams(), seed=0)
+    seq.block_table = [6, 1, 3]
+    torch.testing.assert_close(_run(model, runner, seq, len(prompt)), ref, atol=ATOL, rtol=1e-4)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+_SCORE_BUDGET = 1 << 26  # attention scores materialised at once by the reference (256 MiB in float32)
+
 
 @dataclass
 class AttentionMetadata:
@@ -79,16 +81,22 @@ def paged_attention(
     v_seq = v_cache.view(-1, num_kv_heads, head_dim)[slots].to(q.dtype)
 
     q_pos = (meta.context_lens - query_lens)[:, None] + torch.arange(max_q, device=device)[None, :]
-    mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < meta.context_lens[:, None, None])
-
     group = num_heads // num_kv_heads
-    out = F.scaled_dot_product_attention(
-        q_pad.transpose(1, 2),
-        k_seq.transpose(1, 2).repeat_interleave(group, dim=1),
-        v_seq.transpose(1, 2).repeat_interleave(group, dim=1),
-        attn_mask=mask[:, None, :, :],
-        scale=scale,
-    )  # [B, H, max_q, D]
+    k_all = k_seq.transpose(1, 2).repeat_interleave(group, dim=1)
+    v_all = v_seq.transpose(1, 2).repeat_interleave(group, dim=1)
+    q_all = q_pad.transpose(1, 2)  # [B, H, max_q, D]
+    # Bound the score matrix (B x H x rows x max_ctx) so a 20k-token prompt does not need gigabytes.
+    rows = max(1, _SCORE_BUDGET // max(1, num_seqs * num_heads * max_ctx))
+    parts = []
+    for r0 in range(0, max_q, rows):
+        pos = q_pos[:, r0 : r0 + rows]
+        mask = (key_pos[None, None, :] <= pos[:, :, None]) & (key_pos[None, None, :] < meta.context_lens[:, None, None])
+        parts.append(
+            F.scaled_dot_product_attention(
+                q_all[:, :, r0 : r0 + rows], k_all, v_all, attn_mask=mask[:, None, :, :], scale=scale
+            )
+        )
+    out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]  # [B, H, max_q, D]
     return out.transpose(1, 2)[seq_of_token, col_of_token]
 
 
