@@ -25,7 +25,7 @@ import triton.language as tl
 from qwenserve.model.ops import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
-_NEG_BIG = -1.0e30  # finite "minus infinity" for running maxima: keeps exp2(m_old - m_new) NaN-free
+_NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: keeps exp2(m_old - m_new) NaN-free
 
 # Decode tiling. TILE tokens of K and V are gathered per loop step (TILE // block_size blocks).
 DECODE_TILE = 64
