@@ -162,3 +162,17 @@ def test_logprobs(engine: LLMEngine) -> None:
         assert len(lp.top_logprobs) == 5
         assert lp.top_logprobs[0][0] == lp.token_id  # greedy picks the most likely token
         assert lp.logprob == pytest.approx(lp.top_logprobs[0][2])
+
+
+def test_penalties_are_batch_independent_and_bite(engine: LLMEngine) -> None:
+    """Incremental penalty state must give what a request gets alone, and must change greedy output."""
+    p = prompts(1, seed=41)[0]
+    pen = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=1.8,
+                         frequency_penalty=1.5, presence_penalty=1.0)
+    alone_out = engine.generate([p], pen)[0][0].token_ids
+    batch = engine.generate([prompts(1, seed=42)[0], p], [GREEDY, pen])[1][0].token_ids
+    plain = engine.generate([p], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0][0].token_ids
+    assert alone_out == batch
+    assert alone_out != plain
+    assert len(set(alone_out)) >= len(set(plain))
+    assert not engine.runner.penalties.row_of  # rows are released when sequences finish

@@ -117,8 +117,11 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = _pick_device(config.device)
+        if config.tensor_parallel_size > 1 and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", 0)  # rank r runs on cuda:r
         self.dtype = _pick_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
+        self.workers: Any = None  # qwenserve.distributed.worker.WorkerGroup when tensor_parallel_size > 1
         self._load()
         self.requests: dict[str, _Request] = {}
         self.seq_states: dict[int, _SeqState] = {}
@@ -141,9 +144,12 @@ class LLMEngine:
             _limit_cpu_threads(self.model_config)
         ops = select_ops(self.device, cfg.use_kernels)
         self.uses_kernels = ops != Ops()
+        world = cfg.tensor_parallel_size
+        if world > 1:
+            self._start_workers(path, max_len)
         self.model = build_model(
             self.model_config, path, self.device, self.dtype, cfg.load_format, ops=ops, max_positions=max_len,
-            seed=cfg.seed,
+            seed=cfg.seed, world_size=world,
         )
         self.max_positions = max_len
         num_blocks = self._num_kv_blocks()
@@ -160,9 +166,10 @@ class LLMEngine:
         self.max_model_len = max_len
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.model_config, num_blocks, cfg.block_size, self.device, self.dtype)
+        self.runner = self._new_runner(num_blocks)
         # The torch reference MoE syncs with the host, so only the kernel path can be captured.
-        if self.device.type == "cuda" and self.uses_kernels and not cfg.enforce_eager:
+        # Tensor parallel runs eager: workers would have to capture and replay the same graphs.
+        if self.device.type == "cuda" and self.uses_kernels and not cfg.enforce_eager and self.workers is None:
             self.runner.capture_graphs(cfg.max_num_seqs, max_len)
         gen = read_generation_config(path)
         self.model_info = ModelInfo(
@@ -184,16 +191,56 @@ class LLMEngine:
             name, self.device, self.dtype, num_blocks, cfg.block_size, max_len,
         )
 
+    def _start_workers(self, path: Path, max_positions: int) -> None:
+        """Spawn ranks 1..N-1 and join the process group as rank 0 (tensor_parallel_size > 1)."""
+        from qwenserve.distributed.parallel import free_port
+        from qwenserve.distributed.sharding import validate_parallel
+        from qwenserve.distributed.worker import WorkerGroup, WorkerSpec
+
+        cfg, world = self.config, self.config.tensor_parallel_size
+        validate_parallel(self.model_config, world)
+        first = self.device.index or 0
+        if self.device.type == "cuda" and first + world > torch.cuda.device_count():
+            raise ValueError(
+                f"tensor_parallel_size {world} needs GPUs {first}..{first + world - 1} but "
+                f"{torch.cuda.device_count()} are visible"
+            )
+        self.workers = WorkerGroup(WorkerSpec(
+            path=path, model_config=self.model_config, world_size=world,
+            init_method=f"tcp://127.0.0.1:{free_port()}", device_type=self.device.type, first_device_index=first,
+            dtype=self.dtype, load_format=cfg.load_format, seed=cfg.seed, max_positions=max_positions,
+            block_size=cfg.block_size, use_kernels=cfg.use_kernels, num_threads=torch.get_num_threads(),
+        ))
+
+    def _new_runner(self, num_blocks: int) -> ModelRunner:
+        """A runner with a KV pool of `num_blocks` (on every rank when tensor parallel)."""
+        if self.workers is None:
+            return ModelRunner(self.model, self.model_config, num_blocks, self.config.block_size, self.device, self.dtype)
+        from qwenserve.distributed.worker import DistributedModelRunner
+
+        return DistributedModelRunner(
+            self.model, self.model_config, num_blocks, self.config.block_size, self.device, self.dtype, self.workers
+        )
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (a no-op on one process; also runs at exit)."""
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
+
     def _num_kv_blocks(self) -> int:
         cfg = self.config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
-        per_block = kv_bytes_per_block(self.model_config, cfg.block_size, self.dtype)
+        # Per rank: each holds only its kv heads, so the same budget buys proportionally more blocks.
+        per_block = kv_bytes_per_block(self.model_config, cfg.block_size, self.dtype, cfg.tensor_parallel_size)
         if cfg.kv_cache_memory is not None:
             budget = cfg.kv_cache_memory
         elif self.device.type == "cuda":
             activation_peak = self._profile_activations()
             free, total = torch.cuda.mem_get_info(self.device)
+            if self.workers is not None:  # size every rank's pool for the fullest GPU
+                free = self.workers.min_free_memory(free)
             used = total - free  # weights, the CUDA context and anything else on the GPU
             budget = int(total * cfg.gpu_memory_utilization) - used - activation_peak - _GPU_GRAPH_RESERVE
         else:
@@ -213,7 +260,7 @@ class LLMEngine:
         cfg = self.config
         num_tokens = min(cfg.max_num_batched_tokens, self.max_positions)
         blocks = -(-num_tokens // cfg.block_size) + 1
-        probe = ModelRunner(self.model, self.model_config, blocks, cfg.block_size, self.device, self.dtype)
+        probe = self._new_runner(blocks)
         seq = Sequence("profile", 0, [0] * num_tokens, SamplingParams(temperature=0.0), seed=0)
         seq.block_table = list(range(1, blocks))
         batch = ScheduledBatch()
@@ -277,6 +324,7 @@ class LLMEngine:
             if seq.is_finished:
                 continue
             self.scheduler.finish(seq)
+            self.runner.release(seq)
             seq.finish_reason = "abort"
             outputs.append(self._make_output(seq))
         for seq in req.seqs:
@@ -369,6 +417,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
+        self.runner.release(seq)
         req = self.requests.get(seq.request_id)
         if req is not None and all(s.is_finished for s in req.seqs):
             del self.requests[seq.request_id]

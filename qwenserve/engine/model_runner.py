@@ -17,6 +17,7 @@ import torch
 from qwenserve.config import ModelConfig
 from qwenserve.distributed.sharding import kv_heads_per_rank
 from qwenserve.engine.block_manager import NULL_BLOCK
+from qwenserve.engine.penalty_state import PenaltyState
 from qwenserve.engine.sampler import SamplerOutput, SamplingBatch, sample
 from qwenserve.engine.scheduler import ScheduledBatch
 from qwenserve.engine.sequence import Sequence
@@ -97,6 +98,7 @@ class ModelRunner:
         model.bind_kv_cache(self.k_caches, self.v_caches)
         self.pin = device.type == "cuda"
         self.graphs: DecodeGraphs | None = None
+        self.penalties = PenaltyState(cfg.vocab_size, device)
 
     def _to_device(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype, pin_memory=self.pin)
@@ -156,25 +158,22 @@ class ModelRunner:
             needs_min_p=any(p.min_p > 0 for p in params if not p.greedy),
         )
         if any(p.needs_penalties for p in params):
-            self._add_penalties(batch, seqs)
+            batch.penalty_rows = self._add_penalties(batch, seqs)
         return batch
 
-    def _add_penalties(self, batch: SamplingBatch, seqs: list[Sequence]) -> None:
-        rows = len(seqs)
-        counts = torch.zeros(rows, self.vocab_size, dtype=torch.int32, device=self.device)
-        seen = torch.zeros(rows, self.vocab_size, dtype=torch.bool, device=self.device)
-        for row, seq in enumerate(seqs):
-            if not seq.params.needs_penalties:
-                continue
-            out_ids = self._to_device(seq.output_token_ids, torch.int64)
-            counts[row].scatter_add_(0, out_ids, torch.ones_like(out_ids, dtype=torch.int32))
-            seen[row, self._to_device(seq.token_ids, torch.int64)] = True
+    def _add_penalties(self, batch: SamplingBatch, seqs: list[Sequence]) -> torch.Tensor:
+        rows = self.penalties.rows_for(seqs)
         params = [s.params for s in seqs]
-        batch.output_counts = counts
-        batch.seen_mask = seen
+        batch.output_counts = self.penalties.counts[rows]
+        batch.seen_mask = self.penalties.seen[rows]
         batch.presence_penalty = self._to_device([p.presence_penalty for p in params], torch.float32)
         batch.frequency_penalty = self._to_device([p.frequency_penalty for p in params], torch.float32)
         batch.repetition_penalty = self._to_device([p.repetition_penalty for p in params], torch.float32)
+        return rows
+
+    def release(self, seq: Sequence) -> None:
+        """Forget a finished sequence's per-sequence sampling state."""
+        self.penalties.release(seq)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
@@ -189,7 +188,10 @@ class ModelRunner:
                 return StepResult(seqs=[], token_ids=[])
             rows = torch.tensor(logits_indices, device=self.device)
             logits = self.model.compute_logits(hidden[rows]).float()
-        out = sample(logits, self.sampling_batch(sample_seqs))
+        sampling = self.sampling_batch(sample_seqs)
+        out = sample(logits, sampling)
+        if sampling.penalty_rows is not None:
+            self.penalties.record(sample_seqs, sampling.penalty_rows, out.token_ids)
         return self._to_host(sample_seqs, out)
 
     def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:

@@ -30,6 +30,7 @@ class SamplingBatch:
     repetition_penalty: torch.Tensor | None = None
     output_counts: torch.Tensor | None = None  # [B, V] occurrences in the output so far
     seen_mask: torch.Tensor | None = None  # [B, V] token appears in prompt or output
+    penalty_rows: torch.Tensor | None = None  # rows of the runner's PenaltyState, when penalties apply
     num_logprobs: int = -1  # max top_logprobs over rows; -1 = no row wants logprobs
     all_greedy: bool = False
     needs_top_k_p: bool = False

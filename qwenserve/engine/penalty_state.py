@@ -1,0 +1,72 @@
+"""Per-sequence token statistics for penalties, kept on the device and updated incrementally.
+
+Repetition, presence and frequency penalties need, for every sampling row, which tokens
+the sequence has seen and how often each appeared in its output. Rebuilding that from
+the token list each step costs a host-to-device copy of the whole context (20k ids for
+a qwen-code prompt) per step; instead each sequence gets a row in two [rows, vocab]
+buffers, filled once when it first needs penalties and bumped with one batched
+index_put per step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwenserve.engine.sequence import Sequence
+
+
+class PenaltyState:
+    def __init__(self, vocab_size: int, device: torch.device, initial_rows: int = 8):
+        self.vocab_size = vocab_size
+        self.device = device
+        self.seen = torch.zeros(initial_rows, vocab_size, dtype=torch.bool, device=device)
+        self.counts = torch.zeros(initial_rows, vocab_size, dtype=torch.int32, device=device)
+        self.row_of: dict[int, int] = {}  # seq_id -> row
+        self.num_tokens_of: dict[int, int] = {}  # seq_id -> tokens already accounted for
+        self.free_rows = list(range(initial_rows - 1, -1, -1))
+
+    def _grow(self) -> None:
+        old = self.seen.shape[0]
+        extra = old
+        self.seen = torch.cat([self.seen, self.seen.new_zeros(extra, self.vocab_size)])
+        self.counts = torch.cat([self.counts, self.counts.new_zeros(extra, self.vocab_size)])
+        self.free_rows.extend(range(old + extra - 1, old - 1, -1))
+
+    def _ids(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)
+
+    def rows_for(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Row index of each sequence, bringing every row up to date with its tokens."""
+        rows = []
+        for seq in seqs:
+            row = self.row_of.get(seq.seq_id)
+            if row is None:
+                if not self.free_rows:
+                    self._grow()
+                row = self.free_rows.pop()
+                self.row_of[seq.seq_id] = row
+                self.seen[row].zero_()
+                self.counts[row].zero_()
+                self.num_tokens_of[seq.seq_id] = seq.num_prompt_tokens
+                self.seen[row, self._ids(seq.token_ids[: seq.num_prompt_tokens])] = True
+            done = self.num_tokens_of[seq.seq_id]
+            if done < seq.num_tokens:  # tokens appended since the last update (normally none)
+                new = self._ids(seq.token_ids[done:])
+                self.seen[row, new] = True
+                self.counts[row].index_put_((new,), torch.ones_like(new, dtype=torch.int32), accumulate=True)
+                self.num_tokens_of[seq.seq_id] = seq.num_tokens
+            rows.append(row)
+        return self._ids(rows)
+
+    def record(self, seqs: list[Sequence], rows: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """Account for the tokens just sampled for `seqs` (still on the device)."""
+        self.seen[rows, token_ids] = True
+        self.counts.index_put_((rows, token_ids), torch.ones_like(token_ids, dtype=torch.int32), accumulate=True)
+        for seq in seqs:
+            self.num_tokens_of[seq.seq_id] += 1
+
+    def release(self, seq: Sequence) -> None:
+        row = self.row_of.pop(seq.seq_id, None)
+        if row is not None:
+            self.num_tokens_of.pop(seq.seq_id, None)
+            self.free_rows.append(row)
