@@ -44,15 +44,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(rank: int, world_size: int, init_method: str, device: torch.device) -> None:
-    """Join the default group (NCCL for CUDA, gloo for CPU) and create the gloo control group."""
+def init_process_group(
+    rank: int, world_size: int, init_method: str, device: torch.device, timeout: timedelta | None = None
+) -> None:
+    """Join the default group (NCCL for CUDA, gloo for CPU) and create the gloo control group.
+
+    `timeout` bounds the rendezvous and the model's collectives (torch's default when None).
+    """
     global _control_group
     apply_multicast_off_env()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(
-        backend, init_method=init_method, rank=rank, world_size=world_size,
+        backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout,
         device_id=device if device.type == "cuda" else None,
     )
     # A separate gloo group even on CPU, where the default one is gloo too: it has the long timeout.
