@@ -9,10 +9,17 @@ import torch
 
 from qwenserve.config import EngineConfig
 from qwenserve.distributed.parallel import MULTICAST_OFF_ENV, gloo_available
-from qwenserve.distributed.sharding import head_ranges, shard_param, validate_parallel
+from qwenserve.distributed.sharding import (
+    expert_range,
+    head_ranges,
+    local_routing,
+    shard_param,
+    validate_parallel,
+)
 from qwenserve.engine.llm_engine import LLMEngine
 from qwenserve.engine.model_runner import kv_bytes_per_block
 from qwenserve.engine.sampling_params import SamplingParams
+from qwenserve.model import ops as ref_ops
 from qwenserve.model.loader import build_model, load_model_config
 
 pytestmark = pytest.mark.skipif(not gloo_available(), reason="torch.distributed gloo backend unavailable")
@@ -40,12 +47,16 @@ def _generate(engine: LLMEngine) -> list:
     return [outs[0] for outs in engine.generate(_prompts(), GREEDY)]
 
 
-@pytest.fixture(scope="module", params=["moe", "dense"])
+@pytest.fixture(scope="module", params=[("moe", 2), ("dense", 2), ("moe", 4)], ids=["moe-2", "dense-2", "moe-4"])
 def pair(request: pytest.FixtureRequest) -> tuple[list, list]:
-    """(single-process outputs, 2-process outputs) for one tiny checkpoint."""
-    path = request.getfixturevalue("tiny_moe_dir" if request.param == "moe" else "tiny_dense_dir")
+    """(single-process outputs, N-process outputs) for one tiny checkpoint.
+
+    4 ranks: fewer kv heads (2) than ranks, so each kv head is replicated on two ranks.
+    """
+    kind, world = request.param
+    path = request.getfixturevalue(f"tiny_{kind}_dir")
     single = _generate(_engine(path, 1))
-    engine = _engine(path, 2)
+    engine = _engine(path, world)
     try:
         parallel = _generate(engine)
     finally:
@@ -92,6 +103,23 @@ def test_engine_closes_and_a_new_group_can_start(tiny_moe_dir: Path) -> None:
 
 
 # -- sharding ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_parallel_routing_sums_to_the_full_moe(world: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    experts, hidden, inter, tokens, top_k = 8, 32, 16, 11, 2
+    x = torch.randn(tokens, hidden, generator=g)
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=g) / hidden**0.5
+    w2 = torch.randn(experts, hidden, inter, generator=g) / inter**0.5
+    weights, ids = torch.softmax(torch.randn(tokens, experts, generator=g), -1).topk(top_k)
+    full = ref_ops.fused_moe(x, w13, w2, weights, ids)
+    total = torch.zeros_like(full)
+    for rank in range(world):
+        mine = expert_range(experts, rank, world)
+        local_weights, local_ids = local_routing(weights, ids, mine.start, len(mine))
+        total += ref_ops.fused_moe(x, w13[mine.start : mine.stop], w2[mine.start : mine.stop], local_weights, local_ids)
+    torch.testing.assert_close(total, full, atol=1e-5, rtol=1e-5)
 
 
 def _reassemble(name: str, parts: list[torch.Tensor], cfg, world: int) -> torch.Tensor:

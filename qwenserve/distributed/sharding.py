@@ -66,6 +66,20 @@ def expert_range(num_experts: int, rank: int, world_size: int) -> range:
     return range(rank * per_rank, (rank + 1) * per_rank)
 
 
+def local_routing(
+    topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_start: int, num_local: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, ids) of the routing in this rank's local expert numbering.
+
+    Pairs routed to another rank's experts go to local expert 0 with weight 0: every fused_moe
+    backend takes that as it is, with no host sync and static shapes (CUDA graphs), at the cost
+    of computing those pairs. Summed over the ranks the outputs equal the full MoE's.
+    """
+    local_ids = topk_ids - expert_start
+    is_local = (local_ids >= 0) & (local_ids < num_local)
+    return torch.where(is_local, topk_weights, 0), torch.where(is_local, local_ids, 0)
+
+
 def _split(size: int, rank: int, world_size: int) -> slice:
     per_rank = size // world_size
     return slice(rank * per_rank, (rank + 1) * per_rank)

@@ -17,7 +17,7 @@ from torch import nn
 
 from qwenserve.config import ModelConfig
 from qwenserve.distributed.parallel import all_reduce
-from qwenserve.distributed.sharding import expert_range, head_ranges
+from qwenserve.distributed.sharding import expert_range, head_ranges, local_routing
 from qwenserve.model import ops as ref_ops
 from qwenserve.model.ops import AttentionMetadata
 from qwenserve.model.rope import apply_rope, build_cos_sin_cache
@@ -127,13 +127,8 @@ class SparseMoE(nn.Module):
         topk_weights = topk_weights.to(x.dtype)
         if self.world_size == 1:
             return self.ops.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
-        # Pairs routed to other ranks' experts go to local expert 0 with weight 0: every fused_moe
-        # backend takes that as is, without a host sync (at the cost of computing those pairs).
-        local_ids = topk_ids - self.expert_start
-        is_local = (local_ids >= 0) & (local_ids < self.w13.shape[0])
-        local_ids = torch.where(is_local, local_ids, 0)
-        topk_weights = torch.where(is_local, topk_weights, 0)
-        return all_reduce(self.ops.fused_moe(x, self.w13, self.w2, topk_weights, local_ids))
+        local_weights, local_ids = local_routing(topk_weights, topk_ids, self.expert_start, self.w13.shape[0])
+        return all_reduce(self.ops.fused_moe(x, self.w13, self.w2, local_weights, local_ids))
 
 
 class DecoderLayer(nn.Module):
