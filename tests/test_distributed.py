@@ -186,3 +186,37 @@ def test_unsplittable_models_are_refused(tiny_moe_dir: Path) -> None:
         validate_parallel(cfg, 3)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         EngineConfig(tensor_parallel_size=0)
+
+
+def test_world_size_one_through_the_distributed_runner(tiny_moe_dir: Path) -> None:
+    # Rank 0 alone in a gloo group: the pack -> broadcast -> unpack path feeds the model the same step.
+    from qwenserve.distributed.parallel import free_port
+    from qwenserve.distributed.worker import DistributedModelRunner, WorkerGroup, WorkerSpec
+    from qwenserve.engine.model_runner import ModelRunner
+    from qwenserve.engine.scheduler import ScheduledBatch
+    from qwenserve.engine.sequence import Sequence
+
+    cfg = load_model_config(tiny_moe_dir)
+    spec = WorkerSpec(
+        path=tiny_moe_dir, model_config=cfg, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}",
+        device_type="cpu", first_device_index=0, dtype=torch.float32, load_format="auto", seed=0,
+        max_positions=1024, block_size=16, use_kernels=False, num_threads=1,
+    )
+    workers = WorkerGroup(spec)
+    try:
+        runners = [
+            ModelRunner(build_model(cfg, tiny_moe_dir, CPU, torch.float32), cfg, 16, 16, CPU, torch.float32),
+            DistributedModelRunner(build_model(cfg, tiny_moe_dir, CPU, torch.float32), cfg, 16, 16, CPU,
+                                   torch.float32, workers),
+        ]
+        tokens = []
+        for runner in runners:
+            seqs = [Sequence("r", i, list(range(i + 3, 40)), SamplingParams(temperature=0.0), seed=0) for i in range(3)]
+            batch = ScheduledBatch()
+            for i, seq in enumerate(seqs):
+                seq.block_table = [1 + 3 * i, 2 + 3 * i, 3 + 3 * i]
+                batch.add(seq, seq.num_prompt_tokens - 5 * i)  # some chunks end before the prompt does
+            tokens.append(runner.execute(batch).token_ids)
+        assert tokens[0] == tokens[1] and len(tokens[0]) == 1
+    finally:
+        workers.close()
