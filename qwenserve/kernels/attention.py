@@ -25,11 +25,13 @@ import triton.language as tl
 from qwenserve.model.ops import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
-_NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: keeps exp2(m_old - m_new) NaN-free
+_NEG_BIG = tl.constexpr(
+    -1.0e30
+)  # finite "minus infinity" for running maxima: keeps exp2(m_old - m_new) NaN-free
 
 # Decode tiling. TILE tokens of K and V are gathered per loop step (TILE // block_size blocks).
 DECODE_TILE = 64
-DECODE_MAX_SPLITS = 32
+DECODE_MAX_SPLITS = 64  # B=1 at 32k: 64 splits 37 us vs 32 splits 45 us (H100)
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 3
 # Prefill tiling: BLOCK_M rows = BLOCK_M // group query tokens x group heads.

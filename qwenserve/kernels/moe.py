@@ -4,7 +4,7 @@ Pipeline for hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], top-k routing:
 1. align: the T*k (token, expert) pairs are grouped by expert, each expert's run padded to
    a multiple of BLOCK_M, giving `sorted_ids` (pair index per row, sentinel T*k for padding),
    `expert_ids` (expert of each BLOCK_M-row block) and `num_rows` (rows used, on device).
-   A single-program Triton kernel for decode-sized inputs, torch sort ops for large ones;
+   A one-launch Triton kernel (a program per expert) up to 64k pairs, torch sort ops above;
    neither syncs with the host, and buffer sizes depend only on T, so the whole op is
    CUDA-graph capturable.
 2. GEMM1: for each row block, gather the tokens' hidden rows and multiply by the block's
@@ -30,9 +30,9 @@ import triton.language as tl
 from qwenserve.kernels import moe_configs
 from qwenserve.kernels.moe_configs import MoEConfig, get_moe_config
 
-# The single-program align kernel loops over the pairs in chunks; above this many pairs
-# the torch sort path (a few more launches, but parallel) is faster.
-ALIGN_TRITON_MAX_PAIRS = 8192
+# The align kernel (one program per expert, each scanning all pairs) is used up to this many
+# pairs; above it the torch sort path (more launches, but it scans the pairs once) takes over.
+ALIGN_TRITON_MAX_PAIRS = 1 << 16
 
 
 @triton.jit
@@ -47,42 +47,43 @@ def _moe_align_kernel(
     BLOCK_M: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    e = tl.arange(0, E_P2)
+    # One program per expert. Each recomputes the (cheap, L2-resident) histogram of all
+    # pairs to find where its padded run starts, then places its own pairs in order: no
+    # cross-program dependency, so one launch and no atomics.
+    expert = tl.program_id(0)
+    bins = tl.arange(0, E_P2)
     offs = tl.arange(0, CHUNK)
-
-    # Per-expert counts; ids outside [0, E) (the padding lanes) match no expert.
     counts = tl.zeros([E_P2], dtype=tl.int32)
     for start in range(0, numel, CHUNK):
         i = start + offs
-        ids = tl.load(topk_ids_ptr + i, mask=i < numel, other=E_P2).to(tl.int32)
-        counts += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), 0)
+        ids = tl.load(topk_ids_ptr + i, mask=i < numel, other=0).to(tl.int32)
+        counts += tl.histogram(ids, E_P2, mask=i < numel)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, 0)
-    starts = ends - padded
-    total = tl.sum(padded, 0)
-    tl.store(num_rows_ptr, total)
+    mine = bins == expert
+    my_end = tl.sum(tl.where(mine, ends, 0), 0)
+    my_padded = tl.sum(tl.where(mine, padded, 0), 0)
+    my_count = tl.sum(tl.where(mine, counts, 0), 0)
+    my_start = my_end - my_padded
+    if expert == 0:
+        tl.store(num_rows_ptr, tl.sum(padded, 0))
 
-    # Each row's destination: its expert's start + its rank among that expert's pairs.
-    run = tl.zeros([E_P2], dtype=tl.int32)
+    # This expert's pairs, in pair order, at my_start + rank.
+    run = my_start
     for start in range(0, numel, CHUNK):
         i = start + offs
-        ids = tl.load(topk_ids_ptr + i, mask=i < numel, other=E_P2).to(tl.int32)
-        onehot = (ids[:, None] == e[None, :]).to(tl.int32)
-        incl = tl.cumsum(onehot, 0)
-        dest = tl.sum(onehot * (incl - 1 + run[None, :] + starts[None, :]), 1)
-        tl.store(sorted_ids_ptr + dest, i, mask=i < numel)
-        run += tl.sum(onehot, 0)
+        ids = tl.load(topk_ids_ptr + i, mask=i < numel, other=-1).to(tl.int32)
+        hit = (ids == expert).to(tl.int32)
+        tl.store(sorted_ids_ptr + run + tl.cumsum(hit, 0) - 1, i, mask=hit != 0)
+        run += tl.sum(hit, 0)
 
-    # Padding rows get the sentinel and every used block its expert. Disjoint from the
-    # stores above, so no ordering between them is needed.
-    real_ends = starts + counts
-    for start in range(0, total, CHUNK):
-        p = start + offs
-        ex = tl.sum((ends[None, :] <= p[:, None]).to(tl.int32), 1)
-        real_end = tl.sum(tl.where(e[None, :] == ex[:, None], real_ends[None, :], 0), 1)
-        tl.store(sorted_ids_ptr + p, numel, mask=(p < total) & (p >= real_end))
-        blk_first = (p % BLOCK_M) == 0
-        tl.store(expert_ids_ptr + p // BLOCK_M, tl.minimum(ex, NUM_EXPERTS - 1), mask=(p < total) & blk_first)
+    # Padding rows (fewer than BLOCK_M) get the sentinel, and each of its blocks its id.
+    pad = tl.arange(0, BLOCK_M)
+    tl.store(sorted_ids_ptr + my_start + my_count + pad, numel, mask=my_count + pad < my_padded)
+    first_block = my_start // BLOCK_M
+    for b in range(0, my_padded // BLOCK_M, CHUNK):
+        blk = b + offs
+        tl.store(expert_ids_ptr + first_block + blk, expert, mask=blk < my_padded // BLOCK_M)
 
 
 def max_sorted_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -106,7 +107,7 @@ def moe_align(
     expert_ids = torch.empty(rows // block_m, dtype=torch.int32, device=device)
     if numel <= ALIGN_TRITON_MAX_PAIRS:
         num_rows = torch.empty(1, dtype=torch.int32, device=device)
-        _moe_align_kernel[(1,)](
+        _moe_align_kernel[(num_experts,)](
             flat,
             sorted_ids,
             expert_ids,
@@ -115,8 +116,8 @@ def moe_align(
             NUM_EXPERTS=num_experts,
             E_P2=triton.next_power_of_2(num_experts),
             BLOCK_M=block_m,
-            CHUNK=64,
-            num_warps=8,
+            CHUNK=min(4096, max(64, triton.next_power_of_2(numel))),
+            num_warps=4,
         )
         return sorted_ids, expert_ids, num_rows
 

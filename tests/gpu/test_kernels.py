@@ -16,6 +16,7 @@ pytestmark = [
 triton = pytest.importorskip("triton")
 
 from qwenserve.kernels import kernel_ops  # noqa: E402
+from qwenserve.kernels import moe as moe_module  # noqa: E402
 from qwenserve.kernels.attention import (  # noqa: E402
     paged_attention,
     paged_decode_attention,
@@ -311,7 +312,10 @@ def test_fused_moe_small_and_skewed(
 
 @pytest.mark.parametrize("num_pairs", [8, 4096, 20000])
 @pytest.mark.parametrize("block_m", [16, 64])
-def test_moe_align_contract(num_pairs: int, block_m: int) -> None:
+@pytest.mark.parametrize("torch_path", [False, True])
+def test_moe_align_contract(num_pairs: int, block_m: int, torch_path: bool, monkeypatch) -> None:
+    if torch_path:
+        monkeypatch.setattr(moe_module, "ALIGN_TRITON_MAX_PAIRS", 0)
     ids = torch.randint(0, 128, (num_pairs // 8, 8), device=DEV, dtype=torch.int32)
     sorted_ids, expert_ids, num_rows = moe_align(ids, 128, block_m)
     n = int(num_rows)
