@@ -421,6 +421,8 @@ def bench_moe(results: dict, hbm: float, copy_bw: float, tune: bool, quick: bool
             "frac_copy_bw": bytes_min / (ms * 1e-3) / copy_bw,
             "TFLOPs": flops / ms / 1e9,
         }
+        bm = moe_configs.get_moe_config(t, E, INTER, HIDDEN, TOPK).block_m
+        row["align_ms"] = bench(partial(moe_align, ids, E, bm), graph=True)
         if hasattr(torch, "_grouped_mm") and t >= 64:
             try:
                 row["grouped_mm_ms"] = bench(
@@ -433,7 +435,7 @@ def bench_moe(results: dict, hbm: float, copy_bw: float, tune: bool, quick: bool
         rows.append(row)
         print(
             f"moe T={t:5d} experts={touched:3d}: {ms * 1e3:8.1f} us  {row['GBps']:6.0f} GB/s "
-            f"({row['frac_hbm_peak']:.0%} of peak) {row['TFLOPs']:5.0f} TFLOP/s  "
+            f"({row['frac_hbm_peak']:.0%} of peak) {row['TFLOPs']:5.0f} TFLOP/s  align {row['align_ms'] * 1e3:5.1f} us  "
             f"grouped_mm {row.get('grouped_mm_ms', float('nan')) * 1e3:8.1f} us  "
             f"torch {row.get('torch_ms', float('nan')) * 1e3:8.1f} us"
         )
