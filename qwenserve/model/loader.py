@@ -102,7 +102,7 @@ def build_model(
     """
     with torch.device("meta"):
         model = Qwen3ForCausalLM(cfg, ops=ops, max_positions=max_positions, rank=rank, world_size=world_size)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta first: never materialise float32
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     if load_format == "dummy" and world_size > 1:
