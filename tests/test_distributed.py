@@ -220,3 +220,21 @@ def test_world_size_one_through_the_distributed_runner(tiny_moe_dir: Path) -> No
         assert tokens[0] == tokens[1] and len(tokens[0]) == 1
     finally:
         workers.close()
+
+
+def test_failure_inside_rank0_forward_stops_the_group(tiny_dense_dir: Path) -> None:
+    # The worker is left inside an all_reduce: later steps must fail fast, and close must not wait on it.
+    engine = _engine(tiny_dense_dir, 2)
+    try:
+        def boom(*_: object) -> None:
+            raise RuntimeError("simulated failure")
+
+        engine.model.layers[1].mlp.forward = boom
+        with pytest.raises(RuntimeError, match="simulated failure"):
+            engine.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=2))
+        with pytest.raises(RuntimeError, match="out of step"):
+            engine.runner.execute(engine.scheduler.schedule())
+    finally:
+        procs = engine.workers.procs
+        engine.close()
+    assert all(not p.is_alive() for p in procs)

@@ -24,7 +24,7 @@ import torch
 
 from qwenserve.config import ModelConfig
 from qwenserve.distributed import parallel
-from qwenserve.engine.model_runner import ModelRunner, StepInputs, select_ops
+from qwenserve.engine.model_runner import ModelRunner, StepInputs, StepResult, select_ops
 from qwenserve.engine.scheduler import ScheduledBatch
 from qwenserve.model.loader import build_model
 from qwenserve.model.ops import AttentionMetadata
@@ -134,6 +134,7 @@ class WorkerGroup:
         self.device = spec.device(0)
         parallel.init_process_group(0, spec.world_size, spec.init_method, self.device, RENDEZVOUS_TIMEOUT)
         self.closed = False
+        self.broken: str | None = None  # set when rank 0 failed mid-forward: the ranks are out of step
         atexit.register(self.close)
         logger.info("tensor parallel: %d ranks (%s)", spec.world_size, ", ".join(str(p.pid) for p in self.procs))
 
@@ -158,13 +159,13 @@ class WorkerGroup:
             return
         self.closed = True
         atexit.unregister(self.close)
-        if all(p.is_alive() for p in self.procs):
+        if self.broken is None and all(p.is_alive() for p in self.procs):
             try:
                 parallel.broadcast_host(_command(CMD_STOP))
             except RuntimeError as err:  # a worker died meanwhile: terminate below
                 logger.warning("could not send STOP to the workers: %s", err)
         for proc in self.procs:
-            proc.join(_JOIN_TIMEOUT_S)
+            proc.join(_JOIN_TIMEOUT_S if self.broken is None else 0)
             if proc.is_alive():
                 logger.warning("rank %s did not stop; terminating it", proc.name)
                 proc.terminate()
@@ -172,6 +173,8 @@ class WorkerGroup:
         parallel.destroy_process_group()
 
     def _check_alive(self) -> None:
+        if self.broken is not None:
+            raise RuntimeError(f"the tensor-parallel ranks are out of step ({self.broken}); restart the server")
         dead = [p for p in self.procs if not p.is_alive()]
         if dead:
             raise RuntimeError(f"tensor-parallel worker {dead[0].name} exited (code {dead[0].exitcode})")
@@ -193,11 +196,30 @@ class DistributedModelRunner(ModelRunner):
         workers.allocate_kv(num_blocks)
         super().__init__(model, cfg, num_blocks, block_size, device, dtype)
         self.workers = workers
+        self._in_flight = False  # a step was sent and rank 0's forward has not finished it yet
+
+    def _forward_done(self, *_: object) -> None:
+        self._in_flight = False
+
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        # Hooked per step: a hook left on the model would keep this runner (and its KV pool) alive.
+        hook = self.model.register_forward_hook(self._forward_done)
+        try:
+            return super().execute(batch)
+        except Exception as err:
+            # Failing after the forward (sampling) leaves the ranks in step; failing inside it
+            # leaves the workers in a collective that rank 0 will never join.
+            if self._in_flight:
+                self.workers.broken = f"rank 0 failed during a forward: {type(err).__name__}: {err}"
+            raise
+        finally:
+            hook.remove()
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list]:
         inp = self._host_inputs(batch)
         header, payload = pack_step(inp)
         self.workers.send(header, payload)
+        self._in_flight = True
         # Rank 0 unpacks the very bytes it sent, so every rank runs on identical inputs.
         ids, pos, meta = unpack_step(header, payload.pin_memory() if self.pin else payload, self.device)
         return ids, pos, meta, inp.logits_indices, inp.sample_seqs
