@@ -1,0 +1,217 @@
+"""Fast checks of the API's pure helpers (no server): message normalisation, tool_choice
+prefill in both tool-call formats, rendering with the demo model's real tokenizer and
+template, sampling defaults, error `param` paths and logprob shapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qwenserve.api.chat import (
+    arguments_to_dict,
+    content_to_text,
+    normalize_messages,
+    normalize_tools,
+    plan_tools,
+    render_chat,
+)
+from qwenserve.api.errors import APIError, format_loc
+from qwenserve.api.logprobs import chat_logprobs, completion_logprobs
+from qwenserve.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from qwenserve.api.sampling import build_sampling_params
+from qwenserve.api.serving_completions import fim_prompt, split_prompts
+from qwenserve.engine.outputs import TokenLogprob
+from qwenserve.tool_parser import Qwen3CoderToolParser, Qwen3JsonToolParser
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        },
+    },
+}
+SHELL = {"type": "function", "function": {"name": "run_shell_command", "parameters": None}}
+
+
+def chat(**kw) -> ChatCompletionRequest:
+    return ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **kw)
+
+
+def test_content_parts_are_joined_and_media_refused() -> None:
+    assert content_to_text(None, "p") == ""
+    assert content_to_text("x", "p") == "x"
+    parts = [
+        {"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": "b"},
+    ]
+    assert content_to_text(parts, "p") == "a\nb"
+    with pytest.raises(APIError) as err:
+        content_to_text([{"type": "image_url", "image_url": {"url": "x"}}], "messages[0].content")
+    assert err.value.status == 400 and err.value.param == "messages[0].content[0].type"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ('{"command": "ls"}', {"command": "ls"}),
+        ({"a": 1}, {"a": 1}),
+        ("", {}),
+        (None, {}),
+        ("not json", {}),
+        ("[1, 2]", {}),
+        ("null", {}),
+        ("  ", {}),
+    ],  # fmt: skip
+)
+def test_arguments_become_dicts_whatever_arrives(raw: object, expected: dict) -> None:
+    assert arguments_to_dict(raw) == expected
+
+
+def test_messages_are_plain_dicts() -> None:
+    msgs = [
+        ChatMessage(role="developer", content="be brief"),
+        ChatMessage(
+            role="assistant",
+            content=None,
+            tool_calls=[
+                {"id": "c1", "function": {"name": "run_shell_command", "arguments": '{"command":"ls"}'}}
+            ],
+        ),
+        ChatMessage(role="tool", tool_call_id="c1", content=[{"type": "text", "text": "a.txt"}]),
+    ]
+    out = normalize_messages(msgs)
+    assert out[0] == {"role": "system", "content": "be brief"}
+    assert out[1]["content"] == "" and out[1]["tool_calls"][0]["function"]["arguments"] == {"command": "ls"}
+    assert out[2] == {"role": "tool", "content": "a.txt", "tool_call_id": "c1"}
+    assert json.loads(json.dumps(out)) == out  # nothing but JSON types reaches Jinja
+
+
+def test_parameterless_tools_get_an_empty_object_schema() -> None:
+    tools = normalize_tools(chat(tools=[SHELL]).tools)
+    assert tools[0]["function"]["parameters"] == {"type": "object", "properties": {}}
+
+
+def test_tool_choice_plans() -> None:
+    assert plan_tools(chat(tools=[WEATHER], tool_choice="none"), xml=True).tools is None
+    auto = plan_tools(chat(tools=[WEATHER]), xml=True)
+    assert auto.parse and auto.forced_prefix == ""
+    one = plan_tools(chat(tools=[WEATHER], tool_choice="required"), xml=True)
+    assert one.forced_prefix == "<tool_call>\n<function=get_weather>\n"
+    many = plan_tools(chat(tools=[WEATHER, SHELL], tool_choice="required"), xml=True)
+    assert many.forced_prefix == "<tool_call>\n<function="
+    named = {"type": "function", "function": {"name": "run_shell_command"}}
+    assert plan_tools(chat(tools=[WEATHER, SHELL], tool_choice=named), xml=False).forced_prefix == (
+        '<tool_call>\n{"name": "run_shell_command", "arguments": '
+    )
+    for bad in (chat(tool_choice="required"), chat(tools=[WEATHER], tool_choice={"function": {"name": "x"}})):
+        with pytest.raises(APIError) as err:
+            plan_tools(bad, xml=True)
+        assert err.value.param == "tool_choice"
+
+
+@pytest.mark.parametrize(
+    ("parser", "xml", "continuation"),
+    [
+        (
+            Qwen3CoderToolParser,
+            True,
+            "<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n</parameter>\n"
+            "</function>\n</tool_call>",
+        ),  # fmt: skip
+        (Qwen3JsonToolParser, False, '{"city": "Paris", "days": 3}}\n</tool_call>'),
+    ],
+)
+def test_forced_prefix_feeds_the_parser(parser: type, xml: bool, continuation: str) -> None:
+    """The prefill is not generated, so the parser must see it first; streaming == whole text."""
+    prefix = plan_tools(chat(tools=[WEATHER], tool_choice="required"), xml=xml).forced_prefix
+    _, calls = parser([WEATHER]).parse(prefix + continuation)
+    assert calls[0]["function"]["name"] == "get_weather"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris", "days": 3}
+    p = parser([WEATHER])
+    deltas = p.feed(prefix) + [d for ch in continuation for d in p.feed(ch)] + p.finish()
+    args = "".join(tc["function"].get("arguments", "") for d in deltas for tc in d.get("tool_calls", []))
+    assert json.loads(args) == {"city": "Paris", "days": 3}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    transformers = pytest.importorskip("transformers")
+    from qwenserve.demo import DEMO_MODEL_DIR
+
+    if not (DEMO_MODEL_DIR / "tokenizer.json").exists():
+        pytest.skip("demo model assets are not built")
+    return transformers.AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+
+
+def test_render_history_with_string_arguments(tokenizer) -> None:
+    req = ChatCompletionRequest(
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "List"}, {"type": "text", "text": "files"}],
+            },
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "c",
+                        "type": "function",
+                        "function": {"name": "run_shell_command", "arguments": '{"command": "ls"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c", "content": [{"type": "text", "text": "a.txt"}]},
+        ],  # fmt: skip
+        tools=[SHELL],
+    )
+    text = render_chat(
+        tokenizer, normalize_messages(req.messages), normalize_tools(req.tools), {"tokenize": True, "x": 1}
+    )
+    assert "List\nfiles" in text
+    assert "<function=run_shell_command>\n<parameter=command>\nls\n</parameter>" in text
+    assert "<tool_response>\na.txt\n</tool_response>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_sampling_defaults_and_overrides() -> None:
+    defaults = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    p = build_sampling_params(chat(), defaults, max_tokens=None, logprobs=None)
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (0.7, 0.8, 20, 1.05)
+    p = build_sampling_params(chat(temperature=0, top_k=-1, stop="x"), defaults, max_tokens=5, logprobs=2)
+    assert p.temperature == 0 and p.top_k == 0 and p.stop == ["x"] and p.max_tokens == 5 and p.logprobs == 2
+    assert (
+        build_sampling_params(chat(), {"do_sample": False}, max_tokens=None, logprobs=None).temperature == 0
+    )
+
+
+def test_error_params_read_like_openai() -> None:
+    assert format_loc(("body", "messages", 0, "role")) == "messages[0].role"
+    assert format_loc(("body", "tool_choice", "literal['none','auto','required']")) == "tool_choice"
+    assert format_loc(("body", "tools", 0, "function", "NamedToolChoice")) == "tools[0].function"
+    assert format_loc(("body",)) is None
+
+
+def test_completion_prompt_shapes_and_fim() -> None:
+    assert split_prompts("a") == ["a"]
+    assert split_prompts([1, 2]) == [[1, 2]]
+    assert split_prompts(["a", "b"]) == ["a", "b"]
+    assert split_prompts(CompletionRequest(prompt=[[1], [2, 3]]).prompt) == [[1], [2, 3]]
+    assert fim_prompt("def f(", "):") == "<|fim_prefix|>def f(<|fim_suffix|>):<|fim_middle|>"
+
+
+def test_logprob_shapes() -> None:
+    lp = [TokenLogprob(1, "Hi", -0.5, [(1, "Hi", -0.5), (2, "Yo", float("-inf"))])]
+    chat_lp = chat_logprobs(lp)["content"][0]
+    assert chat_lp["bytes"] == list(b"Hi") and chat_lp["top_logprobs"][1]["logprob"] == -9999.0
+    legacy = completion_logprobs([None, *lp], ["a", "Hi"], 0)
+    assert legacy == {
+        "tokens": ["a", "Hi"],
+        "token_logprobs": [None, -0.5],
+        "top_logprobs": [None, {"Hi": -0.5, "Yo": -9999.0}],
+        "text_offset": [0, 1],
+    }
