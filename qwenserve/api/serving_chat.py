@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from qwenserve.api.chat import ToolPlan, normalize_messages, plan_tools, render_chat
+from qwenserve.api.chat import ToolPlan, normalize_messages, plan_tools, render_chat, scrub_tool_markup
 from qwenserve.api.errors import APIError
 from qwenserve.api.logprobs import chat_logprobs
 from qwenserve.api.protocol import ChatCompletionRequest
@@ -161,6 +161,9 @@ class _ChatContext:
         deltas = list(parser.feed(text)) if text else []
         if final:
             deltas += list(parser.finish())
+        for d in deltas:
+            if d.get("content"):
+                d["content"] = scrub_tool_markup(d["content"])
         return [d for d in deltas if d.get("content") or d.get("tool_calls")]
 
     async def stream(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
@@ -258,7 +261,7 @@ class _ChatContext:
         calls: list[dict[str, Any]] = []
         if parser is not None:
             content, calls = parser.parse(self.plan.forced_prefix + text)
-            message["content"] = content
+            message["content"] = None if content is None else (scrub_tool_markup(content) or None)
             if calls:
                 message["tool_calls"] = calls
                 self.tracker.tool_calls += len(calls)
