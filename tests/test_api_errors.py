@@ -145,6 +145,13 @@ def test_bad_input_gets_400_and_server_stays_healthy(
     assert httpx.get(f"{server.base_url}/health").status_code == 200
 
 
+def test_json_body_without_content_type(server: ServerProcess) -> None:
+    """`curl -d '{...}'` sends form encoding; the body is still read as JSON."""
+    body = b'{"prompt": "Hello world"}'
+    r = server.post("/tokenize", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and r.json()["count"] == 2
+
+
 def test_unknown_route_and_method(server: ServerProcess) -> None:
     assert_openai_error(server.get("/v1/embeddings"), 404)
     assert_openai_error(server.get(CHAT), 405)

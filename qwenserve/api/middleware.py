@@ -69,3 +69,18 @@ class StatusCountMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             self.metrics.requests.labels(route=route, status=str(status["code"])).inc()
+
+
+class JSONBodyMiddleware:
+    """Read POST bodies as JSON whatever Content-Type says: `curl -d '{...}'` without
+    `-H 'Content-Type: application/json'` sends form encoding, and every body here is JSON."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            headers.append((b"content-type", b"application/json"))
+            scope = {**scope, "headers": headers}
+        await self.app(scope, receive, send)

@@ -24,7 +24,7 @@ from qwenserve.api.banner import ready_banner
 from qwenserve.api.chat import normalize_messages, normalize_tools, render_chat
 from qwenserve.api.errors import APIError, bad_request, install_error_handlers, unavailable
 from qwenserve.api.metrics import Metrics
-from qwenserve.api.middleware import LoadingGateMiddleware, StatusCountMiddleware
+from qwenserve.api.middleware import JSONBodyMiddleware, LoadingGateMiddleware, StatusCountMiddleware
 from qwenserve.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -119,6 +119,7 @@ def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
     install_error_handlers(app)
     # add_middleware wraps outside-in in reverse order: counting sees every response,
     # auth runs before the loading gate so an unauthenticated caller learns nothing.
+    app.add_middleware(JSONBodyMiddleware)
     app.add_middleware(LoadingGateMiddleware, is_ready=lambda: ctx.ready)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
