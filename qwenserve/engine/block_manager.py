@@ -150,3 +150,11 @@ class BlockManager:
                     self.free_blocks.move_to_end(block_id, last=False)
         seq.block_table = []
         seq.num_computed_tokens = 0
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block that no sequence holds (after warm-up, or on request)."""
+        for block_id in self.free_blocks:
+            block = self.blocks[block_id]
+            if block.hash is not None:
+                self.hash_to_block.pop(block.hash, None)
+                block.hash, block.token_ids = None, None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,22 @@ class LLMEngine:
         del probe
         torch.cuda.empty_cache()
         return int(peak)
+
+    def _warmup(self) -> None:
+        """Compile the kernels' shape variants now rather than inside the first users' requests:
+        prefills of several sizes (aligned and not, with and without a cached prefix), a mixed
+        batch, and decodes."""
+        start = time.perf_counter()
+        budget = self.config.max_num_batched_tokens
+        lengths = sorted({n for n in (1, 15, 16, 100, 128, 600, 640, 1500, 1536, 3000, budget - 3, budget)
+                          if 0 < n < min(budget, self.max_model_len - 4) + 1})
+        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        vocab = min(self.model_config.vocab_size, 1000)
+        for n in lengths:
+            prompt = [(7 * i + n) % vocab for i in range(n)]
+            self.generate([prompt, prompt + [1] * 37], params)  # the second one runs on a cached prefix
+        self.block_manager.reset_prefix_cache()
+        logger.info("warmed up %d prefill shapes in %.1fs", len(lengths), time.perf_counter() - start)
 
     # -- requests ----------------------------------------------------------------
 
