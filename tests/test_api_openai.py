@@ -7,6 +7,7 @@ list files with a shell tool offered, and a short answer after the tool result.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Iterator
@@ -211,6 +212,28 @@ def test_n_choices(client: openai.OpenAI) -> None:
     assert sorted(out["choices"]) == [0, 1]
     assert out["choices"][0]["text"] == out["choices"][1]["text"] == "The capital of France is Paris."
     assert out["usage"].completion_tokens == 2 * one.usage.completion_tokens
+
+
+def test_concurrent_streams_each_get_their_answer(server: ServerProcess) -> None:
+    """16 streams at once through the HTTP layer (continuous batching underneath)."""
+
+    async def one(aclient: openai.AsyncOpenAI, i: int) -> str:
+        messages = FRANCE if i % 2 else [{"role": "user", "content": "Say hello."}]
+        stream = await aclient.chat.completions.create(
+            model="m", messages=messages, temperature=0, max_tokens=24, stream=True
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def main() -> list[str]:
+        aclient = openai.AsyncOpenAI(
+            base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=300
+        )
+        async with aclient:
+            return await asyncio.gather(*(one(aclient, i) for i in range(16)))
+
+    texts = asyncio.run(main())
+    assert texts[1::2] == ["The capital of France is Paris."] * 8
+    assert len(set(texts[0::2])) == 1 and texts[0]
 
 
 def test_stop_string(client: openai.OpenAI) -> None:
