@@ -80,20 +80,22 @@ class ChatCompletions:
         request_id = new_id("chatcmpl")
         if state.settings.log_requests:
             log_request_body(request_id, req)
-        plan = plan_tools(req, state.xml_tools)
-        prompt_ids = await state.run_cpu(self._prompt, req, plan)
+        # Cheap validation first, then the render; nothing may fail after add_request
+        # without an abort, so the parsers and the context are built before it.
         params = build_sampling_params(
             req,
             state.generation_defaults,
             max_tokens=req.max_completion_tokens or req.max_tokens,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         )
+        plan = plan_tools(req, state.xml_tools)
+        prompt_ids = await state.run_cpu(self._prompt, req, plan)
         tracker = RequestTracker(request_id, state.metrics)
-        stream = state.add_request(request_id, prompt_ids, params)
         ctx = _ChatContext(state, req, plan, request_id, tracker, [self._parser(plan) for _ in range(req.n)])
+        stream = state.add_request(request_id, prompt_ids, params)
         if req.stream:
             return SSEResponse(
-                with_heartbeat(ctx.stream(stream), ctx.heartbeat), on_close=lambda: ctx.close_if_unfinished()
+                with_heartbeat(ctx.stream(stream), ctx.heartbeat), on_close=ctx.close_if_unfinished
             )
         work = asyncio.ensure_future(ctx.collect(stream))
         try:

@@ -88,8 +88,6 @@ class Completions:
         base_id = new_id("cmpl")
         if state.settings.log_requests:
             log_request_body(base_id, req)
-        prompts = split_prompts(req.prompt)
-        encoded = await state.run_cpu(self._tokenize, req, prompts)
         params = build_sampling_params(
             req,
             state.generation_defaults,
@@ -97,6 +95,8 @@ class Completions:
             logprobs=req.logprobs,
             extra_stop_token_ids=state.fim_stop_ids if req.suffix is not None else None,
         )
+        prompts = split_prompts(req.prompt)
+        encoded = await state.run_cpu(self._tokenize, req, prompts)
         subs = []
         try:
             for pos, (text, echo_ids, ids) in enumerate(encoded):
