@@ -58,7 +58,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
     p.add_argument(
         "--api-key",
-        default=os.environ.get("QWENSERVE_API_KEY"),
+        default=None,
         help="require 'Authorization: Bearer KEY' on every route but /health (env QWENSERVE_API_KEY)",
     )
     p.add_argument("--max-model-len", type=_length, help="context length; none: the model's")
@@ -181,7 +181,8 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         served_model_names=list(args.served_model_name or []),
-        api_key=args.api_key or None,
+        # From the environment rather than an argparse default, so --help never shows it.
+        api_key=args.api_key or os.environ.get("QWENSERVE_API_KEY") or None,
         log_requests=args.log_requests,
     )
     return run_server(AsyncEngine(config), settings, log_level=args.log_level)

@@ -43,7 +43,6 @@ def ready_banner(
 ) -> str:
     """The multi-line message printed when the server is ready."""
     url = base_url(host, port)
-    key = api_key or "qwenserve"
     what = "the built-in demo model (a tiny test model, not a real coder)" if is_demo else path
     settings = json.dumps(qwen_code_settings(url, model, context), indent=2)
     lines = [
@@ -53,8 +52,10 @@ def ready_banner(
         "",
         "Use it from qwen-code:",
         f"  export OPENAI_BASE_URL={url}",
-        f"  export OPENAI_API_KEY={key}"
-        + ("" if api_key else "   # any non-empty value: no --api-key was set"),
+        # Never echo a real key into logs.
+        "  export OPENAI_API_KEY='<the --api-key you set>'"
+        if api_key
+        else "  export OPENAI_API_KEY=qwenserve   # any non-empty value: no --api-key was set",
         f"  export OPENAI_MODEL={model}",
         '  qwen            # or headless: qwen -p "List the files in this directory" --yolo',
         "",
