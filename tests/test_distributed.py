@@ -79,27 +79,26 @@ def test_logprobs_close_to_single_process(pair: tuple[list, list]) -> None:
             assert max(abs(x[2] - y[2]) for x, y in zip(a.top_logprobs, b.top_logprobs, strict=True)) <= LOGPROB_ATOL
 
 
-def test_engine_closes_and_a_new_group_can_start(tiny_moe_dir: Path) -> None:
-    # Two engines in a row: the first must hand back the process group and stop its worker.
-    first = _engine(tiny_moe_dir, 2)
-    procs = first.workers.procs
-    environ = Path(f"/proc/{procs[0].pid}/environ")
-    if environ.exists():  # Linux: the worker was started with NVLink multicast off
-        env = dict(kv.split("=", 1) for kv in environ.read_text().split("\0") if "=" in kv)
-        assert {k: env.get(k) for k in MULTICAST_OFF_ENV} == MULTICAST_OFF_ENV
-    first.close()
-    assert all(not p.is_alive() for p in procs)
-    second = _engine(tiny_moe_dir, 2, num_kv_blocks=None, kv_cache_memory=4 << 20)
+def test_failed_load_and_close_free_the_group(tiny_moe_dir: Path) -> None:
+    # A load that fails after the workers started must stop them and hand back the process group.
+    with pytest.raises(ValueError, match="max-model-len"):
+        _engine(tiny_moe_dir, 2, num_kv_blocks=4, max_model_len=1024)
+    engine = _engine(tiny_moe_dir, 2, num_kv_blocks=None, kv_cache_memory=4 << 20)
+    procs = engine.workers.procs
     try:
+        environ = Path(f"/proc/{procs[0].pid}/environ")
+        if environ.exists():  # Linux: the worker was started with NVLink multicast off
+            env = dict(kv.split("=", 1) for kv in environ.read_text().split("\0") if "=" in kv)
+            assert {k: env.get(k) for k in MULTICAST_OFF_ENV} == MULTICAST_OFF_ENV
         # No exact pool given: each rank holds half the kv heads, so the same budget buys twice the blocks.
         one_rank = _engine(tiny_moe_dir, 1, num_kv_blocks=None, kv_cache_memory=4 << 20)
-        assert second.block_manager.num_usable_blocks + 1 == 2 * (one_rank.block_manager.num_usable_blocks + 1)
-        out = second.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
-        assert out[0][0].token_ids == one_rank.generate(
-            [[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
-        )[0][0].token_ids
+        assert engine.block_manager.num_usable_blocks + 1 == 2 * (one_rank.block_manager.num_usable_blocks + 1)
+        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        tokens = [e.generate([[1, 2, 3]], params)[0][0].token_ids for e in (engine, one_rank)]
+        assert tokens[0] == tokens[1]
     finally:
-        second.close()
+        engine.close()
+    assert all(not p.is_alive() for p in procs)
 
 
 # -- sharding ------------------------------------------------------------------------------------

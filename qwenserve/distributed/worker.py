@@ -132,7 +132,12 @@ class WorkerGroup:
         for proc in self.procs:
             proc.start()
         self.device = spec.device(0)
-        parallel.init_process_group(0, spec.world_size, spec.init_method, self.device, RENDEZVOUS_TIMEOUT)
+        try:
+            parallel.init_process_group(0, spec.world_size, spec.init_method, self.device, RENDEZVOUS_TIMEOUT)
+        except Exception:
+            for proc in self.procs:  # they would wait for rank 0 until the rendezvous times out
+                proc.terminate()
+            raise
         self.closed = False
         self.broken: str | None = None  # set when rank 0 failed mid-forward: the ranks are out of step
         atexit.register(self.close)
