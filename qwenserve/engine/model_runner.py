@@ -32,7 +32,9 @@ def select_ops(device: torch.device, use_kernels: bool) -> Ops:
     from qwenserve.kernels import kernel_ops, kernels_available
 
     if use_kernels and device.type == "cuda" and kernels_available():
-        return Ops(**kernel_ops())
+        from qwenserve.kernels.fused import add_rms_norm, qk_norm_rope, router_topk
+
+        return Ops(**kernel_ops(), add_rms_norm=add_rms_norm, qk_norm_rope=qk_norm_rope, router_topk=router_topk)
     return Ops()
 
 

@@ -142,3 +142,45 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): the pre-norm of the next sublayer and the new residual."""
+    residual = x + residual
+    return rms_norm(residual, weight, eps), residual
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    positions: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split qkv [T, (H + 2 KVH) * D]; per-head RMSNorm of q and k, then RoPE at `positions`."""
+    from qwenserve.model.rope import apply_rope
+
+    num_tokens = qkv.shape[0]
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    cos_sin = cos_sin_cache[positions]
+    q = apply_rope(rms_norm(q.view(num_tokens, num_heads, head_dim), q_weight, eps), cos_sin)
+    k = apply_rope(rms_norm(k.view(num_tokens, num_kv_heads, head_dim), k_weight, eps), cos_sin)
+    return q, k, v.view(num_tokens, num_kv_heads, head_dim)
+
+
+def router_topk(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over experts in float32, top-k, optional renormalisation; weights rounded to out_dtype
+    as Transformers does before applying them."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(out_dtype), ids

@@ -20,7 +20,7 @@ from qwenserve.distributed.parallel import all_reduce
 from qwenserve.distributed.sharding import expert_range, head_ranges, local_routing
 from qwenserve.model import ops as ref_ops
 from qwenserve.model.ops import AttentionMetadata
-from qwenserve.model.rope import apply_rope, build_cos_sin_cache
+from qwenserve.model.rope import build_cos_sin_cache
 
 
 @dataclass
@@ -31,6 +31,9 @@ class Ops:
     paged_attention: Callable = ref_ops.paged_attention
     fused_moe: Callable = ref_ops.fused_moe
     rms_norm: Callable = ref_ops.rms_norm
+    add_rms_norm: Callable = ref_ops.add_rms_norm
+    qk_norm_rope: Callable = ref_ops.qk_norm_rope
+    router_topk: Callable = ref_ops.router_topk
 
 
 class RMSNorm(nn.Module):
@@ -68,13 +71,14 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos_sin_cache: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
+        q, k, v = self.ops.qk_norm_rope(
+            self.qkv_proj(x), self.q_norm.weight, self.k_norm.weight, cos_sin_cache, positions,
+            self.num_heads, self.num_kv_heads, self.head_dim, self.q_norm.eps,
+        )  # fmt: skip
         self.ops.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = self.ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
         out = self.o_proj(out.reshape(num_tokens, self.q_size))
@@ -118,13 +122,7 @@ class SparseMoE(nn.Module):
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        router_logits = self.gate(x)
-        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-        topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-        # HF rounds the routing weights to the activation dtype before use.
-        topk_weights = topk_weights.to(x.dtype)
+        topk_weights, topk_ids = self.ops.router_topk(self.gate(x), self.top_k, self.norm_topk_prob, x.dtype)
         if self.world_size == 1:
             return self.ops.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
         local_weights, local_ids = local_routing(topk_weights, topk_ids, self.expert_start, self.w13.shape[0])
@@ -141,9 +139,25 @@ class DecoderLayer(nn.Module):
             cfg.hidden_size, cfg.intermediate_size, world_size
         )
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos_sin_cache: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it); the next layer adds them."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.ops.add_rms_norm(
+                x, residual, self.input_layernorm.weight, self.input_layernorm.eps
+            )
+        h = self.self_attn(h, cos_sin_cache, positions, meta)
+        norm = self.post_attention_layernorm
+        h, residual = norm.ops.add_rms_norm(h, residual, norm.weight, norm.eps)
+        return self.mlp(h), residual
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -190,10 +204,10 @@ class Qwen3ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm for the packed step."""
         x = self.embed_tokens(input_ids)
-        cos_sin = self.cos_sin_cache[positions]
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos_sin, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, self.cos_sin_cache, positions, meta)
+        return self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
