@@ -85,6 +85,8 @@ class AsyncEngine:
         self._commands.put(("wake", None))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.close)  # tensor-parallel workers, if any
 
     @property
     def is_ready(self) -> bool:
