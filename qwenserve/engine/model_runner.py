@@ -190,6 +190,8 @@ class ModelRunner:
                 return StepResult(seqs=[], token_ids=[])
             rows = torch.tensor(logits_indices, device=self.device)
             logits = self.model.compute_logits(hidden[rows]).float()
+        if all(s.params.greedy and not s.params.needs_penalties and s.params.logprobs is None for s in sample_seqs):
+            return self._to_host(sample_seqs, SamplerOutput(token_ids=logits.argmax(dim=-1)))  # plain greedy
         sampling = self.sampling_batch(sample_seqs)
         out = sample(logits, sampling)
         if sampling.penalty_rows is not None:
