@@ -57,7 +57,14 @@ class StatusCountMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
+        path = scope["path"]
+        route = (
+            path
+            if path in KNOWN_ROUTES
+            else "/v1/models/{name}"
+            if path.startswith("/v1/models/")
+            else "other"
+        )
         status = {"code": 500}
 
         async def send_wrapper(message: Message) -> None:

@@ -147,23 +147,31 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
         """Prometheus exposition of request, token, latency and KV cache series."""
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def model_card(state: ServerState, name: str) -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "qwen",
+            "root": str(state.model_info.path),
+            "max_model_len": state.max_model_len,
+        }
+
     @app.get("/v1/models", tags=["openai"])
     async def models() -> dict[str, Any]:
         """Every served model name (any name is accepted in requests)."""
         state = ctx.require()
-        created = int(time.time())
-        data = [
-            {
-                "id": name,
-                "object": "model",
-                "created": created,
-                "owned_by": "qwen",
-                "root": str(state.model_info.path),
-                "max_model_len": state.max_model_len,
-            }
-            for name in state.served_names
-        ]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card(state, name) for name in state.served_names]}
+
+    @app.get("/v1/models/{name:path}", tags=["openai"])
+    async def model(name: str) -> dict[str, Any]:
+        """One served model (what `client.models.retrieve` asks for)."""
+        state = ctx.require()
+        if name not in state.served_names:
+            raise APIError(
+                404, f"The model {name!r} is not served here.", param="model", code="model_not_found"
+            )
+        return model_card(state, name)
 
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
