@@ -4,7 +4,7 @@ Pipeline for hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], top-k routing:
 1. align: the T*k (token, expert) pairs are grouped by expert, each expert's run padded to
    a multiple of BLOCK_M, giving `sorted_ids` (pair index per row, sentinel T*k for padding),
    `expert_ids` (expert of each BLOCK_M-row block) and `num_rows` (rows used, on device).
-   A one-launch Triton kernel (a program per expert) up to 64k pairs, torch sort ops above;
+   A one-launch Triton kernel (a program per expert) up to 48k pairs, torch sort ops above;
    neither syncs with the host, and buffer sizes depend only on T, so the whole op is
    CUDA-graph capturable.
 2. GEMM1: for each row block, gather the tokens' hidden rows and multiply by the block's
@@ -32,7 +32,8 @@ from qwenserve.kernels.moe_configs import MoEConfig, get_moe_config
 
 # The align kernel (one program per expert, each scanning all pairs) is used up to this many
 # pairs; above it the torch sort path (more launches, but it scans the pairs once) takes over.
-ALIGN_TRITON_MAX_PAIRS = 1 << 16
+# H100: Triton 2.5 us at 8 pairs, 36 us at 16k, 90 us at 32k, 174 us at 64k; torch ~145 us.
+ALIGN_TRITON_MAX_PAIRS = 48 * 1024
 
 
 @triton.jit
