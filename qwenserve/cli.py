@@ -104,6 +104,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="GPUs to use, one process each: attention/dense layers tensor parallel, MoE experts split",
+    )
     p.add_argument("--seed", type=int, default=_default("seed"))
     p.add_argument(
         "--log-requests", "--enable-log-requests", action="store_true", help="also log every request body"
@@ -148,6 +155,7 @@ def engine_config(args: argparse.Namespace):  # -> EngineConfig
         kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=args.enable_prefix_caching,
         enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
         seed=args.seed,
     )
 

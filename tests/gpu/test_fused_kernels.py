@@ -50,8 +50,11 @@ def test_router_topk(tokens: int) -> None:
     logits = torch.randn(tokens, 128, device="cuda", dtype=torch.bfloat16) * 2
     w, ids = router_topk(logits, 8, True, torch.bfloat16)
     ref_w, ref_ids = ops.router_topk(logits, 8, True, torch.bfloat16)
-    # Equal bf16 logits can tie; compare the chosen sets' weights rather than the order of ties.
-    same = (ids.long() == ref_ids).float().mean().item()
-    assert same > 0.99
+    # Equal bf16 logits tie, and ties may be ordered differently: check that every chosen expert is
+    # among the k most probable (up to ties) and that no expert is chosen twice.
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    kth = probs.topk(8, dim=-1).values[:, -1:]
+    assert (probs.gather(1, ids.long()) >= kth - 1e-6).all()
+    assert (ids.sort(-1).values.diff(dim=-1) > 0).all()
     torch.testing.assert_close(w.float().sum(-1), torch.ones(tokens, device="cuda"), atol=2e-2, rtol=0)
     torch.testing.assert_close(w.float().sort(-1).values, ref_w.float().sort(-1).values, atol=1e-2, rtol=1e-2)
