@@ -129,12 +129,20 @@ def decode_speed(engine: LLMEngine, context: int, new_tokens: int, rng: random.R
 
 
 def render_fixture(engine: LLMEngine, path: Path) -> list[int]:
-    """Token ids of a real qwen-code request, rendered exactly as the server renders it."""
-    from qwenserve.api.chat import normalize_messages, normalize_tools, render_chat
-    from qwenserve.api.protocol import ChatCompletionRequest
+    """Token ids of a real qwen-code request, rendered as the server renders it."""
+    body = json.loads(path.read_text())
+    try:
+        from qwenserve.api.chat import normalize_messages, normalize_tools, render_chat
+        from qwenserve.api.protocol import ChatCompletionRequest
+    except ImportError:  # a GPU box without the HTTP extras: the same normalisation, minus validation
+        from qwenserve.demo.build import openai_to_template
 
-    req = ChatCompletionRequest.model_validate(json.loads(path.read_text()))
-    text = render_chat(engine.tokenizer, normalize_messages(req.messages), normalize_tools(req.tools))
+        text = engine.tokenizer.apply_chat_template(
+            openai_to_template(body["messages"]), tools=body.get("tools"), add_generation_prompt=True, tokenize=False
+        )
+    else:
+        req = ChatCompletionRequest.model_validate(body)
+        text = render_chat(engine.tokenizer, normalize_messages(req.messages), normalize_tools(req.tools))
     return engine.tokenizer.encode(text, add_special_tokens=False)
 
 
