@@ -181,7 +181,7 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> StepResult:
         if self.graphs is not None and self.graphs.can_run(batch):
             inp = self._host_inputs(batch)
-            logits = self.graphs.run(inp).float()
+            logits = self.graphs.run(inp)
             sample_seqs = inp.sample_seqs
         else:
             ids, pos, meta, logits_indices, sample_seqs = self.prepare(batch)
@@ -189,11 +189,11 @@ class ModelRunner:
             if not sample_seqs:
                 return StepResult(seqs=[], token_ids=[])
             rows = torch.tensor(logits_indices, device=self.device)
-            logits = self.model.compute_logits(hidden[rows]).float()
+            logits = self.model.compute_logits(hidden[rows])
         if all(s.params.greedy and not s.params.needs_penalties and s.params.logprobs is None for s in sample_seqs):
             return self._to_host(sample_seqs, SamplerOutput(token_ids=logits.argmax(dim=-1)))  # plain greedy
         sampling = self.sampling_batch(sample_seqs)
-        out = sample(logits, sampling)
+        out = sample(logits.float(), sampling)
         if sampling.penalty_rows is not None:
             self.penalties.record(sample_seqs, sampling.penalty_rows, out.token_ids)
         return self._to_host(sample_seqs, out)
@@ -235,6 +235,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.host = torch.zeros(4, n, dtype=torch.int64, pin_memory=True)
+        self.host_ctx = torch.zeros(n, dtype=torch.int32, pin_memory=True)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         start = time.perf_counter()
@@ -277,13 +278,14 @@ class DecodeGraphs:
         host[2, :n] = torch.tensor(inp.slot_mapping)
         host[3, :n] = torch.tensor(inp.context_lens)
         host[3, n:bs] = 1
-        dev = host[:, :bs].to(self.input_ids.device, non_blocking=True)
-        self.input_ids[:bs].copy_(dev[0])
-        self.positions[:bs].copy_(dev[1])
-        self.slot_mapping[:bs].copy_(dev[2])
-        self.context_lens[:bs].copy_(dev[3])
+        # Straight from pinned memory into the graph's static inputs: DMA, no extra kernels.
+        self.input_ids[:bs].copy_(host[0, :bs], non_blocking=True)
+        self.positions[:bs].copy_(host[1, :bs], non_blocking=True)
+        self.slot_mapping[:bs].copy_(host[2, :bs], non_blocking=True)
+        self.context_lens[:bs].copy_(self.host_ctx[:bs].copy_(host[3, :bs]), non_blocking=True)
         tables = torch.tensor(inp.block_tables, dtype=torch.int32, pin_memory=True)
         self.block_tables[:n, : tables.shape[1]].copy_(tables, non_blocking=True)
-        self.block_tables[n:bs, 0] = 0
+        if bs > n:
+            self.block_tables[n:bs, 0] = 0
         self.graphs[bs].replay()
         return self.outputs[bs][:n]
