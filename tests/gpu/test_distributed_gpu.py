@@ -46,7 +46,9 @@ def test_expert_parallel_routing_with_the_triton_moe(world: int) -> None:
     for rank in range(world):
         mine = expert_range(experts, rank, world)
         local_weights, local_ids = local_routing(weights, ids, mine.start, len(mine))
-        total += fused_moe(x, w13[mine.start : mine.stop], w2[mine.start : mine.stop], local_weights, local_ids).float()
+        total += fused_moe(
+            x, w13[mine.start : mine.stop], w2[mine.start : mine.stop], local_weights, local_ids
+        ).float()
     assert ((total - full).norm() / full.norm()).item() < 1.5e-2
 
 
@@ -63,9 +65,19 @@ def test_world_size_one_through_nccl_matches_plain_runner(tiny_moe_dir: Path) ->
 
     cfg = load_model_config(tiny_moe_dir)
     spec = WorkerSpec(
-        path=tiny_moe_dir, model_config=cfg, world_size=1, init_method=f"tcp://127.0.0.1:{parallel.free_port()}",
-        device_type="cuda", first_device_index=0, dtype=torch.float32, load_format="auto", seed=0,
-        max_positions=1024, block_size=16, use_kernels=False, num_threads=1,
+        path=tiny_moe_dir,
+        model_config=cfg,
+        world_size=1,
+        init_method=f"tcp://127.0.0.1:{parallel.free_port()}",
+        device_type="cuda",
+        first_device_index=0,
+        dtype=torch.float32,
+        load_format="auto",
+        seed=0,
+        max_positions=1024,
+        block_size=16,
+        use_kernels=False,
+        num_threads=1,
     )
     workers = WorkerGroup(spec)  # world size 1: no worker processes, rank 0 alone in an NCCL group
     try:
@@ -74,7 +86,9 @@ def test_world_size_one_through_nccl_matches_plain_runner(tiny_moe_dir: Path) ->
         t = torch.ones(4, device=DEV)
         torch.distributed.all_reduce(t)
         assert t.tolist() == [1.0] * 4
-        plain = ModelRunner(build_model(cfg, tiny_moe_dir, DEV, torch.float32), cfg, 16, 16, DEV, torch.float32)
+        plain = ModelRunner(
+            build_model(cfg, tiny_moe_dir, DEV, torch.float32), cfg, 16, 16, DEV, torch.float32
+        )
         dist_model = build_model(cfg, tiny_moe_dir, DEV, torch.float32)
         distributed = DistributedModelRunner(dist_model, cfg, 16, 16, DEV, torch.float32, workers)
         prompt = list(range(3, 60))
