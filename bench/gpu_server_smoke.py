@@ -1,0 +1,95 @@
+"""Smoke test of the real server on a GPU: full-size dummy model, concurrent streaming chats,
+a tool-call request, a disconnect, and /metrics. Run on a CUDA machine:
+
+    python bench/gpu_server_smoke.py CONFIG_DIR
+
+Prints what it saw and exits non-zero on the first failure.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stream_chat(base: str, content: str, max_tokens: int) -> tuple[int, float, str]:
+    body = {"model": "x", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": max_tokens,
+            "temperature": 0, "messages": [{"role": "user", "content": content}]}
+    start, first, chunks, finish = time.perf_counter(), None, 0, None
+    with httpx.stream("POST", f"{base}/chat/completions", json=body, timeout=300) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk.get("choices", []):
+                if choice["delta"].get("content"):
+                    first = first or time.perf_counter()
+                    chunks += 1
+                finish = choice.get("finish_reason") or finish
+    return chunks, (first or time.perf_counter()) - start, str(finish)
+
+
+def main() -> int:
+    config = sys.argv[1]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/v1"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "qwenserve", "serve", "--model", config, "--load-format", "dummy",
+           "--port", str(port), "--max-model-len", "32768", "--max-num-seqs", "32"]
+    log = open(os.path.join(os.environ.get("OUT", "."), "server.log"), "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                print("server exited", proc.returncode)
+                return 1
+            time.sleep(2)
+        print("ready after", round(400 - (deadline - time.time())), "s")
+        with cf.ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda i: stream_chat(base, f"Write a story number {i}.", 64), range(16)))
+        print("16 concurrent streams (chunks, ttft_s, finish):", results)
+        assert all(r[0] > 10 and r[2] == "length" for r in results), results
+        tools = [{"type": "function", "function": {"name": "run_shell_command", "parameters": {
+            "type": "object", "properties": {"command": {"type": "string"}}}}}]
+        r = httpx.post(f"{base}/chat/completions", timeout=300, json={
+            "model": "x", "max_tokens": 32, "tool_choice": "required", "tools": tools,
+            "messages": [{"role": "user", "content": "List the files"}]})
+        print("tool_choice=required:", r.status_code, r.json()["choices"][0]["finish_reason"])
+        with httpx.stream("POST", f"{base}/chat/completions", timeout=60, json={
+                "model": "x", "stream": True, "max_tokens": 5000, "messages": [{"role": "user", "content": "go"}]}) as s:
+            for i, _ in enumerate(s.iter_lines()):
+                if i > 5:
+                    break  # disconnect mid-stream
+        time.sleep(1)
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        usage = [ln for ln in metrics.splitlines() if "kv_cache_usage" in ln and not ln.startswith("#")]
+        running = [ln for ln in metrics.splitlines() if "num_requests_running" in ln and not ln.startswith("#")]
+        print("after disconnect:", usage, running)
+        return 0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
