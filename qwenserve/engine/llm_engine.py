@@ -281,18 +281,20 @@ class LLMEngine:
         return int(peak)
 
     def _warmup(self) -> None:
-        """Compile the kernels' shape variants now rather than inside the first users' requests:
-        prefills of several sizes (aligned and not, with and without a cached prefix), a mixed
-        batch, and decodes."""
+        """Compile the kernels' variants now rather than inside the first users' requests: one
+        prefill per MoE tile bucket, alone and on a cached prefix, then a mixed batch."""
         start = time.perf_counter()
         budget = self.config.max_num_batched_tokens
-        lengths = sorted({n for n in (1, 15, 16, 100, 128, 600, 640, 1500, 1536, 3000, budget - 3, budget)
-                          if 0 < n < min(budget, self.max_model_len - 4) + 1})
+        # One prompt per tile-config bucket of the MoE (powers of two) and the full chunk budget.
+        lengths = sorted({min(1 << i, budget) for i in range(14)} | {budget})
+        lengths = [n for n in lengths if n < self.max_model_len - 40]
         params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
         vocab = min(self.model_config.vocab_size, 1000)
         for n in lengths:
             prompt = [(7 * i + n) % vocab for i in range(n)]
-            self.generate([prompt, prompt + [1] * 37], params)  # the second one runs on a cached prefix
+            self.generate([prompt], params)
+            self.generate([prompt + [1] * 37], params)  # on a cached prefix
+        self.generate([[i % vocab] * (5 + i) for i in range(24)], params)  # a batch of short prefills and decodes
         self.block_manager.reset_prefix_cache()
         logger.info("warmed up %d prefill shapes in %.1fs", len(lengths), time.perf_counter() - start)
 

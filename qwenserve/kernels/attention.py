@@ -63,7 +63,7 @@ def decode_num_splits(
     return max(1, min(max_splits, triton.next_power_of_2(want) if want > 1 else 1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # block-table width changes with the longest sequence
 def _decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -183,7 +183,7 @@ def _decode_merge_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["num_seqs"])
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,
@@ -431,7 +431,8 @@ def paged_prefill_attention(
         BLOCK_M=block_m,
         BLOCK_Q=block_q,
         BLOCK_N=block_n,
-        SEARCH_STEPS=max(1, num_seqs.bit_length()),
+        # Fixed for up to 2047 sequences (extra steps are no-ops), so batch size never triggers a compile.
+        SEARCH_STEPS=max(11, num_seqs.bit_length()),
         num_warps=num_warps,
         num_stages=num_stages,
     )

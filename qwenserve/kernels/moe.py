@@ -36,7 +36,9 @@ from qwenserve.kernels.moe_configs import MoEConfig, get_moe_config
 ALIGN_TRITON_MAX_PAIRS = 48 * 1024
 
 
-@triton.jit
+# Token counts change every step: specialising on their divisibility would compile a new
+# variant in the middle of serving, so only the tile sizes (constexprs) pick variants.
+@triton.jit(do_not_specialize=["numel"])
 def _moe_align_kernel(
     topk_ids_ptr,
     sorted_ids_ptr,
@@ -140,7 +142,7 @@ def moe_align(
     return sorted_ids, expert_ids, ends[-1:].to(torch.int32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel", "NUM_ROW_BLOCKS"])
 def _moe_gemm1_kernel(
     a_ptr,
     w_ptr,
@@ -207,7 +209,7 @@ def _moe_gemm1_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel", "NUM_ROW_BLOCKS"])
 def _moe_gemm2_kernel(
     act_ptr,
     w_ptr,
