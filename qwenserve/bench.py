@@ -32,9 +32,10 @@ from qwenserve.engine.sampling_params import SamplingParams
 
 # (HBM bytes/s, dense bf16 FLOP/s) by device name; H100 SXM and H200 share the compute.
 DEVICE_PEAKS = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12)}
-_SHARED = Path(__file__).resolve().parents[2] / "shared"
-DEFAULT_CONFIG = _SHARED / "fixtures" / "qwen3-coder-30b-a3b-instruct"
-DEFAULT_FIXTURES = _SHARED / "fixtures" / "qwen-code-0.24.4"
+# The real model's config.json and two real qwen-code requests, kept with the tests.
+_FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+DEFAULT_CONFIG = _FIXTURES / "qwen3-coder-30b-a3b-instruct"
+DEFAULT_FIXTURES = _FIXTURES / "qwen-code-0.24.4"
 
 
 # -- roofline arithmetic -------------------------------------------------------------

@@ -19,7 +19,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(
-    os.environ.get("QWENSERVE_FIXTURES_DIR", REPO.parent / "shared" / "fixtures" / "qwen-code-0.24.4")
+    os.environ.get("QWENSERVE_FIXTURES_DIR", REPO / "tests" / "fixtures" / "qwen-code-0.24.4")
 )
 STARTUP_TIMEOUT = float(os.environ.get("QWENSERVE_TEST_STARTUP_TIMEOUT", "240"))
 

@@ -9,13 +9,11 @@ import pytest
 from qwenserve.bench import decode_step_bytes, expected_experts_touched, prefill_flops
 from qwenserve.model.loader import load_model_config
 
-FIXTURE = Path(__file__).parents[2] / "shared/fixtures/qwen3-coder-30b-a3b-instruct"
+FIXTURE = Path(__file__).parent / "fixtures" / "qwen3-coder-30b-a3b-instruct"
 
 
 @pytest.fixture(scope="module")
 def cfg():
-    if not FIXTURE.exists():
-        pytest.skip("shared fixtures not present")
     return load_model_config(FIXTURE)
 
 

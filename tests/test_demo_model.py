@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from qwenserve.demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
 from qwenserve.demo.build import (
     AFTER_TOOL,
-    FIXTURE_SUBDIR,
     GREETING,
     TOOL_CALL_LS,
     find_fixtures,
@@ -65,10 +64,7 @@ def _greedy(
 
 
 def _real_fixtures() -> Path | None:
-    """The real qwen-code request fixtures: CI keeps ../shared beside the repository root."""
-    shared = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / FIXTURE_SUBDIR
-    if (shared / "first-turn.json").is_file():
-        return shared
+    """The real qwen-code request fixtures, copied into tests/fixtures from shared/."""
     return find_fixtures()
 
 

@@ -52,7 +52,10 @@ def ensure_qwen_code() -> Path:
         return QWEN_BIN
     bin_dir = node_bin_dir()
     CACHE.mkdir(parents=True, exist_ok=True)
-    cmd = [str(bin_dir / "npm"), "install", "--prefix", str(CACHE), "--no-audit", "--no-fund",
+    # bin/npm is a copied launcher whose relative require breaks inside a venv: run npm's own script.
+    npm_cli = bin_dir.parent / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js"
+    node = shutil.which("node", path=str(bin_dir)) or str(bin_dir / "node")
+    cmd = [node, str(npm_cli), "install", "--prefix", str(CACHE), "--no-audit", "--no-fund",
            f"@qwen-code/qwen-code@{QWEN_CODE_VERSION}"]  # fmt: skip
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     try:
