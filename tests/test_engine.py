@@ -176,3 +176,13 @@ def test_penalties_are_batch_independent_and_bite(engine: LLMEngine) -> None:
     assert alone_out != plain
     assert len(set(alone_out)) >= len(set(plain))
     assert not engine.runner.penalties.row_of  # rows are released when sequences finish
+
+
+def test_warmup_leaves_the_engine_clean(tiny_moe_dir: Path) -> None:
+    """The GPU start-up warm-up (run here on CPU) must leave no request, block or cache entry behind."""
+    eng = make_engine(tiny_moe_dir, max_num_batched_tokens=128)
+    eng._warmup()
+    bm = eng.block_manager
+    assert not eng.has_unfinished()
+    assert bm.num_free_blocks == bm.num_usable_blocks and bm.num_cached_blocks == 0
+    assert tokens_of(eng, prompts(2)) == tokens_of(make_engine(tiny_moe_dir), prompts(2))

@@ -191,6 +191,8 @@ class LLMEngine:
             chat_template=getattr(self.tokenizer, "chat_template", None),
             is_demo=is_demo,
         )
+        if self.device.type == "cuda":
+            self._warmup()
         logger.info(
             "loaded %s on %s (%s): %d KV blocks of %d tokens, max_model_len %d",
             name, self.device, self.dtype, num_blocks, cfg.block_size, max_len,
