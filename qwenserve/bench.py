@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = args.commit or _git_commit()
     res = run(args)
     res |= {"commit": commit, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "command": "qwenserve bench " + " ".join(argv if argv is not None else sys.argv[2:])}
+            "command": "qwenserve bench " + " ".join(argv if argv is not None else sys.argv[1:])}
     for d in res.get("decode", []):
         d.pop("token_times", None)
     args.out.write_text(json.dumps(res, indent=2))
