@@ -32,10 +32,10 @@ def select_ops(device: torch.device, use_kernels: bool) -> Ops:
     from qwenserve.kernels import kernel_ops, kernels_available
 
     if use_kernels and device.type == "cuda" and kernels_available():
-        from qwenserve.kernels.fused import add_rms_norm, qk_norm_rope, router_topk
+        from qwenserve.kernels.fused import add_rms_norm, qk_norm_rope_cache, route
 
         # Projections stay on cuBLAS: a Triton GEMV measured 15 us per call against cuBLAS's 5-10 us.
-        return Ops(**kernel_ops(), add_rms_norm=add_rms_norm, qk_norm_rope=qk_norm_rope, router_topk=router_topk)
+        return Ops(**kernel_ops(), add_rms_norm=add_rms_norm, qk_norm_rope_cache=qk_norm_rope_cache, route=route)
     return Ops()
 
 

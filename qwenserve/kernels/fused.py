@@ -1,9 +1,10 @@
 """Fusions that cut the decode step's kernel count: at batch 1 a step is ~1,200 tiny launches,
 and each costs a few microseconds of GPU time even inside a CUDA graph.
 
-- `qk_norm_rope`: per-head RMSNorm of q and k plus rotary embedding, one launch (was ~18).
+- `qk_norm_rope_cache`: per-head RMSNorm of q and k, rotary embedding and the KV-cache write,
+  one launch (was ~19).
 - `add_rms_norm`: residual add + RMSNorm, one launch (was 2+).
-- `router_topk`: softmax over experts, top-k, renormalisation, one launch (was ~6).
+- `route`: router GEMV, softmax, top-k, renormalisation, one launch at decode sizes (was ~7).
 Same contracts as the torch references in qwenserve.model.ops.
 """
 
@@ -18,12 +19,16 @@ import triton.language as tl
 def _qk_norm_rope_kernel(
     qkv_ptr,
     q_out_ptr,
-    k_out_ptr,
     qw_ptr,
     kw_ptr,
     cos_sin_ptr,
     pos_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
     stride_qkv,
+    stride_slot,
+    stride_ch,
     eps,
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
@@ -52,13 +57,22 @@ def _qk_norm_rope_kernel(
     o2 = (n2 * cos + n1 * sin).to(dt)
     if is_q:
         out = q_out_ptr + (token.to(tl.int64) * NUM_HEADS + head) * HEAD_DIM
+        tl.store(out + offs, o1)
+        tl.store(out + HALF + offs, o2)
     else:
-        out = k_out_ptr + (token.to(tl.int64) * NUM_KV_HEADS + head - NUM_HEADS) * HEAD_DIM
-    tl.store(out + offs, o1)
-    tl.store(out + HALF + offs, o2)
+        # Keys and values go straight into their cache slot: no separate KV-write launch.
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+        if slot >= 0:
+            kv_head = head - NUM_HEADS
+            dst = slot * stride_slot + kv_head * stride_ch
+            tl.store(k_cache_ptr + dst + offs, o1.to(k_cache_ptr.dtype.element_ty))
+            tl.store(k_cache_ptr + dst + HALF + offs, o2.to(k_cache_ptr.dtype.element_ty))
+            v_src = base + (NUM_KV_HEADS * HEAD_DIM)
+            tl.store(v_cache_ptr + dst + offs, tl.load(v_src + offs).to(v_cache_ptr.dtype.element_ty))
+            tl.store(v_cache_ptr + dst + HALF + offs, tl.load(v_src + HALF + offs).to(v_cache_ptr.dtype.element_ty))
 
 
-def qk_norm_rope(
+def qk_norm_rope_cache(
     qkv: torch.Tensor,
     q_weight: torch.Tensor,
     k_weight: torch.Tensor,
@@ -68,19 +82,23 @@ def qk_norm_rope(
     num_kv_heads: int,
     head_dim: int,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split qkv [T, (H + 2 KVH) * D] into normed, rotated q [T, H, D], k [T, KVH, D] and v."""
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """Normed, rotated q [T, H, D]; the normed, rotated k and the v of every token go straight
+    into their cache slots (see ops.qk_norm_rope_cache)."""
     num_tokens = qkv.shape[0]
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    k = torch.empty(num_tokens, num_kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    v = qkv[:, (num_heads + num_kv_heads) * head_dim :].view(num_tokens, num_kv_heads, head_dim)
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and qkv.stride(1) == 1
     if num_tokens:
         _qk_norm_rope_kernel[(num_tokens, num_heads + num_kv_heads)](
-            qkv, q, k, q_weight, k_weight, cos_sin_cache, positions, qkv.stride(0), eps,
+            qkv, q, q_weight, k_weight, cos_sin_cache, positions, k_cache, v_cache, slot_mapping,
+            qkv.stride(0), k_cache.stride(1), k_cache.stride(2), eps,
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2,
             num_warps=1,
         )  # fmt: skip
-    return q, k, v
+    return q
 
 
 @triton.jit
@@ -144,6 +162,64 @@ def _router_topk_kernel(
         top_w = top_w / tl.sum(top_w, 0)
     tl.store(w_out_ptr + row * TOP_K + k_idx, top_w.to(w_out_ptr.dtype.element_ty))
     tl.store(id_out_ptr + row * TOP_K + k_idx, top_i)
+
+
+@triton.jit
+def _route_small_kernel(
+    x_ptr, w_ptr, w_out_ptr, id_out_ptr, K, stride_x, stride_w, E: tl.constexpr, E_P2: tl.constexpr,
+    TOP_K: tl.constexpr, RENORM: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Router GEMV + softmax + top-k for one token: the 128 x 2048 gate is 512 KiB, cheaper to
+    # stream in one program than to pay a cuBLAS launch plus a second kernel at decode.
+    row = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, E_P2)
+    mask = e < E
+    acc = tl.zeros([E_P2, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + row * stride_x + k, mask=k < K, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + e[:, None] * stride_w + k[None, :], mask=mask[:, None] & (k < K)[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    # Round the logits to the activation dtype, as the unfused linear would.
+    logit = tl.sum(acc, 1).to(x_ptr.dtype.element_ty).to(tl.float32)
+    logit = tl.where(mask, logit, float("-inf"))
+    p = tl.exp(logit - tl.max(logit, 0))
+    p = p / tl.sum(p, 0)
+    p = tl.where(mask, p, -1.0)
+    k_idx = tl.arange(0, TOP_K)
+    top_w = tl.zeros([TOP_K], dtype=tl.float32)
+    top_i = tl.zeros([TOP_K], dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(p, 0)
+        idx = tl.min(tl.where(p == best, e, E_P2), 0)
+        top_w = tl.where(k_idx == j, best, top_w)
+        top_i = tl.where(k_idx == j, idx, top_i)
+        p = tl.where(e == idx, -1.0, p)
+    if RENORM:
+        top_w = top_w / tl.sum(top_w, 0)
+    tl.store(w_out_ptr + row * TOP_K + k_idx, top_w.to(w_out_ptr.dtype.element_ty))
+    tl.store(id_out_ptr + row * TOP_K + k_idx, top_i)
+
+
+ROUTE_FUSED_MAX_TOKENS = 64  # beyond this each program's re-read of the gate costs more than cuBLAS
+
+
+def route(
+    x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits, softmax, top-k and renormalisation (see ops.route): one launch for small steps."""
+    num_tokens, hidden = x.shape
+    num_experts = gate_weight.shape[0]
+    if num_tokens > ROUTE_FUSED_MAX_TOKENS or x.stride(1) != 1 or gate_weight.stride(1) != 1:
+        return router_topk(torch.nn.functional.linear(x, gate_weight), top_k, renormalize, x.dtype)
+    weights = torch.empty(num_tokens, top_k, dtype=x.dtype, device=x.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=x.device)
+    if num_tokens:
+        _route_small_kernel[(num_tokens,)](
+            x, gate_weight, weights, ids, hidden, x.stride(0), gate_weight.stride(0), E=num_experts,
+            E_P2=triton.next_power_of_2(num_experts), TOP_K=top_k, RENORM=renormalize, BLOCK_K=64, num_warps=8,
+        )  # fmt: skip
+    return weights, ids
 
 
 def router_topk(

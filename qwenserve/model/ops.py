@@ -174,6 +174,33 @@ def qk_norm_rope(
     return q, k, v.view(num_tokens, num_kv_heads, head_dim)
 
 
+def qk_norm_rope_cache(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    positions: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """qk_norm_rope, then the new keys and values written to their cache slots; returns q."""
+    q, k, v = qk_norm_rope(qkv, q_weight, k_weight, cos_sin_cache, positions, num_heads, num_kv_heads, head_dim, eps)
+    write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
+def route(
+    x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits (in the activation dtype), then router_topk."""
+    return router_topk(F.linear(x, gate_weight), top_k, renormalize, x.dtype)
+
+
 def router_topk(
     router_logits: torch.Tensor, top_k: int, renormalize: bool, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:

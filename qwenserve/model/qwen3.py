@@ -32,8 +32,8 @@ class Ops:
     fused_moe: Callable = ref_ops.fused_moe
     rms_norm: Callable = ref_ops.rms_norm
     add_rms_norm: Callable = ref_ops.add_rms_norm
-    qk_norm_rope: Callable = ref_ops.qk_norm_rope
-    router_topk: Callable = ref_ops.router_topk
+    qk_norm_rope_cache: Callable = ref_ops.qk_norm_rope_cache
+    route: Callable = ref_ops.route
     linear: Callable = F.linear
 
 
@@ -76,11 +76,11 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos_sin_cache: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.ops.qk_norm_rope(
-            self.ops.linear(x, self.qkv_proj.weight), self.q_norm.weight, self.k_norm.weight, cos_sin_cache, positions,
-            self.num_heads, self.num_kv_heads, self.head_dim, self.q_norm.eps,
+        q = self.ops.qk_norm_rope_cache(
+            self.ops.linear(x, self.qkv_proj.weight), self.q_norm.weight, self.k_norm.weight, cos_sin_cache,
+            positions, self.num_heads, self.num_kv_heads, self.head_dim, self.q_norm.eps,
+            self.k_cache, self.v_cache, meta.slot_mapping,
         )  # fmt: skip
-        self.ops.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = self.ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
         out = self.ops.linear(out.reshape(num_tokens, self.q_size), self.o_proj.weight)
         return all_reduce(out) if self.world_size > 1 else out
@@ -123,7 +123,7 @@ class SparseMoE(nn.Module):
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        topk_weights, topk_ids = self.ops.router_topk(self.ops.linear(x, self.gate.weight), self.top_k, self.norm_topk_prob, x.dtype)
+        topk_weights, topk_ids = self.ops.route(x, self.gate.weight, self.top_k, self.norm_topk_prob)
         if self.world_size == 1:
             return self.ops.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
         local_weights, local_ids = local_routing(topk_weights, topk_ids, self.expert_start, self.w13.shape[0])

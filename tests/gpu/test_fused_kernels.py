@@ -14,8 +14,8 @@ from qwenserve.model.rope import build_cos_sin_cache  # noqa: E402
 
 
 @pytest.mark.parametrize("shape", [(1, 32, 4, 128), (77, 32, 4, 128), (300, 4, 2, 16)])
-def test_qk_norm_rope(shape: tuple[int, int, int, int]) -> None:
-    from qwenserve.kernels.fused import qk_norm_rope
+def test_qk_norm_rope_cache(shape: tuple[int, int, int, int]) -> None:
+    from qwenserve.kernels.fused import qk_norm_rope_cache
 
     t, h, kvh, d = shape
     torch.manual_seed(0)
@@ -24,10 +24,15 @@ def test_qk_norm_rope(shape: tuple[int, int, int, int]) -> None:
     kw = 1 + 0.1 * torch.randn(d, device="cuda", dtype=torch.bfloat16)
     cache = build_cos_sin_cache(RopeConfig(theta=1e7), d, 40000, torch.device("cuda"))
     pos = torch.randint(0, 40000, (t,), device="cuda")
-    got = qk_norm_rope(qkv, qw, kw, cache, pos, h, kvh, d, 1e-6)
-    want = ops.qk_norm_rope(qkv, qw, kw, cache, pos, h, kvh, d, 1e-6)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, atol=3e-2, rtol=2e-2)
+    slots = torch.randperm(64 * 16, device="cuda")[:t]
+    slots[0] = -1  # a skipped (padded) row
+    caches = [torch.zeros(64, 16, kvh, d, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    got_q = qk_norm_rope_cache(qkv, qw, kw, cache, pos, h, kvh, d, 1e-6, caches[0], caches[1], slots)
+    q, k, v = ops.qk_norm_rope(qkv, qw, kw, cache, pos, h, kvh, d, 1e-6)
+    ops.write_kv_cache(k[1:], v[1:], caches[2], caches[3], slots[1:])
+    torch.testing.assert_close(got_q, q, atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(caches[0], caches[2], atol=3e-2, rtol=2e-2)
+    assert torch.equal(caches[1], caches[3])
 
 
 @pytest.mark.parametrize("rows", [1, 64, 1000])
@@ -43,19 +48,20 @@ def test_add_rms_norm(rows: int) -> None:
     torch.testing.assert_close(out, ref_out, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("tokens", [1, 63, 4096])
-def test_router_topk(tokens: int) -> None:
-    from qwenserve.kernels.fused import router_topk
+@pytest.mark.parametrize("tokens", [1, 63, 64, 4096])
+def test_route(tokens: int) -> None:
+    from qwenserve.kernels.fused import route
 
-    logits = torch.randn(tokens, 128, device="cuda", dtype=torch.bfloat16) * 2
-    w, ids = router_topk(logits, 8, True, torch.bfloat16)
-    ref_w, ref_ids = ops.router_topk(logits, 8, True, torch.bfloat16)
+    x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
+    gate = torch.randn(128, 2048, device="cuda", dtype=torch.bfloat16) * 0.05
+    w, ids = route(x, gate, 8, True)
+    ref_w, ref_ids = ops.route(x, gate, 8, True)
     # Equal bf16 logits tie, and ties may be ordered differently: check that every chosen expert is
-    # among the k most probable (up to ties) and that no expert is chosen twice.
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    # among the k most probable (up to ties and rounding) and that no expert is chosen twice.
+    probs = torch.softmax(torch.nn.functional.linear(x, gate), dim=-1, dtype=torch.float32)
     kth = probs.topk(8, dim=-1).values[:, -1:]
-    assert (probs.gather(1, ids.long()) >= kth - 1e-6).all()
+    assert (probs.gather(1, ids.long()) >= kth * 0.98 - 1e-6).all()
     assert (ids.sort(-1).values.diff(dim=-1) > 0).all()
+    assert (ids.long() == ref_ids).float().mean() > 0.97
     torch.testing.assert_close(w.float().sum(-1), torch.ones(tokens, device="cuda"), atol=2e-2, rtol=0)
-    torch.testing.assert_close(w.float().sort(-1).values, ref_w.float().sort(-1).values, atol=1e-2, rtol=1e-2)
-
+    torch.testing.assert_close(w.float().sort(-1).values, ref_w.float().sort(-1).values, atol=2e-2, rtol=2e-2)
