@@ -178,10 +178,18 @@ def test_penalties_are_batch_independent_and_bite(engine: LLMEngine) -> None:
     assert not engine.runner.penalties.row_of  # rows are released when sequences finish
 
 
-def test_warmup_leaves_the_engine_clean(tiny_moe_dir: Path) -> None:
-    """The GPU start-up warm-up (run here on CPU) must leave no request, block or cache entry behind."""
+def test_warmup_leaves_the_engine_clean(tiny_moe_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU start-up warm-up (run here on CPU, from inside loading as on a GPU) must leave no
+    request, block or cache entry behind."""
+    real_load = LLMEngine._load
+
+    def load_then_warm(self: LLMEngine) -> None:
+        real_load(self)
+        self._warmup()
+
+    monkeypatch.setattr(LLMEngine, "_load", load_then_warm)
     eng = make_engine(tiny_moe_dir, max_num_batched_tokens=128)
-    eng._warmup()
+    monkeypatch.undo()
     bm = eng.block_manager
     assert not eng.has_unfinished()
     assert bm.num_free_blocks == bm.num_usable_blocks and bm.num_cached_blocks == 0
