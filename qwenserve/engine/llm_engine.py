@@ -123,13 +123,13 @@ class LLMEngine:
         self.dtype = _pick_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
         self.workers: Any = None  # qwenserve.distributed.worker.WorkerGroup when tensor_parallel_size > 1
+        self.requests: dict[str, _Request] = {}
+        self.seq_states: dict[int, _SeqState] = {}
         try:
             self._load()
         except BaseException:
             self.close()  # workers already started must not outlive a failed load
             raise
-        self.requests: dict[str, _Request] = {}
-        self.seq_states: dict[int, _SeqState] = {}
 
     # -- loading ---------------------------------------------------------------
 
