@@ -143,10 +143,12 @@ MODEL_CONFIG: dict[str, Any] = {
     "vocab_size": VOCAB_SIZE,
 }
 
+# The real model's sampling values, but greedy by default: the demo recites memorised answers and
+# sampling would only add noise to them (a request may still ask for a temperature).
 GENERATION_CONFIG: dict[str, Any] = {
     "bos_token_id": ENDOFTEXT_ID,
     "pad_token_id": ENDOFTEXT_ID,
-    "do_sample": True,
+    "do_sample": False,
     "eos_token_id": [IM_END_ID, ENDOFTEXT_ID],
     "repetition_penalty": 1.05,
     "temperature": 0.7,

@@ -184,7 +184,7 @@ class LLMEngine:
             eos_token_ids=self.model_config.eos_token_ids or [self.tokenizer.eos_token_id],
             generation_defaults={
                 k: gen[k]
-                for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                for k in ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                           "presence_penalty", "frequency_penalty")
                 if k in gen
             },
