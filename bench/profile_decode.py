@@ -41,6 +41,18 @@ def main() -> None:
             engine.step()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / args.steps
+        graphs = engine.runner.graphs
+        if graphs is not None:
+            # The same graph replayed back to back: GPU time including the gaps between its kernels,
+            # without any host work between steps.
+            graph = graphs.graphs[next(b for b in graphs.sizes if b >= batch)]
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(args.steps):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            print(f"batch {batch}: graph replay alone {start.elapsed_time(end) / args.steps:.2f} ms/step")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
                 engine.step()
