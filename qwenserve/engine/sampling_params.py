@@ -75,7 +75,8 @@ class SamplingParams:
         ]
         for ok, name, why in checks:
             if not ok:
-                raise InvalidRequestError(f"'{name}' {why}, got {getattr(self, name, None)!r}", param=name)
+                value = self.logprobs if name == "top_logprobs" else getattr(self, name)
+                raise InvalidRequestError(f"'{name}' {why}, got {value!r}", param=name)
 
     @property
     def greedy(self) -> bool:
