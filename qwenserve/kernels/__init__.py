@@ -24,12 +24,10 @@ def kernels_available() -> bool:
 def kernel_ops() -> dict[str, Callable]:
     """The Triton replacements, keyed by the field names of qwen3.Ops / functions of ops.py."""
     from qwenserve.kernels.attention import paged_attention
-    from qwenserve.kernels.kv_cache import write_kv_cache
     from qwenserve.kernels.moe import fused_moe
     from qwenserve.kernels.norm import rms_norm
 
     return {
-        "write_kv_cache": write_kv_cache,
         "paged_attention": paged_attention,
         "fused_moe": fused_moe,
         "rms_norm": rms_norm,

@@ -1,4 +1,8 @@
-"""Fused write of a step's new keys and values into the paged KV cache (one launch for K and V)."""
+"""Fused write of a step's new keys and values into the paged KV cache (one launch for K and V).
+
+The model's hot path writes the cache inside `fused.qk_norm_rope_cache`; this standalone write
+serves callers that already hold finished k/v (the kernel micro-benchmarks, other models' ops).
+"""
 
 from __future__ import annotations
 

@@ -27,7 +27,6 @@ from qwenserve.model.rope import build_cos_sin_cache
 class Ops:
     """The swappable compute functions (torch reference by default)."""
 
-    write_kv_cache: Callable = ref_ops.write_kv_cache
     paged_attention: Callable = ref_ops.paged_attention
     fused_moe: Callable = ref_ops.fused_moe
     rms_norm: Callable = ref_ops.rms_norm
