@@ -188,6 +188,34 @@ class ToolParserBase:
         """Advance the state machine; False when it must wait for text (or is done)."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ content scanning
+
+    def _content_to_next_tag(self) -> int | None:
+        """Emit plain content up to the next '<' and return its index; None if there is none."""
+        buf, i = self._buf, self._pos
+        lt = buf.find("<", i)
+        if lt < 0:
+            self._emit_content(buf[i:])
+            self._pos = len(buf)
+            return None
+        self._emit_content(buf[i:lt])
+        self._pos = lt
+        return lt
+
+    def _content_other_tag(self, lt: int, final: bool, tags: tuple[str, ...]) -> bool:
+        """A '<' that opens none of `tags`: wait while it may still become one, else emit it."""
+        buf = self._buf
+        if is_partial(buf, lt, tags):
+            if not final:
+                return False
+            # A cut-off tag prefix is dropped rather than leaked as markup.
+            self._emit_content("<" if len(buf) - lt == 1 else "")
+            self._pos = len(buf)
+            return False
+        self._emit_content("<")
+        self._pos = lt + 1
+        return True
+
     # ------------------------------------------------------------------ emission helpers
 
     def _emit_content(self, text: str) -> None:
@@ -307,29 +335,15 @@ class Qwen3CoderToolParser(ToolParserBase):
     # ------------------------------------------------------------------ outside calls
 
     def _step_content(self, final: bool) -> bool:
-        buf, i = self._buf, self._pos
-        lt = buf.find("<", i)
-        if lt < 0:
-            self._emit_content(buf[i:])
-            self._pos = len(buf)
+        lt = self._content_to_next_tag()
+        if lt is None:
             return False
-        self._emit_content(buf[i:lt])
-        self._pos = lt
-        if buf.startswith(TOOL_CALL, lt):
+        if self._buf.startswith(TOOL_CALL, lt):
             return self._content_tool_call(lt, final)
-        if buf.startswith(FUNCTION, lt):
+        if self._buf.startswith(FUNCTION, lt):
             self._state = _HEADER
             return True
-        if is_partial(buf, lt, (TOOL_CALL, FUNCTION)):
-            if not final:
-                return False
-            # A cut-off tag prefix is dropped rather than leaked as markup.
-            self._emit_content("<" if len(buf) - lt == 1 else "")
-            self._pos = len(buf)
-            return False
-        self._emit_content("<")
-        self._pos = lt + 1
-        return True
+        return self._content_other_tag(lt, final, (TOOL_CALL, FUNCTION))
 
     def _content_tool_call(self, lt: int, final: bool) -> bool:
         buf = self._buf

@@ -19,7 +19,6 @@ without a usable name are dropped. Like the XML parser, ``parse`` is
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 from typing import Any
@@ -31,7 +30,7 @@ from qwenserve.tool_parser.qwen3_coder import (
     is_partial,
     skip_ws,
 )
-from qwenserve.tool_parser.schema import is_valid_name
+from qwenserve.tool_parser.schema import NOT_DECODED, decode_literal, is_valid_name
 
 _IN_STRING = re.compile(r'[\\"]')
 _OUTSIDE = re.compile(r'["{}\[\]<]')
@@ -58,25 +57,12 @@ class Qwen3JsonToolParser(ToolParserBase):
     # ------------------------------------------------------------------ outside calls
 
     def _step_content(self, final: bool) -> bool:
-        buf, i = self._buf, self._pos
-        lt = buf.find("<", i)
-        if lt < 0:
-            self._emit_content(buf[i:])
-            self._pos = len(buf)
+        lt = self._content_to_next_tag()
+        if lt is None:
             return False
-        self._emit_content(buf[i:lt])
-        self._pos = lt
-        if buf.startswith(TOOL_CALL, lt):
+        if self._buf.startswith(TOOL_CALL, lt):
             return self._maybe_open(lt, final)
-        if is_partial(buf, lt, (TOOL_CALL,)):
-            if not final:
-                return False
-            self._emit_content("<" if len(buf) - lt == 1 else "")
-            self._pos = len(buf)
-            return False
-        self._emit_content("<")
-        self._pos = lt + 1
-        return True
+        return self._content_other_tag(lt, final, (TOOL_CALL,))
 
     def _maybe_open(self, lt: int, final: bool) -> bool:
         buf = self._buf
@@ -198,30 +184,18 @@ class Qwen3JsonToolParser(ToolParserBase):
         self._pos = block_end
 
 
-def _loads(text: str) -> Any:
-    """JSON, then Python-literal decoding; None when neither parses."""
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        pass
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return None
-
-
 def _interpret(text: str) -> Any:
     """(name, arguments dict), None if unparseable, or _NOT_A_CALL for a wrong shape."""
-    obj = _loads(text)
-    if obj is None:
+    obj = decode_literal(text)
+    if obj is None or obj is NOT_DECODED:
         return None
     if not isinstance(obj, dict):
         return _NOT_A_CALL
     name = obj.get("name")
     arguments = obj.get("arguments", obj.get("parameters"))
     if isinstance(arguments, str):
-        arguments = _loads(arguments) if arguments.strip() else {}
-    if arguments is None:
+        arguments = decode_literal(arguments) if arguments.strip() else {}
+    if arguments is None or arguments is NOT_DECODED:
         arguments = {}
     if not isinstance(name, str) or not is_valid_name(name) or not isinstance(arguments, dict):
         return _NOT_A_CALL

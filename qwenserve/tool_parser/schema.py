@@ -24,7 +24,7 @@ _CONTAINER_PREFIXES = ("object", "array", "arr", "dict", "list", "tuple", "map")
 _NULL_WORDS = frozenset({"null", "none"})
 _TRUE_WORDS = frozenset({"true", "1", "yes"})
 _PHANTOM_CHARS = frozenset("{}<>\"'")
-_FAIL = object()
+NOT_DECODED = object()  # decode_literal's answer when text is neither JSON nor a Python literal
 
 
 def is_valid_name(name: str) -> bool:
@@ -166,8 +166,8 @@ class ToolSchemas:
         return param in props if props else True
 
 
-def _decode(text: str) -> Any:
-    """JSON, then Python-literal decoding of ``text``; :data:`_FAIL` if neither works."""
+def decode_literal(text: str) -> Any:
+    """JSON, then Python-literal decoding of ``text``; :data:`NOT_DECODED` if neither works."""
     try:
         return json.loads(text)
     except (ValueError, RecursionError):
@@ -175,7 +175,7 @@ def _decode(text: str) -> Any:
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return _FAIL
+        return NOT_DECODED
 
 
 def _jsonable(value: Any) -> bool:
@@ -214,20 +214,20 @@ def _to_number(word: str, raw: str) -> Any:
 
 
 def _to_container(word: str, raw: str) -> Any:
-    value = _decode(word)
-    if value is _FAIL:
+    value = decode_literal(word)
+    if value is NOT_DECODED:
         return raw
     if isinstance(value, str):
         # A model trained on json.dumps(str(obj)) writes "{'k': 'v'}" in quotes.
-        inner = _decode(value.strip())
+        inner = decode_literal(value.strip())
         if isinstance(inner, dict | list):
             value = inner
     return value if _jsonable(value) else raw
 
 
 def _to_any(word: str, raw: str) -> Any:
-    value = _decode(word)
-    return value if value is not _FAIL and _jsonable(value) else raw
+    value = decode_literal(word)
+    return value if value is not NOT_DECODED and _jsonable(value) else raw
 
 
 def convert_value(raw: str, ptype: ParamType) -> Any:
