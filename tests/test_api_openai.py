@@ -18,24 +18,13 @@ import openai
 import pytest
 from server_utils import ServerProcess, load_fixture, start_server
 
+from qwenserve.demo.build import SHELL_TOOL  # the tool schema the demo model was trained on
+
 pytestmark = pytest.mark.slow
 
 SERVED = ["qwen3-coder-30b", "demo-alias"]
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 LIST_FILES = [{"role": "user", "content": [{"type": "text", "text": "List the files in this directory"}]}]
-# The demo model was trained on short tool schemas like this one (qwenserve/demo/build.py).
-SHELL_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "run_shell_command",
-        "description": "Run a shell command.",
-        "parameters": {
-            "type": "object",
-            "properties": {"command": {"type": "string"}},
-            "required": ["command"],
-        },
-    },
-}
 MARKUP = re.compile(r"<tool_call>|</tool_call>|<function=|<parameter=|<\|im_")
 
 

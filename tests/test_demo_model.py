@@ -14,23 +14,11 @@ from qwenserve.demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
 from qwenserve.demo.build import (
     AFTER_TOOL,
     GREETING,
+    SHELL_TOOL,
     TOOL_CALL_LS,
     find_fixtures,
     openai_to_template,
 )
-
-SHELL_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "run_shell_command",
-        "description": "Run a shell command.",
-        "parameters": {
-            "type": "object",
-            "properties": {"command": {"type": "string"}},
-            "required": ["command"],
-        },
-    },
-}
 
 
 @pytest.fixture(scope="module")
