@@ -797,3 +797,17 @@ def test_streaming_holds_text_after_a_literal_nested_opener() -> None:
         d["tool_calls"][0]["function"]["arguments"] for d in out if "id" not in d["tool_calls"][0]
     )
     assert streamed == '{"content": "before'
+
+
+def test_doubled_opening_tag_is_one_call_and_no_content() -> None:
+    """A model slip seen with the demo model: <tool_call> written twice before <function=."""
+    text = "<tool_call>\n<tool_call>\n<function=get_current_weather>\n<parameter=city>\nDallas\n</parameter>\n</function>\n</tool_call>"
+    parser = Qwen3CoderToolParser(TOOLS)
+    content, calls = parser.parse(text)
+    assert content is None
+    assert [c["function"]["name"] for c in calls] == ["get_current_weather"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Dallas"}
+    for size in (1, 3, 7):
+        p = Qwen3CoderToolParser(TOOLS)
+        deltas = [d for i in range(0, len(text), size) for d in p.feed(text[i : i + size])] + p.finish()
+        assert not any("content" in d for d in deltas)

@@ -352,7 +352,10 @@ class Qwen3CoderToolParser(ToolParserBase):
             self._pos = j
             self._state = _HEADER
             return True
-        if is_partial(buf, j, (FUNCTION,)):
+        if buf.startswith(TOOL_CALL, j):
+            self._pos = j  # the model opened the call twice: the second opener is the real one
+            return True
+        if is_partial(buf, j, (FUNCTION, TOOL_CALL)):
             if not final:
                 return False
             self._pos = len(buf)
