@@ -156,6 +156,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # exact pool size (tests); overrides the memory budget
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    async_scheduling: bool = True  # launch step N+1 before processing step N's tokens
     seed: int = 0
     use_kernels: bool = True  # Triton kernels on CUDA when available
     tensor_parallel_size: int = 1  # processes (GPUs): attention/dense tensor parallel, MoE expert parallel

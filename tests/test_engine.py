@@ -194,3 +194,41 @@ def test_warmup_leaves_the_engine_clean(tiny_moe_dir: Path, monkeypatch: pytest.
     assert not eng.has_unfinished()
     assert bm.num_free_blocks == bm.num_usable_blocks and bm.num_cached_blocks == 0
     assert tokens_of(eng, prompts(2)) == tokens_of(make_engine(tiny_moe_dir), prompts(2))
+
+
+def test_overlapped_steps_give_what_one_step_at_a_time_gives(tiny_moe_dir: Path) -> None:
+    """Launching step N+1 before step N's tokens reach the host must change nothing a client sees:
+    tokens, text, logprobs, finish reasons and counts, through preemption, stops and n > 1."""
+    batch = prompts(10, seed=17, lo=20, hi=70)
+    probe = make_engine(tiny_moe_dir, async_scheduling=False)
+    greedy = tokens_of(probe, batch[:2], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    params = [
+        GREEDY,
+        SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[greedy[1][2]]),  # stops on its 3rd token
+        SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_tokens=14, ignore_eos=True, repetition_penalty=1.3),
+        SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=9, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=7, logprobs=3, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
+        SamplingParams(temperature=0.7, seed=8, max_tokens=11, ignore_eos=True, presence_penalty=1.0),
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=["a"]),
+        GREEDY,
+        SamplingParams(temperature=0, max_tokens=5, stop_token_ids=[greedy[0][0]]),  # stops on its 1st token
+    ]
+
+    def run(async_scheduling: bool) -> tuple[list, LLMEngine]:
+        eng = make_engine(tiny_moe_dir, num_kv_blocks=24, max_num_batched_tokens=64, async_scheduling=async_scheduling)
+        outs = eng.generate(batch, params)
+        flat = [
+            (o.token_ids, o.text, o.finish_reason, o.stop_reason, o.num_generated_tokens,
+             [(lp.token_id, round(lp.logprob, 4)) for lp in o.logprobs or []])
+            for choices in outs for o in choices
+        ]
+        return flat, eng
+
+    one_at_a_time, _ = run(False)
+    overlapped, eng = run(True)
+    assert overlapped == one_at_a_time
+    assert eng.scheduler.num_preemptions > 0
+    assert one_at_a_time[1][2] == "stop" and len(one_at_a_time[1][0]) == 3
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_usable_blocks
+    assert all(o[4] == len(o[0]) for o in overlapped)

@@ -30,7 +30,7 @@ def _ours_and_hf(path: Path):
 def _run(model, runner: ModelRunner, seq: Sequence, num_new: int) -> torch.Tensor:
     batch = ScheduledBatch()
     batch.add(seq, num_new)
-    ids, pos, meta, _, _ = runner.prepare(batch)
+    _, ids, pos, meta = runner.prepare(batch)
     with torch.inference_mode():
         logits = model.compute_logits(model(ids, pos, meta))
     seq.num_computed_tokens += num_new

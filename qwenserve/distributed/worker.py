@@ -24,7 +24,7 @@ import torch
 
 from qwenserve.config import ModelConfig
 from qwenserve.distributed import parallel
-from qwenserve.engine.model_runner import ModelRunner, StepInputs, StepResult, select_ops
+from qwenserve.engine.model_runner import ModelRunner, PendingStep, StepInputs, select_ops
 from qwenserve.engine.scheduler import ScheduledBatch
 from qwenserve.model.loader import build_model
 from qwenserve.model.ops import AttentionMetadata
@@ -206,11 +206,11 @@ class DistributedModelRunner(ModelRunner):
     def _forward_done(self, *_: object) -> None:
         self._in_flight = False
 
-    def execute(self, batch: ScheduledBatch) -> StepResult:
+    def launch(self, batch: ScheduledBatch) -> PendingStep:
         # Hooked per step: a hook left on the model would keep this runner (and its KV pool) alive.
         hook = self.model.register_forward_hook(self._forward_done)
         try:
-            return super().execute(batch)
+            return super().launch(batch)
         except Exception as err:
             # Failing after the forward (sampling) leaves the ranks in step; failing inside it
             # leaves the workers in a collective that rank 0 will never join.
@@ -220,14 +220,16 @@ class DistributedModelRunner(ModelRunner):
         finally:
             hook.remove()
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list]:
+    def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, torch.Tensor, torch.Tensor, AttentionMetadata]:
         inp = self._host_inputs(batch)
+        if inp.pending_rows:
+            raise RuntimeError("tensor parallel steps run one at a time: every input id must be known on the host")
         header, payload = pack_step(inp)
         self.workers.send(header, payload)
         self._in_flight = True
         # Rank 0 unpacks the very bytes it sent, so every rank runs on identical inputs.
         ids, pos, meta = unpack_step(header, payload.pin_memory() if self.pin else payload, self.device)
-        return ids, pos, meta, inp.logits_indices, inp.sample_seqs
+        return inp, ids, pos, meta
 
 
 # -- ranks 1..N-1 -------------------------------------------------------------------------

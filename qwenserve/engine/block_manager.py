@@ -104,7 +104,8 @@ class BlockManager:
         """
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        # A block holding a token still in flight is hashed once that token is known.
+        num_full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
         for i in range(len(seq.block_hashes), num_full):
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             ids = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])

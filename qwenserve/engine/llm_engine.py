@@ -1,7 +1,10 @@
 """The synchronous engine: load a model, accept requests, run steps, produce outputs.
 
-`step()` = schedule -> run the model -> append sampled tokens, detokenize, check stop
-conditions -> RequestOutputs. The async wrapper drives it from its own thread.
+`step()` = schedule -> launch the model -> take the previous step's sampled tokens,
+detokenize, check stop conditions -> RequestOutputs. Launching step N+1 before waiting
+for step N keeps the GPU busy while the host does its bookkeeping; a sequence that
+stops at step N has computed one token too many in step N+1, which is dropped. The
+async wrapper drives the engine from its own thread.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ import torch
 from qwenserve.config import EngineConfig, ModelConfig
 from qwenserve.engine.block_manager import BlockManager
 from qwenserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from qwenserve.engine.model_runner import ModelRunner, StepResult, kv_bytes_per_block, select_ops
+from qwenserve.engine.model_runner import ModelRunner, PendingStep, StepResult, kv_bytes_per_block, select_ops
 from qwenserve.engine.outputs import RequestOutput, TokenLogprob
 from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from qwenserve.engine.scheduler import ScheduledBatch, Scheduler
-from qwenserve.engine.sequence import Sequence
+from qwenserve.engine.sequence import PENDING_TOKEN, Sequence
 from qwenserve.model.loader import build_model, load_model_config, read_generation_config, resolve_model_path
 from qwenserve.model.qwen3 import Ops
 
@@ -125,6 +128,7 @@ class LLMEngine:
         self.workers: Any = None  # qwenserve.distributed.worker.WorkerGroup when tensor_parallel_size > 1
         self.requests: dict[str, _Request] = {}
         self.seq_states: dict[int, _SeqState] = {}
+        self._in_flight: PendingStep | None = None  # launched, its tokens not yet processed
         try:
             self._load()
         except BaseException:
@@ -172,6 +176,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = self._new_runner(num_blocks)
+        # Tensor-parallel ranks receive their input ids from the host, so they run one step at a time.
+        self.overlap_steps = cfg.async_scheduling and self.workers is None
         # The torch reference MoE syncs with the host, so only the kernel path can be captured.
         # Tensor parallel runs eager: workers would have to capture and replay the same graphs.
         if self.device.type == "cuda" and self.uses_kernels and not cfg.enforce_eager and self.workers is None:
@@ -373,16 +379,29 @@ class LLMEngine:
     # -- stepping ----------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step and return the outputs it produced."""
+        """Launch the next step, then return the outputs of the one before it (or of this one
+        when steps do not overlap)."""
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        result = self.runner.execute(batch)
+        launched = self._launch(batch) if batch else None
+        if self.overlap_steps:
+            done, self._in_flight = self._in_flight, launched
+        else:
+            done = launched
+        return self._process_samples(self.runner.collect(done)) if done is not None else []
+
+    def _launch(self, batch: ScheduledBatch) -> PendingStep:
+        step = self.runner.launch(batch)
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += num_new
             self.block_manager.commit_full_blocks(seq)
+        for seq in step.seqs:
+            step.token_indices.append(seq.num_tokens)
+            seq.token_ids.append(PENDING_TOKEN)
+            seq.num_pending_tokens += 1
+            # Certain to stop on this token whatever it is: give it no further step.
+            seq.draining = seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len
         self._release_siblings(batch.seqs)
-        return self._process_samples(result)
+        return step
 
     def _release_siblings(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
@@ -396,13 +415,22 @@ class LLMEngine:
 
     def _process_samples(self, result: StepResult) -> list[RequestOutput]:
         outputs = []
-        for row, (seq, token_id) in enumerate(zip(result.seqs, result.token_ids, strict=True)):
-            seq.token_ids.append(token_id)
+        for row, (seq, index, token_id) in enumerate(
+            zip(result.seqs, result.token_indices, result.token_ids, strict=True)
+        ):
+            if seq.is_finished:  # stopped (or aborted) on an earlier token: this one was extra
+                continue
+            seq.token_ids[index] = token_id
+            seq.num_pending_tokens -= 1
+            self.block_manager.commit_full_blocks(seq)
             state = self.seq_states[seq.seq_id]
             state.new_ids.append(token_id)
             if seq.params.logprobs is not None and result.logprobs is not None:
                 state.new_logprobs.append(self._token_logprob(result, row, token_id, seq.params.logprobs))
             self._check_stop(seq, token_id, state)
+            if seq.finish_reason is not None:
+                del seq.token_ids[index + 1 :]  # the token already launched after this one
+                seq.num_pending_tokens = 0
             outputs.append(self._make_output(seq))
             if seq.finish_reason is not None:
                 self._finish(seq)
@@ -423,7 +451,7 @@ class LLMEngine:
         is_stop_token = token_id in params.stop_token_ids or (
             not params.ignore_eos and token_id in self.model_info.eos_token_ids
         )
-        if is_stop_token and seq.num_output_tokens > params.min_tokens:
+        if is_stop_token and seq.num_known_output_tokens > params.min_tokens:
             seq.finish_reason, seq.stop_reason = "stop", token_id
         else:
             text, matched = state.stop.add(state.detok.add(token_id))
@@ -431,7 +459,7 @@ class LLMEngine:
             if matched is not None:
                 seq.finish_reason, seq.stop_reason = "stop", matched
                 return
-            if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            if seq.num_known_output_tokens >= seq.max_tokens or seq.num_known_tokens >= self.max_model_len:
                 seq.finish_reason = "length"
         if seq.finish_reason is not None:
             # Release what was held back: a partial character, or a prefix of a stop string.
@@ -460,7 +488,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
-            num_generated_tokens=seq.num_output_tokens,
+            num_generated_tokens=seq.num_known_output_tokens,
             stop_reason=seq.stop_reason,
         )
         state.new_text, state.new_ids, state.new_logprobs = [], [], []

@@ -3,7 +3,10 @@
 Owns the KV pool tensors. Per step it builds flat input ids / positions / slot
 mapping / block tables on the host, ships them in one transfer per tensor, runs one
 forward over every scheduled token, computes logits only for the rows that sample,
-and returns the chosen ids (one host sync per step).
+and starts copying the chosen ids back to the host. `launch` returns at once with a
+PendingStep; `collect` waits for it. The engine launches step N+1 before collecting
+step N, so the host's work overlaps the GPU's: a token sampled in step N that step
+N+1 consumes is read straight from the device (the host only knows it as PENDING_TOKEN).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from qwenserve.engine.block_manager import NULL_BLOCK
 from qwenserve.engine.penalty_state import PenaltyState
 from qwenserve.engine.sampler import SamplerOutput, SamplingBatch, sample
 from qwenserve.engine.scheduler import ScheduledBatch
-from qwenserve.engine.sequence import Sequence
+from qwenserve.engine.sequence import PENDING_TOKEN, Sequence
 from qwenserve.model.ops import AttentionMetadata
 from qwenserve.model.qwen3 import Ops, Qwen3ForCausalLM
 
@@ -64,8 +67,20 @@ class StepInputs:
     block_tables: list[list[int]] = field(default_factory=list)
     logits_indices: list[int] = field(default_factory=list)
     sample_seqs: list[Sequence] = field(default_factory=list)
+    pending_rows: list[int] = field(default_factory=list)  # rows whose input id is still on the device
+    pending_sources: list[int] = field(default_factory=list)  # ...at these rows of the previous step's samples
     max_query_len: int = 0
     is_decode_only: bool = False
+
+
+@dataclass
+class PendingStep:
+    """A launched step: its sampled ids are on the device and on their way to `host`."""
+
+    seqs: list[Sequence]
+    host: dict[str, torch.Tensor] = field(default_factory=dict)
+    done: torch.cuda.Event | None = None
+    token_indices: list[int] = field(default_factory=list)  # where each sampled id goes in its seq's token_ids
 
 
 @dataclass
@@ -77,6 +92,7 @@ class StepResult:
     logprobs: list[float] | None = None
     top_logprobs: list[list[float]] | None = None
     top_ids: list[list[int]] | None = None
+    token_indices: list[int] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -102,6 +118,9 @@ class ModelRunner:
         self.pin = device.type == "cuda"
         self.graphs: DecodeGraphs | None = None
         self.penalties = PenaltyState(cfg.vocab_size, device)
+        # The last launched step's sampled ids (device) and each sampling seq's row in them.
+        self._prev_tokens: torch.Tensor | None = None
+        self._prev_rows: dict[int, int] = {}
 
     def _to_device(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype, pin_memory=self.pin)
@@ -114,6 +133,10 @@ class ModelRunner:
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
             inp.input_ids.extend(seq.token_ids[start:end])
+            if inp.input_ids[-1] == PENDING_TOKEN:  # only ever the last token, sampled by the previous step
+                inp.input_ids[-1] = 0
+                inp.pending_rows.append(len(inp.input_ids) - 1)
+                inp.pending_sources.append(self._prev_rows[seq.seq_id])
             inp.positions.extend(range(start, end))
             table = seq.block_table
             inp.slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
@@ -128,8 +151,8 @@ class ModelRunner:
         inp.is_decode_only = inp.max_query_len == 1
         return inp
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[Sequence]]:
-        """Model inputs on the device: (ids, positions, metadata, logits rows, sampling seqs)."""
+    def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Model inputs on the device: (host description, ids, positions, metadata)."""
         inp = self._host_inputs(batch)
         meta = AttentionMetadata(
             slot_mapping=self._to_device(inp.slot_mapping, torch.int64),
@@ -142,7 +165,19 @@ class ModelRunner:
         )
         ids = self._to_device(inp.input_ids, torch.int64)
         pos = self._to_device(inp.positions, torch.int64)
-        return ids, pos, meta, inp.logits_indices, inp.sample_seqs
+        return inp, ids, pos, meta
+
+    def _fill_pending(self, ids: torch.Tensor, inp: StepInputs) -> None:
+        """Write the ids that the previous step sampled (still on the device) into this step's inputs."""
+        rows, sources = inp.pending_rows, inp.pending_sources
+        if not rows:
+            return
+        n = len(rows)
+        if rows == list(range(rows[0], rows[0] + n)) and sources == list(range(sources[0], sources[0] + n)):
+            ids[rows[0] : rows[0] + n].copy_(self._prev_tokens[sources[0] : sources[0] + n])  # steady decode
+        else:
+            src = self._prev_tokens[self._to_device(sources, torch.int64)]
+            ids[self._to_device(rows, torch.int64)] = src.to(ids.dtype)
 
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         """Gather the sampling parameters of the rows that sample this step."""
@@ -179,40 +214,73 @@ class ModelRunner:
         self.penalties.release(seq)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepResult:
+    def launch(self, batch: ScheduledBatch) -> PendingStep:
+        """Enqueue the step's forward and sampling; returns without waiting for the GPU."""
         if self.graphs is not None and self.graphs.can_run(batch):
             inp = self._host_inputs(batch)
-            logits = self.graphs.run(inp)
-            sample_seqs = inp.sample_seqs
+            self.graphs.load(inp)
+            self._fill_pending(self.graphs.input_ids, inp)
+            logits = self.graphs.replay(len(inp.input_ids))
         else:
-            ids, pos, meta, logits_indices, sample_seqs = self.prepare(batch)
+            inp, ids, pos, meta = self.prepare(batch)
+            self._fill_pending(ids, inp)
             hidden = self.model(ids, pos, meta)
-            if not sample_seqs:
-                return StepResult(seqs=[], token_ids=[])
-            rows = torch.tensor(logits_indices, device=self.device)
+            if not inp.sample_seqs:
+                self._prev_tokens, self._prev_rows = None, {}
+                return PendingStep(seqs=[])
+            rows = self._to_device(inp.logits_indices, torch.int64)
             logits = self.model.compute_logits(hidden[rows])
-        if all(s.params.greedy and not s.params.needs_penalties and s.params.logprobs is None for s in sample_seqs):
-            return self._to_host(sample_seqs, SamplerOutput(token_ids=logits.argmax(dim=-1)))  # plain greedy
-        sampling = self.sampling_batch(sample_seqs)
-        out = sample(logits.float(), sampling)
-        if sampling.penalty_rows is not None:
-            self.penalties.record(sample_seqs, sampling.penalty_rows, out.token_ids)
-        return self._to_host(sample_seqs, out)
+        seqs = inp.sample_seqs
+        if all(s.params.greedy and not s.params.needs_penalties and s.params.logprobs is None for s in seqs):
+            out = SamplerOutput(token_ids=logits.argmax(dim=-1))  # plain greedy
+        else:
+            sampling = self.sampling_batch(seqs)
+            out = sample(logits.float(), sampling)
+            if sampling.penalty_rows is not None:
+                self.penalties.record(seqs, sampling.penalty_rows, out.token_ids)
+        self._prev_tokens, self._prev_rows = out.token_ids, {s.seq_id: i for i, s in enumerate(seqs)}
+        return self._start_copy_to_host(seqs, out)
+
+    def _start_copy_to_host(self, seqs: list[Sequence], out: SamplerOutput) -> PendingStep:
+        step = PendingStep(seqs=seqs)
+        for name in ("token_ids", "logprobs", "top_logprobs", "top_ids"):
+            t = getattr(out, name)
+            if t is None:
+                continue
+            if self.pin:
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                step.host[name] = host.copy_(t, non_blocking=True)
+            else:
+                step.host[name] = t
+        if self.pin:
+            step.done = torch.cuda.Event()
+            step.done.record()
+        return step
+
+    @staticmethod
+    def collect(step: PendingStep) -> StepResult:
+        """Wait for a launched step's sampled ids and return them as host lists."""
+        if step.done is not None:
+            step.done.synchronize()
+        host = step.host
+        if not step.seqs:
+            return StepResult(seqs=[], token_ids=[])
+        result = StepResult(seqs=step.seqs, token_ids=host["token_ids"].tolist(), token_indices=step.token_indices)
+        if "logprobs" in host:
+            result.logprobs = host["logprobs"].tolist()
+        if "top_logprobs" in host:
+            result.top_logprobs = host["top_logprobs"].tolist()
+            result.top_ids = host["top_ids"].tolist()
+        return result
+
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        """Run one step to completion (profiling, tests)."""
+        return self.collect(self.launch(batch))
 
     def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Record CUDA graphs of the decode step (forward + logits) for a ladder of batch sizes."""
         max_blocks = -(-max_model_len // self.block_size)
         self.graphs = DecodeGraphs(self.model, max_num_seqs, max_blocks, self.block_size, self.device)
-
-    @staticmethod
-    def _to_host(seqs: list[Sequence], out: SamplerOutput) -> StepResult:
-        result = StepResult(seqs=seqs, token_ids=out.token_ids.tolist())
-        if out.logprobs is not None:
-            result.logprobs = out.logprobs.tolist()
-        if out.top_logprobs is not None:
-            result.top_logprobs = out.top_logprobs.tolist()
-            result.top_ids = out.top_ids.tolist()
-        return result
 
 
 class DecodeGraphs:
@@ -235,8 +303,10 @@ class DecodeGraphs:
         self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.host = torch.zeros(4, n, dtype=torch.int64, pin_memory=True)
-        self.host_ctx = torch.zeros(n, dtype=torch.int32, pin_memory=True)
+        # Two staging buffers: step N+1 is loaded while step N's copies may still be queued.
+        self.host = [torch.zeros(4, n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self.host_ctx = [torch.zeros(n, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        self.num_loads = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         start = time.perf_counter()
@@ -268,11 +338,15 @@ class DecodeGraphs:
     def can_run(self, batch: ScheduledBatch) -> bool:
         return len(batch.seqs) <= self.max_bs and all(n == 1 for n in batch.num_new_tokens)
 
-    def run(self, inp: StepInputs) -> torch.Tensor:
-        """Replay the smallest graph that fits; returns logits [num_seqs, vocab]."""
+    def padded_size(self, n: int) -> int:
+        return next(size for size in self.sizes if size >= n)
+
+    def load(self, inp: StepInputs) -> None:
+        """Copy a decode step's inputs into the static buffers of the graph that will run it."""
         n = len(inp.input_ids)
-        bs = next(size for size in self.sizes if size >= n)
-        host = self.host
+        bs = self.padded_size(n)
+        host, host_ctx = self.host[self.num_loads % 2], self.host_ctx[self.num_loads % 2]
+        self.num_loads += 1
         host[:, n:bs] = 0
         host[0, :n] = torch.tensor(inp.input_ids)
         host[1, :n] = torch.tensor(inp.positions)
@@ -283,10 +357,14 @@ class DecodeGraphs:
         self.input_ids[:bs].copy_(host[0, :bs], non_blocking=True)
         self.positions[:bs].copy_(host[1, :bs], non_blocking=True)
         self.slot_mapping[:bs].copy_(host[2, :bs], non_blocking=True)
-        self.context_lens[:bs].copy_(self.host_ctx[:bs].copy_(host[3, :bs]), non_blocking=True)
+        self.context_lens[:bs].copy_(host_ctx[:bs].copy_(host[3, :bs]), non_blocking=True)
         tables = torch.tensor(inp.block_tables, dtype=torch.int32, pin_memory=True)
         self.block_tables[:n, : tables.shape[1]].copy_(tables, non_blocking=True)
         if bs > n:
             self.block_tables[n:bs, 0] = 0
+
+    def replay(self, n: int) -> torch.Tensor:
+        """Replay the graph loaded for `n` sequences; returns logits [n, vocab]."""
+        bs = self.padded_size(n)
         self.graphs[bs].replay()
         return self.outputs[bs][:n]

@@ -59,6 +59,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.draining:  # its final token is in flight; nothing left to compute
+                i += 1
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if self._reserve(seq, num_new):
                 batch.add(seq, num_new)

@@ -10,6 +10,10 @@ from qwenserve.engine.sampling_params import SamplingParams
 
 _seq_counter = itertools.count()
 
+# Stands in `token_ids` for a token that was sampled on the device but has not reached
+# the host yet (the engine runs one step ahead); its real id is read on the device.
+PENDING_TOKEN = -1
+
 
 class SequenceStatus(Enum):
     WAITING = auto()
@@ -23,6 +27,10 @@ class Sequence:
     The scheduler's unit of work is `num_tokens - num_computed_tokens`: a whole prompt
     chunk while prefilling, exactly one token while decoding. When a step computes a
     sequence up to its last token, a new token is sampled.
+
+    With the next step launched before the current one's tokens are back on the host,
+    the newest `num_pending_tokens` entries of `token_ids` are PENDING_TOKEN; counts that
+    decide when to stop use only the tokens already known (`num_known_tokens`).
     """
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams, seed: int):
@@ -41,6 +49,8 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
         self.admitted = False
         self.num_preemptions = 0
+        self.num_pending_tokens = 0
+        self.draining = False  # its last token is in flight and it will stop on it: schedule no more
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.logprobs: list[TokenLogprob] = []
@@ -52,6 +62,14 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        return len(self.token_ids) - self.num_pending_tokens
+
+    @property
+    def num_known_output_tokens(self) -> int:
+        return self.num_known_tokens - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
