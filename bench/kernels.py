@@ -150,7 +150,7 @@ def bench_decode(results: dict, hbm: float, copy_bw: float, tune: bool) -> None:
             "batch": batch,
             "ctx": ctx,
             "splits": attn.decode_num_splits(
-                batch, KVH, torch.cuda.get_device_properties(0).multi_processor_count, meta.max_context_len
+                batch, KVH, torch.cuda.get_device_properties(0).multi_processor_count
             ),
             "ms": ms,
             "kv_bytes": kv_bytes,
