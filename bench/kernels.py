@@ -305,6 +305,16 @@ CANDIDATES = {
         (128, 128, 4, 3),
         (128, 64, 4, 4),
         (32, 64, 4, 5),
+        (16, 128, 2, 4),
+        (16, 256, 2, 3),
+        (32, 128, 2, 4),
+        (32, 64, 4, 6),
+        (16, 512, 4, 2),
+        (32, 512, 4, 2),
+        (64, 512, 4, 2),
+        (32, 256, 8, 3),
+        (64, 256, 8, 3),
+        (128, 256, 8, 2),
     ],
     32: [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 4, 3), (64, 128, 4, 4)],
     64: [
@@ -385,11 +395,11 @@ def tune_moe(w13: torch.Tensor, w2: torch.Tensor, tokens: list[int]) -> tuple[li
     return table, log
 
 
-def bench_moe(results: dict, hbm: float, copy_bw: float, tune: bool, quick: bool) -> None:
+def bench_moe(results: dict, hbm: float, copy_bw: float, tune: bool, quick: bool, tokens: list[int] | None = None) -> None:
     torch.manual_seed(0)
     w13 = torch.randn(E, 2 * INTER, HIDDEN, device=DEV, dtype=torch.bfloat16) * HIDDEN**-0.5
     w2 = torch.randn(E, HIDDEN, INTER, device=DEV, dtype=torch.bfloat16) * INTER**-0.5
-    tokens = MOE_TOKENS if not quick else [1, 8, 64, 512, 4096]
+    tokens = tokens or (MOE_TOKENS if not quick else [1, 8, 64, 512, 4096])
     if tune:
         table, log = tune_moe(w13, w2, tokens)
         results["moe_tune"] = {
@@ -449,6 +459,7 @@ def main() -> None:
     parser.add_argument("--tune-moe", action="store_true")
     parser.add_argument("--tune-attn", action="store_true")
     parser.add_argument("--quick", action="store_true", help="fewer MoE token counts")
+    parser.add_argument("--moe-tokens", type=int, nargs="*", default=None, help="MoE token counts to run")
     parser.add_argument("--only", default="decode,prefill,small,moe")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
@@ -473,7 +484,7 @@ def main() -> None:
         ("decode", lambda: bench_decode(results, hbm, copy_bw, args.tune_attn)),
         ("prefill", lambda: bench_prefill(results, args.tune_attn)),
         ("small", lambda: bench_small(results)),
-        ("moe", lambda: bench_moe(results, hbm, copy_bw, args.tune_moe, args.quick)),
+        ("moe", lambda: bench_moe(results, hbm, copy_bw, args.tune_moe, args.quick, args.moe_tokens)),
     ]
     for name, fn in sections:
         if name not in only:
