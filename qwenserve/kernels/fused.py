@@ -3,7 +3,8 @@ and each costs a few microseconds of GPU time even inside a CUDA graph.
 
 - `qk_norm_rope_cache`: per-head RMSNorm of q and k, rotary embedding and the KV-cache write,
   one launch (was ~19).
-- `add_rms_norm`: residual add + RMSNorm, one launch (was 2+).
+- `add_rms_norm`: residual add + RMSNorm, one launch (was 2+); it also sums the MoE's k
+  weighted expert outputs, so the MoE needs no reduction launch of its own.
 - `route`: softmax, top-k and renormalisation after the router GEMV, one launch (was ~6).
 Same contracts as the torch references in qwenserve.model.ops.
 """
@@ -103,13 +104,18 @@ def qk_norm_rope_cache(
 
 @triton.jit
 def _add_rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, eps, N: tl.constexpr, N_P2: tl.constexpr
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_xk, stride_r, eps, N: tl.constexpr,
+    N_P2: tl.constexpr, TERMS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, N_P2)
     mask = c < N
     dt = x_ptr.dtype.element_ty
-    x = tl.load(x_ptr + row * stride_x + c, mask=mask, other=0.0).to(tl.float32)
+    x = tl.zeros([N_P2], dtype=tl.float32)
+    for k in tl.static_range(TERMS):
+        x += tl.load(x_ptr + row * stride_x + k * stride_xk + c, mask=mask, other=0.0).to(tl.float32)
+    if TERMS > 1:
+        x = x.to(dt).to(tl.float32)  # the summed MoE output is an activation, as in the reference
     r = tl.load(res_ptr + row * stride_r + c, mask=mask, other=0.0).to(tl.float32)
     s = (x + r).to(dt)  # the residual stream lives in the activation dtype, as in the reference
     tl.store(res_out_ptr + row * N + c, s, mask=mask)
@@ -123,15 +129,18 @@ def _add_rms_norm_kernel(
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual) in one pass over [T, N] rows."""
-    num_rows, n = x.shape
-    out = torch.empty_like(x)
-    res_out = torch.empty_like(x)
+    """(rms_norm(x + residual), x + residual) in one pass over [T, N] rows; x may be [T, k, N]
+    (fused_moe's unreduced terms), summed in the same pass."""
+    terms = x.shape[1] if x.dim() == 3 else 1
+    num_rows, n = residual.shape
+    assert x.stride(-1) == 1
+    out = torch.empty_like(residual)
+    res_out = torch.empty_like(residual)
     if num_rows:
         n_p2 = triton.next_power_of_2(n)
         _add_rms_norm_kernel[(num_rows,)](
-            x, residual, weight, out, res_out, x.stride(0), residual.stride(0), eps, N=n, N_P2=n_p2,
-            num_warps=4 if n_p2 <= 2048 else 8,
+            x, residual, weight, out, res_out, x.stride(0), x.stride(1) if terms > 1 else 0, residual.stride(0),
+            eps, N=n, N_P2=n_p2, TERMS=terms, num_warps=4 if n_p2 <= 2048 else 8,
         )  # fmt: skip
     return out, res_out
 

@@ -353,6 +353,7 @@ def fused_moe_triton(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     cfg: MoEConfig | None = None,
+    reduce: bool = True,
 ) -> torch.Tensor:
     """The Triton path of fused_moe (align + GEMM1 with SiLU-mul + GEMM2 with routing weight)."""
     num_tokens, hidden_size = hidden.shape
@@ -361,7 +362,7 @@ def fused_moe_triton(
     inter = two_inter // 2
     assert hidden.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1
     if num_tokens == 0:
-        return torch.zeros_like(hidden)
+        return torch.zeros_like(hidden) if reduce else hidden.new_zeros(0, top_k, hidden_size)
     if cfg is None:
         cfg = get_moe_config(num_tokens, num_experts, inter, hidden_size, top_k)
     sorted_ids, expert_ids, num_rows = moe_align(topk_ids, num_experts, cfg.block_m)
@@ -370,6 +371,8 @@ def fused_moe_triton(
     pair_out = torch.empty(num_tokens * top_k, hidden_size, dtype=hidden.dtype, device=hidden.device)
     weights = topk_weights.reshape(-1)  # fp32 or the activation dtype; the kernel upcasts
     _launch_gemm2(act, w2, pair_out, sorted_ids, expert_ids, num_rows, weights, cfg)
+    if not reduce:
+        return pair_out.view(num_tokens, top_k, hidden_size)
     if top_k == 1:
         return pair_out
     return moe_sum(pair_out.view(num_tokens, top_k, hidden_size))
@@ -403,6 +406,7 @@ def fused_moe_grouped_mm(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    reduce: bool = True,
 ) -> torch.Tensor:
     """MoE through torch._grouped_mm (CUTLASS grouped GEMM on SM90): for large prefill chunks.
 
@@ -425,7 +429,8 @@ def fused_moe_grouped_mm(
     down = down * topk_weights.reshape(-1)[order].to(down.dtype)[:, None]
     pair_out = torch.empty_like(down)
     pair_out[order] = down  # back to (token, k) order, then reduce over k
-    return pair_out.view(num_tokens, top_k, hidden_size).sum(dim=1)
+    pair_out = pair_out.view(num_tokens, top_k, hidden_size)
+    return pair_out.sum(dim=1) if reduce else pair_out
 
 
 def fused_moe(
@@ -434,8 +439,10 @@ def fused_moe(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    reduce: bool = True,
 ) -> torch.Tensor:
-    """Same contract as ops.fused_moe: returns sum_k w[t, k] * expert_{ids[t, k]}(hidden[t]) as [T, H].
+    """Same contract as ops.fused_moe: returns sum_k w[t, k] * expert_{ids[t, k]}(hidden[t]) as [T, H]
+    (reduce=False: the weighted terms as [T, k, H], for add_rms_norm to sum in its own pass).
 
     Picks torch._grouped_mm for chunks of at least GROUPED_MM_MIN_TOKENS tokens (where it
     measured faster), the Triton kernels otherwise. Both paths are free of host syncs.
@@ -448,5 +455,5 @@ def fused_moe(
         and hidden.is_cuda
         and torch.cuda.get_device_capability(hidden.device)[0] >= 9
     ):
-        return fused_moe_grouped_mm(hidden, w13, w2, topk_weights, topk_ids)
-    return fused_moe_triton(hidden, w13, w2, topk_weights, topk_ids)
+        return fused_moe_grouped_mm(hidden, w13, w2, topk_weights, topk_ids, reduce=reduce)
+    return fused_moe_triton(hidden, w13, w2, topk_weights, topk_ids, reduce=reduce)

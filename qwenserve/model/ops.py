@@ -106,12 +106,14 @@ def fused_moe(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    reduce: bool = True,
 ) -> torch.Tensor:
     """Mixture of SwiGLU experts.
 
     hidden [T, H]; w13 [E, 2I, H] (gate rows then up rows); w2 [E, H, I];
     topk_weights [T, k] (already normalised, float32); topk_ids [T, k] int.
-    Returns sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden[t]) as [T, H].
+    Returns sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden[t]) as [T, H], or with
+    reduce=False the k weighted terms as [T, k, H] (add_rms_norm sums them).
     """
     num_tokens, top_k = topk_ids.shape
     inter = w2.shape[2]
@@ -131,6 +133,10 @@ def fused_moe(
         out_sorted[rows] = act @ w2[expert].t()
         start += count
     weights = topk_weights.reshape(-1)[order].to(hidden.dtype)
+    if not reduce:
+        pairs = torch.empty_like(out_sorted)
+        pairs[order] = out_sorted * weights[:, None]
+        return pairs.view(num_tokens, top_k, -1)
     out = torch.zeros_like(hidden)
     out.index_add_(0, token_of, out_sorted * weights[:, None])
     return out
@@ -147,7 +153,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual): the pre-norm of the next sublayer and the new residual."""
+    """(rms_norm(x + residual), x + residual): the pre-norm of the next sublayer and the new residual.
+
+    x may be [T, k, H], the unreduced terms of fused_moe(reduce=False): they are summed first.
+    """
+    if x.dim() == 3:
+        x = x.sum(dim=1)
     residual = x + residual
     return rms_norm(residual, weight, eps), residual
 

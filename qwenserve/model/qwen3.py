@@ -124,7 +124,8 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.ops.route(x, self.gate.weight, self.top_k, self.norm_topk_prob)
         if self.world_size == 1:
-            return self.ops.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
+            # Unreduced [T, k, H]: the next add_rms_norm sums the k terms in its own pass.
+            return self.ops.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, reduce=False)
         local_weights, local_ids = local_routing(topk_weights, topk_ids, self.expert_start, self.w13.shape[0])
         return all_reduce(self.ops.fused_moe(x, self.w13, self.w2, local_weights, local_ids))
 
@@ -147,7 +148,10 @@ class DecoderLayer(nn.Module):
         positions: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (this layer's MLP output, the residual stream before it); the next layer adds them."""
+        """Returns (this layer's MLP output, the residual stream before it); the next layer adds them.
+
+        A MoE layer's output is its k weighted expert terms [T, k, H]: the add sums them.
+        """
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:

@@ -48,6 +48,31 @@ def test_add_rms_norm(rows: int) -> None:
     torch.testing.assert_close(out, ref_out, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("rows", [1, 77])
+def test_add_rms_norm_sums_unreduced_moe_terms(rows: int) -> None:
+    """x [T, k, H] (fused_moe reduce=False) is summed in the norm's pass: the same as reducing first."""
+    from qwenserve.kernels.fused import add_rms_norm
+    from qwenserve.kernels.moe import fused_moe, moe_sum
+
+    x = torch.randn(rows, 8, 2048, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn(rows, 2048, device="cuda", dtype=torch.bfloat16)
+    w = 1 + 0.1 * torch.randn(2048, device="cuda", dtype=torch.bfloat16)
+    out, res = add_rms_norm(x, r, w, 1e-6)
+    ref_out, ref_res = add_rms_norm(moe_sum(x), r, w, 1e-6)
+    assert torch.equal(res, ref_res) and torch.equal(out, ref_out)
+    torch.testing.assert_close(res, ops.add_rms_norm(x, r, w, 1e-6)[1], atol=3e-2, rtol=2e-2)
+
+    h = torch.randn(rows, 2048, device="cuda", dtype=torch.bfloat16)
+    w13 = torch.randn(16, 2 * 128, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+    w2 = torch.randn(16, 2048, 128, device="cuda", dtype=torch.bfloat16) * 0.05
+    weights, ids = torch.rand(rows, 4, device="cuda").softmax(-1), torch.randint(0, 16, (rows, 4), device="cuda")
+    terms = fused_moe(h, w13, w2, weights, ids, reduce=False)
+    assert terms.shape == (rows, 4, 2048)
+    assert torch.equal(moe_sum(terms), fused_moe(h, w13, w2, weights, ids))
+    ref_terms = ops.fused_moe(h.float(), w13.float(), w2.float(), weights, ids, reduce=False)
+    torch.testing.assert_close(terms.float(), ref_terms, atol=2e-2, rtol=5e-2)
+
+
 @pytest.mark.parametrize("tokens", [1, 63, 64, 4096])
 def test_route(tokens: int) -> None:
     from qwenserve.kernels.fused import route
