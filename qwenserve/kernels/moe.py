@@ -17,7 +17,8 @@ Every touched expert's weights are streamed once per (row block, column block), 
 batch reads close to the minimum: the touched experts' bytes.
 
 For large prefill chunks `torch._grouped_mm` (CUTLASS on SM90) may be faster: see
-`moe_configs.GROUPED_MM_MIN_TOKENS`.
+`moe_configs.GROUPED_MM_MIN_TOKENS`. For decode-sized steps `routed_moe` also folds the
+router's softmax/top-k into the align launch.
 """
 
 from __future__ import annotations
@@ -87,6 +88,112 @@ def _moe_align_kernel(
     for b in range(0, my_padded // BLOCK_M, CHUNK):
         blk = b + offs
         tl.store(expert_ids_ptr + first_block + blk, expert, mask=blk < my_padded // BLOCK_M)
+
+
+# Steps of up to this many tokens route and align in one launch (`routed_moe`): every program
+# of the align recomputes the softmax top-k of all the tokens' router logits (at most 16 x E
+# floats) rather than waiting for a separate routing launch.
+ROUTE_ALIGN_MAX_TOKENS = 16
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
+def _route_align_kernel(
+    logits_ptr,
+    weights_ptr,
+    ids_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_rows_ptr,
+    num_tokens,
+    stride_l,
+    NUM_EXPERTS: tl.constexpr,
+    E_P2: tl.constexpr,
+    TOP_K: tl.constexpr,
+    T_P2: tl.constexpr,
+    NB_P2: tl.constexpr,
+    RENORM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    t = tl.arange(0, T_P2)
+    e = tl.arange(0, E_P2)
+    k_idx = tl.arange(0, TOP_K)
+    t_ok = t < num_tokens
+    e_ok = e < NUM_EXPERTS
+    # Softmax over experts and top-k per token, as _router_topk_kernel does for one row.
+    logit = tl.load(
+        logits_ptr + t[:, None].to(tl.int64) * stride_l + e[None, :],
+        mask=t_ok[:, None] & e_ok[None, :],
+        other=float("-inf"),
+    ).to(tl.float32)
+    logit = tl.where(t_ok[:, None], logit, 0.0)  # padding rows stay finite; they are masked below
+    p = tl.exp(logit - tl.max(logit, 1)[:, None])
+    p = p / tl.sum(p, 1)[:, None]
+    p = tl.where(e_ok[None, :], p, -1.0)
+    top_w = tl.zeros([T_P2, TOP_K], dtype=tl.float32)
+    top_i = tl.zeros([T_P2, TOP_K], dtype=tl.int32)
+    for k in tl.static_range(TOP_K):
+        best = tl.max(p, 1)
+        idx = tl.min(tl.where(p == best[:, None], e[None, :], E_P2), 1)  # lowest index among ties
+        top_w = tl.where(k_idx[None, :] == k, best[:, None], top_w)
+        top_i = tl.where(k_idx[None, :] == k, idx[:, None], top_i)
+        p = tl.where(e[None, :] == idx[:, None], -1.0, p)
+    if RENORM:
+        top_w = top_w / tl.sum(top_w, 1)[:, None]
+    pair_ok = t_ok[:, None] & (k_idx[None, :] < TOP_K)
+    if expert == 0:
+        pair_2d = t[:, None] * TOP_K + k_idx[None, :]
+        tl.store(weights_ptr + pair_2d, top_w.to(weights_ptr.dtype.element_ty), mask=pair_ok)
+        tl.store(ids_ptr + pair_2d, top_i, mask=pair_ok)
+
+    # The align of _moe_align_kernel over the pairs t * TOP_K + k (row-major flattening).
+    ids = tl.reshape(top_i, [T_P2 * TOP_K])
+    valid = tl.reshape(pair_ok.to(tl.int32), [T_P2 * TOP_K]) != 0
+    counts = tl.histogram(ids, E_P2, mask=valid)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    mine = e == expert
+    my_end = tl.sum(tl.where(mine, ends, 0), 0)
+    my_padded = tl.sum(tl.where(mine, padded, 0), 0)
+    my_count = tl.sum(tl.where(mine, counts, 0), 0)
+    my_start = my_end - my_padded
+    if expert == 0:
+        tl.store(num_rows_ptr, tl.sum(padded, 0))
+    hit = ((ids == expert) & valid).to(tl.int32)
+    pair = tl.arange(0, T_P2 * TOP_K)
+    tl.store(sorted_ids_ptr + my_start + tl.cumsum(hit, 0) - 1, pair, mask=hit != 0)
+    pad = tl.arange(0, BLOCK_M)
+    tl.store(sorted_ids_ptr + my_start + my_count + pad, num_tokens * TOP_K, mask=my_count + pad < my_padded)
+    blk = tl.arange(0, NB_P2)
+    tl.store(expert_ids_ptr + my_start // BLOCK_M + blk, expert, mask=blk < my_padded // BLOCK_M)
+
+
+def route_align(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool, block_m: int, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """router_topk and moe_align in one launch, for at most ROUTE_ALIGN_MAX_TOKENS tokens.
+
+    Returns (weights [T, k] out_dtype, ids [T, k] int32, sorted_ids, expert_ids, num_rows) with
+    the contracts of router_topk and moe_align.
+    """
+    num_tokens, num_experts = router_logits.shape
+    assert 0 < num_tokens <= ROUTE_ALIGN_MAX_TOKENS and top_k & (top_k - 1) == 0
+    device = router_logits.device
+    numel = num_tokens * top_k
+    rows = triton.cdiv(max_sorted_rows(numel, num_experts, block_m), block_m) * block_m
+    weights = torch.empty(num_tokens, top_k, dtype=out_dtype, device=device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
+    sorted_ids = torch.empty(rows, dtype=torch.int32, device=device)
+    expert_ids = torch.empty(rows // block_m, dtype=torch.int32, device=device)
+    num_rows = torch.empty(1, dtype=torch.int32, device=device)
+    t_p2 = triton.next_power_of_2(num_tokens)
+    _route_align_kernel[(num_experts,)](
+        router_logits, weights, ids, sorted_ids, expert_ids, num_rows, num_tokens, router_logits.stride(0),
+        NUM_EXPERTS=num_experts, E_P2=triton.next_power_of_2(num_experts), TOP_K=top_k, T_P2=t_p2,
+        NB_P2=triton.next_power_of_2(triton.cdiv(t_p2 * top_k, block_m)), RENORM=renormalize, BLOCK_M=block_m,
+        num_warps=4,
+    )  # fmt: skip
+    return weights, ids, sorted_ids, expert_ids, num_rows
 
 
 def max_sorted_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -366,16 +473,59 @@ def fused_moe_triton(
     if cfg is None:
         cfg = get_moe_config(num_tokens, num_experts, inter, hidden_size, top_k)
     sorted_ids, expert_ids, num_rows = moe_align(topk_ids, num_experts, cfg.block_m)
-    act = torch.empty(sorted_ids.shape[0], inter, dtype=hidden.dtype, device=hidden.device)
-    _launch_gemm1(hidden, w13, act, sorted_ids, expert_ids, num_rows, top_k, cfg)
-    pair_out = torch.empty(num_tokens * top_k, hidden_size, dtype=hidden.dtype, device=hidden.device)
-    weights = topk_weights.reshape(-1)  # fp32 or the activation dtype; the kernel upcasts
-    _launch_gemm2(act, w2, pair_out, sorted_ids, expert_ids, num_rows, weights, cfg)
+    pair_out = _expert_gemms(hidden, w13, w2, topk_weights, sorted_ids, expert_ids, num_rows, cfg)
     if not reduce:
         return pair_out.view(num_tokens, top_k, hidden_size)
     if top_k == 1:
         return pair_out
     return moe_sum(pair_out.view(num_tokens, top_k, hidden_size))
+
+
+def _expert_gemms(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    sorted_ids: torch.Tensor,
+    expert_ids: torch.Tensor,
+    num_rows: torch.Tensor,
+    cfg: MoEConfig,
+) -> torch.Tensor:
+    """GEMM1 (+SiLU-mul) and GEMM2 (+routing weight) over aligned pairs: the weighted terms [T*k, H]."""
+    num_tokens, top_k = topk_weights.shape
+    act = torch.empty(sorted_ids.shape[0], w2.shape[2], dtype=hidden.dtype, device=hidden.device)
+    _launch_gemm1(hidden, w13, act, sorted_ids, expert_ids, num_rows, top_k, cfg)
+    pair_out = torch.empty(num_tokens * top_k, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+    weights = topk_weights.reshape(-1)  # fp32 or the activation dtype; the kernel upcasts
+    _launch_gemm2(act, w2, pair_out, sorted_ids, expert_ids, num_rows, weights, cfg)
+    return pair_out
+
+
+def routed_moe(
+    hidden: torch.Tensor,
+    gate_weight: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+) -> torch.Tensor:
+    """Same contract as ops.routed_moe: router, top-k routing and the experts; returns [T, k, H].
+
+    Decode-sized steps (<= ROUTE_ALIGN_MAX_TOKENS) route and align in one launch; larger ones
+    take the routing kernel and then fused_moe.
+    """
+    num_tokens, hidden_size = hidden.shape
+    if not 0 < num_tokens <= ROUTE_ALIGN_MAX_TOKENS or top_k & (top_k - 1):
+        from qwenserve.kernels.fused import route
+
+        weights, ids = route(hidden, gate_weight, top_k, renormalize)
+        return fused_moe(hidden, w13, w2, weights, ids, reduce=False)
+    num_experts, two_inter, _ = w13.shape
+    cfg = get_moe_config(num_tokens, num_experts, two_inter // 2, hidden_size, top_k)
+    logits = F.linear(hidden, gate_weight)
+    weights, _, sorted_ids, expert_ids, num_rows = route_align(logits, top_k, renormalize, cfg.block_m, hidden.dtype)
+    pair_out = _expert_gemms(hidden, w13, w2, weights, sorted_ids, expert_ids, num_rows, cfg)
+    return pair_out.view(num_tokens, top_k, hidden_size)
 
 
 @triton.jit

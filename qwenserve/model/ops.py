@@ -205,6 +205,14 @@ def qk_norm_rope_cache(
     return q
 
 
+def routed_moe(
+    x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int, renormalize: bool
+) -> torch.Tensor:
+    """The whole sparse MoE block on one device: route, then fused_moe's unreduced terms [T, k, H]."""
+    weights, ids = route(x, gate_weight, top_k, renormalize)
+    return fused_moe(x, w13, w2, weights, ids, reduce=False)
+
+
 def route(
     x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,7 @@ class Ops:
     add_rms_norm: Callable = ref_ops.add_rms_norm
     qk_norm_rope_cache: Callable = ref_ops.qk_norm_rope_cache
     route: Callable = ref_ops.route
+    routed_moe: Callable = ref_ops.routed_moe  # route + fused_moe(reduce=False), on one device
     linear: Callable = F.linear
 
 
@@ -122,10 +123,10 @@ class SparseMoE(nn.Module):
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        topk_weights, topk_ids = self.ops.route(x, self.gate.weight, self.top_k, self.norm_topk_prob)
         if self.world_size == 1:
             # Unreduced [T, k, H]: the next add_rms_norm sums the k terms in its own pass.
-            return self.ops.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, reduce=False)
+            return self.ops.routed_moe(x, self.gate.weight, self.w13, self.w2, self.top_k, self.norm_topk_prob)
+        topk_weights, topk_ids = self.ops.route(x, self.gate.weight, self.top_k, self.norm_topk_prob)
         local_weights, local_ids = local_routing(topk_weights, topk_ids, self.expert_start, self.w13.shape[0])
         return all_reduce(self.ops.fused_moe(x, self.w13, self.w2, local_weights, local_ids))
 

@@ -89,3 +89,33 @@ def test_route(tokens: int) -> None:
     assert (ids.sort(-1).values.diff(dim=-1) > 0).all()
     torch.testing.assert_close(w.float().sum(-1), torch.ones(tokens, device="cuda"), atol=2e-2, rtol=0)
     torch.testing.assert_close(w.float().sort(-1).values, ref_w.float().sort(-1).values, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,block_m", [(1, 128, 8, 16), (7, 128, 8, 16), (16, 128, 8, 16), (5, 8, 2, 32)])
+def test_route_align_equals_route_then_align(tokens: int, experts: int, top_k: int, block_m: int) -> None:
+    from qwenserve.kernels.fused import router_topk
+    from qwenserve.kernels.moe import moe_align, route_align
+
+    logits = torch.randn(tokens, experts, device="cuda", dtype=torch.bfloat16)
+    w, ids, sorted_ids, expert_ids, num_rows = route_align(logits, top_k, True, block_m, torch.bfloat16)
+    ref_w, ref_ids = router_topk(logits, top_k, True, torch.bfloat16)
+    ref_sorted, ref_experts, ref_rows = moe_align(ref_ids, experts, block_m)
+    assert torch.equal(ids, ref_ids) and torch.equal(w, ref_w)
+    n = int(num_rows)
+    assert n == int(ref_rows)
+    assert torch.equal(sorted_ids[:n], ref_sorted[:n]) and torch.equal(expert_ids[: n // block_m], ref_experts[: n // block_m])
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 17, 300])
+def test_routed_moe(tokens: int) -> None:
+    from qwenserve.kernels.moe import routed_moe
+
+    h = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
+    gate = torch.randn(128, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+    w13 = torch.randn(128, 2 * 768, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+    w2 = torch.randn(128, 2048, 768, device="cuda", dtype=torch.bfloat16) * 0.03
+    out = routed_moe(h, gate, w13, w2, 8, True)
+    weights, ids = ops.route(h, gate, 8, True)
+    ref = ops.fused_moe(h.float(), w13.float(), w2.float(), weights.float(), ids, reduce=False)
+    assert out.shape == (tokens, 8, 2048)
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=5e-2)
