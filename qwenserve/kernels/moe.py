@@ -94,6 +94,7 @@ def _moe_align_kernel(
 # of the align recomputes the softmax top-k of all the tokens' router logits (at most 16 x E
 # floats) rather than waiting for a separate routing launch.
 ROUTE_ALIGN_MAX_TOKENS = 16
+ROUTE_ALIGN_NUM_WARPS = 4
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -191,7 +192,7 @@ def route_align(
         router_logits, weights, ids, sorted_ids, expert_ids, num_rows, num_tokens, router_logits.stride(0),
         NUM_EXPERTS=num_experts, E_P2=triton.next_power_of_2(num_experts), TOP_K=top_k, T_P2=t_p2,
         NB_P2=triton.next_power_of_2(triton.cdiv(t_p2 * top_k, block_m)), RENORM=renormalize, BLOCK_M=block_m,
-        num_warps=4,
+        num_warps=ROUTE_ALIGN_NUM_WARPS,
     )  # fmt: skip
     return weights, ids, sorted_ids, expert_ids, num_rows
 
