@@ -77,9 +77,9 @@ def tune_batch(engine: LLMEngine, batch: int, context: int, tiles1: list, tiles2
     moe_configs.set_moe_table(KEY, table, moe_configs.GROUPED_MM_MIN_TOKENS)
     print(f"batch {batch} current {base}: step {replay_ms(engine, batch) * 1000:.1f} us")
     if batch <= moe.ROUTE_ALIGN_MAX_TOKENS:
-        default_warps = moe.ROUTE_ALIGN_NUM_WARPS
+        default_warps = dict(moe.ROUTE_ALIGN_NUM_WARPS)
         for warps in (1, 2, 4):
-            moe.ROUTE_ALIGN_NUM_WARPS = warps
+            moe.ROUTE_ALIGN_NUM_WARPS = dict.fromkeys(range(1, moe.ROUTE_ALIGN_MAX_TOKENS + 1), warps)
             print(f"batch {batch} route_align num_warps={warps}: step {replay_ms(engine, batch) * 1000:.1f} us")
         moe.ROUTE_ALIGN_NUM_WARPS = default_warps
     for which in ("gemm1", "gemm2"):

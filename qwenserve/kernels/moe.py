@@ -94,7 +94,9 @@ def _moe_align_kernel(
 # of the align recomputes the softmax top-k of all the tokens' router logits (at most 16 x E
 # floats) rather than waiting for a separate routing launch.
 ROUTE_ALIGN_MAX_TOKENS = 16
-ROUTE_ALIGN_NUM_WARPS = 4
+# Warps by token count, measured in the batch-1..16 decode graphs (bench/tune_decode_moe.py, H100):
+# one warp keeps the top-k reductions in-warp (-44 us per step at batch 1), more pay off from 4 tokens.
+ROUTE_ALIGN_NUM_WARPS = {1: 1, 2: 2}
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -192,7 +194,7 @@ def route_align(
         router_logits, weights, ids, sorted_ids, expert_ids, num_rows, num_tokens, router_logits.stride(0),
         NUM_EXPERTS=num_experts, E_P2=triton.next_power_of_2(num_experts), TOP_K=top_k, T_P2=t_p2,
         NB_P2=triton.next_power_of_2(triton.cdiv(t_p2 * top_k, block_m)), RENORM=renormalize, BLOCK_M=block_m,
-        num_warps=ROUTE_ALIGN_NUM_WARPS,
+        num_warps=ROUTE_ALIGN_NUM_WARPS.get(t_p2, 4),
     )  # fmt: skip
     return weights, ids, sorted_ids, expert_ids, num_rows
 

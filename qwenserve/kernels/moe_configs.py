@@ -41,7 +41,7 @@ _QWEN3_MOE = (128, 768, 2048, 8)
 _TABLES: dict[tuple[int, int, int, int], list[tuple[int, MoEConfig]]] = {
     _QWEN3_MOE: [
         # Measured on H100 80GB HBM3 (bench/kernels.py --tune-moe, cold L2, CUDA graph).
-        (1, MoEConfig(16, 32, 128, 4, 4, 32, 64, 4, 5)),
+        (1, MoEConfig(16, 32, 128, 4, 4, 64, 64, 4, 5)),  # GEMM2 re-picked in the decode graph (tune_decode_moe.py)
         (2, MoEConfig(16, 32, 256, 4, 3, 64, 128, 4, 4)),
         (4, MoEConfig(16, 32, 256, 4, 3, 32, 128, 4, 4)),
         (8, MoEConfig(16, 64, 256, 4, 3, 64, 256, 4, 3)),
