@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from qwenserve.kernels.pdl import pdl_args
 from qwenserve.model.ops import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
@@ -91,11 +90,7 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     TILE: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    if PDL:  # see qwenserve.kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -168,11 +163,7 @@ def _decode_merge_kernel(
     HEAD_DIM: tl.constexpr,
     DIM_P2: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    if PDL:  # see qwenserve.kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, NUM_SPLITS)
@@ -219,11 +210,7 @@ def _prefill_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    if PDL:  # see qwenserve.kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
 
@@ -375,7 +362,7 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size,
         TILE=tile,
         NUM_SPLITS=num_splits,
-        num_warps=num_warps, **pdl_args(),
+        num_warps=num_warps,
         num_stages=num_stages,
     )
     if num_splits > 1:
@@ -389,7 +376,7 @@ def paged_decode_attention(
             HEAD_DIM=head_dim,
             DIM_P2=dim_p2,
             NUM_SPLITS=num_splits,
-            num_warps=4, **pdl_args(),
+            num_warps=4,
         )
     return out
 
@@ -446,7 +433,7 @@ def paged_prefill_attention(
         BLOCK_N=block_n,
         # Fixed for up to 2047 sequences (extra steps are no-ops), so batch size never triggers a compile.
         SEARCH_STEPS=max(11, num_seqs.bit_length()),
-        num_warps=num_warps, **pdl_args(),
+        num_warps=num_warps,
         num_stages=num_stages,
     )
     return out

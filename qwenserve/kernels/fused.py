@@ -15,8 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from qwenserve.kernels.pdl import pdl_args
-
 
 @triton.jit
 def _qk_norm_rope_kernel(
@@ -37,11 +35,7 @@ def _qk_norm_rope_kernel(
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    if PDL:  # see qwenserve.kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     token = tl.program_id(0)
     head = tl.program_id(1)  # 0..NUM_HEADS-1 are q heads, then the kv heads
     is_q = head < NUM_HEADS
@@ -103,7 +97,7 @@ def qk_norm_rope_cache(
             qkv, q, q_weight, k_weight, cos_sin_cache, positions, k_cache, v_cache, slot_mapping,
             qkv.stride(0), k_cache.stride(1), k_cache.stride(2), eps,
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2,
-            num_warps=1, **pdl_args(),
+            num_warps=1,
         )  # fmt: skip
     return q
 
@@ -112,11 +106,7 @@ def qk_norm_rope_cache(
 def _add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_xk, stride_r, eps, N: tl.constexpr,
     N_P2: tl.constexpr, TERMS: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    if PDL:  # see qwenserve.kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, N_P2)
     mask = c < N
@@ -150,7 +140,7 @@ def add_rms_norm(
         n_p2 = triton.next_power_of_2(n)
         _add_rms_norm_kernel[(num_rows,)](
             x, residual, weight, out, res_out, x.stride(0), x.stride(1) if terms > 1 else 0, residual.stride(0),
-            eps, N=n, N_P2=n_p2, TERMS=terms, num_warps=4 if n_p2 <= 2048 else 8, **pdl_args(),
+            eps, N=n, N_P2=n_p2, TERMS=terms, num_warps=4 if n_p2 <= 2048 else 8,
         )  # fmt: skip
     return out, res_out
 
@@ -159,11 +149,7 @@ def add_rms_norm(
 def _router_topk_kernel(
     logits_ptr, w_out_ptr, id_out_ptr, stride_l, E: tl.constexpr, E_P2: tl.constexpr, TOP_K: tl.constexpr,
     RENORM: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    if PDL:  # see qwenserve.kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, E_P2)
     mask = e < E
@@ -208,6 +194,6 @@ def router_topk(
     if num_tokens:
         _router_topk_kernel[(num_tokens,)](
             router_logits, weights, ids, router_logits.stride(0), E=num_experts,
-            E_P2=triton.next_power_of_2(num_experts), TOP_K=top_k, RENORM=renormalize, num_warps=1, **pdl_args(),
+            E_P2=triton.next_power_of_2(num_experts), TOP_K=top_k, RENORM=renormalize, num_warps=1,
         )  # fmt: skip
     return weights, ids

@@ -30,7 +30,6 @@ import triton.language as tl
 
 from qwenserve.kernels import moe_configs
 from qwenserve.kernels.moe_configs import MoEConfig, get_moe_config
-from qwenserve.kernels.pdl import pdl_args
 
 # The align kernel (one program per expert, each scanning all pairs) is used up to this many
 # pairs; above it the torch sort path (more launches, but it scans the pairs once) takes over.
@@ -51,11 +50,7 @@ def _moe_align_kernel(
     E_P2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     CHUNK: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    if PDL:  # see qwenserve.kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     # One program per expert. Each recomputes the (cheap, L2-resident) histogram of all
     # pairs to find where its padded run starts, then places its own pairs in order: no
     # cross-program dependency, so one launch and no atomics.
@@ -121,11 +116,7 @@ def _route_align_kernel(
     NB_P2: tl.constexpr,
     RENORM: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    if PDL:  # see qwenserve.kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     expert = tl.program_id(0)
     t = tl.arange(0, T_P2)
     e = tl.arange(0, E_P2)
@@ -203,7 +194,7 @@ def route_align(
         router_logits, weights, ids, sorted_ids, expert_ids, num_rows, num_tokens, router_logits.stride(0),
         NUM_EXPERTS=num_experts, E_P2=triton.next_power_of_2(num_experts), TOP_K=top_k, T_P2=t_p2,
         NB_P2=triton.next_power_of_2(triton.cdiv(t_p2 * top_k, block_m)), RENORM=renormalize, BLOCK_M=block_m,
-        num_warps=ROUTE_ALIGN_NUM_WARPS.get(t_p2, 4), **pdl_args(),
+        num_warps=ROUTE_ALIGN_NUM_WARPS.get(t_p2, 4),
     )  # fmt: skip
     return weights, ids, sorted_ids, expert_ids, num_rows
 
@@ -239,7 +230,7 @@ def moe_align(
             E_P2=triton.next_power_of_2(num_experts),
             BLOCK_M=block_m,
             CHUNK=min(4096, max(64, triton.next_power_of_2(numel))),
-            num_warps=4, **pdl_args(),
+            num_warps=4,
         )
         return sorted_ids, expert_ids, num_rows
 
@@ -282,12 +273,8 @@ def _moe_gemm1_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
     """act[row, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, N + n]) for sorted rows."""
-    if PDL:  # see qwenserve.kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_in_group = GROUP_M * num_pid_n
@@ -353,12 +340,8 @@ def _moe_gemm2_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
     """out[pair, n] = weight[pair] * (act[row] . w2[e, n]) for sorted rows."""
-    if PDL:  # see qwenserve.kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_in_group = GROUP_M * num_pid_n
@@ -430,7 +413,7 @@ def _launch_gemm1(
         BLOCK_N=cfg.n1,
         BLOCK_K=cfg.k1,
         GROUP_M=cfg.group_m,
-        num_warps=cfg.warps1, **pdl_args(),
+        num_warps=cfg.warps1,
         num_stages=cfg.stages1,
     )
 
@@ -468,7 +451,7 @@ def _launch_gemm2(
         BLOCK_N=cfg.n2,
         BLOCK_K=cfg.k2,
         GROUP_M=cfg.group_m,
-        num_warps=cfg.warps2, **pdl_args(),
+        num_warps=cfg.warps2,
         num_stages=cfg.stages2,
     )
 
@@ -549,10 +532,7 @@ def routed_moe(
 
 
 @triton.jit
-def _moe_sum_kernel(x_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    if PDL:  # see qwenserve.kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+def _moe_sum_kernel(x_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
@@ -568,7 +548,7 @@ def moe_sum(pair_out: torch.Tensor) -> torch.Tensor:
     out = torch.empty(num_tokens, hidden, dtype=pair_out.dtype, device=pair_out.device)
     block = 1024
     _moe_sum_kernel[(num_tokens, triton.cdiv(hidden, block))](
-        pair_out, out, hidden, TOP_K=top_k, BLOCK=block, num_warps=4, **pdl_args()
+        pair_out, out, hidden, TOP_K=top_k, BLOCK=block, num_warps=4
     )
     return out
 

@@ -6,8 +6,6 @@ import torch
 import triton
 import triton.language as tl
 
-from qwenserve.kernels.pdl import pdl_args
-
 
 @triton.jit(do_not_specialize=["num_rows"])
 def _rms_norm_kernel(
@@ -21,11 +19,7 @@ def _rms_norm_kernel(
     N: tl.constexpr,
     N_P2: tl.constexpr,
     ROWS: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    if PDL:  # see qwenserve.kernels.pdl
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     # ROWS rows per program, so the per-head q/k norms (rows of 128) still move enough bytes.
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     c = tl.arange(0, N_P2)
@@ -66,6 +60,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         N=n,
         N_P2=n_p2,
         ROWS=rows,
-        num_warps=4 if n_p2 * rows <= 2048 else 8, **pdl_args(),
+        num_warps=4 if n_p2 * rows <= 2048 else 8,
     )
     return out.view(x.shape)
