@@ -46,7 +46,8 @@ def replay_ms(engine: LLMEngine, batch: int, steps: int = 100) -> float:
     return start.elapsed_time(end) / steps
 
 
-def tune_batch(engine: LLMEngine, batch: int, context: int, tiles1: list, tiles2: list) -> None:
+def start_batch(engine: LLMEngine, batch: int, context: int) -> None:
+    """Replace whatever runs by `batch` fresh sequences of `context` tokens, past their prefill."""
     for rid in list(engine.requests):
         engine.abort(rid)
     rng = random.Random(batch)
@@ -55,6 +56,10 @@ def tune_batch(engine: LLMEngine, batch: int, context: int, tiles1: list, tiles2
         engine.add_request(f"tune-{batch}-{i}", [rng.randrange(150000) for _ in range(context)], params)
     for _ in range(6):
         engine.step()
+
+
+def tune_batch(engine: LLMEngine, batch: int, context: int, tiles1: list, tiles2: list) -> None:
+    start_batch(engine, batch, context)
     table = list(moe_configs._TABLES[KEY])
     row = next(i for i, (max_tokens, _) in enumerate(table) if max_tokens >= batch)
     base = table[row][1]
