@@ -25,11 +25,36 @@ TILES = [(16, 256, 2, 4), (16, 128, 2, 4), (16, 512, 4, 2), (32, 256, 4, 3), (32
          (64, 128, 4, 4), (32, 64, 4, 5), (16, 128, 1, 4), (16, 64, 2, 6)]
 
 
+# Best tiles at batch 1 from the joint sweep (H100).
+BEST = {"qkv": (32, 128, 4, 4), "o_proj": (16, 256, 4, 3), "router": (16, 256, 4, 3)}
+
+
+def measure_alone(engine: LLMEngine, args: argparse.Namespace, shapes: dict) -> None:
+    ops = engine.model.ops
+    for batch in args.batch:
+        start_batch(engine, batch, args.context)
+        for name, shape in shapes.items():
+            skinny.LINEAR_CONFIGS[shape] = BEST[name]
+        ops.linear, moe.ROUTER_LINEAR = F.linear, F.linear
+        base = replay_ms(engine, batch)
+        print(f"batch {batch} cuBLAS: step {base * 1000:.1f} us", flush=True)
+        for name in shapes:
+            skinny_qkv_o = name in ("qkv", "o_proj")
+            ops.linear = (lambda x, w, n=name: skinny.linear(x, w) if w.shape == shapes[n] else F.linear(x, w)) \
+                if skinny_qkv_o else F.linear
+            moe.ROUTER_LINEAR = skinny.linear if name == "router" else F.linear
+            ms = replay_ms(engine, batch)
+            print(f"batch {batch} only {name} skinny {BEST[name]}: step {ms * 1000:.1f} us ({(ms - base) * 1000:+.1f})",
+                  flush=True)
+        ops.linear, moe.ROUTER_LINEAR = F.linear, F.linear
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("config")
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--batch", type=int, nargs="*", default=[1])
+    p.add_argument("--alone", action="store_true", help="one projection at a time on the skinny kernel, at its best tile")
     args = p.parse_args()
     engine = LLMEngine(EngineConfig(model=args.config, load_format="dummy", max_model_len=4096,
                                     max_num_seqs=max(args.batch)))
@@ -40,6 +65,9 @@ def main() -> None:
         "router": (cfg.num_experts, cfg.hidden_size),
     }
     ops = engine.model.ops
+    if args.alone:
+        measure_alone(engine, args, shapes)
+        return
     for batch in args.batch:
         start_batch(engine, batch, args.context)
         ops.linear, moe.ROUTER_LINEAR = F.linear, F.linear
