@@ -94,7 +94,6 @@ def _moe_align_kernel(
 # of the align recomputes the softmax top-k of all the tokens' router logits (at most 16 x E
 # floats) rather than waiting for a separate routing launch.
 ROUTE_ALIGN_MAX_TOKENS = 16
-ROUTER_LINEAR = F.linear  # the router GEMV of routed_moe
 # Warps by token count, measured in the batch-1..16 decode graphs (bench/tune_decode_moe.py, H100):
 # one warp keeps the top-k reductions in-warp (-44 us per step at batch 1), more pay off from 4 tokens.
 ROUTE_ALIGN_NUM_WARPS = {1: 1, 2: 2}
@@ -526,7 +525,7 @@ def routed_moe(
         return fused_moe(hidden, w13, w2, weights, ids, reduce=False)
     num_experts, two_inter, _ = w13.shape
     cfg = get_moe_config(num_tokens, num_experts, two_inter // 2, hidden_size, top_k)
-    logits = ROUTER_LINEAR(hidden, gate_weight)
+    logits = F.linear(hidden, gate_weight)
     weights, _, sorted_ids, expert_ids, num_rows = route_align(logits, top_k, renormalize, cfg.block_m, hidden.dtype)
     pair_out = _expert_gemms(hidden, w13, w2, weights, sorted_ids, expert_ids, num_rows, cfg)
     return pair_out.view(num_tokens, top_k, hidden_size)
