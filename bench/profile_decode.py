@@ -15,7 +15,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from qwenserve.config import EngineConfig
 from qwenserve.engine.llm_engine import LLMEngine
-from qwenserve.engine.model_runner import SHORT_GRAPH_MAX_BATCH
 from qwenserve.engine.sampling_params import SamplingParams
 
 
@@ -46,9 +45,7 @@ def main() -> None:
         if graphs is not None:
             # The same graph replayed back to back: GPU time including the gaps between its kernels,
             # without any host work between steps.
-            bs = graphs.padded_size(batch)
-            longest = max(s.num_tokens for s in engine.scheduler.running)
-            graph = graphs.graphs[bs, bs <= SHORT_GRAPH_MAX_BATCH and longest <= graphs.short_context_len]
+            graph = graphs.graphs[graphs.padded_size(batch)]
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(args.steps):

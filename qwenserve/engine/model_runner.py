@@ -48,17 +48,6 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return [b for b in sizes if b < max_num_seqs] + [min(max_num_seqs, 512)]
 
 
-# Batches up to this size also get a graph for short contexts, where attention skips its merge pass.
-SHORT_GRAPH_MAX_BATCH = 8
-
-
-def short_context_len() -> int:
-    """The context bound under which the decode attention kernel runs without splits."""
-    from qwenserve.kernels.attention import DECODE_SHORT_CONTEXT
-
-    return DECODE_SHORT_CONTEXT
-
-
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, world_size: int = 1) -> int:
     """Bytes of K and V for one block across all layers (on one rank: its kv heads only)."""
     elem = torch.tensor([], dtype=dtype).element_size()
@@ -231,7 +220,7 @@ class ModelRunner:
             inp = self._host_inputs(batch)
             self.graphs.load(inp)
             self._fill_pending(self.graphs.input_ids, inp)
-            logits = self.graphs.replay(inp)
+            logits = self.graphs.replay(len(inp.input_ids))
         else:
             inp, ids, pos, meta = self.prepare(batch)
             self._fill_pending(ids, inp)
@@ -295,9 +284,7 @@ class ModelRunner:
 
 
 class DecodeGraphs:
-    """CUDA graphs of decode steps: static input buffers, one graph per padded batch size, and
-    for small batches a second one for when every context is short (the attention kernel then
-    skips its split-merge pass; see DECODE_SHORT_CONTEXT).
+    """CUDA graphs of decode steps: static input buffers, one graph per padded batch size.
 
     Padded rows write to slot 0 of the null block and read one token of it, so they cost
     almost nothing and touch no live sequence. Every kernel on this path reads its sizes
@@ -320,28 +307,22 @@ class DecodeGraphs:
         self.host = [torch.zeros(4, n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
         self.host_ctx = [torch.zeros(n, dtype=torch.int32, pin_memory=True) for _ in range(2)]
         self.num_loads = 0
-        self.max_context_len = max_blocks * block_size
-        self.short_context_len = min(short_context_len(), self.max_context_len)
-        # (padded batch size, whether contexts are bounded by short_context_len) -> graph, logits
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
         start = time.perf_counter()
         pool = None
-        variants = [(bs, False) for bs in self.sizes]
-        if self.short_context_len > 0:
-            variants += [(bs, True) for bs in self.sizes if bs <= SHORT_GRAPH_MAX_BATCH]
-        for bs, short in reversed(variants):
-            meta = self._meta(bs, self.short_context_len if short else self.max_context_len)
+        for bs in reversed(self.sizes):
+            meta = self._meta(bs, max_blocks * block_size)
             args = (self.input_ids[:bs], self.positions[:bs], meta)
             model.compute_logits(model(*args))  # warm up: autotuning and lazy init stay out of the graph
             torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs, short] = model.compute_logits(model(*args))
+                self.outputs[bs] = model.compute_logits(model(*args))
             pool = graph.pool()
-            self.graphs[bs, short] = graph
+            self.graphs[bs] = graph
         torch.cuda.synchronize(device)
-        logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1fs", len(variants), n, time.perf_counter() - start)
+        logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1fs", len(self.sizes), n, time.perf_counter() - start)
 
     def _meta(self, bs: int, max_context_len: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -359,11 +340,6 @@ class DecodeGraphs:
 
     def padded_size(self, n: int) -> int:
         return next(size for size in self.sizes if size >= n)
-
-    def key(self, inp: StepInputs) -> tuple[int, bool]:
-        """Which graph runs this step: (padded batch size, all contexts short)."""
-        bs = self.padded_size(len(inp.input_ids))
-        return bs, bs <= SHORT_GRAPH_MAX_BATCH and max(inp.context_lens) <= self.short_context_len
 
     def load(self, inp: StepInputs) -> None:
         """Copy a decode step's inputs into the static buffers of the graph that will run it."""
@@ -387,8 +363,8 @@ class DecodeGraphs:
         if bs > n:
             self.block_tables[n:bs, 0] = 0
 
-    def replay(self, inp: StepInputs) -> torch.Tensor:
-        """Replay the graph for the step just loaded; returns logits [num_seqs, vocab]."""
-        key = self.key(inp)
-        self.graphs[key].replay()
-        return self.outputs[key][: len(inp.input_ids)]
+    def replay(self, n: int) -> torch.Tensor:
+        """Replay the graph loaded for `n` sequences; returns logits [n, vocab]."""
+        bs = self.padded_size(n)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]

@@ -5,11 +5,9 @@ through the block tables, and both pack the query heads that share a KV head (GQ
 rows of one tile, so every K/V tile is loaded once per KV head rather than once per query head.
 
 Decode (`meta.is_decode_only`): one program per (sequence, KV head, split). The split count
-depends only on the batch size and on whether every context is short (`meta.max_context_len`,
-a bound the caller commits to), and each program finds its slice of the context from
+depends only on the batch size, and each program finds its slice of the context from
 `context_lens` on the device, so the launch is the same every step and CUDA-graph capturable.
-A second small kernel merges the splits' partial outputs through their log-sum-exps; short
-contexts take one split and skip it, since the merge launch costs more than it saves there.
+A second small kernel merges the splits' partial outputs through their log-sum-exps.
 
 Prefill / mixed steps: one program per (tile of query tokens of one sequence, KV head); the
 grid is an upper bound (T // BLOCK_Q + B) computed from shapes, and each program finds its
@@ -19,8 +17,6 @@ are masked.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -36,12 +32,6 @@ _NEG_BIG = tl.constexpr(
 # Decode tiling. TILE tokens of K and V are gathered per loop step (TILE // block_size blocks).
 DECODE_TILE = 64
 DECODE_MAX_SPLITS = 64  # B=1 at 32k: 64 splits 37 us vs 32 splits 45 us (H100)
-# Up to DECODE_SHORT_CONTEXT tokens one program per (sequence, KV head) reads the whole context
-# in wide tiles (DECODE_SHORT_TILE tokens per loop step, so few dependent steps), which skips the
-# split-merge launch. QWENSERVE_DECODE_SHORT_TILE=0 turns this off (always split and merge).
-DECODE_SHORT_TILE = int(os.environ.get("QWENSERVE_DECODE_SHORT_TILE", "256"))
-DECODE_SHORT_CONTEXT = 1024 if DECODE_SHORT_TILE else 0
-DECODE_SHORT_NUM_WARPS = 8
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 3
 # Prefill tiling: BLOCK_M rows = BLOCK_M // group query tokens x group heads.
@@ -61,21 +51,14 @@ def _num_sms(device: torch.device) -> int:
 
 
 def decode_num_splits(
-    num_seqs: int,
-    num_kv_heads: int,
-    num_sms: int,
-    max_context_len: int | None = None,
-    max_splits: int = DECODE_MAX_SPLITS,
+    num_seqs: int, num_kv_heads: int, num_sms: int, max_splits: int = DECODE_MAX_SPLITS
 ) -> int:
     """Splits per (sequence, KV head) so that the grid covers about two waves of SMs.
 
-    A function of the batch shape and of one bound, whether `max_context_len` is at most
-    DECODE_SHORT_CONTEXT (then one split), so a CUDA graph captured for a batch size and that
-    bound stays valid for every later step within it. Contexts shorter than the split count
-    needs leave the trailing splits empty; those programs exit after writing an empty partial.
+    A function of the batch shape only (never of context lengths), so a CUDA graph captured
+    for a batch size stays valid for every later step of that size. Short contexts simply
+    leave the trailing splits empty; those programs exit after writing an empty partial.
     """
-    if max_context_len is not None and max_context_len <= DECODE_SHORT_CONTEXT:
-        return 1
     want = triton.cdiv(2 * num_sms, max(1, num_seqs * num_kv_heads))
     return max(1, min(max_splits, triton.next_power_of_2(want) if want > 1 else 1))
 
@@ -328,15 +311,11 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
-    max_context_len: int | None = None,
     tile: int = DECODE_TILE,
     num_warps: int = DECODE_NUM_WARPS,
     num_stages: int = DECODE_NUM_STAGES,
 ) -> torch.Tensor:
-    """Flash-decoding over the paged cache: one query token per sequence, q [B, H, D].
-
-    `max_context_len`, if given, must bound every entry of `context_lens` (it picks the splits).
-    """
+    """Flash-decoding over the paged cache: one query token per sequence, q [B, H, D]."""
     _check_cache(q, k_cache, v_cache)
     num_seqs, num_heads, head_dim = q.shape
     assert block_tables.shape[0] == num_seqs, "decode expects one query row per sequence"
@@ -347,10 +326,8 @@ def paged_decode_attention(
     if num_seqs == 0:
         return out
     if num_splits is None:
-        num_splits = decode_num_splits(num_seqs, num_kv_heads, _num_sms(q.device), max_context_len)
+        num_splits = decode_num_splits(num_seqs, num_kv_heads, _num_sms(q.device))
     assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
-    if num_splits == 1 and max_context_len is not None and max_context_len <= DECODE_SHORT_CONTEXT:
-        tile, num_warps = DECODE_SHORT_TILE, DECODE_SHORT_NUM_WARPS
     tile = max(tile, 16)
     if num_splits > 1:
         part_out = torch.empty(
@@ -476,16 +453,13 @@ def paged_attention(
     the query_len-1 sequences of mixed batches.
     """
     if meta.is_decode_only and q.shape[0] == meta.block_tables.shape[0]:
-        return paged_decode_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, max_context_len=meta.max_context_len
-        )
+        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
     return paged_prefill_attention(
         q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale
     )
 
 
 __all__ = [
-    "DECODE_SHORT_CONTEXT",
     "decode_num_splits",
     "paged_attention",
     "paged_decode_attention",

@@ -143,20 +143,6 @@ def test_decode_attention(num_heads: int, num_kv_heads: int, head_dim: int, ctx_
         assert rel_err(out, ref) < BF16_TOL, splits
 
 
-def test_short_contexts_take_one_split() -> None:
-    """Graph-safe split choice: one wide-tile split (no merge) only when the caller bounds contexts as short."""
-    from qwenserve.kernels.attention import DECODE_SHORT_CONTEXT, decode_num_splits
-
-    if not DECODE_SHORT_CONTEXT:
-        pytest.skip("QWENSERVE_DECODE_SHORT_TILE=0")
-    assert decode_num_splits(1, 4, 132, DECODE_SHORT_CONTEXT) == 1
-    assert decode_num_splits(1, 4, 132, DECODE_SHORT_CONTEXT + 1) == decode_num_splits(1, 4, 132) > 1
-    q, k_cache, v_cache, meta = make_step([1] * 6, [DECODE_SHORT_CONTEXT, 700, 1, 17, 256, 300], 32, 4, 128)
-    meta.max_context_len = DECODE_SHORT_CONTEXT
-    ref = reference_attention(q, k_cache, v_cache, meta, 0.1)
-    assert rel_err(paged_attention(q, k_cache, v_cache, meta, 0.1), ref) < BF16_TOL
-
-
 def test_decode_padding_rows_are_safe() -> None:
     """CUDA-graph padding rows (context 0 or 1, block table of zeros) give finite output."""
     q, k_cache, v_cache, meta = make_step([1, 1, 1], [40, 300, 9], 32, 4, 128)
