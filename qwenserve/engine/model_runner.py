@@ -216,11 +216,12 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch) -> PendingStep:
         """Enqueue the step's forward and sampling; returns without waiting for the GPU."""
+        greedy_ids = None
         if self.graphs is not None and self.graphs.can_run(batch):
             inp = self._host_inputs(batch)
             self.graphs.load(inp)
             self._fill_pending(self.graphs.input_ids, inp)
-            logits = self.graphs.replay(len(inp.input_ids))
+            logits, greedy_ids = self.graphs.replay(len(inp.input_ids))
         else:
             inp, ids, pos, meta = self.prepare(batch)
             self._fill_pending(ids, inp)
@@ -232,7 +233,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[rows])
         seqs = inp.sample_seqs
         if all(s.params.greedy and not s.params.needs_penalties and s.params.logprobs is None for s in seqs):
-            out = SamplerOutput(token_ids=logits.argmax(dim=-1))  # plain greedy
+            out = SamplerOutput(token_ids=greedy_ids if greedy_ids is not None else logits.argmax(dim=-1))
         else:
             sampling = self.sampling_batch(seqs)
             out = sample(logits.float(), sampling)
@@ -297,18 +298,18 @@ class DecodeGraphs:
         self.max_bs = self.sizes[-1]
         self.max_blocks = max_blocks
         n = self.max_bs
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.zeros(n, dtype=torch.int64, device=device)
-        self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
+        # ids, positions, slots and context lengths share one buffer so one copy loads them all.
+        self.packed = torch.zeros(4, n, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping, self.context_lens = self.packed.unbind(0)
+        self.context_lens.fill_(1)
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         # Two staging buffers: step N+1 is loaded while step N's copies may still be queued.
         self.host = [torch.zeros(4, n, dtype=torch.int64, pin_memory=True) for _ in range(2)]
-        self.host_ctx = [torch.zeros(n, dtype=torch.int32, pin_memory=True) for _ in range(2)]
         self.num_loads = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.greedy_ids: dict[int, torch.Tensor] = {}  # the argmax of each graph's logits, computed inside it
         start = time.perf_counter()
         pool = None
         for bs in reversed(self.sizes):
@@ -319,6 +320,7 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self.outputs[bs] = model.compute_logits(model(*args))
+                self.greedy_ids[bs] = self.outputs[bs].argmax(dim=-1)
             pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize(device)
@@ -345,7 +347,7 @@ class DecodeGraphs:
         """Copy a decode step's inputs into the static buffers of the graph that will run it."""
         n = len(inp.input_ids)
         bs = self.padded_size(n)
-        host, host_ctx = self.host[self.num_loads % 2], self.host_ctx[self.num_loads % 2]
+        host = self.host[self.num_loads % 2]
         self.num_loads += 1
         host[:, n:bs] = 0
         host[0, :n] = torch.tensor(inp.input_ids)
@@ -353,18 +355,16 @@ class DecodeGraphs:
         host[2, :n] = torch.tensor(inp.slot_mapping)
         host[3, :n] = torch.tensor(inp.context_lens)
         host[3, n:bs] = 1
-        # Straight from pinned memory into the graph's static inputs: DMA, no extra kernels.
-        self.input_ids[:bs].copy_(host[0, :bs], non_blocking=True)
-        self.positions[:bs].copy_(host[1, :bs], non_blocking=True)
-        self.slot_mapping[:bs].copy_(host[2, :bs], non_blocking=True)
-        self.context_lens[:bs].copy_(host_ctx[:bs].copy_(host[3, :bs]), non_blocking=True)
+        # Straight from pinned memory into the graph's static inputs: one DMA of the whole (small)
+        # buffer, rows past bs included, rather than four copies of [:bs].
+        self.packed.copy_(host, non_blocking=True)
         tables = torch.tensor(inp.block_tables, dtype=torch.int32, pin_memory=True)
         self.block_tables[:n, : tables.shape[1]].copy_(tables, non_blocking=True)
         if bs > n:
             self.block_tables[n:bs, 0] = 0
 
-    def replay(self, n: int) -> torch.Tensor:
-        """Replay the graph loaded for `n` sequences; returns logits [n, vocab]."""
+    def replay(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the graph loaded for `n` sequences; returns (logits [n, vocab], their argmax [n])."""
         bs = self.padded_size(n)
         self.graphs[bs].replay()
-        return self.outputs[bs][:n]
+        return self.outputs[bs][:n], self.greedy_ids[bs][:n]
