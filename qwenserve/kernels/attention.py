@@ -33,6 +33,7 @@ _NEG_BIG = tl.constexpr(
 DECODE_TILE = 64
 DECODE_MAX_SPLITS = 64  # B=1 at 32k: 64 splits 37 us vs 32 splits 45 us (H100)
 DECODE_NUM_WARPS = 4
+DECODE_MERGE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 3
 # Prefill tiling: BLOCK_M rows = BLOCK_M // group query tokens x group heads.
 PREFILL_BLOCK_M = 128
@@ -312,7 +313,7 @@ def paged_decode_attention(
     scale: float,
     num_splits: int | None = None,
     tile: int = DECODE_TILE,
-    num_warps: int = DECODE_NUM_WARPS,
+    num_warps: int | None = None,
     num_stages: int = DECODE_NUM_STAGES,
 ) -> torch.Tensor:
     """Flash-decoding over the paged cache: one query token per sequence, q [B, H, D]."""
@@ -328,6 +329,7 @@ def paged_decode_attention(
     if num_splits is None:
         num_splits = decode_num_splits(num_seqs, num_kv_heads, _num_sms(q.device))
     assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
+    num_warps = num_warps or DECODE_NUM_WARPS
     tile = max(tile, 16)
     if num_splits > 1:
         part_out = torch.empty(
@@ -376,7 +378,7 @@ def paged_decode_attention(
             HEAD_DIM=head_dim,
             DIM_P2=dim_p2,
             NUM_SPLITS=num_splits,
-            num_warps=4,
+            num_warps=DECODE_MERGE_NUM_WARPS,
         )
     return out
 
