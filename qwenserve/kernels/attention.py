@@ -33,7 +33,8 @@ _NEG_BIG = tl.constexpr(
 DECODE_TILE = 64
 DECODE_MAX_SPLITS = 64  # B=1 at 32k: 64 splits 37 us vs 32 splits 45 us (H100)
 DECODE_NUM_WARPS = 4
-DECODE_MERGE_NUM_WARPS = 4
+# 2 warps for the split merge: -60 us per step at 512 and 32k context vs 1 or 4 (bench/tune_decode_attn.py, H100).
+DECODE_MERGE_NUM_WARPS = 2
 DECODE_NUM_STAGES = 3
 # Prefill tiling: BLOCK_M rows = BLOCK_M // group query tokens x group heads.
 PREFILL_BLOCK_M = 128
