@@ -313,9 +313,9 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
-    tile: int = DECODE_TILE,
+    tile: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = DECODE_NUM_STAGES,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Flash-decoding over the paged cache: one query token per sequence, q [B, H, D]."""
     _check_cache(q, k_cache, v_cache)
@@ -330,8 +330,9 @@ def paged_decode_attention(
     if num_splits is None:
         num_splits = decode_num_splits(num_seqs, num_kv_heads, _num_sms(q.device))
     assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
-    num_warps = num_warps or DECODE_NUM_WARPS
-    tile = max(tile, 16)
+    # Module constants read per call, so bench/tune_decode_attn.py can weigh them in the decode graph.
+    num_warps, num_stages = num_warps or DECODE_NUM_WARPS, num_stages or DECODE_NUM_STAGES
+    tile = max(tile or DECODE_TILE, 16)
     if num_splits > 1:
         part_out = torch.empty(
             num_seqs * num_heads * num_splits, dim_p2, dtype=torch.float32, device=q.device

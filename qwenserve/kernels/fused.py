@@ -102,6 +102,9 @@ def qk_norm_rope_cache(
     return q
 
 
+ADD_RMS_NORM_WARPS: int | None = None  # None: 4 up to 2048 columns, else 8
+
+
 @triton.jit
 def _add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_xk, stride_r, eps, N: tl.constexpr,
@@ -140,7 +143,7 @@ def add_rms_norm(
         n_p2 = triton.next_power_of_2(n)
         _add_rms_norm_kernel[(num_rows,)](
             x, residual, weight, out, res_out, x.stride(0), x.stride(1) if terms > 1 else 0, residual.stride(0),
-            eps, N=n, N_P2=n_p2, TERMS=terms, num_warps=4 if n_p2 <= 2048 else 8,
+            eps, N=n, N_P2=n_p2, TERMS=terms, num_warps=ADD_RMS_NORM_WARPS or (4 if n_p2 <= 2048 else 8),
         )  # fmt: skip
     return out, res_out
 
