@@ -33,6 +33,12 @@ _NEG_BIG = tl.constexpr(
 DECODE_TILE = 64
 DECODE_MAX_SPLITS = 64  # B=1 at 32k: 64 splits 37 us vs 32 splits 45 us (H100)
 DECODE_NUM_WARPS = 4
+# Contexts within DECODE_SHORT_TILE x splits tokens (every split at most one tile) take the narrower
+# tile: at 512 tokens and batch 1, 32-token tiles are 50 us per step faster than 64; at 32k they are
+# 210 us slower (bench/tune_decode_attn.py --sweep tiles, H100). The engine captures a decode graph
+# per batch size for contexts up to DECODE_SHORT_CONTEXT so both kinds of step get their tile.
+DECODE_SHORT_TILE = 32
+DECODE_SHORT_CONTEXT = 2048
 # 2 warps for the split merge: -60 us per step at 512 and 32k context vs 1 or 4 (bench/tune_decode_attn.py, H100).
 DECODE_MERGE_NUM_WARPS = 2
 DECODE_NUM_STAGES = 3
@@ -313,11 +319,15 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    max_context_len: int | None = None,
     tile: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> torch.Tensor:
-    """Flash-decoding over the paged cache: one query token per sequence, q [B, H, D]."""
+    """Flash-decoding over the paged cache: one query token per sequence, q [B, H, D].
+
+    `max_context_len`, if given, must bound every entry of `context_lens`; it picks the tile.
+    """
     _check_cache(q, k_cache, v_cache)
     num_seqs, num_heads, head_dim = q.shape
     assert block_tables.shape[0] == num_seqs, "decode expects one query row per sequence"
@@ -332,6 +342,8 @@ def paged_decode_attention(
     assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
     # Module constants read per call, so bench/tune_decode_attn.py can weigh them in the decode graph.
     num_warps, num_stages = num_warps or DECODE_NUM_WARPS, num_stages or DECODE_NUM_STAGES
+    if tile is None and max_context_len is not None and max_context_len <= DECODE_SHORT_TILE * num_splits:
+        tile = DECODE_SHORT_TILE
     tile = max(tile or DECODE_TILE, 16)
     if num_splits > 1:
         part_out = torch.empty(
@@ -457,7 +469,9 @@ def paged_attention(
     the query_len-1 sequences of mixed batches.
     """
     if meta.is_decode_only and q.shape[0] == meta.block_tables.shape[0]:
-        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+        return paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, max_context_len=meta.max_context_len
+        )
     return paged_prefill_attention(
         q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale
     )

@@ -20,16 +20,17 @@ from qwenserve.engine.sampling_params import SamplingParams  # noqa: E402
 
 
 def _engine(path: Path, **overrides: object) -> LLMEngine:
-    cfg = dict(model=str(path), device="cuda", dtype="bfloat16", max_model_len=2048, max_num_seqs=8,
-               num_kv_blocks=512, max_num_batched_tokens=1024)
+    cfg = dict(model=str(path), device="cuda", dtype="bfloat16", max_model_len=4096, max_num_seqs=8,
+               num_kv_blocks=768, max_num_batched_tokens=1024)
     cfg.update(overrides)
     return LLMEngine(EngineConfig(**cfg))
 
 
 def test_overlapped_graph_steps_match_one_at_a_time(tiny_moe_dir: Path) -> None:
-    """Overlapped steps read the previous step's tokens on the device; that must change nothing."""
+    """Overlapped steps read the previous step's tokens on the device; that must change nothing, also
+    when the last sequences left run on the small-batch graphs and one crosses their short-context bound."""
     rng = random.Random(0)
-    lengths = [1004, 40, 300, 7, 1021, 900]
+    lengths = [1004, 40, 300, 7, 1021, 900, 2030]
     prompts = [[rng.randrange(1, 250) for _ in range(n)] for n in lengths]
     params = [
         SamplingParams(temperature=0, max_tokens=48, ignore_eos=True),
@@ -38,6 +39,7 @@ def test_overlapped_graph_steps_match_one_at_a_time(tiny_moe_dir: Path) -> None:
         SamplingParams(temperature=1.0, seed=2, n=2, max_tokens=20, ignore_eos=True),
         SamplingParams(temperature=0, max_tokens=25, ignore_eos=True, logprobs=2),
         SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=70, ignore_eos=True),  # alone at the end, crossing 2048
     ]
     results = []
     for async_scheduling in (False, True):
