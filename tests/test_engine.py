@@ -232,3 +232,26 @@ def test_overlapped_steps_give_what_one_step_at_a_time_gives(tiny_moe_dir: Path)
     assert one_at_a_time[1][2] == "stop" and len(one_at_a_time[1][0]) == 3
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_usable_blocks
     assert all(o[4] == len(o[0]) for o in overlapped)
+
+
+def test_abort_while_a_step_is_in_flight(tiny_moe_dir: Path, alone: dict[int, list[int]]) -> None:
+    """Aborting a request whose next step is already launched frees its blocks at once; the extra
+    token it computes is dropped, and the other requests are untouched."""
+    eng = make_engine(tiny_moe_dir)
+    batch = prompts(12)
+    for i in (0, 1, 2):
+        eng.add_request(f"r{i}", batch[i], GREEDY)
+    got: dict[str, list[int]] = {"r0": [], "r2": []}
+    for _ in range(4):
+        for out in eng.step():
+            if out.request_id in got:
+                got[out.request_id] += out.token_ids
+    assert eng._in_flight is not None and any(s.request_id == "r1" for s in eng._in_flight.seqs)
+    assert [o.finish_reason for o in eng.abort("r1")] == ["abort"]
+    while eng.has_unfinished():
+        for out in eng.step():
+            assert out.request_id != "r1"
+            got[out.request_id] += out.token_ids
+    assert got == {"r0": alone[0], "r2": alone[2]}
+    bm = eng.block_manager
+    assert bm.num_free_blocks == bm.num_usable_blocks
