@@ -51,6 +51,7 @@ def test_vllm_flag_names_map_to_engine_config() -> None:
     assert (config.max_num_seqs, config.max_num_batched_tokens, config.max_queued_requests) == (8, 4096, 16)
     assert config.load_format == "dummy" and config.dtype == "bfloat16" and not config.enable_prefix_caching
     assert cli.engine_config(parse("--gpu-memory-utilization", "0.5")).gpu_memory_utilization == 0.5
+    assert config.async_scheduling and not cli.engine_config(parse("--no-async-scheduling")).async_scheduling
 
 
 def test_memory_flags_are_exclusive_and_validated(capsys: pytest.CaptureFixture[str]) -> None:
