@@ -255,3 +255,26 @@ def test_abort_while_a_step_is_in_flight(tiny_moe_dir: Path, alone: dict[int, li
     assert got == {"r0": alone[0], "r2": alone[2]}
     bm = eng.block_manager
     assert bm.num_free_blocks == bm.num_usable_blocks
+
+
+def test_overlapped_steps_launch_nothing_after_a_certain_stop(tiny_moe_dir: Path) -> None:
+    """A sequence whose in-flight token will end it (max_tokens, or the context full) is not given
+    another step: overlapping costs no extra launches, and it stops with 'length' as in lockstep."""
+    prompt = prompts(1, seed=13, lo=100, hi=101)[0]
+    outs, launches = [], []
+    for async_scheduling in (False, True):
+        eng = make_engine(tiny_moe_dir, num_kv_blocks=8, async_scheduling=async_scheduling)  # 112-token context
+        real_launch, count = eng.runner.launch, [0]
+
+        def counting_launch(batch, real_launch=real_launch, count=count):
+            count[0] += 1
+            return real_launch(batch)
+
+        eng.runner.launch = counting_launch
+        out = eng.generate([prompt], SamplingParams(temperature=0, ignore_eos=True))[0][0]
+        assert out.finish_reason == "length" and len(prompt) + len(out.token_ids) == eng.max_model_len == 112
+        assert eng.block_manager.num_free_blocks == eng.block_manager.num_usable_blocks
+        outs.append(out.token_ids)
+        launches.append(count[0])
+    assert outs[0] == outs[1]
+    assert launches[0] == launches[1] == 12  # one prefill, eleven decodes
