@@ -185,7 +185,8 @@ class ModelRunner:
         if not rows:
             return
         n = len(rows)
-        if rows == list(range(rows[0], rows[0] + n)) and sources == list(range(sources[0], sources[0] + n)):
+        # Rows rise with the batch order; steady decode keeps the previous step's order too.
+        if rows[-1] - rows[0] == n - 1 and sources == list(range(sources[0], sources[0] + n)):
             ids[rows[0] : rows[0] + n].copy_(self._prev_tokens[sources[0] : sources[0] + n])  # steady decode
         else:
             src = self._prev_tokens[self._to_device(sources, torch.int64)]

@@ -29,12 +29,26 @@ import triton
 import triton.language as tl
 
 from qwenserve.kernels import moe_configs
+from qwenserve.kernels.fused import route
 from qwenserve.kernels.moe_configs import MoEConfig, get_moe_config
 
 # The align kernel (one program per expert, each scanning all pairs) is used up to this many
 # pairs; above it the torch sort path (more launches, but it scans the pairs once) takes over.
 # H100: Triton 2.5 us at 8 pairs, 36 us at 16k, 90 us at 32k, 174 us at 64k; torch ~145 us.
 ALIGN_TRITON_MAX_PAIRS = 48 * 1024
+
+
+@triton.jit
+def _expert_run(counts, bins, expert, BLOCK_M: tl.constexpr):
+    """From the pair count of every expert (`counts` over `bins`): where `expert`'s run of rows
+    starts, how many pairs it holds, its length padded to BLOCK_M, and the rows all runs use."""
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    mine = bins == expert
+    my_padded = tl.sum(tl.where(mine, padded, 0), 0)
+    my_start = tl.sum(tl.where(mine, ends, 0), 0) - my_padded
+    my_count = tl.sum(tl.where(mine, counts, 0), 0)
+    return my_start, my_count, my_padded, tl.sum(padded, 0)
 
 
 # Token counts change every step: specialising on their divisibility would compile a new
@@ -62,15 +76,9 @@ def _moe_align_kernel(
         i = start + offs
         ids = tl.load(topk_ids_ptr + i, mask=i < numel, other=0).to(tl.int32)
         counts += tl.histogram(ids, E_P2, mask=i < numel)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, 0)
-    mine = bins == expert
-    my_end = tl.sum(tl.where(mine, ends, 0), 0)
-    my_padded = tl.sum(tl.where(mine, padded, 0), 0)
-    my_count = tl.sum(tl.where(mine, counts, 0), 0)
-    my_start = my_end - my_padded
+    my_start, my_count, my_padded, num_rows = _expert_run(counts, bins, expert, BLOCK_M)
     if expert == 0:
-        tl.store(num_rows_ptr, tl.sum(padded, 0))
+        tl.store(num_rows_ptr, num_rows)
 
     # This expert's pairs, in pair order, at my_start + rank.
     run = my_start
@@ -153,15 +161,9 @@ def _route_align_kernel(
     ids = tl.reshape(top_i, [T_P2 * TOP_K])
     valid = tl.reshape(pair_ok.to(tl.int32), [T_P2 * TOP_K]) != 0
     counts = tl.histogram(ids, E_P2, mask=valid)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, 0)
-    mine = e == expert
-    my_end = tl.sum(tl.where(mine, ends, 0), 0)
-    my_padded = tl.sum(tl.where(mine, padded, 0), 0)
-    my_count = tl.sum(tl.where(mine, counts, 0), 0)
-    my_start = my_end - my_padded
+    my_start, my_count, my_padded, num_rows = _expert_run(counts, e, expert, BLOCK_M)
     if expert == 0:
-        tl.store(num_rows_ptr, tl.sum(padded, 0))
+        tl.store(num_rows_ptr, num_rows)
     hit = ((ids == expert) & valid).to(tl.int32)
     pair = tl.arange(0, T_P2 * TOP_K)
     tl.store(sorted_ids_ptr + my_start + tl.cumsum(hit, 0) - 1, pair, mask=hit != 0)
@@ -519,8 +521,6 @@ def routed_moe(
     """
     num_tokens, hidden_size = hidden.shape
     if not 0 < num_tokens <= ROUTE_ALIGN_MAX_TOKENS or top_k & (top_k - 1):
-        from qwenserve.kernels.fused import route
-
         weights, ids = route(hidden, gate_weight, top_k, renormalize)
         return fused_moe(hidden, w13, w2, weights, ids, reduce=False)
     num_experts, two_inter, _ = w13.shape
