@@ -93,9 +93,13 @@ def random_prompt(n: int, rng: random.Random, vocab: int = 150000) -> list[int]:
     return [rng.randrange(0, vocab) for _ in range(n)]
 
 
-def run_requests(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-    """Submit all prompts at once, step to completion; returns timings (seconds) and token counts."""
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+def run_requests(
+    engine: LLMEngine, prompts: list[list[int]], max_tokens: int, sampling: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Submit all prompts at once, step to completion; returns timings (seconds) and token counts.
+
+    Greedy unless `sampling` gives SamplingParams fields."""
+    params = SamplingParams(**(sampling or {"temperature": 0.0}), max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()
     ids = []
     for i, p in enumerate(prompts):
@@ -121,13 +125,28 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -
             "first_token_at": min(first.values()) - start, "token_times": token_times}
 
 
-def decode_speed(engine: LLMEngine, context: int, new_tokens: int, rng: random.Random) -> dict[str, float]:
+def decode_speed(
+    engine: LLMEngine, context: int, new_tokens: int, rng: random.Random, sampling: dict[str, Any] | None = None
+) -> dict[str, float]:
     """Batch-1 decode tok/s after a `context`-token prompt (time between the first and last token)."""
-    run_requests(engine, [random_prompt(context, rng)], 4)  # same shapes once: JIT compiles stay out
-    res = run_requests(engine, [random_prompt(context, rng)], new_tokens)
+    run_requests(engine, [random_prompt(context, rng)], 4, sampling)  # same shapes once: JIT compiles stay out
+    res = run_requests(engine, [random_prompt(context, rng)], new_tokens, sampling)
     times = res["token_times"]
     tok_s = (len(times) - 1) / (times[-1] - times[0])
     return {"context": context, "tok_s": tok_s, "ttft_s": res["ttft_s"][0]}
+
+
+def model_sampling(config_dir: Path) -> dict[str, Any]:
+    """The sampling a client that sends no sampling fields gets (qwen-code sends none): the
+    model's generation_config.json defaults, as the server applies them."""
+    from qwenserve.model.loader import read_generation_config
+
+    gen = read_generation_config(config_dir)
+    fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+    sampling = {name: gen[name] for name in fields if name in gen}
+    if gen.get("do_sample") is False:
+        sampling["temperature"] = 0.0
+    return sampling | {"seed": 0}
 
 
 def render_fixture(engine: LLMEngine, path: Path) -> list[int]:
@@ -235,6 +254,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         d |= {"limit_tok_s": limit, "fraction_of_limit": d["tok_s"] / limit}
         res["decode"].append(d)
         print("decode", json.dumps(d), flush=True)
+    res["decode_sampled"] = []
+    sampling = model_sampling(args.config)
+    for context in args.sampled_contexts:
+        d = decode_speed(engine, context, args.decode_tokens, rng, sampling)
+        limit = bw / decode_step_bytes(cfg, 1, context)
+        d |= {"limit_tok_s": limit, "fraction_of_limit": d["tok_s"] / limit, "sampling": sampling}
+        res["decode_sampled"].append(d)
+        print("decode_sampled", json.dumps(d), flush=True)
 
     res["prefill"] = []
     for n in args.prefill_lengths:
@@ -306,6 +333,9 @@ def markdown(res: dict[str, Any], command: str, commit: str) -> str:
     ]
     for d in res["decode"]:
         lines.append(f"| batch-1 decode, {d['context']:,} ctx | {d['tok_s']:.1f} tok/s | {d['limit_tok_s']:.0f} tok/s | {d['fraction_of_limit']:.0%} |")
+    for d in res.get("decode_sampled", []):
+        how = ", ".join(f"{k} {v}" for k, v in d["sampling"].items() if k != "seed")
+        lines.append(f"| batch-1 decode, {d['context']:,} ctx, the model's default sampling ({how}) | {d['tok_s']:.1f} tok/s | {d['limit_tok_s']:.0f} tok/s | {d['fraction_of_limit']:.0%} |")
     for p in res["prefill"]:
         lines.append(f"| prefill TTFT, {p['tokens']:,} tokens (cold) | {p['ttft_s'] * 1000:.0f} ms | {p['limit_s'] * 1000:.0f} ms | {p['fraction_of_limit']:.0%} |")
     if q := res.get("qwen_code"):
@@ -330,6 +360,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-kernels", dest="use_kernels", action="store_false", help="torch reference ops only")
     p.add_argument("--decode-contexts", type=int, nargs="*", default=[512, 32768])
     p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--sampled-contexts", type=int, nargs="*", default=[512],
+                   help="batch-1 decode again with generation_config.json's sampling (what qwen-code gets)")
     p.add_argument("--prefill-lengths", type=int, nargs="*", default=[2048, 8192])
     p.add_argument("--streams", type=int, nargs="*", default=[8, 32, 64])
     p.add_argument("--stream-prompt", type=int, default=1024)

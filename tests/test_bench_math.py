@@ -35,3 +35,11 @@ def test_prefill_flops_match_the_roofline_table(cfg) -> None:
     # performance.md R5: 2k tokens ~13 ms and 32k ~608 ms at 989 TFLOP/s.
     assert prefill_flops(cfg, 2048) / 989e12 == pytest.approx(0.013, rel=0.15)
     assert prefill_flops(cfg, 32768) / 989e12 == pytest.approx(0.608, rel=0.15)
+
+
+def test_bench_samples_as_qwen_code_is_served() -> None:
+    from qwenserve.bench import model_sampling
+
+    # qwen-code sends no sampling fields, so it gets generation_config.json's.
+    want = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "seed": 0}
+    assert model_sampling(FIXTURE) == want

@@ -11,7 +11,7 @@ import torch
 from qwenserve.config import EngineConfig
 from qwenserve.engine.async_engine import AsyncEngine
 from qwenserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from qwenserve.engine.sampler import SamplingBatch, gumbel_noise, sample
+from qwenserve.engine.sampler import SamplingBatch, gumbel_noise, num_candidates_for, sample
 from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
 
 
@@ -63,12 +63,42 @@ def test_penalties_push_seen_tokens_down() -> None:
             repetition_penalty=torch.tensor([1.5]),
             frequency_penalty=torch.tensor([0.1]),
             presence_penalty=torch.tensor([0.0]),
-            seen_mask=seen,
-            output_counts=counts,
+            seen=seen,
+            counts=counts,
+            penalty_rows=torch.tensor([0]),
             all_greedy=True,
         ),
     )
     assert out.token_ids.tolist() == [1]
+
+
+def test_top_k_candidates_draw_what_the_full_sort_draws() -> None:
+    """Sampling from a topk of the logits is the full-vocabulary algorithm, not an approximation."""
+    gen = torch.Generator().manual_seed(0)
+    rows, vocab = 64, 5000
+    logits = torch.randn(rows, vocab, generator=gen) * 3
+    kw = dict(
+        temperature=torch.rand(rows, generator=gen) + 0.3,
+        top_k=torch.randint(1, 40, (rows,), generator=gen),
+        top_p=torch.rand(rows, generator=gen) * 0.9 + 0.1,
+        min_p=torch.rand(rows, generator=gen) * 0.2,
+        seeds=torch.randint(0, 2**32, (rows,), generator=gen),
+        steps=torch.randint(0, 1000, (rows,), generator=gen),
+        needs_top_k_p=True,
+        needs_min_p=True,
+    )
+    kw["temperature"][::7] = 0.0  # greedy rows mixed in
+    full = sample(logits, _batch(rows, **kw)).token_ids
+    top = sample(logits, _batch(rows, **kw, num_candidates=num_candidates_for([40]))).token_ids
+    assert torch.equal(full, top)
+    assert torch.equal(full[::7], logits[::7].argmax(-1))
+    assert len(set(full.tolist())) > rows // 2  # it really sampled
+
+
+def test_num_candidates_needs_a_top_k_on_every_sampling_row() -> None:
+    assert num_candidates_for([20]) == 32 and num_candidates_for([3, 1]) == 16
+    assert num_candidates_for([20, 0]) == 0 and num_candidates_for([]) == 0
+    assert num_candidates_for([257]) == 0 and num_candidates_for([256]) == 256
 
 
 def test_invalid_sampling_params_name_the_field() -> None:

@@ -176,6 +176,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = self._new_runner(num_blocks)
+        self.runner.sampler_kernels = self.uses_kernels
         # Tensor-parallel ranks receive their input ids from the host, so they run one step at a time.
         self.overlap_steps = cfg.async_scheduling and self.workers is None
         # The torch reference MoE syncs with the host, so only the kernel path can be captured.

@@ -21,7 +21,7 @@ from qwenserve.config import ModelConfig
 from qwenserve.distributed.sharding import kv_heads_per_rank
 from qwenserve.engine.block_manager import NULL_BLOCK
 from qwenserve.engine.penalty_state import PenaltyState
-from qwenserve.engine.sampler import SamplerOutput, SamplingBatch, sample
+from qwenserve.engine.sampler import SamplerOutput, SamplingBatch, num_candidates_for, sample
 from qwenserve.engine.scheduler import ScheduledBatch
 from qwenserve.engine.sequence import PENDING_TOKEN, Sequence
 from qwenserve.model.ops import AttentionMetadata
@@ -130,6 +130,8 @@ class ModelRunner:
         self.pin = device.type == "cuda"
         self.graphs: DecodeGraphs | None = None
         self.penalties = PenaltyState(cfg.vocab_size, device)
+        # Triton penalties and top-k draw; the engine turns them on with the model's kernels.
+        self.sampler_kernels = False
         # The last launched step's sampled ids (device) and each sampling seq's row in them.
         self._prev_tokens: torch.Tensor | None = None
         self._prev_rows: dict[int, int] = {}
@@ -193,34 +195,28 @@ class ModelRunner:
             ids[self._to_device(rows, torch.int64)] = src.to(ids.dtype)
 
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
-        """Gather the sampling parameters of the rows that sample this step."""
+        """Gather the sampling parameters of the rows that sample this step (two host-to-device copies)."""
         params = [s.params for s in seqs]
-        f32 = torch.float32
+        floats = [[0.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params],
+                  [p.min_p for p in params], [p.presence_penalty for p in params],
+                  [p.frequency_penalty for p in params], [p.repetition_penalty for p in params]]  # fmt: skip
+        ints = [[p.top_k for p in params], [s.seed for s in seqs], [s.num_output_tokens for s in seqs]]
+        temperature, top_p, min_p, presence, frequency, repetition = self._to_device(floats, torch.float32)
+        top_k, seeds, steps = self._to_device(ints, torch.int64)
+        sampled = [p for p in params if not p.greedy]
         batch = SamplingBatch(
-            temperature=self._to_device([p.temperature if not p.greedy else 0.0 for p in params], f32),
-            top_p=self._to_device([p.top_p for p in params], f32),
-            top_k=self._to_device([p.top_k for p in params], torch.int64),
-            min_p=self._to_device([p.min_p for p in params], f32),
-            seeds=self._to_device([s.seed for s in seqs], torch.int64),
-            steps=self._to_device([s.num_output_tokens for s in seqs], torch.int64),
+            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seeds=seeds, steps=steps,
             num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
-            all_greedy=all(p.greedy for p in params),
-            needs_top_k_p=any(p.top_k > 0 or p.top_p < 1 for p in params if not p.greedy),
-            needs_min_p=any(p.min_p > 0 for p in params if not p.greedy),
-        )
+            all_greedy=not sampled,
+            needs_top_k_p=any(p.top_k > 0 or p.top_p < 1 for p in sampled),
+            needs_min_p=any(p.min_p > 0 for p in sampled),
+            num_candidates=num_candidates_for([p.top_k for p in sampled]),
+        )  # fmt: skip
         if any(p.needs_penalties for p in params):
-            batch.penalty_rows = self._add_penalties(batch, seqs)
+            batch.presence_penalty, batch.frequency_penalty, batch.repetition_penalty = presence, frequency, repetition
+            batch.penalty_rows = self.penalties.rows_for(seqs)
+            batch.seen, batch.counts = self.penalties.seen, self.penalties.counts
         return batch
-
-    def _add_penalties(self, batch: SamplingBatch, seqs: list[Sequence]) -> torch.Tensor:
-        rows = self.penalties.rows_for(seqs)
-        params = [s.params for s in seqs]
-        batch.output_counts = self.penalties.counts[rows]
-        batch.seen_mask = self.penalties.seen[rows]
-        batch.presence_penalty = self._to_device([p.presence_penalty for p in params], torch.float32)
-        batch.frequency_penalty = self._to_device([p.frequency_penalty for p in params], torch.float32)
-        batch.repetition_penalty = self._to_device([p.repetition_penalty for p in params], torch.float32)
-        return rows
 
     def release(self, seq: Sequence) -> None:
         """Forget a finished sequence's per-sequence sampling state."""
@@ -249,7 +245,7 @@ class ModelRunner:
             out = SamplerOutput(token_ids=greedy_ids if greedy_ids is not None else logits.argmax(dim=-1))
         else:
             sampling = self.sampling_batch(seqs)
-            out = sample(logits.float(), sampling)
+            out = sample(logits.float(), sampling, use_kernels=self.sampler_kernels)
             if sampling.penalty_rows is not None:
                 self.penalties.record(seqs, sampling.penalty_rows, out.token_ids)
         self._prev_tokens, self._prev_rows = out.token_ids, {s.seq_id: i for i, s in enumerate(seqs)}

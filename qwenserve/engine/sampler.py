@@ -4,6 +4,14 @@ All rows are processed together as tensors. Randomness comes from a counter-base
 of (request seed, output position, token id) rather than a stateful generator, so a
 seeded request draws the same noise whatever else shares its batch, and a recomputed
 (preempted) sequence resamples exactly what it sampled before.
+
+Sampling works on *candidates*: the logits that can still be chosen, sorted best first.
+When every sampling row has a top-k (Qwen3-Coder's generation_config asks for 20, so
+qwen-code's requests always do), the candidates are just the batch's top `num_candidates`
+logits from one `topk`, and everything after it touches [B, k] instead of [B, 151,936].
+Otherwise the whole vocabulary is sorted (top-p alone) or used as is (plain temperature).
+On CUDA, the penalties and the candidate draw are one Triton launch each
+(qwenserve.kernels.sampling); this module is their reference and the CPU path.
 """
 
 from __future__ import annotations
@@ -13,6 +21,9 @@ from dataclasses import dataclass
 import torch
 
 _MASK32 = 0xFFFFFFFF
+
+# Rows with a top-k up to this sample from a `topk` of the logits rather than a full sort.
+MAX_CANDIDATES = 256
 
 
 @dataclass
@@ -28,13 +39,18 @@ class SamplingBatch:
     presence_penalty: torch.Tensor | None = None  # [B]; the penalty fields are None when no row uses them
     frequency_penalty: torch.Tensor | None = None
     repetition_penalty: torch.Tensor | None = None
-    output_counts: torch.Tensor | None = None  # [B, V] occurrences in the output so far
-    seen_mask: torch.Tensor | None = None  # [B, V] token appears in prompt or output
-    penalty_rows: torch.Tensor | None = None  # rows of the runner's PenaltyState, when penalties apply
+    seen: torch.Tensor | None = None  # [R, V] bool: token in the prompt or output (PenaltyState rows)
+    counts: torch.Tensor | None = None  # [R, V] int32: occurrences in the output so far
+    penalty_rows: torch.Tensor | None = None  # [B] int64: each row's row in `seen` / `counts`
     num_logprobs: int = -1  # max top_logprobs over rows; -1 = no row wants logprobs
     all_greedy: bool = False
     needs_top_k_p: bool = False
     needs_min_p: bool = False
+    num_candidates: int = 0  # > 0: every sampling row has 0 < top_k <= this, so draw from the top this many
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.penalty_rows is not None and self.seen is not None and self.counts is not None
 
 
 @dataclass
@@ -43,6 +59,14 @@ class SamplerOutput:
     logprobs: torch.Tensor | None = None  # [B] logprob of the chosen token
     top_logprobs: torch.Tensor | None = None  # [B, k]
     top_ids: torch.Tensor | None = None  # [B, k]
+
+
+def num_candidates_for(top_ks: list[int]) -> int:
+    """The `num_candidates` for sampling rows with these top-k values: their max rounded up to a
+    power of two (few distinct kernel shapes), or 0 when some row has none or one too large."""
+    if not top_ks or min(top_ks) <= 0 or max(top_ks) > MAX_CANDIDATES:
+        return 0
+    return max(16, 1 << (max(top_ks) - 1).bit_length())
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -54,63 +78,97 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise [B, V] that depends only on each row's (seed, step)."""
+def gumbel_noise_at(seeds: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise for each row's (seed, step) at the given token ids ([V] or [B, K])."""
     row = _hash32((_hash32(seeds & _MASK32) + _hash32(steps & _MASK32) * 0x45D9F3B) & _MASK32)
-    cols = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    bits = _hash32(((cols * 0x9E3779B1) & _MASK32) ^ row[:, None]) >> 8  # 24 random bits
+    bits = _hash32(((token_ids * 0x9E3779B1) & _MASK32) ^ row[:, None]) >> 8  # 24 random bits
     u = (bits.to(torch.float32) + 0.5) / float(1 << 24)
     return -torch.log(-torch.log(u))
 
 
+def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise [B, V] that depends only on each row's (seed, step)."""
+    return gumbel_noise_at(seeds, steps, torch.arange(vocab_size, device=seeds.device, dtype=torch.int64))
+
+
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """OpenAI presence/frequency penalties on output counts; HF-style repetition penalty on seen tokens."""
-    if batch.repetition_penalty is not None and batch.seen_mask is not None:
+    """HF-style repetition penalty on seen tokens, then OpenAI frequency and presence penalties
+    on output counts."""
+    if not batch.has_penalties:
+        return logits
+    rows = batch.penalty_rows
+    if batch.repetition_penalty is not None:
         rep = batch.repetition_penalty[:, None]
         penalised = torch.where(logits > 0, logits / rep, logits * rep)
-        logits = torch.where(batch.seen_mask, penalised, logits)
-    if batch.output_counts is not None:
-        counts = batch.output_counts.to(logits.dtype)
-        if batch.frequency_penalty is not None:
-            logits = logits - batch.frequency_penalty[:, None] * counts
-        if batch.presence_penalty is not None:
-            logits = logits - batch.presence_penalty[:, None] * (counts > 0).to(logits.dtype)
+        logits = torch.where(batch.seen[rows], penalised, logits)
+    counts = batch.counts[rows].to(logits.dtype)
+    if batch.frequency_penalty is not None:
+        logits = logits - batch.frequency_penalty[:, None] * counts
+    if batch.presence_penalty is not None:
+        logits = logits - batch.presence_penalty[:, None] * (counts > 0).to(logits.dtype)
     return logits
 
 
-def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
-    vocab = logits.shape[-1]
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
-    drop = ranks >= k[:, None]
-    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    cum_before = probs.cumsum(dim=-1) - probs
-    drop |= cum_before >= top_p[:, None]
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
+def choose_from_candidates(
+    values: torch.Tensor, token_ids: torch.Tensor, batch: SamplingBatch, is_sorted: bool
+) -> torch.Tensor:
+    """One token per row from candidate logits [B, K] and their ids [B, K].
+
+    `is_sorted`: values run best first, which top-k / top-p need; unsorted candidates (the
+    whole vocabulary, plain temperature) only get min-p. Greedy rows take the best candidate.
+    """
+    greedy = token_ids.gather(1, values.argmax(dim=-1, keepdim=True)).squeeze(1)
+    temp = torch.where(batch.temperature > 0, batch.temperature, torch.ones_like(batch.temperature))
+    scaled = values / temp[:, None]
+    num = values.shape[-1]
+    drop = torch.zeros_like(scaled, dtype=torch.bool)
+    if is_sorted and (batch.needs_top_k_p or batch.num_candidates):
+        k = torch.where(batch.top_k > 0, batch.top_k.clamp(max=num), torch.full_like(batch.top_k, num))
+        drop = torch.arange(num, device=values.device)[None, :] >= k[:, None]
+        probs = torch.softmax(scaled.masked_fill(drop, float("-inf")), dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first candidate always stays).
+        drop |= (probs.cumsum(dim=-1) - probs) >= batch.top_p[:, None]
+    if batch.needs_min_p:
+        probs = torch.softmax(scaled.masked_fill(drop, float("-inf")), dim=-1)
+        drop |= probs < probs.max(dim=-1, keepdim=True).values * batch.min_p[:, None]
+    noise = gumbel_noise_at(batch.seeds, batch.steps, token_ids)
+    choice = (scaled.masked_fill(drop, float("-inf")) + noise).argmax(dim=-1, keepdim=True)
+    sampled = token_ids.gather(1, choice).squeeze(1)
+    return torch.where(batch.temperature > 0, sampled, greedy)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-    """Choose one token per row of float32 logits [B, V]."""
+def candidates(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(values, token ids, sorted) of the logits a row may still draw."""
+    if batch.num_candidates:
+        values, ids = logits.topk(min(batch.num_candidates, logits.shape[-1]), dim=-1)
+        return values, ids, True
+    if batch.needs_top_k_p:
+        values, ids = logits.sort(dim=-1, descending=True)
+        return values, ids, True
+    ids = torch.arange(logits.shape[-1], device=logits.device).expand_as(logits)
+    return logits, ids, False
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, use_kernels: bool = False) -> SamplerOutput:
+    """Choose one token per row of float32 logits [B, V].
+
+    `use_kernels` (CUDA only) runs the penalties and the top-k draw as Triton kernels."""
     raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.num_logprobs >= 0 else None
-    logits = apply_penalties(logits, batch)
-    greedy_ids = logits.argmax(dim=-1)
-    if batch.all_greedy:
-        token_ids = greedy_ids
+    if use_kernels:
+        from qwenserve.kernels.sampling import choose_from_top_k, penalize
+
+        if batch.has_penalties:
+            logits = penalize(logits, batch)
     else:
-        temp = torch.where(batch.temperature > 0, batch.temperature, torch.ones_like(batch.temperature))
-        scaled = logits / temp[:, None]
-        if batch.needs_top_k_p:
-            scaled = _mask_top_k_top_p(scaled, batch.top_k, batch.top_p)
-        if batch.needs_min_p:
-            probs = torch.softmax(scaled, dim=-1)
-            threshold = probs.max(dim=-1, keepdim=True).values * batch.min_p[:, None]
-            scaled = scaled.masked_fill(probs < threshold, float("-inf"))
-        noise = gumbel_noise(batch.seeds, batch.steps, logits.shape[-1])
-        sampled_ids = (scaled + noise).argmax(dim=-1)
-        token_ids = torch.where(batch.temperature > 0, sampled_ids, greedy_ids)
+        logits = apply_penalties(logits, batch)
+    if batch.all_greedy:
+        token_ids = logits.argmax(dim=-1)
+    else:
+        values, ids, is_sorted = candidates(logits, batch)
+        if use_kernels and batch.num_candidates:
+            token_ids = choose_from_top_k(values, ids, batch)
+        else:
+            token_ids = choose_from_candidates(values, ids, batch, is_sorted)
     out = SamplerOutput(token_ids=token_ids)
     if raw_logprobs is not None:
         out.logprobs = raw_logprobs.gather(-1, token_ids[:, None]).squeeze(-1)
