@@ -33,7 +33,10 @@ class PenaltyState:
         self.free_rows.extend(range(old + extra - 1, old - 1, -1))
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
-        return torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        # Pinned: a copy from pageable memory waits for the GPU to go idle first, which would
+        # serialise the host's work for step N+1 behind step N (that cost 20% of decode speed).
+        pin = self.device.type == "cuda"
+        return torch.tensor(ids, dtype=torch.int64, pin_memory=pin).to(self.device, non_blocking=True)
 
     def rows_for(self, seqs: list[Sequence]) -> torch.Tensor:
         """Row index of each sequence, bringing every row up to date with its tokens."""
@@ -60,8 +63,10 @@ class PenaltyState:
 
     def record(self, seqs: list[Sequence], rows: torch.Tensor, token_ids: torch.Tensor) -> None:
         """Account for the tokens just sampled for `seqs` (still on the device)."""
-        self.seen[rows, token_ids] = True
-        self.counts.index_put_((rows, token_ids), torch.ones_like(token_ids, dtype=torch.int32), accumulate=True)
+        # Each sampling row has its own state row, so the flat indices are distinct: no accumulate needed.
+        flat = rows * self.vocab_size + token_ids
+        self.seen.view(-1)[flat] = True
+        self.counts.view(-1)[flat] += 1
         for seq in seqs:
             self.num_tokens_of[seq.seq_id] += 1
 
