@@ -63,7 +63,7 @@ def main() -> None:
     args = p.parse_args()
     print("| batch | path | GPU µs / step | host µs / step |\n|---:|---|---:|---:|")
     for rows in args.batch:
-        logits = torch.randn(rows, VOCAB, device="cuda") * 4
+        logits = (torch.randn(rows, VOCAB, device="cuda") * 4).to(torch.bfloat16)  # as the model returns them
         batch = qwen_code_batch(rows, 20, penalties=True)
         top = qwen_code_batch(rows, 20, penalties=True)
         top.num_candidates = num_candidates_for([20])
@@ -71,7 +71,7 @@ def main() -> None:
             "greedy argmax": (None, False),
             "full-vocabulary sort, torch (before)": (batch, False),
             "top-k candidates, torch": (top, False),
-            "top-k candidates, Triton": (top, True),
+            "two-pass top-k + draw, Triton": (top, True),
         }
         for name, (b, kernels) in paths.items():
             fn = (lambda x=logits: x.argmax(dim=-1)) if b is None else (lambda x=logits, b=b, k=kernels: sample(x, b, k))

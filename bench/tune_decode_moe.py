@@ -60,7 +60,7 @@ def start_batch(engine: LLMEngine, batch: int, context: int) -> None:
 
 def tune_batch(engine: LLMEngine, batch: int, context: int, tiles1: list, tiles2: list) -> None:
     start_batch(engine, batch, context)
-    table = list(moe_configs._TABLES[KEY])
+    table = list(moe_configs._device_tables()[KEY])
     row = next(i for i, (max_tokens, _) in enumerate(table) if max_tokens >= batch)
     base = table[row][1]
     results = []

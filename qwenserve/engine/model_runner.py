@@ -245,7 +245,7 @@ class ModelRunner:
             out = SamplerOutput(token_ids=greedy_ids if greedy_ids is not None else logits.argmax(dim=-1))
         else:
             sampling = self.sampling_batch(seqs)
-            out = sample(logits.float(), sampling, use_kernels=self.sampler_kernels)
+            out = sample(logits, sampling, use_kernels=self.sampler_kernels)
             if sampling.penalty_rows is not None:
                 self.penalties.record(seqs, sampling.penalty_rows, out.token_ids)
         self._prev_tokens, self._prev_rows = out.token_ids, {s.seq_id: i for i, s in enumerate(seqs)}

@@ -10,7 +10,7 @@ When every sampling row has a top-k (Qwen3-Coder's generation_config asks for 20
 qwen-code's requests always do), the candidates are just the batch's top `num_candidates`
 logits from one `topk`, and everything after it touches [B, k] instead of [B, 151,936].
 Otherwise the whole vocabulary is sorted (top-p alone) or used as is (plain temperature).
-On CUDA, the penalties and the candidate draw are one Triton launch each
+On CUDA the penalties, the top-k and the draw are two Triton launches
 (qwenserve.kernels.sampling); this module is their reference and the CPU path.
 """
 
@@ -150,24 +150,27 @@ def candidates(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, use_kernels: bool = False) -> SamplerOutput:
-    """Choose one token per row of float32 logits [B, V].
+    """Choose one token per row of logits [B, V].
 
-    `use_kernels` (CUDA only) runs the penalties and the top-k draw as Triton kernels."""
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.num_logprobs >= 0 else None
-    if use_kernels:
-        from qwenserve.kernels.sampling import choose_from_top_k, penalize
+    `use_kernels` (CUDA only) runs the penalties and, when every sampling row has a small top-k,
+    the whole draw as Triton kernels (qwenserve.kernels.sampling)."""
+    logits = logits.float() if not use_kernels else logits
+    raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if batch.num_logprobs >= 0 else None
+    if use_kernels and not batch.all_greedy and 0 < batch.num_candidates <= _max_kernel_candidates():
+        from qwenserve.kernels.sampling import sample_top_k
 
-        if batch.has_penalties:
+        token_ids = sample_top_k(logits, batch)
+    else:
+        if use_kernels and batch.has_penalties:
+            from qwenserve.kernels.sampling import penalize
+
             logits = penalize(logits, batch)
-    else:
-        logits = apply_penalties(logits, batch)
-    if batch.all_greedy:
-        token_ids = logits.argmax(dim=-1)
-    else:
-        values, ids, is_sorted = candidates(logits, batch)
-        if use_kernels and batch.num_candidates:
-            token_ids = choose_from_top_k(values, ids, batch)
         else:
+            logits = apply_penalties(logits.float(), batch)
+        if batch.all_greedy:
+            token_ids = logits.argmax(dim=-1)
+        else:
+            values, ids, is_sorted = candidates(logits, batch)
             token_ids = choose_from_candidates(values, ids, batch, is_sorted)
     out = SamplerOutput(token_ids=token_ids)
     if raw_logprobs is not None:
@@ -175,3 +178,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, use_kernels: bool = False
         if batch.num_logprobs > 0:
             out.top_logprobs, out.top_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)
     return out
+
+
+def _max_kernel_candidates() -> int:
+    from qwenserve.kernels.sampling import MAX_KERNEL_CANDIDATES
+
+    return MAX_KERNEL_CANDIDATES

@@ -1,14 +1,16 @@
-"""Tile configurations for the fused MoE kernels, keyed by the number of tokens in the step.
+"""Tile configurations for the fused MoE kernels, keyed by device and by the number of tokens in the step.
 
-The table for the Qwen3-Coder-30B-A3B shape (E=128, inter 768, hidden 2048, top-8) was
-measured with `bench/kernels.py --tune-moe` on an H100; H200 is the same SM90 chip with more
-bandwidth, and a config that is bandwidth-optimal on one is on the other (re-tune with the
-same command on an H200 and add it under its device name if that ever stops being true).
+The tables for the Qwen3-Coder-30B-A3B shape (E=128, inter 768, hidden 2048, top-8) were
+measured with `bench/kernels.py --tune-moe` on an H100 and on an H200 (same SM90 chip, 43 %
+more bandwidth: the GEMV-like decode sizes pick different tiles). Any other GPU uses the H100
+table; QWENSERVE_MOE_TABLE=H100|H200 forces one (to compare them on one device).
 Other shapes (tests, small models) fall back to `default_moe_config`.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +40,24 @@ GROUPED_MM_MIN_TOKENS: int | None = None
 # (E, inter, hidden, top_k) -> sorted [(max_tokens, config)]: the first row whose
 # max_tokens >= T is used. Filled from measurements (see module docstring).
 _QWEN3_MOE = (128, 768, 2048, 8)
+_H200_TABLES: dict[tuple[int, int, int, int], list[tuple[int, MoEConfig]]] = {
+    _QWEN3_MOE: [
+        # Measured on H200 (bench/kernels.py --tune-moe, cold L2, CUDA graph), 2026-11-24.
+        (1, MoEConfig(16, 32, 64, 4, 6, 64, 64, 4, 5)),
+        (2, MoEConfig(16, 128, 128, 4, 3, 128, 128, 4, 3)),
+        (4, MoEConfig(16, 32, 256, 4, 3, 16, 128, 2, 4)),
+        (8, MoEConfig(16, 32, 64, 4, 5, 32, 128, 2, 4)),
+        (16, MoEConfig(16, 32, 256, 4, 3, 64, 128, 4, 4)),
+        (32, MoEConfig(16, 32, 256, 4, 3, 32, 128, 2, 4)),
+        (64, MoEConfig(16, 32, 256, 4, 3, 32, 128, 2, 4)),
+        (128, MoEConfig(16, 32, 256, 4, 3, 128, 128, 4, 3)),
+        (256, MoEConfig(32, 64, 128, 4, 3, 128, 128, 4, 3)),
+        (512, MoEConfig(64, 64, 64, 4, 4, 128, 64, 8, 4)),
+        (2048, MoEConfig(128, 128, 64, 8, 4, 128, 64, 8, 3)),
+        (4096, MoEConfig(128, 128, 64, 8, 3, 128, 64, 8, 3)),
+        (1 << 30, MoEConfig(128, 128, 64, 8, 4, 128, 64, 8, 3)),
+    ],
+}
 _TABLES: dict[tuple[int, int, int, int], list[tuple[int, MoEConfig]]] = {
     _QWEN3_MOE: [
         # Measured on H100 80GB HBM3 (bench/kernels.py --tune-moe, cold L2, CUDA graph).
@@ -67,10 +87,19 @@ def default_moe_config(num_tokens: int, num_experts: int, top_k: int) -> MoEConf
     return MoEConfig(128, 64, 64, 8, 3, 128, 64, 8, 3)
 
 
+@functools.cache
+def _device_tables() -> dict[tuple[int, int, int, int], list[tuple[int, MoEConfig]]]:
+    """The tables measured on this GPU (or on the one QWENSERVE_MOE_TABLE names)."""
+    name = os.environ.get("QWENSERVE_MOE_TABLE") or torch.cuda.get_device_name()
+    return _H200_TABLES if "H200" in name else _TABLES
+
+
 def get_moe_config(num_tokens: int, num_experts: int, inter: int, hidden: int, top_k: int) -> MoEConfig:
     """Config for a step of num_tokens tokens (a host int: the shape, never a device value)."""
-    table = _TABLES.get((num_experts, inter, hidden, top_k))
-    if table is None or not torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        return default_moe_config(num_tokens, num_experts, top_k)
+    table = _device_tables().get((num_experts, inter, hidden, top_k))
+    if table is None:
         return default_moe_config(num_tokens, num_experts, top_k)
     for max_tokens, cfg in table:
         if num_tokens <= max_tokens:
@@ -83,7 +112,7 @@ def set_moe_table(
     rows: list[tuple[int, MoEConfig]],
     grouped_mm_min_tokens: int | None = None,
 ) -> None:
-    """Replace a shape's table (used by the tuner to try candidates in-process)."""
+    """Replace a shape's table on this device (used by the tuners to try candidates in-process)."""
     global GROUPED_MM_MIN_TOKENS
-    _TABLES[key] = sorted(rows, key=lambda r: r[0])
+    _device_tables()[key] = sorted(rows, key=lambda r: r[0])
     GROUPED_MM_MIN_TOKENS = grouped_mm_min_tokens
