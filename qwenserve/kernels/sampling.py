@@ -83,7 +83,7 @@ def _hash32(x):
 # Keys that sort like (value, -token id): a float32's bits made order-preserving as a signed int in
 # the high word, the complemented id in the low word, so one integer top-k carries both and ties
 # go to the lower id (as argmax does). SENTINEL pads past the vocabulary and sorts below everything.
-SENTINEL = -0x7FFFFFFFFFFFFFFF
+SENTINEL = tl.constexpr(-0x7FFFFFFFFFFFFFFF)
 TOPK_CHUNK = 4096  # vocabulary slice per program of the first pass
 MAX_KERNEL_CANDIDATES = 64  # the second pass holds chunks * candidates keys in one program
 
