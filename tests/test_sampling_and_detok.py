@@ -164,3 +164,13 @@ def test_async_engine_streams_and_aborts(tiny_moe_dir: Path) -> None:
             await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_equal_logits_are_ordered_by_token_id() -> None:
+    """Ties (frequent in bf16) are cut by top-k in id order, with and without the topk shortcut."""
+    logits = torch.zeros(200, 100)
+    logits[:, 50:60] = 1.0  # 10 tied best tokens (fewer than the 16 candidates)
+    kw = dict(top_k=torch.full((200,), 5), needs_top_k_p=True, seeds=torch.arange(200, dtype=torch.int64))
+    full = sample(logits, _batch(200, **kw)).token_ids
+    top = sample(logits, _batch(200, **kw, num_candidates=num_candidates_for([5]))).token_ids
+    assert set(full.tolist()) == set(range(50, 55)) and torch.equal(full, top)

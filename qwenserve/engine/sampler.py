@@ -141,9 +141,14 @@ def candidates(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor
     """(values, token ids, sorted) of the logits a row may still draw."""
     if batch.num_candidates:
         values, ids = logits.topk(min(batch.num_candidates, logits.shape[-1]), dim=-1)
-        return values, ids, True
+        # topk leaves the order of equal logits open (bf16 logits tie often); put the lower id first,
+        # as the full sort and the CUDA kernels do, so top-k / top-p cut at the same place (a tie
+        # that runs past the candidates is still cut where topk cuts it).
+        ids, by_id = ids.sort(dim=-1)
+        values, by_value = values.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+        return values, ids.gather(1, by_value), True
     if batch.needs_top_k_p:
-        values, ids = logits.sort(dim=-1, descending=True)
+        values, ids = logits.sort(dim=-1, descending=True, stable=True)
         return values, ids, True
     ids = torch.arange(logits.shape[-1], device=logits.device).expand_as(logits)
     return logits, ids, False
