@@ -56,11 +56,47 @@ def time_call(fn, iters: int) -> tuple[float, float]:
     return start.elapsed_time(end) / iters * 1e3, host
 
 
+def time_graph(fn, iters: int) -> float:
+    """GPU µs per call with the call captured in a CUDA graph (no launch overhead, as in a step)."""
+    fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters * 1e3
+
+
+def sweep(batches: list[int], iters: int) -> None:
+    from qwenserve.kernels import sampling
+
+    print("| batch | slice | warps | GPU µs / step (graphed) |\n|---:|---:|---:|---:|")
+    for rows in batches:
+        logits = (torch.randn(rows, VOCAB, device="cuda") * 4).to(torch.bfloat16)
+        top = qwen_code_batch(rows, 20, penalties=True)
+        top.num_candidates = num_candidates_for([20])
+        for chunk in (1024, 2048, 4096, 8192):
+            for warps in (2, 4, 8):
+                sampling.TOPK_CHUNK, sampling.TOPK_NUM_WARPS = chunk, warps
+                gpu = time_graph(lambda x=logits, b=top: sample(x, b, True), iters)
+                print(f"| {rows} | {chunk} | {warps} | {gpu:.1f} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, nargs="*", default=[1, 8, 64])
     p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--sweep", action="store_true", help="time the Triton path's slice size and warps")
     args = p.parse_args()
+    if args.sweep:
+        sweep(args.batch, args.iters)
+        return
     print("| batch | path | GPU µs / step | host µs / step |\n|---:|---|---:|---:|")
     for rows in args.batch:
         logits = (torch.randn(rows, VOCAB, device="cuda") * 4).to(torch.bfloat16)  # as the model returns them

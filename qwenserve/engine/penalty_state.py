@@ -63,10 +63,11 @@ class PenaltyState:
 
     def record(self, seqs: list[Sequence], rows: torch.Tensor, token_ids: torch.Tensor) -> None:
         """Account for the tokens just sampled for `seqs` (still on the device)."""
-        # Each sampling row has its own state row, so the flat indices are distinct: no accumulate needed.
+        # index_fill_ / index_add_ rather than `seen[...] = True`: that form copies the scalar from
+        # pageable memory, which waits for the GPU and serialised overlapped steps.
         flat = rows * self.vocab_size + token_ids
-        self.seen.view(-1)[flat] = True
-        self.counts.view(-1)[flat] += 1
+        self.seen.view(-1).index_fill_(0, flat, True)
+        self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=self.counts.dtype))
         for seq in seqs:
             self.num_tokens_of[seq.seq_id] += 1
 

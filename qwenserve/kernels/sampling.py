@@ -85,6 +85,7 @@ def _hash32(x):
 # go to the lower id (as argmax does). SENTINEL pads past the vocabulary and sorts below everything.
 SENTINEL = tl.constexpr(-0x7FFFFFFFFFFFFFFF)
 TOPK_CHUNK = 4096  # vocabulary slice per program of the first pass
+TOPK_NUM_WARPS = 4
 MAX_KERNEL_CANDIDATES = 64  # the second pass holds chunks * candidates keys in one program
 
 
@@ -206,7 +207,7 @@ def sample_top_k(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         state = (logits,) * 6  # never read
     _chunk_top_k_kernel[(rows, chunks)](
         logits, keys, *state, vocab, logits.stride(0), batch.seen.stride(0) if pen else 0,
-        HAS_PENALTIES=pen, K=k, CHUNK=TOPK_CHUNK,
+        HAS_PENALTIES=pen, K=k, CHUNK=TOPK_CHUNK, num_warps=TOPK_NUM_WARPS,
     )  # fmt: skip
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     _top_k_draw_kernel[(rows,)](
