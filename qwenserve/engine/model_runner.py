@@ -201,8 +201,14 @@ class ModelRunner:
                   [p.min_p for p in params], [p.presence_penalty for p in params],
                   [p.frequency_penalty for p in params], [p.repetition_penalty for p in params]]  # fmt: skip
         ints = [[p.top_k for p in params], [s.seed for s in seqs], [s.num_output_tokens for s in seqs]]
-        temperature, top_p, min_p, presence, frequency, repetition = self._to_device(floats, torch.float32)
-        top_k, seeds, steps = self._to_device(ints, torch.int64)
+        # Rows padded to a multiple of 4 entries keep every row 16-byte aligned whatever the batch size:
+        # Triton specialises pointers on that, and a new batch size must not mean a new compile.
+        pad = -len(seqs) % 4
+        floats = [row + [0.0] * pad for row in floats]
+        ints = [row + [0] * pad for row in ints]
+        n = len(seqs)
+        temperature, top_p, min_p, presence, frequency, repetition = self._to_device(floats, torch.float32)[:, :n]
+        top_k, seeds, steps = self._to_device(ints, torch.int64)[:, :n]
         sampled = [p for p in params if not p.greedy]
         batch = SamplingBatch(
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seeds=seeds, steps=steps,

@@ -85,3 +85,22 @@ def test_kernel_sampler_draws_what_the_torch_sampler_draws(tiny_moe_dir: Path) -
         results.append([o.token_ids for choices in eng.generate(prompts, params) for o in choices])
     assert results[0] == results[1]
     assert len(set(results[1][0])) > 3  # it sampled
+
+
+def test_sampler_kernels_compile_once_for_every_batch_size(tiny_moe_dir: Path) -> None:
+    """A new batch size must not recompile the sampler (a compile stalls every stream for seconds):
+    the per-row parameters stay 16-byte aligned whatever the batch size."""
+    from qwenserve.kernels import sampling
+
+    eng = _engine(tiny_moe_dir)
+    params = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, max_tokens=4, ignore_eos=True)
+
+    def compiled() -> int:
+        return sum(len(cache[0]) for cache in sampling._chunk_top_k_kernel.device_caches.values()) + sum(
+            len(cache[0]) for cache in sampling._top_k_draw_kernel.device_caches.values())
+
+    eng.generate([[5, 6, 7]], params)
+    before = compiled()
+    for batch in (2, 3, 5, 8):
+        eng.generate([[5 + i, 6, 7] for i in range(batch)], params)
+    assert compiled() == before
