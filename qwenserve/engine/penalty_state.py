@@ -51,11 +51,11 @@ class PenaltyState:
                 self.seen[row].zero_()
                 self.counts[row].zero_()
                 self.num_tokens_of[seq.seq_id] = seq.num_prompt_tokens
-                self.seen[row, self._ids(seq.token_ids[: seq.num_prompt_tokens])] = True
+                self.seen[row].index_fill_(0, self._ids(seq.token_ids[: seq.num_prompt_tokens]), True)
             done = self.num_tokens_of[seq.seq_id]
             if done < seq.num_tokens:  # tokens appended since the last update (normally none)
                 new = self._ids(seq.token_ids[done:])
-                self.seen[row, new] = True
+                self.seen[row].index_fill_(0, new, True)
                 self.counts[row].index_put_((new,), torch.ones_like(new, dtype=torch.int32), accumulate=True)
                 self.num_tokens_of[seq.seq_id] = seq.num_tokens
             rows.append(row)
