@@ -18,6 +18,19 @@ PENALTY_BLOCK = 4096
 
 
 @triton.jit
+def _penalised(x, b, offs, mask, rows_ptr, seen_ptr, counts_ptr, rep_ptr, freq_ptr, pres_ptr, stride_state):
+    """Row b's logits x at vocabulary offsets `offs` after the repetition, frequency and presence
+    penalties, in the order of qwenserve.engine.sampler.apply_penalties."""
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    seen = tl.load(seen_ptr + row * stride_state + offs, mask=mask, other=0) != 0
+    count = tl.load(counts_ptr + row * stride_state + offs, mask=mask, other=0).to(tl.float32)
+    rep = tl.load(rep_ptr + b)
+    x = tl.where(seen, tl.where(x > 0, tl.math.div_rn(x, rep), x * rep), x)
+    x = x - tl.load(freq_ptr + b) * count
+    return x - tl.load(pres_ptr + b) * tl.where(count > 0, 1.0, 0.0)
+
+
+@triton.jit
 def _penalty_kernel(
     logits_ptr,
     out_ptr,
@@ -35,17 +48,8 @@ def _penalty_kernel(
     b = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < vocab
-    row = tl.load(rows_ptr + b).to(tl.int64)
-    rep = tl.load(rep_ptr + b)
-    freq = tl.load(freq_ptr + b)
-    pres = tl.load(pres_ptr + b)
     x = tl.load(logits_ptr + b.to(tl.int64) * stride_logits + offs, mask=mask, other=0.0).to(tl.float32)
-    seen = tl.load(seen_ptr + row * stride_state + offs, mask=mask, other=0) != 0
-    count = tl.load(counts_ptr + row * stride_state + offs, mask=mask, other=0).to(tl.float32)
-    penalised = tl.where(x > 0, tl.math.div_rn(x, rep), x * rep)
-    x = tl.where(seen, penalised, x)
-    x = x - freq * count
-    x = x - pres * tl.where(count > 0, 1.0, 0.0)
+    x = _penalised(x, b, offs, mask, rows_ptr, seen_ptr, counts_ptr, rep_ptr, freq_ptr, pres_ptr, stride_state)
     tl.store(out_ptr + b.to(tl.int64) * stride_logits + offs, x, mask=mask)
 
 
@@ -127,13 +131,7 @@ def _chunk_top_k_kernel(
     mask = offs < vocab
     x = tl.load(logits_ptr + b.to(tl.int64) * stride_logits + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_PENALTIES:
-        row = tl.load(rows_ptr + b).to(tl.int64)
-        seen = tl.load(seen_ptr + row * stride_state + offs, mask=mask, other=0) != 0
-        count = tl.load(counts_ptr + row * stride_state + offs, mask=mask, other=0).to(tl.float32)
-        rep = tl.load(rep_ptr + b)
-        x = tl.where(seen, tl.where(x > 0, tl.math.div_rn(x, rep), x * rep), x)
-        x = x - tl.load(freq_ptr + b) * count
-        x = x - tl.load(pres_ptr + b) * tl.where(count > 0, 1.0, 0.0)
+        x = _penalised(x, b, offs, mask, rows_ptr, seen_ptr, counts_ptr, rep_ptr, freq_ptr, pres_ptr, stride_state)
     keys = tl.where(mask, _sort_key(x, offs.to(tl.int64)), SENTINEL)
     top = tl.topk(keys, K)
     out = keys_ptr + (b * tl.num_programs(1) + chunk).to(tl.int64) * K + tl.arange(0, K)
