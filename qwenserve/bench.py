@@ -29,7 +29,7 @@ import torch
 
 from qwenserve.config import EngineConfig, ModelConfig
 from qwenserve.engine.llm_engine import LLMEngine
-from qwenserve.engine.sampling_params import SamplingParams
+from qwenserve.engine.sampling_params import GENERATION_CONFIG_FIELDS, SamplingParams
 
 # (HBM bytes/s, dense bf16 FLOP/s) by device name; H100 SXM and H200 share the compute.
 DEVICE_PEAKS = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12)}
@@ -142,8 +142,7 @@ def model_sampling(config_dir: Path) -> dict[str, Any]:
     from qwenserve.model.loader import read_generation_config
 
     gen = read_generation_config(config_dir)
-    fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
-    sampling = {name: gen[name] for name in fields if name in gen}
+    sampling = {name: gen[name] for name in GENERATION_CONFIG_FIELDS if name in gen}
     if gen.get("do_sample") is False:
         sampling["temperature"] = 0.0
     return sampling | {"seed": 0}

@@ -278,3 +278,28 @@ def test_overlapped_steps_launch_nothing_after_a_certain_stop(tiny_moe_dir: Path
         launches.append(count[0])
     assert outs[0] == outs[1]
     assert launches[0] == launches[1] == 12  # one prefill, eleven decodes
+
+
+def test_penalised_request_joining_a_running_greedy_one(engine: LLMEngine) -> None:
+    """A request with penalties joins one that has been decoding without them (its last token still
+    in flight): both keep giving what they give alone."""
+    a, b = prompts(2, seed=43)
+    pen = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, repetition_penalty=1.8)
+    a_alone = engine.generate([a], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0][0].token_ids
+    b_alone = engine.generate([b], pen)[0][0].token_ids
+    engine.add_request("a", a, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    got: dict[str, list[int]] = {"a": [], "b": []}
+
+    def step() -> None:
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+
+    for _ in range(6):
+        step()
+    engine.add_request("b", b, pen)
+    step()
+    step()
+    assert len(engine.runner.penalties.row_of) == 1  # b's row only: a, without penalties, shares a scratch row
+    while engine.has_unfinished():
+        step()
+    assert got == {"a": a_alone, "b": b_alone}

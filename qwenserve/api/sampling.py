@@ -6,18 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from qwenserve.api.protocol import SamplingFields
-from qwenserve.engine.sampling_params import SamplingParams
-
-# Fields that generation_config.json may supply when the request leaves them out.
-_DEFAULTABLE = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-)
+from qwenserve.engine.sampling_params import GENERATION_CONFIG_FIELDS, SamplingParams
 
 
 def _stop_list(stop: str | list[str] | None) -> list[str]:
@@ -40,7 +29,7 @@ def build_sampling_params(
     means up to the context limit (the engine clamps anything larger to the room left).
     """
     values: dict[str, Any] = {}
-    for name in _DEFAULTABLE:
+    for name in GENERATION_CONFIG_FIELDS:
         value = getattr(req, name)
         if value is None:
             value = defaults.get(name)

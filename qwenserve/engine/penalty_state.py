@@ -5,7 +5,12 @@ the sequence has seen and how often each appeared in its output. Rebuilding that
 the token list each step costs a host-to-device copy of the whole context (20k ids for
 a qwen-code prompt) per step; instead each sequence gets a row in two [rows, vocab]
 buffers, filled once when it first needs penalties and bumped with one batched
-index_put per step.
+index_add per step.
+
+A sequence without penalties that shares a batch with one that has them uses the
+scratch row SHARED_ROW: its penalties are neutral, so what that row holds never matters,
+and it needs no per-sequence state (which it could not build anyway while its newest
+token is still in flight on the device).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import torch
 
 from qwenserve.engine.sequence import Sequence
+
+SHARED_ROW = 0
 
 
 class PenaltyState:
@@ -23,7 +30,7 @@ class PenaltyState:
         self.counts = torch.zeros(initial_rows, vocab_size, dtype=torch.int32, device=device)
         self.row_of: dict[int, int] = {}  # seq_id -> row
         self.num_tokens_of: dict[int, int] = {}  # seq_id -> tokens already accounted for
-        self.free_rows = list(range(initial_rows - 1, -1, -1))
+        self.free_rows = list(range(initial_rows - 1, SHARED_ROW, -1))
 
     def _grow(self) -> None:
         old = self.seen.shape[0]
@@ -42,6 +49,9 @@ class PenaltyState:
         """Row index of each sequence, bringing every row up to date with its tokens."""
         rows = []
         for seq in seqs:
+            if not seq.params.needs_penalties:
+                rows.append(SHARED_ROW)
+                continue
             row = self.row_of.get(seq.seq_id)
             if row is None:
                 if not self.free_rows:
@@ -69,7 +79,8 @@ class PenaltyState:
         self.seen.view(-1).index_fill_(0, flat, True)
         self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=self.counts.dtype))
         for seq in seqs:
-            self.num_tokens_of[seq.seq_id] += 1
+            if seq.seq_id in self.num_tokens_of:
+                self.num_tokens_of[seq.seq_id] += 1
 
     def release(self, seq: Sequence) -> None:
         row = self.row_of.pop(seq.seq_id, None)

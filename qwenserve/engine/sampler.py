@@ -159,7 +159,6 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, use_kernels: bool = False
 
     `use_kernels` (CUDA only) runs the penalties and, when every sampling row has a small top-k,
     the whole draw as Triton kernels (qwenserve.kernels.sampling)."""
-    logits = logits.float() if not use_kernels else logits
     raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if batch.num_logprobs >= 0 else None
     if use_kernels and not batch.all_greedy and 0 < batch.num_candidates <= _max_kernel_candidates():
         from qwenserve.kernels.sampling import sample_top_k

@@ -6,6 +6,17 @@ from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20
 
+# Fields that a model's generation_config.json supplies when a request leaves them out.
+GENERATION_CONFIG_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+
 
 class InvalidRequestError(ValueError):
     """A request that can never run as given (the HTTP layer answers 400).
