@@ -24,13 +24,14 @@ def kernels_available() -> bool:
 def kernel_ops() -> dict[str, Callable]:
     """The Triton replacements, keyed by the field names of qwen3.Ops / functions of ops.py."""
     from qwenserve.kernels.attention import paged_attention
-    from qwenserve.kernels.moe import fused_moe, routed_moe
+    from qwenserve.kernels.moe import fused_moe, norm_routed_moe, routed_moe
     from qwenserve.kernels.norm import rms_norm
 
     return {
         "paged_attention": paged_attention,
         "fused_moe": fused_moe,
         "routed_moe": routed_moe,
+        "norm_routed_moe": norm_routed_moe,
         "rms_norm": rms_norm,
     }
 

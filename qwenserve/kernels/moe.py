@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from qwenserve.kernels import moe_configs
-from qwenserve.kernels.fused import route
+from qwenserve.kernels.fused import add_rms_norm, route
 from qwenserve.kernels.moe_configs import MoEConfig, get_moe_config
 
 # The align kernel (one program per expert, each scanning all pairs) is used up to this many
@@ -98,6 +98,28 @@ def _moe_align_kernel(
         tl.store(expert_ids_ptr + first_block + blk, expert, mask=blk < my_padded // BLOCK_M)
 
 
+@triton.jit
+def _softmax_topk(logit, t_ok, e, e_ok, T_P2: tl.constexpr, E_P2: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr):
+    """Softmax over experts and top-k of each token's router logits [T_P2, E_P2] (float32, -inf
+    past E): (weights, expert ids) [T_P2, TOP_K], as _router_topk_kernel computes them."""
+    k_idx = tl.arange(0, TOP_K)
+    logit = tl.where(t_ok[:, None], logit, 0.0)  # padding rows stay finite; callers mask them
+    p = tl.exp(logit - tl.max(logit, 1)[:, None])
+    p = p / tl.sum(p, 1)[:, None]
+    p = tl.where(e_ok[None, :], p, -1.0)
+    top_w = tl.zeros([T_P2, TOP_K], dtype=tl.float32)
+    top_i = tl.zeros([T_P2, TOP_K], dtype=tl.int32)
+    for k in tl.static_range(TOP_K):
+        best = tl.max(p, 1)
+        idx = tl.min(tl.where(p == best[:, None], e[None, :], E_P2), 1)  # lowest index among ties
+        top_w = tl.where(k_idx[None, :] == k, best[:, None], top_w)
+        top_i = tl.where(k_idx[None, :] == k, idx[:, None], top_i)
+        p = tl.where(e[None, :] == idx[:, None], -1.0, p)
+    if RENORM:
+        top_w = top_w / tl.sum(top_w, 1)[:, None]
+    return top_w, top_i
+
+
 # Steps of up to this many tokens route and align in one launch (`routed_moe`): every program
 # of the align recomputes the softmax top-k of all the tokens' router logits (at most 16 x E
 # floats) rather than waiting for a separate routing launch.
@@ -137,20 +159,7 @@ def _route_align_kernel(
         mask=t_ok[:, None] & e_ok[None, :],
         other=float("-inf"),
     ).to(tl.float32)
-    logit = tl.where(t_ok[:, None], logit, 0.0)  # padding rows stay finite; they are masked below
-    p = tl.exp(logit - tl.max(logit, 1)[:, None])
-    p = p / tl.sum(p, 1)[:, None]
-    p = tl.where(e_ok[None, :], p, -1.0)
-    top_w = tl.zeros([T_P2, TOP_K], dtype=tl.float32)
-    top_i = tl.zeros([T_P2, TOP_K], dtype=tl.int32)
-    for k in tl.static_range(TOP_K):
-        best = tl.max(p, 1)
-        idx = tl.min(tl.where(p == best[:, None], e[None, :], E_P2), 1)  # lowest index among ties
-        top_w = tl.where(k_idx[None, :] == k, best[:, None], top_w)
-        top_i = tl.where(k_idx[None, :] == k, idx[:, None], top_i)
-        p = tl.where(e[None, :] == idx[:, None], -1.0, p)
-    if RENORM:
-        top_w = top_w / tl.sum(top_w, 1)[:, None]
+    top_w, top_i = _softmax_topk(logit, t_ok, e, e_ok, T_P2, E_P2, TOP_K, RENORM)
     pair_ok = t_ok[:, None] & (k_idx[None, :] < TOP_K)
     if expert == 0:
         pair_2d = t[:, None] * TOP_K + k_idx[None, :]
@@ -199,6 +208,191 @@ def route_align(
         num_warps=ROUTE_ALIGN_NUM_WARPS.get(t_p2, 4),
     )  # fmt: skip
     return weights, ids, sorted_ids, expert_ids, num_rows
+
+
+@triton.jit
+def _align_pairs(
+    ids, valid, numel, e, sorted_ids_ptr, expert_ids_ptr, num_rows_ptr, P: tl.constexpr, E_P2: tl.constexpr,
+    NB_P2: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """moe_align of `numel` pairs in one program: ids [P] is each pair's expert, `valid` marks the
+    real pairs, e = arange(E_P2). Same outputs as _moe_align_kernel for the rows below num_rows."""
+    counts = tl.histogram(ids, E_P2, mask=valid)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    num_rows = tl.sum(padded, 0)
+    tl.store(num_rows_ptr, num_rows)
+    # A pair's row: its expert's run start plus the number of earlier pairs of that expert.
+    p = tl.arange(0, P)
+    earlier = (ids[:, None] == ids[None, :]) & (p[None, :] < p[:, None]) & valid[None, :]
+    rank = tl.sum(earlier.to(tl.int32), 1)
+    start = tl.sum(tl.where(ids[:, None] == e[None, :], starts[None, :], 0), 1)
+    tl.store(sorted_ids_ptr + start + rank, p, mask=valid)
+    # A block's expert is the run holding its first row (empty runs end at or before it, so they
+    # count among the runs passed); rows of the run past its pairs get the sentinel.
+    b = tl.arange(0, NB_P2)
+    first = b * BLOCK_M
+    used = first < num_rows
+    blk_expert = tl.sum((ends[None, :] <= first[:, None]).to(tl.int32), 1)
+    tl.store(expert_ids_ptr + b, blk_expert, mask=used)
+    mine = e[None, :] == blk_expert[:, None]
+    blk_start = tl.sum(tl.where(mine, starts[None, :], 0), 1)
+    blk_count = tl.sum(tl.where(mine, counts[None, :], 0), 1)
+    rows = first[:, None] + tl.arange(0, BLOCK_M)[None, :]
+    tl.store(sorted_ids_ptr + rows, numel, mask=used[:, None] & (rows - blk_start[:, None] >= blk_count[:, None]))
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
+def _norm_route_align_kernel(
+    x_ptr,
+    res_ptr,
+    norm_w_ptr,
+    gate_ptr,
+    out_ptr,
+    res_out_ptr,
+    logits_ptr,
+    counter_ptr,
+    weights_ptr,
+    ids_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_rows_ptr,
+    num_tokens,
+    stride_x,
+    stride_r,
+    stride_g,
+    eps,
+    N: tl.constexpr,
+    N_P2: tl.constexpr,
+    NUM_EXPERTS: tl.constexpr,
+    E_P2: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    TOP_K: tl.constexpr,
+    T_P2: tl.constexpr,
+    NB_P2: tl.constexpr,
+    RENORM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    # Program (token, expert block): the token's residual add + RMSNorm (every program of the token
+    # redoes it: 2 x N values from L2, cheaper than a launch) and its router logits for BLOCK_E experts.
+    row = tl.program_id(0).to(tl.int64)
+    eb = tl.program_id(1)
+    c = tl.arange(0, N_P2)
+    c_ok = c < N
+    e_blk = eb * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_blk_ok = e_blk < NUM_EXPERTS
+    dt = x_ptr.dtype.element_ty
+    # The gate slice is loaded first so its latency overlaps the norm.
+    gate = tl.load(
+        gate_ptr + e_blk[:, None] * stride_g + c[None, :], mask=e_blk_ok[:, None] & c_ok[None, :], other=0.0
+    )
+    x = tl.load(x_ptr + row * stride_x + c, mask=c_ok, other=0.0).to(tl.float32)
+    r = tl.load(res_ptr + row * stride_r + c, mask=c_ok, other=0.0).to(tl.float32)
+    s = (x + r).to(dt)  # rounded as in _add_rms_norm_kernel and the reference
+    sf = s.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(sf * sf, 0) / N + eps)
+    w = tl.load(norm_w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    y = ((sf * rstd).to(dt).to(tl.float32) * w).to(dt)
+    if eb == 0:
+        tl.store(res_out_ptr + row * N + c, s, mask=c_ok)
+        tl.store(out_ptr + row * N + c, y, mask=c_ok)
+    logit = tl.sum(gate.to(tl.float32) * y.to(tl.float32)[None, :], 1)
+    # Rounded to the activation dtype, as the reference's F.linear returns them.
+    tl.store(logits_ptr + row * NUM_EXPERTS + e_blk, logit.to(logits_ptr.dtype.element_ty), mask=e_blk_ok)
+
+    # The program that finishes last routes and aligns every token: all the logits were stored
+    # before their programs' (release) increments, which its (acquire) increment observes.
+    tl.debug_barrier()
+    done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if done == num_tokens * tl.num_programs(1) - 1:
+        tl.store(counter_ptr, 0)  # every program has counted: reset for the next launch
+        t = tl.arange(0, T_P2)
+        e = tl.arange(0, E_P2)
+        t_ok = t < num_tokens
+        e_ok = e < NUM_EXPERTS
+        logits = tl.load(
+            logits_ptr + t[:, None] * NUM_EXPERTS + e[None, :],
+            mask=t_ok[:, None] & e_ok[None, :],
+            other=float("-inf"),
+            cache_modifier=".cg",  # from L2, where the other programs' stores are
+        ).to(tl.float32)
+        top_w, top_i = _softmax_topk(logits, t_ok, e, e_ok, T_P2, E_P2, TOP_K, RENORM)
+        k_idx = tl.arange(0, TOP_K)
+        pair_ok = t_ok[:, None] & (k_idx[None, :] < TOP_K)
+        pair_2d = t[:, None] * TOP_K + k_idx[None, :]
+        tl.store(weights_ptr + pair_2d, top_w.to(weights_ptr.dtype.element_ty), mask=pair_ok)
+        tl.store(ids_ptr + pair_2d, top_i, mask=pair_ok)
+        ids = tl.reshape(top_i, [T_P2 * TOP_K])
+        valid = tl.reshape(pair_ok.to(tl.int32), [T_P2 * TOP_K]) != 0
+        _align_pairs(
+            ids, valid, num_tokens * TOP_K, e, sorted_ids_ptr, expert_ids_ptr, num_rows_ptr, T_P2 * TOP_K, E_P2,
+            NB_P2, BLOCK_M,
+        )  # fmt: skip
+
+
+# Experts per program of the fused norm + router (E / BLOCK_E programs per token).
+NORM_ROUTE_BLOCK_E = 4
+NORM_ROUTE_NUM_WARPS = 4
+# False: decode steps run add_rms_norm, the router GEMV and route_align as three launches (A/B switch).
+NORM_ROUTE_FUSED = True
+
+_launch_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _launch_counter(device: torch.device) -> torch.Tensor:
+    """A zeroed int32 on the device that a kernel's last program resets. One per device serves
+    every launch: launches on the engine's stream never overlap. Allocated once, so the CUDA
+    graphs that captured its address stay valid."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _launch_counters:
+        _launch_counters[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _launch_counters[device]
+
+
+def norm_route_align(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    gate_weight: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    block_m: int,
+) -> tuple[torch.Tensor, ...]:
+    """add_rms_norm, the router GEMV and route_align in one launch, for at most ROUTE_ALIGN_MAX_TOKENS tokens.
+
+    Returns (normed [T, H], new residual [T, H], routing weights [T, k] in x's dtype, expert ids [T, k]
+    int32, sorted_ids, expert_ids, num_rows) with the contracts of add_rms_norm, router_topk and moe_align.
+    """
+    num_tokens, hidden = x.shape
+    num_experts = gate_weight.shape[0]
+    assert 0 < num_tokens <= ROUTE_ALIGN_MAX_TOKENS and top_k & (top_k - 1) == 0
+    assert x.stride(1) == 1 and residual.stride(1) == 1 and gate_weight.stride(1) == 1
+    device = x.device
+    out = torch.empty_like(residual)
+    res_out = torch.empty_like(residual)
+    logits = torch.empty(num_tokens, num_experts, dtype=x.dtype, device=device)
+    weights = torch.empty(num_tokens, top_k, dtype=x.dtype, device=device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
+    rows = triton.cdiv(max_sorted_rows(num_tokens * top_k, num_experts, block_m), block_m) * block_m
+    sorted_ids = torch.empty(rows, dtype=torch.int32, device=device)
+    expert_ids = torch.empty(rows // block_m, dtype=torch.int32, device=device)
+    num_rows = torch.empty(1, dtype=torch.int32, device=device)
+    t_p2 = triton.next_power_of_2(num_tokens)
+    # Sized by the token bucket, not the count, so each bucket compiles once.
+    max_blocks = triton.cdiv(max_sorted_rows(t_p2 * top_k, num_experts, block_m), block_m)
+    grid = (num_tokens, triton.cdiv(num_experts, NORM_ROUTE_BLOCK_E))
+    _norm_route_align_kernel[grid](
+        x, residual, norm_weight, gate_weight, out, res_out, logits, _launch_counter(device), weights, ids, sorted_ids,
+        expert_ids, num_rows, num_tokens, x.stride(0), residual.stride(0), gate_weight.stride(0), eps,
+        N=hidden, N_P2=triton.next_power_of_2(hidden), NUM_EXPERTS=num_experts,
+        E_P2=triton.next_power_of_2(num_experts), BLOCK_E=NORM_ROUTE_BLOCK_E, TOP_K=top_k, T_P2=t_p2,
+        NB_P2=triton.next_power_of_2(max_blocks), RENORM=renormalize, BLOCK_M=block_m,
+        num_warps=NORM_ROUTE_NUM_WARPS,
+    )  # fmt: skip
+    return out, res_out, weights, ids, sorted_ids, expert_ids, num_rows
 
 
 def max_sorted_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -523,12 +717,44 @@ def routed_moe(
     if not 0 < num_tokens <= ROUTE_ALIGN_MAX_TOKENS or top_k & (top_k - 1):
         weights, ids = route(hidden, gate_weight, top_k, renormalize)
         return fused_moe(hidden, w13, w2, weights, ids, reduce=False)
-    num_experts, two_inter, _ = w13.shape
-    cfg = get_moe_config(num_tokens, num_experts, two_inter // 2, hidden_size, top_k)
+    cfg = _decode_moe_config(num_tokens, w13, top_k)
     logits = F.linear(hidden, gate_weight)
     weights, _, sorted_ids, expert_ids, num_rows = route_align(logits, top_k, renormalize, cfg.block_m, hidden.dtype)
     pair_out = _expert_gemms(hidden, w13, w2, weights, sorted_ids, expert_ids, num_rows, cfg)
     return pair_out.view(num_tokens, top_k, hidden_size)
+
+
+def _decode_moe_config(num_tokens: int, w13: torch.Tensor, top_k: int) -> MoEConfig:
+    num_experts, two_inter, hidden_size = w13.shape
+    return get_moe_config(num_tokens, num_experts, two_inter // 2, hidden_size, top_k)
+
+
+def norm_routed_moe(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    gate_weight: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ops.norm_routed_moe: the post-attention add + RMSNorm, then routed_moe.
+
+    Decode-sized steps do the norm, the router GEMV, the routing and the align in one launch
+    (norm_route_align) before the two expert GEMMs: 3 launches where there were 5.
+    """
+    num_tokens, hidden_size = x.shape
+    if not NORM_ROUTE_FUSED or not 0 < num_tokens <= ROUTE_ALIGN_MAX_TOKENS or top_k & (top_k - 1):
+        h, residual = add_rms_norm(x, residual, norm_weight, eps)
+        return routed_moe(h, gate_weight, w13, w2, top_k, renormalize), residual
+    cfg = _decode_moe_config(num_tokens, w13, top_k)
+    h, residual, weights, _, sorted_ids, expert_ids, num_rows = norm_route_align(
+        x, residual, norm_weight, eps, gate_weight, top_k, renormalize, cfg.block_m
+    )
+    pair_out = _expert_gemms(h, w13, w2, weights, sorted_ids, expert_ids, num_rows, cfg)
+    return pair_out.view(num_tokens, top_k, hidden_size), residual
 
 
 @triton.jit

@@ -213,6 +213,24 @@ def routed_moe(
     return fused_moe(x, w13, w2, weights, ids, reduce=False)
 
 
+def norm_routed_moe(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    gate_weight: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The post-attention add_rms_norm, then routed_moe of the normed rows: (the MoE's
+    unreduced terms [T, k, H], the new residual). One op so a backend can fuse the norm
+    with the router."""
+    h, residual = add_rms_norm(x, residual, norm_weight, eps)
+    return routed_moe(h, gate_weight, w13, w2, top_k, renormalize), residual
+
+
 def route(
     x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:

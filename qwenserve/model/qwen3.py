@@ -34,6 +34,7 @@ class Ops:
     qk_norm_rope_cache: Callable = ref_ops.qk_norm_rope_cache
     route: Callable = ref_ops.route
     routed_moe: Callable = ref_ops.routed_moe  # route + fused_moe(reduce=False), on one device
+    norm_routed_moe: Callable = ref_ops.norm_routed_moe  # add_rms_norm + routed_moe, on one device
     linear: Callable = F.linear
 
 
@@ -160,9 +161,13 @@ class DecoderLayer(nn.Module):
                 x, residual, self.input_layernorm.weight, self.input_layernorm.eps
             )
         h = self.self_attn(h, cos_sin_cache, positions, meta)
-        norm = self.post_attention_layernorm
+        norm, mlp = self.post_attention_layernorm, self.mlp
+        if isinstance(mlp, SparseMoE) and mlp.world_size == 1:
+            return norm.ops.norm_routed_moe(
+                h, residual, norm.weight, norm.eps, mlp.gate.weight, mlp.w13, mlp.w2, mlp.top_k, mlp.norm_topk_prob
+            )
         h, residual = norm.ops.add_rms_norm(h, residual, norm.weight, norm.eps)
-        return self.mlp(h), residual
+        return mlp(h), residual
 
 
 class Qwen3ForCausalLM(nn.Module):

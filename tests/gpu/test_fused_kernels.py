@@ -120,3 +120,55 @@ def test_routed_moe(tokens: int) -> None:
     ref = ops.fused_moe(h.float(), w13.float(), w2.float(), weights.float(), ids, reduce=False)
     assert out.shape == (tokens, 8, 2048)
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("tokens,block_e", [(1, 4), (3, 8), (16, 4), (16, 2)])
+def test_norm_route_align_equals_norm_then_route_then_align(tokens: int, block_e: int, monkeypatch) -> None:
+    """One launch (norm, router GEMV, top-k, align by its last program) gives what the three ops give."""
+    from qwenserve.kernels import moe
+    from qwenserve.kernels.fused import add_rms_norm, router_topk
+
+    monkeypatch.setattr(moe, "NORM_ROUTE_BLOCK_E", block_e)
+    x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
+    w = 1 + 0.1 * torch.randn(2048, device="cuda", dtype=torch.bfloat16)
+    gate = torch.randn(128, 2048, device="cuda", dtype=torch.bfloat16) * 0.05
+    ref_out, ref_res = add_rms_norm(x, r, w, 1e-6)
+    probs = torch.softmax(torch.nn.functional.linear(ref_out, gate), dim=-1, dtype=torch.float32)
+    kth = probs.topk(8, dim=-1).values[:, -1:]
+    for _ in range(3):  # the launch counter must be back at 0 after every launch
+        out, res, weights, ids, sorted_ids, expert_ids, num_rows = moe.norm_route_align(x, r, w, 1e-6, gate, 8, True, 16)
+        assert torch.equal(res, ref_res) and torch.equal(out, ref_out)
+        assert (probs.gather(1, ids.long()) >= kth * 0.98 - 1e-6).all()
+        assert (ids.sort(-1).values.diff(dim=-1) > 0).all()
+        ref_w, _ = router_topk(torch.log(probs), 8, True, torch.bfloat16)
+        torch.testing.assert_close(weights.float().sort(-1).values, ref_w.float().sort(-1).values, atol=2e-2, rtol=2e-2)
+        ref_sorted, ref_experts, ref_rows = moe.moe_align(ids, 128, 16)
+        n = int(num_rows)
+        assert n == int(ref_rows)
+        assert torch.equal(sorted_ids[:n], ref_sorted[:n]) and torch.equal(expert_ids[: n // 16], ref_experts[: n // 16])
+        assert int(moe._launch_counter(x.device)) == 0
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 16, 17])
+def test_norm_routed_moe(tokens: int) -> None:
+    from qwenserve.kernels.fused import add_rms_norm, route
+    from qwenserve.kernels.moe import norm_route_align, norm_routed_moe
+
+    x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
+    w = 1 + 0.1 * torch.randn(2048, device="cuda", dtype=torch.bfloat16)
+    gate = torch.randn(128, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+    w13 = torch.randn(128, 2 * 768, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+    w2 = torch.randn(128, 2048, 768, device="cuda", dtype=torch.bfloat16) * 0.03
+    out, res = norm_routed_moe(x, r, w, 1e-6, gate, w13, w2, 8, True)
+    h, ref_res = add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(res, ref_res)
+    # The kernels' own routing (checked against torch above and in test_route), the torch experts.
+    if tokens <= 16:
+        weights, ids = norm_route_align(x, r, w, 1e-6, gate, 8, True, 16)[2:4]
+    else:
+        weights, ids = route(h, gate, 8, True)
+    ref = ops.fused_moe(h.float(), w13.float(), w2.float(), weights.float(), ids, reduce=False)
+    assert out.shape == (tokens, 8, 2048)
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=5e-2)
