@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def resolve(path: str) -> tuple[object, str]:
 def parse_variant(text: str) -> tuple[str, list[tuple[object, str, object]]]:
     name, _, settings = text.partition(":")
     parsed = []
-    for item in filter(None, settings.split(",")):
+    for item in filter(None, re.split(r",(?=[\w.]+=)", settings)):  # commas inside a literal stay
         path, _, value = item.partition("=")
         owner, attr = resolve(path.strip())
         parsed.append((owner, attr, ast.literal_eval(value.strip())))
