@@ -22,6 +22,7 @@ from qwenserve.distributed.sharding import kv_heads_per_rank
 from qwenserve.engine.block_manager import NULL_BLOCK
 from qwenserve.engine.penalty_state import PenaltyState
 from qwenserve.engine.sampler import SamplerOutput, SamplingBatch, num_candidates_for, sample
+from qwenserve.engine.sampler_graphs import SamplerGraphs, param_rows
 from qwenserve.engine.scheduler import ScheduledBatch
 from qwenserve.engine.sequence import PENDING_TOKEN, Sequence
 from qwenserve.model.ops import AttentionMetadata
@@ -129,6 +130,7 @@ class ModelRunner:
         model.bind_kv_cache(self.k_caches, self.v_caches)
         self.pin = device.type == "cuda"
         self.graphs: DecodeGraphs | None = None
+        self.sampler_graphs: SamplerGraphs | None = None
         self.penalties = PenaltyState(cfg.vocab_size, device)
         # Triton penalties and top-k draw; the engine turns them on with the model's kernels.
         self.sampler_kernels = False
@@ -197,16 +199,8 @@ class ModelRunner:
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         """Gather the sampling parameters of the rows that sample this step (two host-to-device copies)."""
         params = [s.params for s in seqs]
-        floats = [[0.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params],
-                  [p.min_p for p in params], [p.presence_penalty for p in params],
-                  [p.frequency_penalty for p in params], [p.repetition_penalty for p in params]]  # fmt: skip
-        ints = [[p.top_k for p in params], [s.seed for s in seqs], [s.num_output_tokens for s in seqs]]
-        # Rows padded to a multiple of 4 entries keep every row 16-byte aligned whatever the batch size:
-        # Triton specialises pointers on that, and a new batch size must not mean a new compile.
-        pad = -len(seqs) % 4
-        floats = [row + [0.0] * pad for row in floats]
-        ints = [row + [0] * pad for row in ints]
         n = len(seqs)
+        floats, ints = param_rows(seqs, -(-n // 4) * 4)
         temperature, top_p, min_p, presence, frequency, repetition = self._to_device(floats, torch.float32)[:, :n]
         top_k, seeds, steps = self._to_device(ints, torch.int64)[:, :n]
         sampled = [p for p in params if not p.greedy]
@@ -231,12 +225,13 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch) -> PendingStep:
         """Enqueue the step's forward and sampling; returns without waiting for the GPU."""
-        greedy_ids = None
+        greedy_ids = graph_key = None
         if self.graphs is not None and self.graphs.can_run(batch):
             inp = self._host_inputs(batch)
             self.graphs.load(inp)
             self._fill_pending(self.graphs.input_ids, inp)
             logits, greedy_ids = self.graphs.replay(inp)
+            graph_key = self.graphs.last_key
         else:
             inp, ids, pos, meta = self.prepare(batch)
             self._fill_pending(ids, inp)
@@ -247,9 +242,12 @@ class ModelRunner:
             rows = self._to_device(inp.logits_indices, torch.int64)
             logits = self.model.compute_logits(hidden[rows])
         seqs = inp.sample_seqs
+        out = None
         if all(s.params.greedy and not s.params.needs_penalties and s.params.logprobs is None for s in seqs):
             out = SamplerOutput(token_ids=greedy_ids if greedy_ids is not None else logits.argmax(dim=-1))
-        else:
+        elif graph_key is not None and self.sampler_graphs is not None and self.sampler_kernels:
+            out = self.sampler_graphs.sample(graph_key, self.graphs.outputs[graph_key], seqs)
+        if out is None:
             sampling = self.sampling_batch(seqs)
             out = sample(logits, sampling, use_kernels=self.sampler_kernels)
             if sampling.penalty_rows is not None:
@@ -297,6 +295,8 @@ class ModelRunner:
         """Record CUDA graphs of the decode step (forward + logits) for a ladder of batch sizes."""
         max_blocks = -(-max_model_len // self.block_size)
         self.graphs = DecodeGraphs(self.model, max_num_seqs, max_blocks, self.block_size, self.device)
+        if self.sampler_kernels:
+            self.sampler_graphs = SamplerGraphs(self.graphs.max_bs, self.vocab_size, self.penalties, self.device)
 
 
 class DecodeGraphs:

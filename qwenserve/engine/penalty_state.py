@@ -31,8 +31,10 @@ class PenaltyState:
         self.row_of: dict[int, int] = {}  # seq_id -> row
         self.num_tokens_of: dict[int, int] = {}  # seq_id -> tokens already accounted for
         self.free_rows = list(range(initial_rows - 1, SHARED_ROW, -1))
+        self.generation = 0  # bumped when the buffers are reallocated (CUDA graphs hold their addresses)
 
     def _grow(self) -> None:
+        self.generation += 1
         old = self.seen.shape[0]
         extra = old
         self.seen = torch.cat([self.seen, self.seen.new_zeros(extra, self.vocab_size)])
@@ -46,6 +48,10 @@ class PenaltyState:
         return torch.tensor(ids, dtype=torch.int64, pin_memory=pin).to(self.device, non_blocking=True)
 
     def rows_for(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Row index of each sequence (on the device), bringing every row up to date with its tokens."""
+        return self._ids(self.row_indices(seqs))
+
+    def row_indices(self, seqs: list[Sequence]) -> list[int]:
         """Row index of each sequence, bringing every row up to date with its tokens."""
         rows = []
         for seq in seqs:
@@ -69,7 +75,7 @@ class PenaltyState:
                 self.counts[row].index_put_((new,), torch.ones_like(new, dtype=torch.int32), accumulate=True)
                 self.num_tokens_of[seq.seq_id] = seq.num_tokens
             rows.append(row)
-        return self._ids(rows)
+        return rows
 
     def record(self, seqs: list[Sequence], rows: torch.Tensor, token_ids: torch.Tensor) -> None:
         """Account for the tokens just sampled for `seqs` (still on the device)."""

@@ -190,14 +190,23 @@ def _top_k_draw_kernel(
     tl.store(out_ptr + b, tl.where(t > 0, sampled, greedy))
 
 
-def sample_top_k(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+def num_top_k_keys(rows: int, vocab: int, k: int) -> int:
+    """Size of the int64 scratch of sample_top_k's first pass."""
+    return rows * triton.cdiv(vocab, TOPK_CHUNK) * k
+
+
+def sample_top_k(
+    logits: torch.Tensor, batch: SamplingBatch, keys: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """One token per row of logits [B, V] (any float dtype) when every sampling row has a top-k of at
     most batch.num_candidates <= MAX_KERNEL_CANDIDATES: penalties, a two-pass top-k and the draw,
-    in two launches."""
+    in two launches. `keys` (num_top_k_keys(...) int64) and `out` ([B] int64) may be given, so a
+    CUDA graph of this call allocates nothing."""
     rows, vocab = logits.shape
     k = batch.num_candidates
     chunks = triton.cdiv(vocab, TOPK_CHUNK)
-    keys = torch.empty(rows, chunks * k, dtype=torch.int64, device=logits.device)
+    if keys is None:
+        keys = torch.empty(num_top_k_keys(rows, vocab, k), dtype=torch.int64, device=logits.device)
     pen = batch.has_penalties
     if pen:
         state = (batch.penalty_rows, batch.seen.view(torch.uint8), batch.counts, *_penalty_values(batch, rows))
@@ -207,7 +216,8 @@ def sample_top_k(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         logits, keys, *state, vocab, logits.stride(0), batch.seen.stride(0) if pen else 0,
         HAS_PENALTIES=pen, K=k, CHUNK=TOPK_CHUNK, num_warps=TOPK_NUM_WARPS,
     )  # fmt: skip
-    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if out is None:
+        out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     _top_k_draw_kernel[(rows,)](
         keys, out, batch.temperature, batch.top_k, batch.top_p, batch.min_p, batch.seeds, batch.steps,
         chunks * k, K=k, KEYS_BLOCK=triton.next_power_of_2(chunks * k), USE_MIN_P=batch.needs_min_p,

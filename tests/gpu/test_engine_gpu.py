@@ -104,3 +104,31 @@ def test_sampler_kernels_compile_once_for_every_batch_size(tiny_moe_dir: Path) -
     for batch in (2, 3, 5, 8):
         eng.generate([[5 + i, 6, 7] for i in range(batch)], params)
     assert compiled() == before
+
+
+def test_sampler_graphs_draw_what_the_eager_sampler_draws(tiny_moe_dir: Path) -> None:
+    """Sampling replayed as CUDA graphs gives the tokens the eager Triton sampler gives: qwen-code's
+    default sampling, min-p, another top-k without penalties, a greedy row among them, batch sizes
+    changing as sequences finish, and the penalty buffers growing (moving) mid-run."""
+    rng = random.Random(3)
+    prompts = [[rng.randrange(1, 250) for _ in range(n)] for n in (12, 300, 900, 40, 7, 77, 500, 20, 33, 260, 5)]
+    params = [
+        SamplingParams(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, seed=s, max_tokens=20 + 3 * s,
+                       ignore_eos=True)
+        for s in range(len(prompts))
+    ]
+    params[2].min_p = 0.05
+    params[3] = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    params[4] = SamplingParams(temperature=1.0, top_k=50, seed=9, max_tokens=25, ignore_eos=True)
+    results = []
+    for graphed in (False, True):
+        eng = _engine(tiny_moe_dir, max_num_seqs=12)
+        assert eng.runner.sampler_graphs is not None
+        if not graphed:
+            eng.runner.sampler_graphs = None
+        results.append([o.token_ids for choices in eng.generate(prompts, params) for o in choices])
+        if graphed:
+            assert eng.runner.sampler_graphs.graphs  # steps replayed sampler graphs
+            assert eng.runner.penalties.generation > 0  # 9 sequences with penalties outgrew the 7 free rows
+    assert results[0] == results[1]
+    assert len(set(results[1][0])) > 3  # it sampled
