@@ -174,3 +174,35 @@ def test_equal_logits_are_ordered_by_token_id() -> None:
     full = sample(logits, _batch(200, **kw)).token_ids
     top = sample(logits, _batch(200, **kw, num_candidates=num_candidates_for([5]))).token_ids
     assert set(full.tolist()) == set(range(50, 55)) and torch.equal(full, top)
+
+
+def _seqs(*params: SamplingParams) -> list:
+    from qwenserve.engine.sequence import Sequence
+
+    return [Sequence(f"r{i}", 0, [1, 2, 3], p, seed=i) for i, p in enumerate(params)]
+
+
+def test_sampler_graph_mode_takes_what_the_graphed_kernels_can() -> None:
+    """Which steps replay a sampler CUDA graph (engine/sampler_graphs.py) and under which mode."""
+    from qwenserve.engine.sampler_graphs import SamplerMode, sampler_mode
+
+    qwen_code = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+    greedy = SamplingParams(temperature=0.0)
+    assert sampler_mode(_seqs(qwen_code), 64) == SamplerMode(32, True, False)
+    assert sampler_mode(_seqs(greedy, qwen_code), 64) == SamplerMode(32, True, False)  # greedy rows ride along
+    assert sampler_mode(_seqs(SamplingParams(temperature=1.0, top_k=50, min_p=0.1)), 64) == SamplerMode(64, False, True)
+    assert sampler_mode(_seqs(greedy), 64) is None  # the decode graph's own argmax
+    assert sampler_mode(_seqs(SamplingParams(temperature=1.0)), 64) is None  # no top-k: the eager sampler
+    assert sampler_mode(_seqs(SamplingParams(temperature=1.0, top_k=100)), 64) is None  # beyond the kernels
+    assert sampler_mode(_seqs(qwen_code, SamplingParams(temperature=0.0, logprobs=2)), 64) is None
+
+
+def test_param_rows_pad_with_neutral_rows() -> None:
+    """Padded graph rows sample greedily with no penalty; every row stays a multiple of 4 entries wide."""
+    from qwenserve.engine.sampler_graphs import param_rows
+
+    params = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, presence_penalty=0.5)
+    floats, ints = param_rows(_seqs(params), 4)
+    assert floats == [[0.7, 0.0, 0.0, 0.0], [0.8, 1.0, 1.0, 1.0], [0.0] * 4, [0.5, 0.0, 0.0, 0.0], [0.0] * 4,
+                      [1.05, 1.0, 1.0, 1.0]]
+    assert ints == [[20, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]

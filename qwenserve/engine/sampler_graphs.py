@@ -47,16 +47,15 @@ class SamplerMode:
     needs_min_p: bool
 
 
-def sampler_mode(seqs: list[Sequence]) -> SamplerMode | None:
-    """The graph mode of a step's sampling rows, or None when the graphed kernels cannot take it."""
-    from qwenserve.kernels.sampling import MAX_KERNEL_CANDIDATES
-
+def sampler_mode(seqs: list[Sequence], max_candidates: int) -> SamplerMode | None:
+    """The graph mode of a step's sampling rows, or None when the graphed kernels (which draw from
+    at most `max_candidates` candidates) cannot take it."""
     params = [s.params for s in seqs]
     sampled = [p for p in params if not p.greedy]
     if not sampled or any(p.logprobs is not None for p in params):
         return None
     k = num_candidates_for([p.top_k for p in sampled])
-    if not 0 < k <= MAX_KERNEL_CANDIDATES:
+    if not 0 < k <= max_candidates:
         return None
     return SamplerMode(k, any(p.needs_penalties for p in params), any(p.min_p > 0 for p in sampled))
 
@@ -65,6 +64,7 @@ class SamplerGraphs:
     def __init__(self, max_batch: int, vocab_size: int, penalties: PenaltyState, device: torch.device):
         from qwenserve.kernels.sampling import MAX_KERNEL_CANDIDATES, num_top_k_keys
 
+        self.max_candidates = MAX_KERNEL_CANDIDATES
         self.width = -(-max_batch // 4) * 4
         self.vocab_size = vocab_size
         self.penalties = penalties
@@ -83,7 +83,7 @@ class SamplerGraphs:
     def sample(self, graph_key: object, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput | None:
         """Sample the first len(seqs) rows of a decode graph's static logits [bs, V] through a sampler
         graph; None (nothing done) when the step needs the eager sampler."""
-        mode = sampler_mode(seqs)
+        mode = sampler_mode(seqs, self.max_candidates)
         if mode is None:
             return None
         n = len(seqs)
