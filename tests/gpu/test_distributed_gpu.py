@@ -95,3 +95,31 @@ def test_world_size_one_through_nccl_matches_plain_runner(tiny_moe_dir: Path) ->
         assert _first_token(distributed, prompt) == _first_token(plain, prompt)
     finally:
         workers.close()
+
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("use_kernels", [False, True], ids=["torch-fp32", "kernels-bf16"])
+def test_two_gpus_over_nccl_match_one(tiny_moe_dir: Path, use_kernels: bool) -> None:
+    """Tensor + expert parallel over NCCL on 2 GPUs gives one GPU's greedy tokens exactly with the float32
+    torch ops; with the bf16 kernels (other summation order) the first token's logprob agrees closely."""
+    from qwenserve.config import EngineConfig
+    from qwenserve.engine.llm_engine import LLMEngine
+
+    prompts = [list(range(3, 3 + n)) for n in (5, 40, 130)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)
+    dtype = "bfloat16" if use_kernels else "float32"
+    outs = []
+    for world in (1, 2):
+        eng = LLMEngine(EngineConfig(model=str(tiny_moe_dir), device="cuda", dtype=dtype, num_kv_blocks=256,
+                                     max_num_batched_tokens=64, tensor_parallel_size=world, use_kernels=use_kernels))
+        try:
+            outs.append([o[0] for o in eng.generate(prompts, params)])
+        finally:
+            eng.close()
+    one, two = outs
+    if not use_kernels:
+        assert [o.token_ids for o in one] == [o.token_ids for o in two]
+    for a, b in zip(one, two, strict=True):
+        assert len(b.token_ids) == 12
+        assert a.logprobs[0].logprob == pytest.approx(b.logprobs[0].logprob, abs=0.05)
