@@ -164,18 +164,24 @@ class WorkerGroup:
             return
         self.closed = True
         atexit.unregister(self.close)
+        stopped = False
         if self.broken is None and all(p.is_alive() for p in self.procs):
             try:
                 parallel.broadcast_host(_command(CMD_STOP))
+                stopped = True
             except RuntimeError as err:  # a worker died meanwhile: terminate below
                 logger.warning("could not send STOP to the workers: %s", err)
+        if stopped:
+            # NCCL tears a communicator down collectively: rank 0 leaves with the workers, who leave on
+            # STOP. Joining them first left them waiting in theirs until they were killed (2 H200s).
+            parallel.destroy_process_group()
         for proc in self.procs:
             proc.join(_JOIN_TIMEOUT_S if self.broken is None else 0)
             if proc.is_alive():
                 logger.warning("rank %s did not stop; terminating it", proc.name)
                 proc.terminate()
                 proc.join(_JOIN_TIMEOUT_S)
-        parallel.destroy_process_group()
+        parallel.destroy_process_group()  # a no-op when it already ran above
 
     def _check_alive(self) -> None:
         if self.broken is not None:
