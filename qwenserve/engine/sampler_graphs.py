@@ -61,6 +61,12 @@ def sampler_mode(seqs: list[Sequence], max_candidates: int) -> SamplerMode | Non
 
 
 class SamplerGraphs:
+    """Static parameter buffers, one output buffer and the captured sampler graphs of one ModelRunner.
+
+    Every graph writes its tokens to the same `out` rows: a step's tokens are read (copied to the host
+    and into the next step's inputs) by operations queued before the next sampler graph runs.
+    """
+
     def __init__(self, max_batch: int, vocab_size: int, penalties: PenaltyState, device: torch.device):
         from qwenserve.kernels.sampling import MAX_KERNEL_CANDIDATES, num_top_k_keys
 
