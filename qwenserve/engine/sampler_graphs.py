@@ -20,7 +20,7 @@ from qwenserve.engine.sequence import Sequence
 
 # Neutral values for the rows a padded graph samples but nobody reads: greedy, no penalty.
 _PAD_FLOATS = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # temperature, top_p, min_p, presence, frequency, repetition
-_PAD_INTS = (0, 0, 0, SHARED_ROW)  # top_k, seed, step, penalty row
+_PAD_INTS = (0, 0, 0)  # top_k, seed, step (padded penalty rows use SHARED_ROW)
 
 
 def param_rows(seqs: list[Sequence], width: int) -> tuple[list[list[float]], list[list[int]]]:
@@ -33,8 +33,8 @@ def param_rows(seqs: list[Sequence], width: int) -> tuple[list[list[float]], lis
               [p.frequency_penalty for p in params], [p.repetition_penalty for p in params]]  # fmt: skip
     ints = [[p.top_k for p in params], [s.seed for s in seqs], [s.num_output_tokens for s in seqs]]
     pad = width - len(seqs)
-    floats = [row + [value] * pad for row, value in zip(floats, _PAD_FLOATS, strict=False)]
-    ints = [row + [value] * pad for row, value in zip(ints, _PAD_INTS, strict=False)]
+    floats = [row + [value] * pad for row, value in zip(floats, _PAD_FLOATS, strict=True)]
+    ints = [row + [value] * pad for row, value in zip(ints, _PAD_INTS, strict=True)]
     return floats, ints
 
 
