@@ -172,3 +172,46 @@ def test_norm_routed_moe(tokens: int) -> None:
     ref = ops.fused_moe(h.float(), w13.float(), w2.float(), weights.float(), ids, reduce=False)
     assert out.shape == (tokens, 8, 2048)
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("w2_mode", [1, 2])
+def test_l2_prefetch_changes_no_result(w2_mode: int, monkeypatch) -> None:
+    """The L2 prefetch hints (qkv at the input norm, o_proj at q/k-norm, w2 in GEMM1) compile and
+    leave every output bit-identical."""
+    from qwenserve.kernels import prefetch
+    from qwenserve.kernels.fused import add_rms_norm, qk_norm_rope_cache
+    from qwenserve.kernels.moe import norm_routed_moe
+
+    if not prefetch.prefetch_supported(torch.device("cuda")):
+        pytest.skip("bulk L2 prefetch needs sm_90")
+    torch.manual_seed(0)
+    x, r = torch.randn(2, 1, 2048, device="cuda", dtype=torch.bfloat16)
+    w = 1 + 0.1 * torch.randn(2048, device="cuda", dtype=torch.bfloat16)
+    qkv_weight = torch.randn(5120, 2048, device="cuda", dtype=torch.bfloat16)
+    o_weight = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16)
+    gate = torch.randn(128, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+    w13 = torch.randn(128, 2 * 768, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+    w2 = torch.randn(128, 2048, 768, device="cuda", dtype=torch.bfloat16) * 0.03
+    qkv = torch.randn(1, 5120, device="cuda", dtype=torch.bfloat16)
+    cache = build_cos_sin_cache(RopeConfig(theta=1e7), 128, 4096, torch.device("cuda"))
+    pos = torch.tensor([77], device="cuda")
+    slots = torch.tensor([5], device="cuda")
+
+    def run() -> list[torch.Tensor]:
+        kv = [torch.zeros(8, 16, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+        q = qk_norm_rope_cache(qkv, w, w[:128], cache, pos, 32, 4, 128, 1e-6, *kv, slots, prefetch=o_weight)
+        normed = add_rms_norm(x, r, w[:2048], 1e-6, prefetch=qkv_weight)
+        moe = norm_routed_moe(x, r, w, 1e-6, gate, w13, w2, 8, True)
+        return [q, *kv, *normed, *moe]
+
+    monkeypatch.setattr(prefetch, "PREFETCH_W2", 0)
+    monkeypatch.setattr(prefetch, "PREFETCH_QKV", False)
+    monkeypatch.setattr(prefetch, "PREFETCH_O_PROJ", False)
+    plain = run()
+    monkeypatch.setattr(prefetch, "PREFETCH_W2", w2_mode)
+    monkeypatch.setattr(prefetch, "PREFETCH_QKV", True)
+    monkeypatch.setattr(prefetch, "PREFETCH_O_PROJ", True)
+    hinted = run()
+    torch.cuda.synchronize()
+    for a, b in zip(plain, hinted, strict=True):
+        assert torch.equal(a, b)
