@@ -15,9 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from qwenserve.kernels import prefetch as pf
-from qwenserve.kernels.prefetch import prefetch_args, prefetch_l2
-
 
 @triton.jit
 def _qk_norm_rope_kernel(
@@ -34,19 +31,13 @@ def _qk_norm_rope_kernel(
     stride_slot,
     stride_ch,
     eps,
-    pf_ptr,
-    pf_bytes,
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     token = tl.program_id(0)
     head = tl.program_id(1)  # 0..NUM_HEADS-1 are q heads, then the kv heads
-    if PREFETCH:
-        if token == 0:  # the first token's programs share the prefetch of the weight read after attention
-            prefetch_l2(pf_ptr, pf_bytes, head, NUM_HEADS + NUM_KV_HEADS, 32, False)
     is_q = head < NUM_HEADS
     offs = tl.arange(0, HALF)
     base = qkv_ptr + token.to(tl.int64) * stride_qkv + head * HEAD_DIM
@@ -95,21 +86,18 @@ def qk_norm_rope_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Normed, rotated q [T, H, D]; the normed, rotated k and the v of every token go straight
-    into their cache slots (see ops.qk_norm_rope_cache). `prefetch` (o_proj's weight) is pulled
-    into L2 while attention runs."""
+    into their cache slots (see ops.qk_norm_rope_cache)."""
     num_tokens = qkv.shape[0]
-    pf_bytes_view, pf_bytes = prefetch_args(prefetch, pf.PREFETCH_O_PROJ)
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and qkv.stride(1) == 1
     if num_tokens:
         _qk_norm_rope_kernel[(num_tokens, num_heads + num_kv_heads)](
             qkv, q, q_weight, k_weight, cos_sin_cache, positions, k_cache, v_cache, slot_mapping,
-            qkv.stride(0), k_cache.stride(1), k_cache.stride(2), eps, qkv if pf_bytes_view is None else pf_bytes_view,
-            pf_bytes, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2,
-            PREFETCH=pf_bytes > 0, num_warps=1,
+            qkv.stride(0), k_cache.stride(1), k_cache.stride(2), eps,
+            NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2,
+            num_warps=1,
         )  # fmt: skip
     return q
 
@@ -117,22 +105,12 @@ def qk_norm_rope_cache(
 ADD_RMS_NORM_WARPS: int | None = None  # None: 4 up to 2048 columns, else 8
 
 
-# Extra programs of add_rms_norm that only prefetch: one SM's prefetch unit alone would take
-# tens of microseconds to request a 20 MB weight.
-ADD_RMS_NORM_PREFETCH_PROGRAMS = 64
-
-
-@triton.jit(do_not_specialize=["num_rows"])
+@triton.jit
 def _add_rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, num_rows, stride_x, stride_xk, stride_r, eps, pf_ptr, pf_bytes,
-    N: tl.constexpr, N_P2: tl.constexpr, TERMS: tl.constexpr, PREFETCH: tl.constexpr, PF_PROGRAMS: tl.constexpr,
-    PF_CHUNKS: tl.constexpr,
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_xk, stride_r, eps, N: tl.constexpr,
+    N_P2: tl.constexpr, TERMS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    if PREFETCH:
-        if row >= num_rows:  # the programs past the rows pull the next projection's weight into L2
-            prefetch_l2(pf_ptr, pf_bytes, row - num_rows, PF_PROGRAMS, PF_CHUNKS, False)
-            return
     c = tl.arange(0, N_P2)
     mask = c < N
     dt = x_ptr.dtype.element_ty
@@ -152,11 +130,10 @@ def _add_rms_norm_kernel(
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, prefetch: torch.Tensor | None = None
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual) in one pass over [T, N] rows; x may be [T, k, N]
-    (fused_moe's unreduced terms), summed in the same pass. `prefetch` (the next projection's
-    weight) starts moving into L2 at once."""
+    (fused_moe's unreduced terms), summed in the same pass."""
     terms = x.shape[1] if x.dim() == 3 else 1
     num_rows, n = residual.shape
     assert x.stride(-1) == 1
@@ -164,14 +141,9 @@ def add_rms_norm(
     res_out = torch.empty_like(residual)
     if num_rows:
         n_p2 = triton.next_power_of_2(n)
-        warps = ADD_RMS_NORM_WARPS or (4 if n_p2 <= 2048 else 8)
-        pf_bytes_view, pf_bytes = prefetch_args(prefetch, pf.PREFETCH_QKV)
-        pf_programs = ADD_RMS_NORM_PREFETCH_PROGRAMS if pf_bytes else 0
-        _add_rms_norm_kernel[(num_rows + pf_programs,)](
-            x, residual, weight, out, res_out, num_rows, x.stride(0), x.stride(1) if terms > 1 else 0,
-            residual.stride(0), eps, x if pf_bytes_view is None else pf_bytes_view, pf_bytes, N=n, N_P2=n_p2,
-            TERMS=terms, PREFETCH=pf_bytes > 0, PF_PROGRAMS=max(pf_programs, 1), PF_CHUNKS=32 * warps,
-            num_warps=warps,
+        _add_rms_norm_kernel[(num_rows,)](
+            x, residual, weight, out, res_out, x.stride(0), x.stride(1) if terms > 1 else 0, residual.stride(0),
+            eps, N=n, N_P2=n_p2, TERMS=terms, num_warps=ADD_RMS_NORM_WARPS or (4 if n_p2 <= 2048 else 8),
         )  # fmt: skip
     return out, res_out
 

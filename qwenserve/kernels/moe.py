@@ -29,10 +29,8 @@ import triton
 import triton.language as tl
 
 from qwenserve.kernels import moe_configs
-from qwenserve.kernels import prefetch as pf
 from qwenserve.kernels.fused import add_rms_norm, route
 from qwenserve.kernels.moe_configs import MoEConfig, get_moe_config
-from qwenserve.kernels.prefetch import prefetch_args, prefetch_l2
 
 # The align kernel (one program per expert, each scanning all pairs) is used up to this many
 # pairs; above it the torch sort path (more launches, but it scans the pairs once) takes over.
@@ -466,14 +464,11 @@ def _moe_gemm1_kernel(
     stride_wn,
     stride_actm,
     NUM_ROW_BLOCKS,
-    w2_bytes_ptr,
-    w2_expert_bytes,
     TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    PREFETCH_W2: tl.constexpr,
 ):
     """act[row, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, N + n]) for sorted rows."""
     pid = tl.program_id(0)
@@ -492,10 +487,6 @@ def _moe_gemm1_kernel(
     m_mask = pair < numel
     tok = (pair // TOP_K).to(tl.int64)
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    if PREFETCH_W2 > 0:
-        # This block's share of its expert's down projection, read by GEMM2 right after: the
-        # request goes out now and the bytes arrive while this kernel streams gate/up.
-        prefetch_l2(w2_bytes_ptr + expert * w2_expert_bytes, w2_expert_bytes, pid_n, num_pid_n, 32, PREFETCH_W2 == 2)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -594,15 +585,10 @@ def _launch_gemm1(
     num_rows: torch.Tensor,
     top_k: int,
     cfg: MoEConfig,
-    w2: torch.Tensor | None = None,
 ) -> None:
     inter = w13.shape[1] // 2
     num_row_blocks = expert_ids.shape[0]
     grid = (num_row_blocks * triton.cdiv(inter, cfg.n1),)
-    # Single-token steps only: at larger batches the touched experts' w2 outgrow L2.
-    w2_bytes, w2_total = prefetch_args(w2, pf.PREFETCH_W2 > 0 and hidden.shape[0] == 1)
-    if w2_total % (16 * w13.shape[0]):
-        w2_bytes, w2_total = None, 0  # an expert's slice would not start 16-byte aligned
     _moe_gemm1_kernel[grid](
         hidden,
         w13,
@@ -618,14 +604,11 @@ def _launch_gemm1(
         w13.stride(1),
         act.stride(0),
         num_row_blocks,
-        act if w2_bytes is None else w2_bytes,
-        w2_total // w13.shape[0],
         TOP_K=top_k,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.n1,
         BLOCK_K=cfg.k1,
         GROUP_M=cfg.group_m,
-        PREFETCH_W2=pf.PREFETCH_W2 if w2_bytes is not None else 0,
         num_warps=cfg.warps1,
         num_stages=cfg.stages1,
     )
@@ -710,7 +693,7 @@ def _expert_gemms(
     """GEMM1 (+SiLU-mul) and GEMM2 (+routing weight) over aligned pairs: the weighted terms [T*k, H]."""
     num_tokens, top_k = topk_weights.shape
     act = torch.empty(sorted_ids.shape[0], w2.shape[2], dtype=hidden.dtype, device=hidden.device)
-    _launch_gemm1(hidden, w13, act, sorted_ids, expert_ids, num_rows, top_k, cfg, w2)
+    _launch_gemm1(hidden, w13, act, sorted_ids, expert_ids, num_rows, top_k, cfg)
     pair_out = torch.empty(num_tokens * top_k, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
     weights = topk_weights.reshape(-1)  # fp32 or the activation dtype; the kernel upcasts
     _launch_gemm2(act, w2, pair_out, sorted_ids, expert_ids, num_rows, weights, cfg)

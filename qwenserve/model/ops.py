@@ -151,13 +151,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, prefetch: torch.Tensor | None = None
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual): the pre-norm of the next sublayer and the new residual.
 
     x may be [T, k, H], the unreduced terms of fused_moe(reduce=False): they are summed first.
-    `prefetch` names the weight read next, for backends that can pull it into cache early (a hint;
-    the reference ignores it).
     """
     if x.dim() == 3:
         x = x.sum(dim=1)
@@ -200,10 +198,8 @@ def qk_norm_rope_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """qk_norm_rope, then the new keys and values written to their cache slots; returns q.
-    `prefetch`: the weight read after attention (a cache hint, as in add_rms_norm)."""
+    """qk_norm_rope, then the new keys and values written to their cache slots; returns q."""
     q, k, v = qk_norm_rope(qkv, q_weight, k_weight, cos_sin_cache, positions, num_heads, num_kv_heads, head_dim, eps)
     write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
     return q

@@ -80,7 +80,7 @@ class Attention(nn.Module):
         q = self.ops.qk_norm_rope_cache(
             self.ops.linear(x, self.qkv_proj.weight), self.q_norm.weight, self.k_norm.weight, cos_sin_cache,
             positions, self.num_heads, self.num_kv_heads, self.head_dim, self.q_norm.eps,
-            self.k_cache, self.v_cache, meta.slot_mapping, prefetch=self.o_proj.weight,
+            self.k_cache, self.v_cache, meta.slot_mapping,
         )  # fmt: skip
         out = self.ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
         out = self.ops.linear(out.reshape(num_tokens, self.q_size), self.o_proj.weight)
@@ -158,9 +158,8 @@ class DecoderLayer(nn.Module):
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm.ops.add_rms_norm(
-                x, residual, self.input_layernorm.weight, self.input_layernorm.eps,
-                prefetch=self.self_attn.qkv_proj.weight,
-            )  # fmt: skip
+                x, residual, self.input_layernorm.weight, self.input_layernorm.eps
+            )
         h = self.self_attn(h, cos_sin_cache, positions, meta)
         norm, mlp = self.post_attention_layernorm, self.mlp
         if isinstance(mlp, SparseMoE) and mlp.world_size == 1:
