@@ -42,8 +42,6 @@ DECODE_SHORT_CONTEXT = 2048
 # 2 warps for the split merge: -60 us per step at 512 and 32k context vs 1 or 4 (bench/tune_decode_attn.py, H100).
 DECODE_MERGE_NUM_WARPS = 2
 DECODE_NUM_STAGES = 3
-# Load each tile's V together with its K (A/B switch: False loads V after the scores, the old order).
-DECODE_EARLY_V = True
 # Prefill tiling: BLOCK_M rows = BLOCK_M // group query tokens x group heads.
 PREFILL_BLOCK_M = 128
 PREFILL_BLOCK_N = 64
@@ -100,7 +98,6 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     TILE: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    EARLY_V: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -135,16 +132,13 @@ def _decode_kernel(
         kv_off = blk * stride_cb + (n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
         kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if EARLY_V:  # issued with K, so a split of one tile waits for one memory round trip, not two
-            v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale_log2
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if not EARLY_V:
-            v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
@@ -384,7 +378,6 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size,
         TILE=tile,
         NUM_SPLITS=num_splits,
-        EARLY_V=DECODE_EARLY_V,
         num_warps=num_warps,
         num_stages=num_stages,
     )

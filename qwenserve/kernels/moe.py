@@ -98,21 +98,8 @@ def _moe_align_kernel(
         tl.store(expert_ids_ptr + first_block + blk, expert, mask=blk < my_padded // BLOCK_M)
 
 
-# Token x expert x expert comparisons up to which _softmax_topk ranks all experts at once (a single
-# token of 128 experts); above it, it picks the k largest one by one.
-RANK_TOPK_MAX_ELEMENTS = 16384
-
-
-def _topk_by_rank(num_tokens_p2: int, num_experts: int) -> bool:
-    e_p2 = triton.next_power_of_2(num_experts)
-    return num_tokens_p2 * e_p2 * e_p2 <= RANK_TOPK_MAX_ELEMENTS
-
-
 @triton.jit
-def _softmax_topk(
-    logit, t_ok, e, e_ok, T_P2: tl.constexpr, E_P2: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr,
-    BY_RANK: tl.constexpr,
-):
+def _softmax_topk(logit, t_ok, e, e_ok, T_P2: tl.constexpr, E_P2: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr):
     """Softmax over experts and top-k of each token's router logits [T_P2, E_P2] (float32, -inf
     past E): (weights, expert ids) [T_P2, TOP_K], as _router_topk_kernel computes them."""
     k_idx = tl.arange(0, TOP_K)
@@ -120,26 +107,14 @@ def _softmax_topk(
     p = tl.exp(logit - tl.max(logit, 1)[:, None])
     p = p / tl.sum(p, 1)[:, None]
     p = tl.where(e_ok[None, :], p, -1.0)
-    if BY_RANK:
-        # Every expert's rank at once (how many experts beat it: a higher probability, or an equal one
-        # at a lower index), then the k-th pick is the expert of rank k: three reductions where the
-        # pick-the-max loop below takes two per k, each a round trip through shared memory.
-        p_e = p[:, :, None]
-        p_j = p[:, None, :]
-        beats = (p_j > p_e) | ((p_j == p_e) & (e[None, None, :] < e[None, :, None]))
-        rank = tl.sum(beats.to(tl.int32), 2)
-        picked = rank[:, None, :] == k_idx[None, :, None]  # [T, k, E]
-        top_i = tl.sum(tl.where(picked, e[None, None, :], 0), 2)
-        top_w = tl.sum(tl.where(picked, p[:, None, :], 0.0), 2)
-    else:
-        top_w = tl.zeros([T_P2, TOP_K], dtype=tl.float32)
-        top_i = tl.zeros([T_P2, TOP_K], dtype=tl.int32)
-        for k in tl.static_range(TOP_K):
-            best = tl.max(p, 1)
-            idx = tl.min(tl.where(p == best[:, None], e[None, :], E_P2), 1)  # lowest index among ties
-            top_w = tl.where(k_idx[None, :] == k, best[:, None], top_w)
-            top_i = tl.where(k_idx[None, :] == k, idx[:, None], top_i)
-            p = tl.where(e[None, :] == idx[:, None], -1.0, p)
+    top_w = tl.zeros([T_P2, TOP_K], dtype=tl.float32)
+    top_i = tl.zeros([T_P2, TOP_K], dtype=tl.int32)
+    for k in tl.static_range(TOP_K):
+        best = tl.max(p, 1)
+        idx = tl.min(tl.where(p == best[:, None], e[None, :], E_P2), 1)  # lowest index among ties
+        top_w = tl.where(k_idx[None, :] == k, best[:, None], top_w)
+        top_i = tl.where(k_idx[None, :] == k, idx[:, None], top_i)
+        p = tl.where(e[None, :] == idx[:, None], -1.0, p)
     if RENORM:
         top_w = top_w / tl.sum(top_w, 1)[:, None]
     return top_w, top_i
@@ -171,7 +146,6 @@ def _route_align_kernel(
     NB_P2: tl.constexpr,
     RENORM: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    TOPK_BY_RANK: tl.constexpr,
 ):
     expert = tl.program_id(0)
     t = tl.arange(0, T_P2)
@@ -185,7 +159,7 @@ def _route_align_kernel(
         mask=t_ok[:, None] & e_ok[None, :],
         other=float("-inf"),
     ).to(tl.float32)
-    top_w, top_i = _softmax_topk(logit, t_ok, e, e_ok, T_P2, E_P2, TOP_K, RENORM, TOPK_BY_RANK)
+    top_w, top_i = _softmax_topk(logit, t_ok, e, e_ok, T_P2, E_P2, TOP_K, RENORM)
     pair_ok = t_ok[:, None] & (k_idx[None, :] < TOP_K)
     if expert == 0:
         pair_2d = t[:, None] * TOP_K + k_idx[None, :]
@@ -231,7 +205,7 @@ def route_align(
         router_logits, weights, ids, sorted_ids, expert_ids, num_rows, num_tokens, router_logits.stride(0),
         NUM_EXPERTS=num_experts, E_P2=triton.next_power_of_2(num_experts), TOP_K=top_k, T_P2=t_p2,
         NB_P2=triton.next_power_of_2(triton.cdiv(t_p2 * top_k, block_m)), RENORM=renormalize, BLOCK_M=block_m,
-        TOPK_BY_RANK=_topk_by_rank(t_p2, num_experts), num_warps=ROUTE_ALIGN_NUM_WARPS.get(t_p2, 4),
+        num_warps=ROUTE_ALIGN_NUM_WARPS.get(t_p2, 4),
     )  # fmt: skip
     return weights, ids, sorted_ids, expert_ids, num_rows
 
@@ -299,7 +273,6 @@ def _norm_route_align_kernel(
     NB_P2: tl.constexpr,
     RENORM: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    TOPK_BY_RANK: tl.constexpr,
 ):
     # Program (token, expert block): the token's residual add + RMSNorm (every program of the token
     # redoes it: 2 x N values from L2, cheaper than a launch) and its router logits for BLOCK_E experts.
@@ -344,7 +317,7 @@ def _norm_route_align_kernel(
             other=float("-inf"),
             cache_modifier=".cg",  # from L2, where the other programs' stores are
         ).to(tl.float32)
-        top_w, top_i = _softmax_topk(logits, t_ok, e, e_ok, T_P2, E_P2, TOP_K, RENORM, TOPK_BY_RANK)
+        top_w, top_i = _softmax_topk(logits, t_ok, e, e_ok, T_P2, E_P2, TOP_K, RENORM)
         k_idx = tl.arange(0, TOP_K)
         pair_ok = t_ok[:, None] & (k_idx[None, :] < TOP_K)
         pair_2d = t[:, None] * TOP_K + k_idx[None, :]
@@ -417,7 +390,7 @@ def norm_route_align(
         N=hidden, N_P2=triton.next_power_of_2(hidden), NUM_EXPERTS=num_experts,
         E_P2=triton.next_power_of_2(num_experts), BLOCK_E=NORM_ROUTE_BLOCK_E, TOP_K=top_k, T_P2=t_p2,
         NB_P2=triton.next_power_of_2(max_blocks), RENORM=renormalize, BLOCK_M=block_m,
-        TOPK_BY_RANK=_topk_by_rank(t_p2, num_experts), num_warps=NORM_ROUTE_NUM_WARPS,
+        num_warps=NORM_ROUTE_NUM_WARPS,
     )  # fmt: skip
     return out, res_out, weights, ids, sorted_ids, expert_ids, num_rows
 
