@@ -183,27 +183,35 @@ def test_tool_choice_none_required_named(client: openai.OpenAI) -> None:
         assert isinstance(json.loads(calls[0].function.arguments), dict)
 
 
-def test_n_choices(client: openai.OpenAI) -> None:
+@pytest.mark.parametrize("n", [2, 4])
+def test_n_choices(client: openai.OpenAI, n: int) -> None:
+    """n choices, each finished; greedy ones finish in the same engine step and all must arrive."""
     r = client.chat.completions.create(
-        model="m", messages=FRANCE, n=2, temperature=0.9, seed=7, max_tokens=12
+        model="m", messages=FRANCE, n=n, temperature=0.9, seed=7, max_tokens=12
     )
-    assert sorted(c.index for c in r.choices) == [0, 1]
+    assert sorted(c.index for c in r.choices) == list(range(n))
     assert all(c.finish_reason in ("stop", "length") for c in r.choices)
     one = client.chat.completions.create(model="m", messages=FRANCE, temperature=0, max_tokens=12)
+    greedy = client.chat.completions.create(model="m", messages=FRANCE, n=n, temperature=0, max_tokens=12)
+    assert [c.message.content for c in greedy.choices] == [one.choices[0].message.content] * n
+    assert greedy.usage.completion_tokens == n * one.usage.completion_tokens
     out = collect_stream(
         client.chat.completions.create(
             model="m",
             messages=FRANCE,
-            n=2,
+            n=n,
             temperature=0,
             max_tokens=12,
             stream=True,
             stream_options={"include_usage": True},
         )
     )
-    assert sorted(out["choices"]) == [0, 1]
-    assert out["choices"][0]["text"] == out["choices"][1]["text"] == "The capital of France is Paris."
-    assert out["usage"].completion_tokens == 2 * one.usage.completion_tokens
+    assert sorted(out["choices"]) == list(range(n))
+    assert {c["text"] for c in out["choices"].values()} == {"The capital of France is Paris."}
+    assert out["usage"].completion_tokens == n * one.usage.completion_tokens
+    completions = client.completions.create(model="m", prompt="Hello", n=n, temperature=0, max_tokens=4)
+    assert sorted(c.index for c in completions.choices) == list(range(n))
+    assert len({c.text for c in completions.choices}) == 1
 
 
 def test_concurrent_streams_each_get_their_answer(server: ServerProcess) -> None:

@@ -178,13 +178,17 @@ class AsyncEngine:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         pairs = []
+        done = set()
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
             pairs.append((stream, out))
             if out.finished and out.request_id not in self._require().requests:
-                self._streams.pop(out.request_id, None)
+                done.add(out.request_id)
+        # Only after the loop: several choices of one request (n > 1) can finish in the same step.
+        for request_id in done:
+            self._streams.pop(request_id, None)
         if pairs and self._loop is not None:
             self._loop.call_soon_threadsafe(_put_all, pairs)
 
