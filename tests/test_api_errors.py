@@ -120,6 +120,24 @@ BAD_INPUTS: list[tuple[str, Any, str | None]] = [
         },
         "tool_choice",
     ),  # fmt: skip
+    # OpenAI's types, not coerced: a string is not a count, a bool not a number or a stream flag.
+    (CHAT, {"messages": HI, "max_tokens": "5"}, "max_tokens"),
+    (CHAT, {"messages": HI, "max_tokens": True}, "max_tokens"),
+    (CHAT, {"messages": HI, "n": "2"}, "n"),
+    (CHAT, {"messages": HI, "stream": "yes"}, "stream"),
+    (CHAT, {"messages": HI, "logprobs": "yes"}, "logprobs"),
+    (CHAT, {"messages": HI, "max_completion_tokens": 0}, "max_completion_tokens"),
+    (CHAT, {"messages": HI, "max_tokens": 5, "max_completion_tokens": 0}, "max_completion_tokens"),
+    (CHAT, {"messages": HI, "top_logprobs": 3}, "top_logprobs"),
+    # What the server cannot honour is refused, not silently ignored.
+    (CHAT, {"messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"messages": HI, "response_format": {"type": "bogus"}}, "response_format.type"),
+    (CHAT, {"messages": HI, "response_format": "json"}, "response_format"),
+    (CHAT, {"messages": HI, "logit_bias": {"785": -100}}, "logit_bias"),
+    (CHAT, {"messages": HI, "functions": [{"name": "f", "parameters": {}}]}, "functions"),
+    (CHAT, {"messages": HI, "function_call": "auto"}, "function_call"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "echo": "no"}, "echo"),
     ("/v1/completions", {"prompt": []}, "prompt"),
     ("/v1/completions", {"prompt": [10**9]}, "prompt"),
     ("/v1/completions", {"prompt": [1, 2], "suffix": "x"}, "suffix"),
@@ -155,6 +173,16 @@ def test_json_body_without_content_type(server: ServerProcess) -> None:
 def test_unknown_route_and_method(server: ServerProcess) -> None:
     assert_openai_error(server.get("/v1/embeddings"), 404)
     assert_openai_error(server.get(CHAT), 405)
+    assert httpx.head(f"{server.base_url}/health").status_code == 200  # load balancers probe with HEAD
+
+
+def test_accepted_no_op_fields(server: ServerProcess) -> None:
+    """The forms of unsupported fields that ask for nothing (text format, an empty bias) are fine."""
+    body = {"messages": HI, "max_tokens": 3, "response_format": {"type": "text"}, "logit_bias": {},
+            "top_logprobs": 0, "temperature": 0, "max_completion_tokens": 2}  # fmt: skip
+    r = server.post(CHAT, json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2  # max_completion_tokens wins over max_tokens
 
 
 def test_prompt_longer_than_context_names_both_counts(server: ServerProcess) -> None:

@@ -1,9 +1,10 @@
 """Pydantic request models for the OpenAI-compatible endpoints.
 
-Lenient by design: unknown fields are ignored (qwen-code and other clients send many
-provider-specific extras), content may be a string, an array of parts or null, and tool
-schemas are kept as plain dicts. Range checks on sampling values live in SamplingParams
-so the engine and the API agree on them.
+Lenient by design where clients differ: unknown fields are ignored (qwen-code and other
+clients send many provider-specific extras), content may be a string, an array of parts or
+null, and tool schemas are kept as plain dicts. Strict where OpenAI is: the request's own
+scalars are not coerced ("5" is not a max_tokens, "yes" is not a stream flag). Range checks
+on sampling values live in SamplingParams so the engine and the API agree on them.
 """
 
 from __future__ import annotations
@@ -58,11 +59,20 @@ class NamedToolChoice(_Lenient):
     function: NamedFunction
 
 
-class StreamOptions(_Lenient):
+class _StrictScalars(_Lenient):
+    # Strict in pydantic's sense: no str -> int/bool or bool -> int coercion (an int still fills a float).
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_StrictScalars):
     include_usage: bool = False
 
 
-class SamplingFields(_Lenient):
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class SamplingFields(_StrictScalars):
     """The sampling fields shared by chat and text completions (OpenAI's plus vLLM's extras)."""
 
     model: str | None = None
@@ -83,6 +93,7 @@ class SamplingFields(_Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    logit_bias: dict[str, float] | None = None  # accepted only empty: see api.sampling
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -96,6 +107,9 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    response_format: ResponseFormat | None = None  # only "text": see serving_chat
+    functions: list[Any] | None = None  # the legacy function-calling fields: refused, see serving_chat
+    function_call: Any = None
 
 
 class CompletionRequest(SamplingFields):

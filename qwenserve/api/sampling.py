@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from qwenserve.api.errors import bad_request
 from qwenserve.api.protocol import SamplingFields
 from qwenserve.engine.sampling_params import GENERATION_CONFIG_FIELDS, SamplingParams
 
@@ -28,6 +29,12 @@ def build_sampling_params(
     temperature 0 from the request is respected (it is not "unset"); `max_tokens` None
     means up to the context limit (the engine clamps anything larger to the room left).
     """
+    if req.logit_bias:
+        raise bad_request(
+            "'logit_bias' is not supported by this server; remove it (an empty object is accepted).",
+            param="logit_bias",
+            code="unsupported_parameter",
+        )
     values: dict[str, Any] = {}
     for name in GENERATION_CONFIG_FIELDS:
         value = getattr(req, name)

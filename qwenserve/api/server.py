@@ -129,7 +129,7 @@ def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
 
 
 def _add_routes(app: FastAPI, ctx: AppContext) -> None:
-    @app.get("/health", tags=["ops"])
+    @app.api_route("/health", methods=["GET", "HEAD"], tags=["ops"])
     async def health() -> Response:
         """200 when the model is loaded and serving, 503 while it loads."""
         if ctx.load_error:

@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from qwenserve.api.chat import ToolPlan, normalize_messages, plan_tools, render_chat, scrub_tool_markup
-from qwenserve.api.errors import APIError
+from qwenserve.api.errors import APIError, bad_request
 from qwenserve.api.logprobs import chat_logprobs
 from qwenserve.api.protocol import ChatCompletionRequest
 from qwenserve.api.request_log import RequestTracker, log_request_body
@@ -82,10 +82,11 @@ class ChatCompletions:
             log_request_body(request_id, req)
         # Cheap validation first, then the render; nothing may fail after add_request
         # without an abort, so the parsers and the context are built before it.
+        check_chat_fields(req)
         params = build_sampling_params(
             req,
             state.generation_defaults,
-            max_tokens=req.max_completion_tokens or req.max_tokens,
+            max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         )
         plan = plan_tools(req, state.xml_tools)
@@ -103,6 +104,30 @@ class ChatCompletions:
         finally:
             ctx.close_if_unfinished()
         return JSONResponse(body)
+
+
+def check_chat_fields(req: ChatCompletionRequest) -> None:
+    """Refuse, with a 400 naming the field, what this server would otherwise silently not do."""
+    if req.max_completion_tokens is not None and req.max_completion_tokens < 1:
+        raise bad_request(
+            f"'max_completion_tokens' must be >= 1, got {req.max_completion_tokens}.", param="max_completion_tokens"
+        )
+    if req.top_logprobs and not req.logprobs:
+        raise bad_request("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise bad_request(
+            f"response_format {req.response_format.type!r} is not supported by this server (no constrained "
+            "decoding); ask for JSON in the prompt instead, or send {'type': 'text'}.",
+            param="response_format",
+            code="unsupported_parameter",
+        )
+    if req.functions is not None or req.function_call is not None:
+        param = "functions" if req.functions is not None else "function_call"
+        raise bad_request(
+            f"The legacy '{param}' field is not supported; send 'tools' and 'tool_choice' instead.",
+            param=param,
+            code="unsupported_parameter",
+        )
 
 
 class _ChatContext:

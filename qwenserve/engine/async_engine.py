@@ -117,7 +117,10 @@ class AsyncEngine:
         # Validate here, on the caller's thread, so errors surface at once; the engine thread applies it.
         engine.check_request(prompt_token_ids, params)
         if self._stats.num_waiting + self._commands.qsize() >= self.config.max_queued_requests:
-            raise QueueFullError(f"{self._stats.num_waiting} requests are already waiting; retry shortly")
+            # The count races with the engine thread: name the bound, not a number that may read 0.
+            raise QueueFullError(
+                f"the queue is full ({self.config.max_queued_requests} requests waiting at most); retry shortly"
+            )
         stream = RequestStream(request_id, params.n)
         self._streams[request_id] = stream
         self._commands.put(("add", (request_id, prompt_token_ids, params)))

@@ -345,7 +345,9 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
         self.check_request(prompt_token_ids, params)
         if len(self.scheduler.waiting) >= self.config.max_queued_requests:
-            raise QueueFullError(f"{len(self.scheduler.waiting)} requests are already waiting; retry shortly")
+            raise QueueFullError(
+                f"the queue is full ({self.config.max_queued_requests} requests waiting at most); retry shortly"
+            )
         room = self.max_model_len - len(prompt_token_ids)
         base_seed = params.seed if params.seed is not None else random.getrandbits(32)
         seqs = []
