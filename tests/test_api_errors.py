@@ -336,6 +336,23 @@ def test_queue_full_heartbeat_and_disconnect_abort(server: ServerProcess) -> Non
     assert "finish=abort" in server.log()
 
 
+def test_full_queue_is_always_a_503_never_a_500(server: ServerProcess) -> None:
+    """Requests with n > 1 arriving together: each is admitted (200) or refused up front (503)."""
+    body = {"messages": HI, "max_tokens": 12, "n": 3, "ignore_eos": True, "temperature": 0}
+    results: list[httpx.Response] = []
+    threads = [threading.Thread(target=lambda: results.append(server.post(CHAT, json=body))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 6 and {r.status_code for r in results} <= {200, 503}, [r.text for r in results]
+    for r in results:
+        if r.status_code == 503:
+            assert assert_openai_error(r, 503)["code"] == "queue_full"
+        else:
+            assert len(r.json()["choices"]) == 3
+
+
 def test_non_streaming_disconnect_aborts(server: ServerProcess) -> None:
     body = {"messages": HI, "max_tokens": 900, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
@@ -347,3 +364,33 @@ def test_non_streaming_disconnect_aborts(server: ServerProcess) -> None:
 def test_log_requests_writes_bodies(server: ServerProcess) -> None:
     server.post(CHAT, json={"messages": [{"role": "user", "content": "log me please"}], "max_tokens": 2})
     assert "log me please" in server.log()
+
+
+def test_sigterm_ends_requests_in_flight_with_openai_errors(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Stopping the server with requests in flight: every client gets an OpenAI-shaped 503 (a stream:
+    an error event, then [DONE]) and the process exits promptly."""
+    srv = start_server(tmp_path_factory.mktemp("sigterm"), "--max-num-seqs", "2")
+    try:
+        long_body = {"messages": HI, "max_tokens": 4000, "ignore_eos": True, "temperature": 0}
+        stream_lines: list[str] = []
+        streaming = threading.Thread(
+            target=_stream_lines, args=(srv, {**long_body, "stream": True}, stream_lines, None)
+        )
+        plain: list[httpx.Response] = []
+        waiting = threading.Thread(target=lambda: plain.append(srv.post(CHAT, json=long_body, timeout=60)))
+        streaming.start()
+        waiting.start()
+        wait_for(lambda: len(stream_lines) > 3 and srv.metrics().get("qwenserve_num_requests_running", 0) == 2)
+        started = time.monotonic()
+        srv.proc.terminate()
+        streaming.join(30)
+        waiting.join(30)
+        srv.proc.wait(30)
+        assert time.monotonic() - started < 10
+        assert stream_lines[-1] == "[DONE]"
+        assert json.loads(stream_lines[-2])["error"]["code"] == "aborted"
+        err = assert_openai_error(plain[0], 503)
+        assert err["code"] == "aborted" and plain[0].headers.get("retry-after")
+        assert "Traceback" not in srv.log()
+    finally:
+        srv.stop()

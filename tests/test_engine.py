@@ -73,6 +73,31 @@ def test_prefix_cache_hit_reports_cached_tokens_and_keeps_output(engine: LLMEngi
     assert again.token_ids == first.token_ids
 
 
+def test_blocks_recomputed_after_preemption_are_cached_again() -> None:
+    """A preempted sequence whose cached blocks were evicted recomputes them: they rejoin the prefix cache."""
+    from qwenserve.engine.block_manager import BlockManager
+    from qwenserve.engine.sequence import Sequence
+
+    bm = BlockManager(num_blocks=8, block_size=4)
+    seq = Sequence("r", 0, list(range(100, 113)), GREEDY, seed=0)  # 13 tokens: 3 full blocks
+
+    def compute() -> None:
+        bm.allocate_cached_prefix(seq)
+        assert bm.ensure_capacity(seq, 13)
+        seq.num_computed_tokens = 13
+        bm.commit_full_blocks(seq)
+
+    compute()
+    assert len(bm.hash_to_block) == 3
+    bm.free(seq)  # preempted
+    other = Sequence("o", 0, [1], GREEDY, seed=0)
+    assert bm.ensure_capacity(other, 4 * bm.num_usable_blocks)  # takes every block: the cache is evicted
+    assert not bm.hash_to_block
+    bm.free(other)
+    compute()  # re-admitted: nothing cached, everything recomputed
+    assert sorted(bm.hash_to_block.values()) == sorted(seq.block_table[:3]), "recomputed blocks must be cached"
+
+
 def test_eviction_under_pressure_never_changes_outputs(tiny_moe_dir: Path, alone: dict[int, list[int]]) -> None:
     small = make_engine(tiny_moe_dir, num_kv_blocks=24)
     for round_ in range(3):  # each round evicts cached blocks of the previous ones

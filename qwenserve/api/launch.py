@@ -30,6 +30,21 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, plus: the first SIGINT / SIGTERM aborts the engine's requests, so every client still
+    connected gets an OpenAI-style 503 (streams: an error event, then [DONE]) while uvicorn drains
+    connections, instead of being cut off when its grace period ends."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Any):
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if not self.should_exit:
+            self._on_exit()
+        super().handle_exit(sig, frame)
+
+
 def run_server(engine: Any, settings: ServerSettings, log_level: str = "info") -> int:
     """Serve until interrupted; returns the process exit code (1 when the model failed to load)."""
     try:
@@ -53,7 +68,7 @@ def run_server(engine: Any, settings: ServerSettings, log_level: str = "info") -
         timeout_keep_alive=30,
         timeout_graceful_shutdown=5,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, on_exit=engine.abort_all)
     ctx = app.state.ctx
     ctx.server = server
     logger.info("listening on http://%s:%d (model loading in the background)", settings.host, settings.port)

@@ -65,6 +65,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
         self._dead: BaseException | None = None
+        self._closing = False
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -112,6 +113,8 @@ class AsyncEngine:
         engine = self._require()
         if self._dead is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
+        if self._closing:
+            raise QueueFullError("the server is shutting down")
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
         # Validate here, on the caller's thread, so errors surface at once; the engine thread applies it.
@@ -129,6 +132,12 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Abort a request (idempotent, thread-safe); its KV blocks are freed before the next step."""
         self._commands.put(("abort", request_id))
+
+    def abort_all(self) -> None:
+        """Abort every request in flight and refuse new ones (thread- and signal-safe): at shutdown,
+        so each client gets the abort error while the HTTP server still drains its connections."""
+        self._closing = True
+        self._commands.put(("abort_all", None))
 
     def stats(self) -> EngineStats:
         """Counters as of the last step (refreshed by the engine thread, never blocking on a step)."""
@@ -164,17 +173,31 @@ class AsyncEngine:
             elif kind == "abort":
                 self._deliver(self._require().abort(arg))
                 self._streams.pop(arg, None)
+            elif kind == "abort_all":
+                self._abort_all()
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _abort_all(self) -> None:
+        engine = self._require()
+        for request_id, stream in list(self._streams.items()):
+            outputs = engine.abort(request_id)
+            if outputs:
+                self._deliver(outputs)
+            elif self._loop is not None:  # its "add" is still queued: it will find no stream and stop there
+                self._loop.call_soon_threadsafe(_put_all, [(stream, EngineDeadError("the server is shutting down"))])
+            self._streams.pop(request_id, None)
 
     def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         stream = self._streams.get(request_id)
         if stream is None:
             return  # aborted before it was queued
         try:
-            self._require().add_request(request_id, prompt_token_ids, params)
+            # Admitted at the front door: a second queue check here would race with it and could only
+            # fail the request inside its stream (a 500), not as the clean 503 add_request raises.
+            self._require().add_request(request_id, prompt_token_ids, params, enforce_queue_limit=False)
         except (InvalidRequestError, QueueFullError) as err:
             self._streams.pop(request_id, None)
             self._loop.call_soon_threadsafe(_put_all, [(stream, err)])

@@ -151,6 +151,8 @@ class BlockManager:
                     self.free_blocks.move_to_end(block_id, last=False)
         seq.block_table = []
         seq.num_computed_tokens = 0
+        # A preempted sequence recomputes into new blocks: they must be hashed (and cached) again.
+        seq.block_hashes = []
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block that no sequence holds (after warm-up, or on request)."""

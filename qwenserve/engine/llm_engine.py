@@ -339,12 +339,18 @@ class LLMEngine:
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is out of range", param="prompt")
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; its max_tokens is clamped to the room left in the context."""
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, enforce_queue_limit: bool = True
+    ) -> None:
+        """Queue a request; its max_tokens is clamped to the room left in the context.
+
+        `enforce_queue_limit` False: the caller already admitted it (AsyncEngine checks the limit on
+        the caller's thread, where refusing is still a clean 503).
+        """
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
         self.check_request(prompt_token_ids, params)
-        if len(self.scheduler.waiting) >= self.config.max_queued_requests:
+        if enforce_queue_limit and self.num_waiting_requests() >= self.config.max_queued_requests:
             raise QueueFullError(
                 f"the queue is full ({self.config.max_queued_requests} requests waiting at most); retry shortly"
             )
@@ -382,11 +388,15 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def num_waiting_requests(self) -> int:
+        """Requests with a sequence still waiting to be scheduled (n > 1 counts once, like the queue limit)."""
+        return len({seq.request_id for seq in self.scheduler.waiting})
+
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting) + sum(len(r.held_siblings) for r in self.requests.values()),
+            num_waiting=self.num_waiting_requests(),
             num_kv_blocks=bm.num_usable_blocks,
             num_free_blocks=bm.num_free_blocks,
             kv_cache_usage=bm.usage(),
