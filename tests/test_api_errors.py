@@ -138,6 +138,8 @@ BAD_INPUTS: list[tuple[str, Any, str | None]] = [
     (CHAT, {"messages": HI, "function_call": "auto"}, "function_call"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
     ("/v1/completions", {"prompt": "x", "echo": "no"}, "echo"),
+    ("/v1/completions", {"prompt": "x", "best_of": 0}, "best_of"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
     ("/v1/completions", {"prompt": []}, "prompt"),
     ("/v1/completions", {"prompt": [10**9]}, "prompt"),
     ("/v1/completions", {"prompt": [1, 2], "suffix": "x"}, "suffix"),

@@ -88,6 +88,13 @@ class Completions:
         base_id = new_id("cmpl")
         if state.settings.log_requests:
             log_request_body(base_id, req)
+        if req.best_of is not None and req.best_of != req.n:
+            # best_of == n is the default; picking the n best of more candidates is not implemented.
+            raise bad_request(
+                f"'best_of' must equal 'n' ({req.n}) on this server, got {req.best_of}.",
+                param="best_of",
+                code="unsupported_parameter" if req.best_of > req.n else None,
+            )
         params = build_sampling_params(
             req,
             state.generation_defaults,
