@@ -35,6 +35,16 @@ def _length(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a token count: {text!r} (use e.g. 32768 or 32k)") from exc
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from exc
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 0..65535 (0 picks a free one), got {port}")
+    return port
+
+
 def _default(name: str) -> object:
     """EngineConfig's own default, so the CLI and the library never disagree."""
     from qwenserve.config import EngineConfig
@@ -55,7 +65,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="name(s) listed by /v1/models; none: the model's name (requests may use any name)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback: local clients only)")
-    p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
+    p.add_argument("--port", type=_port, default=8000, help="port (0 picks a free one)")
     p.add_argument(
         "--api-key",
         default=None,
@@ -200,6 +210,12 @@ def serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("QWENSERVE_API_KEY") or None,
         log_requests=args.log_requests,
     )
+    if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "listening on %s without an API key: anyone who can reach this machine can use the model "
+            "(set --api-key or QWENSERVE_API_KEY)",
+            args.host,
+        )
     return run_server(AsyncEngine(config), settings, log_level=args.log_level)
 
 
@@ -215,11 +231,14 @@ def run_bench(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `qwenserve` script."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "bench":
-        return run_bench(argv[1:])
-    args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        return serve(args)
+    try:
+        if argv and argv[0] == "bench":
+            return run_bench(argv[1:])
+        args = build_parser().parse_args(argv)
+        if args.command == "serve":
+            return serve(args)
+    except KeyboardInterrupt:  # Ctrl-C before the server took over the signal: no traceback
+        return 130
     return 2
 
 

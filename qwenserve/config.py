@@ -107,7 +107,11 @@ class ModelConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
         with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+            try:
+                raw = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not valid JSON ({exc}): is the checkpoint download complete?") from exc
+        return cls.from_dict(raw)
 
 
 def _rope_from_dict(raw: dict[str, Any]) -> RopeConfig:
@@ -172,12 +176,29 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
-        if self.max_queued_requests < 0:
-            raise ValueError("max_queued_requests must be >= 0")
+        if self.max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
+        check_device(self.device)
         if self.max_model_len is not None and self.max_model_len < 16:
             raise ValueError(f"max_model_len must be >= 16, got {self.max_model_len}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+
+
+def check_device(device: str) -> None:
+    """Raise ValueError unless `device` is auto, cpu or cuda[:N] with that GPU present."""
+    kind, _, index = device.partition(":")
+    if kind in ("auto", "cpu") and not index:
+        return
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"--device {device}: no CUDA GPU is available (use --device cpu, or auto)")
+    if index and int(index) >= count:
+        raise ValueError(f"--device {device}: only {count} CUDA GPU(s) present (cuda:0..cuda:{count - 1})")
 
 
 def parse_size(text: str) -> int:

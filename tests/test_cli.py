@@ -3,6 +3,7 @@ the fast failure paths of `serve` (busy port, a model that cannot load)."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 from server_utils import REPO
 
 from qwenserve import cli
@@ -110,3 +112,39 @@ def test_unloadable_model_exits_with_its_reason(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 1, out.stderr[-2000:]
     assert "failed to load the model" in out.stderr
+
+
+def test_bad_port_queue_and_device_are_refused_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    for port in ("70000", "-5", "http"):
+        with pytest.raises(SystemExit):
+            parse("--port", port)
+    assert "0..65535" in capsys.readouterr().err
+    for flags in (("--max-queued-requests", "0"), ("--device", "tpu")):
+        assert cli.main(["serve", *flags]) == 2, flags
+    if not torch.cuda.is_available():
+        assert cli.main(["serve", "--device", "cuda"]) == 2
+
+
+def test_broken_config_json_names_the_file(tmp_path: Path) -> None:
+    from qwenserve.config import ModelConfig
+
+    (tmp_path / "config.json").write_text('{"architectures": ["Qwen3MoeForCausalLM"],')
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        ModelConfig.from_file(tmp_path / "config.json")
+
+
+def test_ctrl_c_exits_quietly_when_idle_and_while_loading() -> None:
+    """SIGINT (what a terminal's Ctrl-C sends): exit 130 at once, without a traceback, also mid-load."""
+    for extra in ([], ["--load-format", "dummy"]):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qwenserve", "serve", "--port", "0", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        wanted = "qwenserve is ready" if not extra else "listening on"
+        for line in proc.stdout:
+            if wanted in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 130 and "Traceback" not in out, out[-2000:]

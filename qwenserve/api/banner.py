@@ -43,7 +43,7 @@ def ready_banner(
 ) -> str:
     """The multi-line message printed when the server is ready."""
     url = base_url(host, port)
-    what = "the built-in demo model (a tiny test model, not a real coder)" if is_demo else path
+    what = "the built-in demo model: a tiny test model, not a real coder" if is_demo else path
     settings = json.dumps(qwen_code_settings(url, model, context), indent=2)
     lines = [
         "",

@@ -4,6 +4,7 @@ port fails at once with a clear message instead of after the model has loaded.""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from typing import Any
 
@@ -72,5 +73,15 @@ def run_server(engine: Any, settings: ServerSettings, log_level: str = "info") -
     ctx = app.state.ctx
     ctx.server = server
     logger.info("listening on http://%s:%d (model loading in the background)", settings.host, settings.port)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        # uvicorn re-raises the Ctrl-C it caught once it has shut down: that is the normal way out.
+        if not ctx.ready and ctx.exit_code == 0:
+            # The load runs on a worker thread that cannot be interrupted; exiting the normal way
+            # would wait minutes for it to finish reading a large checkpoint.
+            logger.info("stopped while the model was loading")
+            logging.shutdown()
+            os._exit(130)
+        return 130
     return ctx.exit_code

@@ -74,12 +74,40 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         if progress:
             progress("loading model")
-        self.engine = await asyncio.to_thread(LLMEngine, self.config)
+        self.engine = await self._load()
         self._stats = self.engine.stats()
         self._thread = threading.Thread(target=self._run, name="qwenserve-engine", daemon=True)
         self._thread.start()
         if progress:
             progress("ready")
+
+    async def _load(self) -> LLMEngine:
+        """LLMEngine(config) on a daemon thread: a load cannot be interrupted, and the event loop's
+        default executor would make a Ctrl-C during it wait for the whole checkpoint to be read."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[LLMEngine] = loop.create_future()
+
+        def settle(engine: LLMEngine | None, err: BaseException | None) -> None:
+            if done.done():
+                return  # the server stopped while loading
+            if err is not None:
+                done.set_exception(err)
+            else:
+                done.set_result(engine)
+
+        def load() -> None:
+            engine, err = None, None
+            try:
+                engine = LLMEngine(self.config)
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task, which re-raises it
+                err = exc
+            try:
+                loop.call_soon_threadsafe(settle, engine, err)
+            except RuntimeError:
+                pass  # the event loop is gone: the process is exiting
+
+        threading.Thread(target=load, name="qwenserve-load", daemon=True).start()
+        return await done
 
     async def shutdown(self) -> None:
         self._stopping.set()

@@ -149,6 +149,13 @@ class LLMEngine:
         self.model_config: ModelConfig = load_model_config(path)
         self.tokenizer = _load_tokenizer(path)
         max_len = cfg.max_model_len or self.model_config.max_position_embeddings
+        if max_len > self.model_config.max_position_embeddings:
+            logger.warning(
+                "--max-model-len %d is beyond the %d positions this model was trained for "
+                "(max_position_embeddings in its config.json): answers past that length may degrade",
+                max_len,
+                self.model_config.max_position_embeddings,
+            )
         if self.device.type == "cpu":
             _limit_cpu_threads(self.model_config)
         ops = select_ops(self.device, cfg.use_kernels)

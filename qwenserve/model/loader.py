@@ -50,19 +50,21 @@ def resolve_model_path(model: str) -> Path:
     try:
         return Path(snapshot_download(model, allow_patterns=_CHECKPOINT_PATTERNS, local_files_only=True))
     except Exception as cache_miss:  # noqa: BLE001 - any cache miss falls through to a download
-        logger.info("%s not in the local Hugging Face cache (%s); downloading", model, type(cache_miss).__name__)
+        cache_miss_kind = type(cache_miss).__name__
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
         raise ModelNotFoundError(
             f"{model} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: run "
-            f"`huggingface-cli download {model}` on a machine with network access, or pass --model /path/to/dir"
+            f"`hf download {model}` on a machine with network access (older huggingface_hub: "
+            f"`huggingface-cli download`), or pass --model /path/to/dir (no local directory {model!r} exists)"
         )
+    logger.info("%s not in the local Hugging Face cache (%s); downloading", model, cache_miss_kind)
     try:
         return Path(snapshot_download(model, allow_patterns=_CHECKPOINT_PATTERNS))
     except Exception as err:  # noqa: BLE001 - network, auth and 404 errors all end here with one message
         raise ModelNotFoundError(
             f"could not download {model} from the Hugging Face hub ({type(err).__name__}: {err}). If this machine "
-            f"is offline, download it elsewhere with `huggingface-cli download {model}` and pass --model "
-            f"/path/to/the/dir; for a gated repo, run `huggingface-cli login` first"
+            f"is offline, download it elsewhere with `hf download {model}` and pass --model /path/to/the/dir "
+            f"(no local directory {model!r} exists); for a gated repo, run `hf auth login` first"
         ) from err
 
 
