@@ -104,7 +104,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--block-size", type=int, default=_default("block_size"), help="KV cache block size in tokens"
     )
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+        help="weights and activations; auto: bfloat16 on a GPU, float32 on CPU",
+    )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument(
         "--load-format",
@@ -112,7 +115,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "dummy"],
         help="dummy: random weights of the model's shape (benchmarks without a checkpoint)",
     )
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+        help="reuse the KV cache of prompt prefixes seen before (qwen-code resends its whole history)",
+    )  # fmt: skip
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument(
         "--async-scheduling",
@@ -127,11 +133,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=1,
         help="GPUs to use, one process each: attention/dense layers tensor parallel, MoE experts split",
     )
-    p.add_argument("--seed", type=int, default=_default("seed"))
+    p.add_argument("--seed", type=int, default=_default("seed"), help="torch seed (the random weights of --load-format dummy)")
     p.add_argument(
         "--log-requests", "--enable-log-requests", action="store_true", help="also log every request body"
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log verbosity"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
