@@ -23,7 +23,7 @@ def test_directory_without_config_says_so(tmp_path: Path) -> None:
 def test_offline_hub_miss_says_what_to_do(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(ModelNotFoundError, match="huggingface-cli download qwenserve-test/no-such-model"):
+    with pytest.raises(ModelNotFoundError, match="hf download qwenserve-test/no-such-model"):
         resolve_model_path("qwenserve-test/no-such-model")
 
 
