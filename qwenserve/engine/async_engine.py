@@ -199,24 +199,24 @@ class AsyncEngine:
             if kind == "add":
                 self._add(*arg)
             elif kind == "abort":
-                self._deliver(self._require().abort(arg))
-                self._streams.pop(arg, None)
+                self._abort(arg)
             elif kind == "abort_all":
-                self._abort_all()
+                for request_id in list(self._streams):
+                    self._abort(request_id)
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
 
-    def _abort_all(self) -> None:
-        engine = self._require()
-        for request_id, stream in list(self._streams.items()):
-            outputs = engine.abort(request_id)
-            if outputs:
-                self._deliver(outputs)
-            elif self._loop is not None:  # its "add" is still queued: it will find no stream and stop there
-                self._loop.call_soon_threadsafe(_put_all, [(stream, EngineDeadError("the server is shutting down"))])
-            self._streams.pop(request_id, None)
+    def _abort(self, request_id: str) -> None:
+        """End a request now: its final 'abort' outputs, or, when its "add" is still queued (it will
+        then find no stream and stop there), an error for whoever iterates its stream."""
+        outputs = self._require().abort(request_id)
+        if outputs:
+            self._deliver(outputs)
+        elif (stream := self._streams.get(request_id)) is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(_put_all, [(stream, EngineDeadError("the request was aborted"))])
+        self._streams.pop(request_id, None)
 
     def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         stream = self._streams.get(request_id)
