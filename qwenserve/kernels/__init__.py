@@ -26,7 +26,6 @@ def kernel_ops() -> dict[str, Callable]:
     from qwenserve.kernels.attention import paged_attention
     from qwenserve.kernels.moe import fused_moe, norm_routed_moe, routed_moe
     from qwenserve.kernels.norm import rms_norm
-    from qwenserve.kernels.prefetch import join_prefetch, prefetch_l2
 
     return {
         "paged_attention": paged_attention,
@@ -34,8 +33,6 @@ def kernel_ops() -> dict[str, Callable]:
         "routed_moe": routed_moe,
         "norm_routed_moe": norm_routed_moe,
         "rms_norm": rms_norm,
-        "prefetch_l2": prefetch_l2,
-        "join_prefetch": join_prefetch,
     }
 
 

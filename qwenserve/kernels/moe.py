@@ -337,23 +337,18 @@ NORM_ROUTE_NUM_WARPS = 4
 # False: decode steps run add_rms_norm, the router GEMV and route_align as three launches (A/B switch).
 NORM_ROUTE_FUSED = True
 
-_device_buffers: dict[tuple[torch.device, str], torch.Tensor] = {}
-
-
-def _device_zeros(device: torch.device, name: str, size: int) -> torch.Tensor:
-    """A zeroed int32 buffer on the device that a kernel's last program resets. One per device and
-    name serves every launch: launches on the engine's stream never overlap. Allocated once, so the
-    CUDA graphs that captured its address stay valid."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if (device, name) not in _device_buffers:
-        _device_buffers[device, name] = torch.zeros(size, dtype=torch.int32, device=device)
-    return _device_buffers[device, name]
+_launch_counters: dict[torch.device, torch.Tensor] = {}
 
 
 def _launch_counter(device: torch.device) -> torch.Tensor:
-    """norm_route_align's finish counter."""
-    return _device_zeros(device, "norm_route_counter", 1)
+    """A zeroed int32 on the device that a kernel's last program resets. One per device serves
+    every launch: launches on the engine's stream never overlap. Allocated once, so the CUDA
+    graphs that captured its address stay valid."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _launch_counters:
+        _launch_counters[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _launch_counters[device]
 
 
 def norm_route_align(
@@ -453,22 +448,40 @@ def moe_align(
     return sorted_ids, expert_ids, ends[-1:].to(torch.int32)
 
 
-@triton.jit
-def _grouped_pid(pid, num_pid_n, NUM_ROW_BLOCKS, GROUP_M: tl.constexpr):
-    """(row block, column block) of a program, GROUP_M row blocks at a time (L2 reuse of the activations)."""
+@triton.jit(do_not_specialize=["numel", "NUM_ROW_BLOCKS"])
+def _moe_gemm1_kernel(
+    a_ptr,
+    w_ptr,
+    act_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_rows_ptr,
+    numel,
+    N,
+    K,
+    stride_am,
+    stride_we,
+    stride_wn,
+    stride_actm,
+    NUM_ROW_BLOCKS,
+    TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """act[row, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, N + n]) for sorted rows."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
     num_in_group = GROUP_M * num_pid_n
-    first_m = (pid // num_in_group) * GROUP_M
+    group_id = pid // num_in_group
+    first_m = group_id * GROUP_M
     group_size = tl.minimum(NUM_ROW_BLOCKS - first_m, GROUP_M)
-    return first_m + (pid % num_in_group) % group_size, (pid % num_in_group) // group_size
+    pid_m = first_m + (pid % num_in_group) % group_size
+    pid_n = (pid % num_in_group) // group_size
 
-
-@triton.jit
-def _gemm1_tile(
-    a_ptr, w_ptr, act_ptr, sorted_ids_ptr, expert_ids_ptr, pid_m, pid_n, numel, N, K,
-    stride_am, stride_we, stride_wn, stride_actm,
-    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """act[row, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, N + n]) for one tile of sorted rows."""
+    if pid_m * BLOCK_M >= tl.load(num_rows_ptr):
+        return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ids_ptr + offs_m)
     m_mask = pair < numel
@@ -502,13 +515,40 @@ def _gemm1_tile(
     )
 
 
-@triton.jit
-def _gemm2_tile(
-    act_ptr, w_ptr, out_ptr, sorted_ids_ptr, expert_ids_ptr, topk_weights_ptr, pid_m, pid_n, numel, N, K,
-    stride_actm, stride_we, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """out[pair, n] = weight[pair] * (act[row] . w2[e, n]) for one tile of sorted rows."""
+@triton.jit(do_not_specialize=["numel", "NUM_ROW_BLOCKS"])
+def _moe_gemm2_kernel(
+    act_ptr,
+    w_ptr,
+    out_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_rows_ptr,
+    topk_weights_ptr,
+    numel,
+    N,
+    K,
+    stride_actm,
+    stride_we,
+    stride_wn,
+    stride_om,
+    NUM_ROW_BLOCKS,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """out[pair, n] = weight[pair] * (act[row] . w2[e, n]) for sorted rows."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_in_group
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(NUM_ROW_BLOCKS - first_m, GROUP_M)
+    pid_m = first_m + (pid % num_in_group) % group_size
+    pid_n = (pid % num_in_group) // group_size
+
+    if pid_m * BLOCK_M >= tl.load(num_rows_ptr):
+        return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ids_ptr + offs_m)
     m_mask = pair < numel
@@ -522,8 +562,7 @@ def _gemm2_tile(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
-        # From L2: in the one-launch decode kernel other programs wrote these rows moments ago.
-        a = tl.load(a_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0, cache_modifier=".cg")
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
         w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & n_mask[None, :], other=0.0)
         acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K
@@ -535,80 +574,6 @@ def _gemm2_tile(
         acc.to(out_ptr.dtype.element_ty),
         mask=m_mask[:, None] & n_mask[None, :],
     )
-
-
-@triton.jit(do_not_specialize=["numel", "NUM_ROW_BLOCKS"])
-def _moe_gemm1_kernel(
-    a_ptr, w_ptr, act_ptr, sorted_ids_ptr, expert_ids_ptr, num_rows_ptr, numel, N, K,
-    stride_am, stride_we, stride_wn, stride_actm, NUM_ROW_BLOCKS,
-    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), NUM_ROW_BLOCKS, GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_rows_ptr):
-        return
-    _gemm1_tile(
-        a_ptr, w_ptr, act_ptr, sorted_ids_ptr, expert_ids_ptr, pid_m, pid_n, numel, N, K,
-        stride_am, stride_we, stride_wn, stride_actm, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K,
-    )  # fmt: skip
-
-
-@triton.jit(do_not_specialize=["numel", "NUM_ROW_BLOCKS"])
-def _moe_gemm2_kernel(
-    act_ptr, w_ptr, out_ptr, sorted_ids_ptr, expert_ids_ptr, num_rows_ptr, topk_weights_ptr, numel, N, K,
-    stride_actm, stride_we, stride_wn, stride_om, NUM_ROW_BLOCKS,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), NUM_ROW_BLOCKS, GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_rows_ptr):
-        return
-    _gemm2_tile(
-        act_ptr, w_ptr, out_ptr, sorted_ids_ptr, expert_ids_ptr, topk_weights_ptr, pid_m, pid_n, numel, N, K,
-        stride_actm, stride_we, stride_wn, stride_om, BLOCK_M, BLOCK_N, BLOCK_K,
-    )  # fmt: skip
-
-
-@triton.jit(do_not_specialize=["numel"])
-def _moe_decode_kernel(
-    a_ptr, w13_ptr, w2_ptr, act_ptr, out_ptr, sorted_ids_ptr, expert_ids_ptr, num_rows_ptr, topk_weights_ptr,
-    ready_ptr, done_ptr, numel,
-    stride_am, stride_w13e, stride_w13n, stride_w2e, stride_w2n, stride_actm, stride_om,
-    INTER: tl.constexpr, HIDDEN: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    N1: tl.constexpr, K1: tl.constexpr, N2: tl.constexpr, K2: tl.constexpr, NB_P2: tl.constexpr,
-):  # fmt: skip
-    """GEMM1 and GEMM2 in one persistent launch for decode-sized steps (every program is resident).
-
-    Each program takes GEMM1 tiles, then GEMM2 tiles, striding over the used row blocks. A GEMM2
-    tile waits only for its own row block's GEMM1 tiles (a per-block counter), so the experts
-    finished first start their second GEMM while the others finish their first: no launch gap,
-    no ramp-up between the two GEMMs.
-    """
-    pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    num_blocks = tl.load(num_rows_ptr) // BLOCK_M
-    tiles1 = (INTER + N1 - 1) // N1
-    for t in range(pid, num_blocks * tiles1, num_programs):
-        pid_m = t // tiles1
-        _gemm1_tile(
-            a_ptr, w13_ptr, act_ptr, sorted_ids_ptr, expert_ids_ptr, pid_m, t % tiles1, numel, INTER, HIDDEN,
-            stride_am, stride_w13e, stride_w13n, stride_actm, TOP_K, BLOCK_M, N1, K1,
-        )  # fmt: skip
-        tl.debug_barrier()  # every thread's stores precede the (release) count
-        tl.atomic_add(ready_ptr + pid_m, 1, sem="release")
-    tiles2 = (HIDDEN + N2 - 1) // N2
-    for t in range(pid, num_blocks * tiles2, num_programs):
-        pid_m = t // tiles2
-        while tl.atomic_add(ready_ptr + pid_m, 0, sem="acquire") < tiles1:
-            pass
-        _gemm2_tile(
-            act_ptr, w2_ptr, out_ptr, sorted_ids_ptr, expert_ids_ptr, topk_weights_ptr, pid_m, t % tiles2, numel,
-            HIDDEN, INTER, stride_actm, stride_w2e, stride_w2n, stride_om, BLOCK_M, N2, K2,
-        )  # fmt: skip
-    # The last program out resets the counters for the next launch: every wait has passed by then.
-    tl.debug_barrier()
-    if tl.atomic_add(done_ptr, 1, sem="acq_rel") == num_programs - 1:
-        b = tl.arange(0, NB_P2)
-        tl.store(ready_ptr + b, tl.zeros([NB_P2], dtype=tl.int32), mask=b < num_blocks)
-        tl.store(done_ptr, 0)
 
 
 def _launch_gemm1(
@@ -687,72 +652,6 @@ def _launch_gemm2(
     )
 
 
-# Decode steps of at most this many tokens run both expert GEMMs as one persistent launch
-# (_moe_decode_kernel) instead of two; 0 turns it off (A/B switch).
-ONE_LAUNCH_MAX_TOKENS = 1
-ONE_LAUNCH_PROGRAMS_PER_SM = 2  # upper bound; the kernel's measured occupancy may allow fewer
-ONE_LAUNCH_STAGES: int | None = None  # None: the tile table's GEMM1 stages
-_MAX_SYNC_BLOCKS = 1024  # row blocks the one-launch kernel can count (T * k <= this at BLOCK_M >= 1)
-
-
-def _launch_decode_gemms(
-    hidden: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    act: torch.Tensor,
-    out: torch.Tensor,
-    sorted_ids: torch.Tensor,
-    expert_ids: torch.Tensor,
-    num_rows: torch.Tensor,
-    topk_weights: torch.Tensor,
-    top_k: int,
-    cfg: MoEConfig,
-) -> None:
-    """GEMM1 + GEMM2 as one launch of at most as many programs as the GPU holds at once (they wait
-    on each other, so every one must be resident: the grid is capped by the kernel's occupancy)."""
-    inter, hidden_size = w2.shape[2], w2.shape[1]
-    num_row_blocks = expert_ids.shape[0]
-    assert num_row_blocks <= _MAX_SYNC_BLOCKS
-    sync = _device_zeros(hidden.device, "moe_decode_sync", _MAX_SYNC_BLOCKS + 1)
-    args = (
-        hidden, w13, w2, act, out, sorted_ids, expert_ids, num_rows, topk_weights, sync, sync[_MAX_SYNC_BLOCKS:],
-        hidden.shape[0] * top_k, hidden.stride(0), w13.stride(0), w13.stride(1), w2.stride(0), w2.stride(1),
-        act.stride(0), out.stride(0),
-    )  # fmt: skip
-    meta = dict(
-        INTER=inter, HIDDEN=hidden_size, TOP_K=top_k, BLOCK_M=cfg.block_m, N1=cfg.n1, K1=cfg.k1, N2=cfg.n2,
-        K2=cfg.k2, NB_P2=triton.next_power_of_2(num_row_blocks), num_warps=cfg.warps1,
-        num_stages=ONE_LAUNCH_STAGES or cfg.stages1,
-    )  # fmt: skip
-    tiles = num_row_blocks * max(triton.cdiv(inter, cfg.n1), triton.cdiv(hidden_size, cfg.n2))
-    grid = (min(tiles, _resident_programs(_moe_decode_kernel, args, meta, hidden.device)),)
-    _moe_decode_kernel[grid](*args, **meta)
-
-
-_resident: dict[tuple, int] = {}
-
-
-def _resident_programs(kernel: triton.JITFunction, args: tuple, meta: dict, device: torch.device) -> int:
-    """How many programs of this kernel variant the GPU runs at once (capped at ONE_LAUNCH_PROGRAMS_PER_SM
-    per SM), from its compiled register and shared-memory use. Compiles the variant on first use."""
-    key = (device, ONE_LAUNCH_PROGRAMS_PER_SM, *(v for k, v in sorted(meta.items())), args[0].dtype)
-    if key not in _resident:
-        compiled = kernel.warmup(*args, grid=(1,), **meta)
-        compiled._init_handles()
-        props = torch.cuda.get_device_properties(device)
-        warps = compiled.metadata.num_warps
-        regs_per_warp = triton.cdiv(max(compiled.n_regs, 1) * 32, 256) * 256
-        smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-        per_sm = min(
-            ONE_LAUNCH_PROGRAMS_PER_SM,
-            props.max_threads_per_multi_processor // (32 * warps),
-            getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * warps),
-            smem // (compiled.metadata.shared + 1024),  # the driver reserves 1 KB per block
-        )
-        _resident[key] = max(1, per_sm) * props.multi_processor_count
-    return _resident[key]
-
-
 def fused_moe_triton(
     hidden: torch.Tensor,
     w13: torch.Tensor,
@@ -794,12 +693,9 @@ def _expert_gemms(
     """GEMM1 (+SiLU-mul) and GEMM2 (+routing weight) over aligned pairs: the weighted terms [T*k, H]."""
     num_tokens, top_k = topk_weights.shape
     act = torch.empty(sorted_ids.shape[0], w2.shape[2], dtype=hidden.dtype, device=hidden.device)
+    _launch_gemm1(hidden, w13, act, sorted_ids, expert_ids, num_rows, top_k, cfg)
     pair_out = torch.empty(num_tokens * top_k, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
     weights = topk_weights.reshape(-1)  # fp32 or the activation dtype; the kernel upcasts
-    if hidden.is_cuda and num_tokens <= ONE_LAUNCH_MAX_TOKENS:
-        _launch_decode_gemms(hidden, w13, w2, act, pair_out, sorted_ids, expert_ids, num_rows, weights, top_k, cfg)
-        return pair_out
-    _launch_gemm1(hidden, w13, act, sorted_ids, expert_ids, num_rows, top_k, cfg)
     _launch_gemm2(act, w2, pair_out, sorted_ids, expert_ids, num_rows, weights, cfg)
     return pair_out
 

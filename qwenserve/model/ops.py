@@ -248,12 +248,3 @@ def router_topk(
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights.to(out_dtype), ids
-
-
-def prefetch_l2(weight: torch.Tensor, num_tokens: int, kind: str) -> None:
-    """Start pulling `weight` (read by a projection a few kernels later) into the GPU's L2 beside the
-    step's work; `kind` names the A/B switch ("o_proj", "next_qkv"). Nothing to do on the reference path."""
-
-
-def join_prefetch(device: torch.device) -> None:
-    """Join an outstanding prefetch back into the step's stream. Nothing to do on the reference path."""

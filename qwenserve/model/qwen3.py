@@ -36,8 +36,6 @@ class Ops:
     routed_moe: Callable = ref_ops.routed_moe  # route + fused_moe(reduce=False), on one device
     norm_routed_moe: Callable = ref_ops.norm_routed_moe  # add_rms_norm + routed_moe, on one device
     linear: Callable = F.linear
-    prefetch_l2: Callable = ref_ops.prefetch_l2
-    join_prefetch: Callable = ref_ops.join_prefetch
 
 
 class RMSNorm(nn.Module):
@@ -79,16 +77,12 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos_sin_cache: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        self.ops.join_prefetch(x.device)  # the previous layer's prefetch of this qkv weight
-        qkv = self.ops.linear(x, self.qkv_proj.weight)
-        # o_proj's weight streams into L2 while the latency-bound norm/RoPE and attention run.
-        self.ops.prefetch_l2(self.o_proj.weight, num_tokens, "o_proj")
         q = self.ops.qk_norm_rope_cache(
-            qkv, self.q_norm.weight, self.k_norm.weight, cos_sin_cache, positions, self.num_heads,
-            self.num_kv_heads, self.head_dim, self.q_norm.eps, self.k_cache, self.v_cache, meta.slot_mapping,
+            self.ops.linear(x, self.qkv_proj.weight), self.q_norm.weight, self.k_norm.weight, cos_sin_cache,
+            positions, self.num_heads, self.num_kv_heads, self.head_dim, self.q_norm.eps,
+            self.k_cache, self.v_cache, meta.slot_mapping,
         )  # fmt: skip
         out = self.ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
-        self.ops.join_prefetch(x.device)
         out = self.ops.linear(out.reshape(num_tokens, self.q_size), self.o_proj.weight)
         return all_reduce(out) if self.world_size > 1 else out
 
@@ -155,12 +149,10 @@ class DecoderLayer(nn.Module):
         cos_sin_cache: torch.Tensor,
         positions: torch.Tensor,
         meta: AttentionMetadata,
-        next_qkv_weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's MLP output, the residual stream before it); the next layer adds them.
 
         A MoE layer's output is its k weighted expert terms [T, k, H]: the add sums them.
-        `next_qkv_weight` (the next layer's) may be prefetched into L2 while the MLP runs.
         """
         if residual is None:
             h, residual = self.input_layernorm(x), x
@@ -169,8 +161,6 @@ class DecoderLayer(nn.Module):
                 x, residual, self.input_layernorm.weight, self.input_layernorm.eps
             )
         h = self.self_attn(h, cos_sin_cache, positions, meta)
-        if next_qkv_weight is not None:
-            self.self_attn.ops.prefetch_l2(next_qkv_weight, h.shape[0], "next_qkv")
         norm, mlp = self.post_attention_layernorm, self.mlp
         if isinstance(mlp, SparseMoE) and mlp.world_size == 1:
             return norm.ops.norm_routed_moe(
@@ -225,11 +215,8 @@ class Qwen3ForCausalLM(nn.Module):
         """Hidden states [T, hidden] after the final norm for the packed step."""
         x = self.embed_tokens(input_ids)
         residual = None
-        layers = list(self.layers)
-        for layer, after in zip(layers, layers[1:] + [None], strict=True):
-            next_qkv = after.self_attn.qkv_proj.weight if after is not None else None
-            x, residual = layer(x, residual, self.cos_sin_cache, positions, meta, next_qkv)
-        self.ops.join_prefetch(x.device)  # a CUDA graph capture must rejoin every stream it forked
+        for layer in self.layers:
+            x, residual = layer(x, residual, self.cos_sin_cache, positions, meta)
         return self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
