@@ -18,7 +18,10 @@ batch reads close to the minimum: the touched experts' bytes.
 
 For large prefill chunks `torch._grouped_mm` (CUTLASS on SM90) may be faster: see
 `moe_configs.GROUPED_MM_MIN_TOKENS`. For decode-sized steps `routed_moe` also folds the
-router's softmax/top-k into the align launch.
+router's softmax/top-k into the align launch, and `norm_routed_moe` runs the norm, the router
+GEMV, the routing and the align as one launch; at one or two tokens GEMM1 routes the tokens
+itself (no align: one row block per token-expert pair) and the router's launch only norms and
+computes the logits.
 """
 
 from __future__ import annotations
@@ -273,6 +276,7 @@ def _norm_route_align_kernel(
     NB_P2: tl.constexpr,
     RENORM: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    ROUTE: tl.constexpr,
 ):
     # Program (token, expert block): the token's residual add + RMSNorm (every program of the token
     # redoes it: 2 x N values from L2, cheaper than a launch) and its router logits for BLOCK_E experts.
@@ -301,8 +305,21 @@ def _norm_route_align_kernel(
     # Rounded to the activation dtype, as the reference's F.linear returns them.
     tl.store(logits_ptr + row * NUM_EXPERTS + e_blk, logit.to(logits_ptr.dtype.element_ty), mask=e_blk_ok)
 
-    # The program that finishes last routes and aligns every token: all the logits were stored
-    # before their programs' (release) increments, which its (acquire) increment observes.
+    if ROUTE:
+        _route_align_last(
+            logits_ptr, counter_ptr, weights_ptr, ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_rows_ptr, num_tokens,
+            NUM_EXPERTS, E_P2, TOP_K, T_P2, NB_P2, RENORM, BLOCK_M,
+        )  # fmt: skip
+
+
+@triton.jit
+def _route_align_last(
+    logits_ptr, counter_ptr, weights_ptr, ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_rows_ptr, num_tokens,
+    NUM_EXPERTS: tl.constexpr, E_P2: tl.constexpr, TOP_K: tl.constexpr, T_P2: tl.constexpr, NB_P2: tl.constexpr,
+    RENORM: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """The tail of _norm_route_align_kernel: the program that finishes last routes and aligns every token.
+    All the logits were stored before their programs' (release) increments, which its (acquire) one observes."""
     tl.debug_barrier()
     done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if done == num_tokens * tl.num_programs(1) - 1:
@@ -360,11 +377,13 @@ def norm_route_align(
     top_k: int,
     renormalize: bool,
     block_m: int,
+    route: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """add_rms_norm, the router GEMV and route_align in one launch, for at most ROUTE_ALIGN_MAX_TOKENS tokens.
 
     Returns (normed [T, H], new residual [T, H], routing weights [T, k] in x's dtype, expert ids [T, k]
-    int32, sorted_ids, expert_ids, num_rows) with the contracts of add_rms_norm, router_topk and moe_align.
+    int32, sorted_ids, expert_ids, num_rows) with the contracts of add_rms_norm, router_topk and moe_align;
+    with route=False only (normed, new residual, router logits [T, E] in x's dtype): the norm and the GEMV.
     """
     num_tokens, hidden = x.shape
     num_experts = gate_weight.shape[0]
@@ -389,9 +408,11 @@ def norm_route_align(
         expert_ids, num_rows, num_tokens, x.stride(0), residual.stride(0), gate_weight.stride(0), eps,
         N=hidden, N_P2=triton.next_power_of_2(hidden), NUM_EXPERTS=num_experts,
         E_P2=triton.next_power_of_2(num_experts), BLOCK_E=NORM_ROUTE_BLOCK_E, TOP_K=top_k, T_P2=t_p2,
-        NB_P2=triton.next_power_of_2(max_blocks), RENORM=renormalize, BLOCK_M=block_m,
+        NB_P2=triton.next_power_of_2(max_blocks), RENORM=renormalize, BLOCK_M=block_m, ROUTE=route,
         num_warps=NORM_ROUTE_NUM_WARPS,
     )  # fmt: skip
+    if not route:
+        return out, res_out, logits
     return out, res_out, weights, ids, sorted_ids, expert_ids, num_rows
 
 
@@ -450,26 +471,10 @@ def moe_align(
 
 @triton.jit(do_not_specialize=["numel", "NUM_ROW_BLOCKS"])
 def _moe_gemm1_kernel(
-    a_ptr,
-    w_ptr,
-    act_ptr,
-    sorted_ids_ptr,
-    expert_ids_ptr,
-    num_rows_ptr,
-    numel,
-    N,
-    K,
-    stride_am,
-    stride_we,
-    stride_wn,
-    stride_actm,
-    NUM_ROW_BLOCKS,
-    TOP_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
+    a_ptr, w_ptr, act_ptr, sorted_ids_ptr, expert_ids_ptr, num_rows_ptr, numel, N, K,
+    stride_am, stride_we, stride_wn, stride_actm, NUM_ROW_BLOCKS,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
     """act[row, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, N + n]) for sorted rows."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -484,10 +489,20 @@ def _moe_gemm1_kernel(
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ids_ptr + offs_m)
-    m_mask = pair < numel
-    tok = (pair // TOP_K).to(tl.int64)
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    _gemm1_tile(
+        a_ptr, w_ptr, act_ptr, offs_m, pair, pair < numel, expert, pid_n, N, K, stride_am, stride_we, stride_wn,
+        stride_actm, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
 
+
+@triton.jit
+def _gemm1_tile(
+    a_ptr, w_ptr, act_ptr, offs_m, pair, m_mask, expert, pid_n, N, K, stride_am, stride_we, stride_wn, stride_actm,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """GEMM1 of one tile: rows offs_m of act (their pairs `pair`, real where m_mask) x columns pid_n of expert."""
+    tok = (pair // TOP_K).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -513,6 +528,46 @@ def _moe_gemm1_kernel(
         act.to(act_ptr.dtype.element_ty),
         mask=m_mask[:, None] & n_mask[None, :],
     )
+
+
+@triton.jit(do_not_specialize=["numel"])
+def _route_gemm1_kernel(
+    logits_ptr, a_ptr, w_ptr, act_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_rows_ptr, numel, N, K,
+    stride_am, stride_we, stride_wn, stride_actm,
+    NUM_EXPERTS: tl.constexpr, E_P2: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Decode steps of a token or two: every program routes its token itself (the softmax top-k of
+    the token's router logits: redundant, but shorter than a routing tail in the router's kernel)
+    and runs the GEMM1 tile of pair p = token * TOP_K + k, the token's k-th chosen expert. Row
+    block p of act is that pair's: its row p * BLOCK_M is real, the rest padding (no grouping of
+    pairs by expert, so an expert two tokens chose is read twice). The programs of column block 0
+    write that layout (sorted_ids, expert_ids, num_rows, the pairs' weights) for GEMM2."""
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    p = pid // tiles_n
+    pid_n = pid % tiles_n
+    token = p // TOP_K
+    e = tl.arange(0, E_P2)
+    e_ok = e < NUM_EXPERTS
+    logit = tl.load(logits_ptr + token * NUM_EXPERTS + e[None, :], mask=e_ok[None, :], other=float("-inf"))
+    top_w, top_i = _softmax_topk(logit.to(tl.float32), tl.arange(0, 1) < 1, e, e_ok, 1, E_P2, TOP_K, RENORM)
+    mine = tl.arange(0, TOP_K)[None, :] == p % TOP_K
+    expert = tl.sum(tl.sum(tl.where(mine, top_i, 0), 1), 0)
+    r = tl.arange(0, BLOCK_M)
+    offs_m = p * BLOCK_M + r
+    pair = tl.where(r == 0, p, numel)  # numel: the padding sentinel
+    if pid_n == 0:
+        weight = tl.sum(tl.sum(tl.where(mine, top_w, 0.0), 1), 0)
+        tl.store(weights_ptr + p, weight.to(weights_ptr.dtype.element_ty))
+        tl.store(expert_ids_ptr + p, expert)
+        tl.store(sorted_ids_ptr + offs_m, pair)
+        if p == 0:
+            tl.store(num_rows_ptr, numel * BLOCK_M)
+    _gemm1_tile(
+        a_ptr, w_ptr, act_ptr, offs_m, pair, r == 0, expert.to(tl.int64), pid_n, N, K, stride_am, stride_we,
+        stride_wn, stride_actm, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["numel", "NUM_ROW_BLOCKS"])
@@ -750,11 +805,51 @@ def norm_routed_moe(
         h, residual = add_rms_norm(x, residual, norm_weight, eps)
         return routed_moe(h, gate_weight, w13, w2, top_k, renormalize), residual
     cfg = _decode_moe_config(num_tokens, w13, top_k)
+    if num_tokens <= ROUTE_IN_GEMM1_MAX_TOKENS:
+        h, residual, logits = norm_route_align(
+            x, residual, norm_weight, eps, gate_weight, top_k, renormalize, cfg.block_m, route=False
+        )
+        return _route_in_gemm1(h, logits, w13, w2, top_k, renormalize, cfg), residual
     h, residual, weights, _, sorted_ids, expert_ids, num_rows = norm_route_align(
         x, residual, norm_weight, eps, gate_weight, top_k, renormalize, cfg.block_m
     )
     pair_out = _expert_gemms(h, w13, w2, weights, sorted_ids, expert_ids, num_rows, cfg)
     return pair_out.view(num_tokens, top_k, hidden_size), residual
+
+
+# Decode steps of up to this many tokens route inside GEMM1 (_route_gemm1_kernel) instead of in the
+# router's last program (0: never; A/B switch).
+ROUTE_IN_GEMM1_MAX_TOKENS = 2  # batch 1: -90 us per step, batch 2: -114 us; batch 4: +280 us (H200)
+
+
+def _route_in_gemm1(
+    h: torch.Tensor,
+    logits: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    cfg: MoEConfig,
+) -> torch.Tensor:
+    """Routing + GEMM1 in one launch, then GEMM2: the tokens' unreduced terms [T, k, H]."""
+    num_experts, two_inter, hidden_size = w13.shape
+    inter, block_m, device = two_inter // 2, cfg.block_m, h.device
+    num_pairs = h.shape[0] * top_k
+    assert h.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1 and logits.is_contiguous()
+    act = torch.empty(num_pairs * block_m, inter, dtype=h.dtype, device=device)
+    weights = torch.empty(num_pairs, dtype=h.dtype, device=device)
+    sorted_ids = torch.empty(num_pairs * block_m, dtype=torch.int32, device=device)
+    expert_ids = torch.empty(num_pairs, dtype=torch.int32, device=device)
+    num_rows = torch.empty(1, dtype=torch.int32, device=device)
+    _route_gemm1_kernel[(num_pairs * triton.cdiv(inter, cfg.n1),)](
+        logits, h, w13, act, weights, sorted_ids, expert_ids, num_rows, num_pairs, inter, hidden_size,
+        h.stride(0), w13.stride(0), w13.stride(1), act.stride(0), NUM_EXPERTS=num_experts,
+        E_P2=triton.next_power_of_2(num_experts), TOP_K=top_k, RENORM=renormalize, BLOCK_M=block_m,
+        BLOCK_N=cfg.n1, BLOCK_K=cfg.k1, num_warps=cfg.warps1, num_stages=cfg.stages1,
+    )  # fmt: skip
+    pair_out = torch.empty(num_pairs, hidden_size, dtype=h.dtype, device=device)
+    _launch_gemm2(act, w2, pair_out, sorted_ids, expert_ids, num_rows, weights, cfg)
+    return pair_out.view(h.shape[0], top_k, hidden_size)
 
 
 @triton.jit

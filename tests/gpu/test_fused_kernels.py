@@ -172,3 +172,35 @@ def test_norm_routed_moe(tokens: int) -> None:
     ref = ops.fused_moe(h.float(), w13.float(), w2.float(), weights.float(), ids, reduce=False)
     assert out.shape == (tokens, 8, 2048)
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 4])
+def test_routing_inside_gemm1_equals_routing_tail(tokens: int, monkeypatch) -> None:
+    """GEMM1 routing its tokens itself gives the same terms, bit for bit, as the routing tail of
+    norm_route_align followed by the two GEMMs, eagerly and replayed in a CUDA graph with new inputs."""
+    from qwenserve.kernels import moe
+
+    gate = torch.randn(128, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+    w13 = torch.randn(128, 2 * 768, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+    w2 = torch.randn(128, 2048, 768, device="cuda", dtype=torch.bfloat16) * 0.03
+    w = 1 + 0.1 * torch.randn(2048, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
+
+    def run(route_in_gemm1: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(moe, "ROUTE_IN_GEMM1_MAX_TOKENS", tokens if route_in_gemm1 else 0)
+        return moe.norm_routed_moe(x, r, w, 1e-6, gate, w13, w2, 8, True)
+
+    for _ in range(2):
+        (tail_out, tail_res), (out, res) = run(False), run(True)
+        assert torch.equal(out, tail_out) and torch.equal(res, tail_res)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, res = run(True)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        x.copy_(torch.randn_like(x))
+        r.copy_(torch.randn_like(r))
+        graph.replay()
+        tail_out, tail_res = run(False)
+        assert torch.equal(out, tail_out) and torch.equal(res, tail_res)
