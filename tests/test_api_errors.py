@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 KEY = "sekret-key"
 CONTEXT = 1024
 HI = [{"role": "user", "content": "What is the capital of France?"}]
+MAX_BODY = 256 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         "--max-queued-requests", "1",
         "--log-requests",
         api_key=KEY,
-        env={"QWENSERVE_HEARTBEAT_SECONDS": "0.2"},
+        env={"QWENSERVE_HEARTBEAT_SECONDS": "0.2", "QWENSERVE_MAX_BODY_BYTES": str(MAX_BODY)},
     )  # fmt: skip
     yield srv
     srv.stop()
@@ -144,6 +145,26 @@ BAD_INPUTS: list[tuple[str, Any, str | None]] = [
     ("/v1/completions", {"prompt": [10**9]}, "prompt"),
     ("/v1/completions", {"prompt": [1, 2], "suffix": "x"}, "suffix"),
     ("/v1/completions", {"prompt": "x", "logprobs": 99}, "logprobs"),
+    # Text no tokenizer can read: a lone UTF-16 surrogate escape, in any field (was a 500).
+    (CHAT, b'{"messages": [{"role": "user", "content": "\\ud800 hi"}]}', "messages[0].content"),
+    (CHAT, b'{"model": "\\udc00", "stream": true, "messages": [{"role": "user", "content": "hi"}]}', "model"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": '
+     b'{"name": "f", "description": "\\ud83d"}}]}', "tools[0].function.description"),
+    ("/v1/completions", b'{"prompt": "a\\ud800"}', "prompt"),
+    ("/tokenize", b'{"prompt": "a\\ud800"}', "prompt"),
+    # Malformed messages and content parts, and values OpenAI or vLLM refuse.
+    (CHAT, {"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"text": "hi"}]}]}, "messages[0].content[0].type"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text"),
+    (CHAT, {"messages": HI, "stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    (CHAT, {"messages": HI, "top_k": -2}, "top_k"),
+    (CHAT, {"messages": HI, "max_tokens": 2, "min_tokens": 5}, "min_tokens"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', "temperature"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1e400}', "repetition_penalty"),
+    # More prompts than the queue (1 here) could ever hold: a 400, not a 503 that no retry cures.
+    ("/v1/completions", {"prompt": ["a", "b"], "max_tokens": 1}, "prompt"),
     ("/tokenize", {}, "prompt"),
     ("/detokenize", {"tokens": [-1]}, "tokens"),
     ("/detokenize", {"tokens": "abc"}, "tokens"),
@@ -163,6 +184,24 @@ def test_bad_input_gets_400_and_server_stays_healthy(
     if param is None:
         assert err["param"] is None
     assert httpx.get(f"{server.base_url}/health").status_code == 200
+
+
+def test_explicit_null_means_the_default(server: ServerProcess) -> None:
+    """OpenAI types these "boolean or null" / "integer or null": null is the default, not a 400."""
+    body = {"messages": HI, "max_tokens": 2, "stream": None, "n": None, "logprobs": None, "min_tokens": None,
+            "parallel_tool_calls": None, "stream_options": None, "temperature": None}  # fmt: skip
+    r = server.post(CHAT, json=body)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["choices"][0]["logprobs"] is None
+    r = server.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "echo": None, "n": None, "stream": None})
+    assert r.status_code == 200, r.text
+
+
+def test_body_over_the_limit_is_a_413(server: ServerProcess) -> None:
+    big = {"messages": [{"role": "user", "content": "x" * (MAX_BODY + 1)}]}
+    err = assert_openai_error(server.post(CHAT, json=big), 413)
+    assert err["code"] == "request_too_large" and f"{MAX_BODY:,}" in err["message"]
+    assert server.post(CHAT, json={"messages": HI, "max_tokens": 1}).status_code == 200
 
 
 def test_json_body_without_content_type(server: ServerProcess) -> None:

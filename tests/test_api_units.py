@@ -18,9 +18,10 @@ from qwenserve.api.chat import (
     scrub_tool_markup,
 )
 from qwenserve.api.errors import APIError, format_loc
-from qwenserve.api.logprobs import chat_logprobs, completion_logprobs
+from qwenserve.api.logprobs import byte_level_token_bytes, chat_logprobs, completion_logprobs
 from qwenserve.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from qwenserve.api.sampling import build_sampling_params
+from qwenserve.api.serving_chat import first_call_only
 from qwenserve.api.serving_completions import fim_prompt, split_prompts
 from qwenserve.engine.outputs import TokenLogprob
 from qwenserve.tool_parser import Qwen3CoderToolParser, Qwen3JsonToolParser
@@ -53,6 +54,10 @@ def test_content_parts_are_joined_and_media_refused() -> None:
     with pytest.raises(APIError) as err:
         content_to_text([{"type": "image_url", "image_url": {"url": "x"}}], "messages[0].content")
     assert err.value.status == 400 and err.value.param == "messages[0].content[0].type"
+    for bad, param in [({"text": "a"}, "p[0].type"), ({"type": "text"}, "p[0].text"), ({"type": "text", "text": 5}, "p[0].text")]:
+        with pytest.raises(APIError) as err:
+            content_to_text([bad], "p")
+        assert err.value.param == param
 
 
 @pytest.mark.parametrize(
@@ -222,3 +227,29 @@ def test_stray_call_tags_never_reach_content() -> None:
     assert scrub_tool_markup("<tool_call>\n") == ""
     assert scrub_tool_markup("<tool_call>\n<tool_call>\nHere you go.") == "\n\nHere you go."
     assert scrub_tool_markup("plain\n") == "plain\n"
+
+
+def test_parallel_tool_calls_false_streams_only_the_first_call() -> None:
+    """Two calls in one turn: with parallel_tool_calls false the stream carries the first one whole
+    and nothing of the second."""
+    two_calls = (
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>\n"
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nRome\n</parameter>\n</function>\n</tool_call>"
+    )
+    p = Qwen3CoderToolParser([WEATHER])
+    deltas = first_call_only([d for ch in two_calls for d in p.feed(ch)] + p.finish())
+    calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    assert {tc["index"] for tc in calls} == {0} and sum(1 for tc in calls if tc.get("id")) == 1
+    assert json.loads("".join(tc["function"].get("arguments", "") for tc in calls)) == {"city": "Paris"}
+
+
+def test_logprob_bytes_rebuild_characters_split_across_tokens(tokenizer) -> None:
+    """A token holding part of a UTF-8 character reads as U+FFFD, but its `bytes` are its own."""
+    token_bytes = byte_level_token_bytes(tokenizer)
+    text = "emoji 🐱 héllo"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    lps = [TokenLogprob(i, tokenizer.decode([i]), -1.0, [(i, tokenizer.decode([i]), -1.0)]) for i in ids]
+    content = chat_logprobs(lps, token_bytes)["content"]
+    assert any("\ufffd" in c["token"] for c in content)  # the cat emoji spans tokens
+    assert bytes(b for c in content for b in c["bytes"]).decode("utf-8") == text
+    assert content[0]["top_logprobs"][0]["bytes"] == content[0]["bytes"]

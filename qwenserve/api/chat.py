@@ -35,10 +35,16 @@ def content_to_text(content: Any, param: str) -> str:
         if isinstance(part, str):
             texts.append(part)
             continue
-        kind = part.get("type", "text")
+        kind = part.get("type")
+        if kind is None:
+            raise bad_request(f"Content part {param}[{j}] has no 'type'.", param=f"{param}[{j}].type")
         if kind in _TEXT_PART_TYPES:
             text = part.get("text")
-            texts.append("" if text is None else str(text))
+            if not isinstance(text, str):
+                raise bad_request(
+                    f"A {kind!r} content part needs 'text' as a string.", param=f"{param}[{j}].text"
+                )
+            texts.append(text)
         elif kind == "refusal":
             texts.append(str(part.get("refusal") or ""))
         else:
@@ -71,6 +77,10 @@ def arguments_to_dict(arguments: Any) -> dict[str, Any]:
 def normalize_message(msg: ChatMessage, i: int) -> dict[str, Any]:
     """One message as a plain dict in the shape the Qwen chat templates read."""
     role = "system" if msg.role == "developer" else msg.role
+    # An assistant turn may be all tool calls and an empty tool result arrives as null; a user or
+    # system message without content is a client bug worth naming.
+    if msg.content is None and role in ("user", "system"):
+        raise bad_request(f"A {msg.role} message needs 'content'.", param=f"messages[{i}].content")
     out: dict[str, Any] = {"role": role, "content": content_to_text(msg.content, f"messages[{i}].content")}
     if msg.name:
         out["name"] = msg.name

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 from qwenserve.engine.outputs import TokenLogprob
@@ -15,16 +17,53 @@ def _finite(value: float) -> float:
     return _FLOOR if math.isinf(value) or math.isnan(value) else max(float(value), _FLOOR)
 
 
-def _entry(token: str, logprob: float) -> dict[str, Any]:
-    return {"token": token, "logprob": _finite(logprob), "bytes": list(token.encode("utf-8"))}
+TokenBytes = Callable[[int, str], list[int]]
 
 
-def chat_logprobs(items: list[TokenLogprob]) -> dict[str, Any]:
+def utf8_bytes(_: int, token: str) -> list[int]:
+    """A token's bytes when only its text is known."""
+    return list(token.encode("utf-8"))
+
+
+@functools.cache
+def _byte_level_decoder() -> dict[str, int]:
+    """Byte-level BPE's (GPT-2, Qwen) printable stand-in character -> the byte it stands for."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: b for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = 256 + n
+    return {chr(c): b for b, c in chars.items()}
+
+
+def byte_level_token_bytes(tokenizer: Any) -> TokenBytes:
+    """(token id, text) -> the token's raw bytes: a token holding part of a multi-byte character
+    decodes to U+FFFD as text, but its pieces joined must give the character back."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if type(getattr(backend, "decoder", None)).__name__ != "ByteLevel":
+        return utf8_bytes  # e.g. SentencePiece pieces: their text is their bytes
+    decoder = _byte_level_decoder()
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+
+    @functools.lru_cache(maxsize=65536)
+    def token_bytes(token_id: int, token: str) -> list[int]:
+        piece = tokenizer.convert_ids_to_tokens(token_id) if token_id not in special else None
+        if isinstance(piece, str) and piece and all(ch in decoder for ch in piece):
+            return [decoder[ch] for ch in piece]
+        return utf8_bytes(token_id, token)
+
+    return token_bytes
+
+
+def _entry(token_id: int, token: str, logprob: float, token_bytes: TokenBytes) -> dict[str, Any]:
+    return {"token": token, "logprob": _finite(logprob), "bytes": token_bytes(token_id, token)}
+
+
+def chat_logprobs(items: list[TokenLogprob], token_bytes: TokenBytes = utf8_bytes) -> dict[str, Any]:
     """`choices[].logprobs` for chat: {"content": [{token, logprob, bytes, top_logprobs}]}."""
     content = []
     for lp in items:
-        entry = _entry(lp.token, lp.logprob)
-        entry["top_logprobs"] = [_entry(tok, val) for _, tok, val in lp.top_logprobs]
+        entry = _entry(lp.token_id, lp.token, lp.logprob, token_bytes)
+        entry["top_logprobs"] = [_entry(tid, tok, val, token_bytes) for tid, tok, val in lp.top_logprobs]
         content.append(entry)
     return {"content": content}
 

@@ -11,11 +11,29 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticUndefined
 
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """An explicit null for a field with a default is the default, as in OpenAI's API ("boolean or
+        null", "integer or null"): clients that send every unset field as null must not get a 400."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            key: value
+            for key, value in data.items()
+            if value is not None
+            or key not in fields
+            or fields[key].default in (None, PydanticUndefined)
+            and fields[key].default_factory is None
+        }
 
 
 class FunctionCall(_Lenient):
@@ -135,3 +153,28 @@ class TokenizeRequest(_Lenient):
 class DetokenizeRequest(_Lenient):
     model: str | None = None
     tokens: list[int]
+
+
+def lone_surrogate_path(value: Any, path: str = "") -> str | None:
+    """The param path ("messages[0].content") of the first string holding a lone UTF-16 surrogate
+    (JSON allows "\\ud800"; no tokenizer or UTF-8 response can carry it), or None."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or None
+        return None
+    if isinstance(value, BaseModel):
+        items = ((name, getattr(value, name)) for name in type(value).model_fields)
+        return next((p for name, v in items if (p := lone_surrogate_path(v, f"{path}.{name}" if path else name))), None)
+    if isinstance(value, dict):
+        for key, v in value.items():
+            key_path = f"{path}.{key}" if path else str(key)
+            if (p := lone_surrogate_path(key, key_path)) or (p := lone_surrogate_path(v, key_path)):
+                return p
+        return None
+    if isinstance(value, list | tuple):
+        return next((p for i, v in enumerate(value) if (p := lone_surrogate_path(v, f"{path}[{i}]"))), None)
+    return None

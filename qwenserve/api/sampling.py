@@ -29,6 +29,10 @@ def build_sampling_params(
     temperature 0 from the request is respected (it is not "unset"); `max_tokens` None
     means up to the context limit (the engine clamps anything larger to the room left).
     """
+    if req.stream_options is not None and not req.stream:
+        raise bad_request(
+            "'stream_options' is only allowed when 'stream' is true.", param="stream_options"
+        )
     if req.logit_bias:
         raise bad_request(
             "'logit_bias' is not supported by this server; remove it (an empty object is accepted).",

@@ -24,12 +24,18 @@ from qwenserve.api.banner import ready_banner
 from qwenserve.api.chat import normalize_messages, normalize_tools, render_chat
 from qwenserve.api.errors import APIError, bad_request, install_error_handlers, unavailable
 from qwenserve.api.metrics import Metrics
-from qwenserve.api.middleware import JSONBodyMiddleware, LoadingGateMiddleware, StatusCountMiddleware
+from qwenserve.api.middleware import (
+    BodyLimitMiddleware,
+    JSONBodyMiddleware,
+    LoadingGateMiddleware,
+    StatusCountMiddleware,
+)
 from qwenserve.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    lone_surrogate_path,
 )
 from qwenserve.api.serving_chat import ChatCompletions
 from qwenserve.api.serving_completions import Completions
@@ -120,6 +126,7 @@ def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
     # add_middleware wraps outside-in in reverse order: counting sees every response,
     # auth runs before the loading gate so an unauthenticated caller learns nothing.
     app.add_middleware(JSONBodyMiddleware)
+    app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(LoadingGateMiddleware, is_ready=lambda: ctx.ready)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
@@ -177,6 +184,7 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         """Chat completion, streaming (SSE) or not, with tool calls."""
         ctx.require()
+        _refuse_lone_surrogates(req)
         assert ctx.chat is not None
         return await ctx.chat.create(req, raw)
 
@@ -184,6 +192,7 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         """Text completion, with echo, logprobs and fill-in-the-middle via `suffix`."""
         ctx.require()
+        _refuse_lone_surrogates(req)
         assert ctx.completions is not None
         return await ctx.completions.create(req, raw)
 
@@ -191,6 +200,7 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
         """vLLM's shape: `prompt` or chat `messages` in; count, max_model_len, tokens out."""
         state = ctx.require()
+        _refuse_lone_surrogates(req)
         tokens = await state.run_cpu(_tokenize, state, req)
         out: dict[str, Any] = {"count": len(tokens), "max_model_len": state.max_model_len, "tokens": tokens}
         if req.return_token_strs:
@@ -206,6 +216,17 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
         if bad:
             raise bad_request(f"Token ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}", param="tokens")
         return {"prompt": await state.run_cpu(state.decode, req.tokens)}
+
+
+def _refuse_lone_surrogates(req: Any) -> None:
+    """400 for text no tokenizer can read (it would otherwise fail deep inside as a 500)."""
+    if (param := lone_surrogate_path(req)) is not None:
+        raise bad_request(
+            f"'{param}' contains a lone UTF-16 surrogate escape (such as \\ud800), which is not valid "
+            "Unicode text; send well-formed UTF-8.",
+            param=param,
+            code="invalid_text",
+        )
 
 
 def _tokenize(state: ServerState, req: TokenizeRequest) -> list[int]:

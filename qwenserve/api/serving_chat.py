@@ -130,6 +130,16 @@ def check_chat_fields(req: ChatCompletionRequest) -> None:
         )
 
 
+def first_call_only(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stream deltas without the pieces of any tool call after the first (parallel_tool_calls: false)."""
+    out = []
+    for d in deltas:
+        if d.get("tool_calls"):
+            d = {**d, "tool_calls": [c for c in d["tool_calls"] if c["index"] == 0]}
+        out.append(d)
+    return out
+
+
 class _ChatContext:
     """One request's response assembly (ids, parsers, logprobs, usage)."""
 
@@ -152,6 +162,8 @@ class _ChatContext:
         self.created = int(time.time())
         self.want_logprobs = req.logprobs
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        # parallel_tool_calls: false promises at most one call per turn: later calls are dropped.
+        self.one_call = req.parallel_tool_calls is False
         self.finished = False
 
     def close_if_unfinished(self) -> None:
@@ -191,6 +203,8 @@ class _ChatContext:
         for d in deltas:
             if d.get("content"):
                 d["content"] = scrub_tool_markup(d["content"])
+        if self.one_call:
+            deltas = first_call_only(deltas)
         return [d for d in deltas if d.get("content") or d.get("tool_calls")]
 
     async def stream(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
@@ -241,7 +255,7 @@ class _ChatContext:
     def _take(self, pending: list[list[Any]], i: int) -> Any:
         if not pending[i]:
             return None
-        out = chat_logprobs(pending[i])
+        out = chat_logprobs(pending[i], self.state.token_bytes)
         pending[i] = []
         return out
 
@@ -288,6 +302,7 @@ class _ChatContext:
         calls: list[dict[str, Any]] = []
         if parser is not None:
             content, calls = parser.parse(self.plan.forced_prefix + text)
+            calls = calls[:1] if self.one_call else calls
             message["content"] = None if content is None else (scrub_tool_markup(content) or None)
             if calls:
                 message["tool_calls"] = calls
@@ -297,7 +312,7 @@ class _ChatContext:
         return {
             "index": i,
             "message": message,
-            "logprobs": chat_logprobs(logprobs) if self.want_logprobs else None,
+            "logprobs": chat_logprobs(logprobs, self.state.token_bytes) if self.want_logprobs else None,
             "finish_reason": finish,
         }
 

@@ -103,6 +103,13 @@ class Completions:
             extra_stop_token_ids=state.fim_stop_ids if req.suffix is not None else None,
         )
         prompts = split_prompts(req.prompt)
+        queue = state.engine.config.max_queued_requests
+        if len(prompts) > queue:  # a 503 "retry shortly" would never succeed
+            raise bad_request(
+                f"{len(prompts)} prompts in one request; this server queues at most {queue} requests "
+                "(--max-queued-requests): send at most that many per request.",
+                param="prompt",
+            )
         encoded = await state.run_cpu(self._tokenize, req, prompts)
         subs = []
         try:

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from qwenserve.api.chat import is_xml_tool_format
 from qwenserve.api.errors import APIError, from_invalid_request, unavailable
+from qwenserve.api.logprobs import byte_level_token_bytes
 from qwenserve.api.metrics import Metrics
 from qwenserve.engine.outputs import RequestOutput
 from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
@@ -61,6 +62,7 @@ class ServerState:
         template = self.model_info.chat_template or getattr(self.tokenizer, "chat_template", None)
         self.xml_tools = is_xml_tool_format(template)
         self.tool_parser_cls = _load_tool_parser_class(template)
+        self.token_bytes = byte_level_token_bytes(self.tokenizer)  # for logprobs' `bytes`
         # One thread: keeps template rendering and tokenization off the event loop while
         # never using the (not thread-safe for mutation) HF tokenizer from two threads at once.
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwenserve-tokenize")

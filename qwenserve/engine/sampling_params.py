@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20
@@ -35,7 +36,7 @@ class InvalidRequestError(ValueError):
 class SamplingParams:
     """How to pick tokens for one sequence and when to stop.
 
-    temperature 0 means greedy. top_k 0 (or -1) disables top-k. seed None draws a
+    temperature 0 means greedy. top_k 0 or -1 disables top-k. seed None draws a
     random seed at submission; a given seed makes the sample independent of the batch.
     """
 
@@ -62,21 +63,25 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
-        if self.top_k is None or self.top_k < 0:
+        if self.top_k is None or self.top_k == -1:
             self.top_k = 0
         self.validate()
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first out-of-range field."""
         checks = [
-            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0"),
+            (self.top_k >= 0, "top_k", "must be -1 or 0 (off) or >= 1"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
-            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+            (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+             "must be a finite number > 0"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1"),
             (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
+            (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+             f"must not exceed max_tokens ({self.max_tokens})"),
             (1 <= self.n <= 128, "n", "must be in [1, 128]"),
             (
                 self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
