@@ -317,6 +317,33 @@ def test_completions_echo_logprobs_token_ids_and_stream(client: openai.OpenAI) -
     assert text == choice.text[len("Hello there") :]
 
 
+def test_echoed_prompt_logprobs_are_the_models(client: openai.OpenAI, server: ServerProcess) -> None:
+    """echo + logprobs scores every prompt token (all but the first), as generation would: the
+    logprobs of three greedy tokens equal their prompt logprobs once appended to the prompt.
+    max_tokens 0 with echo scores the prompt alone (lm-eval-harness's request), streamed or not."""
+    start = [9707, 1052, 11, 1246, 525]
+    gen = client.completions.create(model="m", prompt=start, max_tokens=3, temperature=0, logprobs=1)
+    gen_lp = gen.choices[0].logprobs
+    ids = server.post("/tokenize", json={"prompt": gen.choices[0].text}).json()["tokens"]
+    pieces = [server.post("/detokenize", json={"tokens": [i]}).json()["prompt"] for i in ids]
+    scored = client.completions.create(model="m", prompt=start + ids, max_tokens=0, echo=True, logprobs=3)
+    choice = scored.choices[0]
+    lp = choice.logprobs
+    assert choice.finish_reason == "length" and scored.usage.completion_tokens == 0
+    assert choice.text == server.post("/detokenize", json={"tokens": start + ids}).json()["prompt"]
+    assert len(lp.token_logprobs) == len(start) + len(ids) and lp.token_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(len(t) == 3 for t in lp.top_logprobs[1:])
+    if pieces == gen_lp.tokens:  # the generated text re-tokenizes to the tokens generated
+        assert lp.token_logprobs[-len(ids) :] == pytest.approx(gen_lp.token_logprobs, abs=2e-3)
+    chunks = list(
+        client.completions.create(model="m", prompt=start + ids, max_tokens=0, echo=True, logprobs=3, stream=True)
+    )
+    streamed = [c.choices[0] for c in chunks if c.choices]
+    assert "".join(c.text for c in streamed) == choice.text
+    assert streamed[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs)
+    assert streamed[-1].finish_reason == "length"
+
+
 @pytest.mark.parametrize("name", ["first-turn.json", "after-tool-call.json"])
 def test_qwen_code_fixture_requests_stream(client: openai.OpenAI, name: str) -> None:
     body = load_fixture(name)

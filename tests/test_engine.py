@@ -328,3 +328,35 @@ def test_penalised_request_joining_a_running_greedy_one(engine: LLMEngine) -> No
     while engine.has_unfinished():
         step()
     assert got == {"a": a_alone, "b": b_alone}
+
+
+
+def test_prompt_logprobs_are_transformers_and_survive_chunks_cache_and_preemption(tiny_moe_dir: Path) -> None:
+    """Every prompt token's logprob (the first one None) equals Transformers' log-softmax over the same
+    weights, whether the prefill ran in one step or in chunks, with the prompt already in the prefix
+    cache (it is recomputed: cached blocks carry no logits), or recomputed after a preemption."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt = prompts(1, seed=7, lo=60, hi=61)[0]
+    hf = AutoModelForCausalLM.from_pretrained(tiny_moe_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        logp = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    expected = [logp[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)]
+
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3)
+    engine = make_engine(tiny_moe_dir)
+    engine.generate([prompt], SamplingParams(temperature=0, max_tokens=1))  # puts the prompt in the cache
+    out = engine.generate([prompt], params)[0][0]
+    assert out.num_cached_tokens == 0 and out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for lp in out.prompt_logprobs[1:]:
+        assert len(lp.top_logprobs) == 3 and lp.top_logprobs[0][2] >= lp.logprob - 1e-5
+        assert lp.top_logprobs[0][2] >= lp.top_logprobs[1][2] >= lp.top_logprobs[2][2]
+    chunked = make_engine(tiny_moe_dir, max_num_batched_tokens=7).generate([prompt], params)[0][0]
+    tight = make_engine(tiny_moe_dir, num_kv_blocks=8)
+    crowd = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)] * 6
+    preempted = tight.generate([*prompts(6, seed=3, lo=40, hi=60), prompt], [*crowd, params])[-1][0]
+    assert tight.scheduler.num_preemptions > 0
+    for result in (out, chunked, preempted):
+        assert [lp.token_id for lp in result.prompt_logprobs[1:]] == prompt[1:]
+        assert [lp.logprob for lp in result.prompt_logprobs[1:]] == pytest.approx(expected, abs=1e-4)

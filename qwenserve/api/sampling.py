@@ -23,6 +23,7 @@ def build_sampling_params(
     max_tokens: int | None,
     logprobs: int | None,
     extra_stop_token_ids: list[int] | None = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """SamplingParams for one request; raises InvalidRequestError on out-of-range values.
 
@@ -61,4 +62,5 @@ def build_sampling_params(
         ignore_eos=req.ignore_eos,
         n=req.n,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )

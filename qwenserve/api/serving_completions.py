@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import Request
@@ -20,7 +20,7 @@ from qwenserve.api.sampling import build_sampling_params
 from qwenserve.api.serving_chat import wait_or_disconnect
 from qwenserve.api.state import ServerState, new_id
 from qwenserve.api.streaming import SSE_DONE, SSEResponse, merge_streams, sse, with_heartbeat
-from qwenserve.engine.outputs import RequestOutput
+from qwenserve.engine.outputs import RequestOutput, TokenLogprob
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -53,6 +53,8 @@ class _Sub:
     stream: AsyncIterator[RequestOutput] | None = None
     finished: bool = False
     offsets: dict[int, int] = field(default_factory=dict)
+    echoed: bool = False  # the echo chunks were sent (streaming)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # from the engine, with echo + logprobs
 
 
 class Completions:
@@ -95,12 +97,18 @@ class Completions:
                 param="best_of",
                 code="unsupported_parameter" if req.best_of > req.n else None,
             )
+        # echo + max_tokens 0 scores the prompt alone (how evaluation harnesses ask for prompt
+        # logprobs): the engine still samples one token, which the answer leaves out.
+        prompt_only = req.echo and req.max_tokens == 0
+        max_tokens = 1 if prompt_only else req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS
         params = build_sampling_params(
             req,
             state.generation_defaults,
-            max_tokens=req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS,
+            max_tokens=max_tokens,
             logprobs=req.logprobs,
             extra_stop_token_ids=state.fim_stop_ids if req.suffix is not None else None,
+            # The echoed prompt's logprobs; with `suffix` the model reads a FIM-wrapped prompt instead.
+            prompt_logprobs=req.logprobs if req.echo and req.suffix is None else None,
         )
         prompts = split_prompts(req.prompt)
         queue = state.engine.config.max_queued_requests
@@ -121,7 +129,7 @@ class Completions:
         except APIError:
             _abort_all(state, subs)
             raise
-        ctx = _CompletionContext(state, req, base_id, subs)
+        ctx = _CompletionContext(state, req, base_id, subs, prompt_only)
         if req.stream:
             return SSEResponse(with_heartbeat(ctx.stream(), ctx.heartbeat), on_close=ctx.close_if_unfinished)
         work = asyncio.ensure_future(ctx.collect())
@@ -141,8 +149,11 @@ def _abort_all(state: ServerState, subs: list[_Sub]) -> None:
 
 
 class _CompletionContext:
-    def __init__(self, state: ServerState, req: CompletionRequest, request_id: str, subs: list[_Sub]):
+    def __init__(
+        self, state: ServerState, req: CompletionRequest, request_id: str, subs: list[_Sub], prompt_only: bool
+    ):
         self.state = state
+        self.prompt_only = prompt_only
         self.req = req
         self.request_id = request_id
         self.subs = subs
@@ -172,13 +183,39 @@ class _CompletionContext:
         return self._chunk(0, "")
 
     def _echo(self, sub: _Sub) -> tuple[str, Any]:
-        """Echoed prompt text and, with logprobs, its tokens (which carry no logprob)."""
+        """Echoed prompt text and, with logprobs, its tokens' logprobs (none for the first token,
+        none at all with `suffix`)."""
         if not self.req.echo:
             return "", None
         if self.req.logprobs is None:
             return sub.prompt_text, None
         tokens = [self.state.decode([t]) for t in sub.prompt_ids]
-        return sub.prompt_text, completion_logprobs([None] * len(tokens), tokens)
+        items = sub.prompt_logprobs if sub.prompt_logprobs and len(sub.prompt_logprobs) == len(tokens) else None
+        return sub.prompt_text, completion_logprobs(items or [None] * len(tokens), tokens)
+
+    def _observe(self, sub: _Sub, out: RequestOutput) -> RequestOutput:
+        """Take an engine output in: keep the prompt's logprobs, hide the token a prompt-only request
+        samples anyway, and count it."""
+        if out.prompt_logprobs is not None:
+            sub.prompt_logprobs = out.prompt_logprobs
+        if self.prompt_only:
+            finish = "length" if out.finish_reason not in (None, "abort") else out.finish_reason
+            out = replace(out, text="", token_ids=[], logprobs=None, num_generated_tokens=0, finish_reason=finish)
+        sub.tracker.observe(out)
+        return out
+
+    def _echo_chunks(self, sub: _Sub) -> list[str]:
+        """The echo chunk of each of the prompt's choices (streaming), once."""
+        if sub.echoed:
+            return []
+        sub.echoed = True
+        text, lp = self._echo(sub)
+        chunks = []
+        for k in range(self.req.n):
+            sub.offsets[k] = len(text)
+            if text:
+                chunks.append(self._chunk(self._index(sub, k), text, lp))
+        return chunks
 
     def _logprobs(self, sub: _Sub, out: RequestOutput, start: int) -> Any:
         if self.req.logprobs is None or not out.logprobs:
@@ -199,17 +236,18 @@ class _CompletionContext:
 
     async def stream(self) -> AsyncIterator[str]:
         """SSE body: echo first, then text deltas, a finish per choice, usage, [DONE]."""
+        # Echoed prompt logprobs arrive with the prompt's first output: its echo waits for it.
+        echo_waits = self.req.echo and self.req.logprobs is not None
         try:
-            for sub in self.subs:
-                text, lp = self._echo(sub)
-                for k in range(self.req.n):
-                    sub.offsets[k] = len(text)
-                    if text:
-                        yield self._chunk(self._index(sub, k), text, lp)
+            for sub in self.subs if not echo_waits else []:
+                for chunk in self._echo_chunks(sub):
+                    yield chunk
             streams = [s.stream for s in self.subs]
             async for pos, out in merge_streams(streams):  # type: ignore[arg-type]
                 sub = self.subs[pos]
-                sub.tracker.observe(out)
+                out = self._observe(sub, out)
+                for chunk in self._echo_chunks(sub):
+                    yield chunk
                 start = sub.offsets.get(out.index, 0)
                 sub.offsets[out.index] = start + len(out.text)
                 lp = self._logprobs(sub, out, start)
@@ -249,7 +287,7 @@ class _CompletionContext:
         streams = [s.stream for s in self.subs]
         async for pos, out in merge_streams(streams):  # type: ignore[arg-type]
             sub = self.subs[pos]
-            sub.tracker.observe(out)
+            out = self._observe(sub, out)
             idx = self._index(sub, out.index)
             texts[idx] = texts.get(idx, "") + out.text
             lps.setdefault(idx, []).extend(out.logprobs or [])

@@ -68,8 +68,9 @@ class BlockManager:
 
     def _lookup(self, seq: Sequence) -> list[int]:
         """Cached blocks for the longest prefix of `seq`, never covering its last token
-        (at least one token must be computed to produce logits)."""
-        if not self.enable_prefix_caching:
+        (at least one token must be computed to produce logits). A sequence that wants its prompt's
+        logprobs computes every prompt token: cached blocks carry no logits."""
+        if not self.enable_prefix_caching or seq.prompt_logprobs is not None:
             return []
         hits: list[int] = []
         parent: int | None = None

@@ -72,6 +72,7 @@ class _SeqState:
     new_text: list[str] = field(default_factory=list)
     new_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
 
 
 @dataclass
@@ -448,6 +449,7 @@ class LLMEngine:
                 req.held_siblings = []
 
     def _process_samples(self, result: StepResult) -> list[RequestOutput]:
+        self._record_prompt_logprobs(result)
         outputs = []
         for row, (seq, index, token_id) in enumerate(
             zip(result.seqs, result.token_indices, result.token_ids, strict=True)
@@ -469,6 +471,22 @@ class LLMEngine:
             if seq.finish_reason is not None:
                 self._finish(seq)
         return outputs
+
+    def _record_prompt_logprobs(self, result: StepResult) -> None:
+        """Append the step's prompt-token logprobs to their sequences, each position once."""
+        decode = self.tokenizer.decode
+        for p in result.prompt_logprobs:
+            seq, recorded = p.seq, p.seq.prompt_logprobs
+            if recorded is None or seq.is_finished:
+                continue
+            k = seq.params.prompt_logprobs or 0
+            for i, (lp, top_vals, top_ids) in enumerate(zip(p.logprobs, p.top_logprobs, p.top_ids, strict=True)):
+                token_pos = p.first_pos + 1 + i
+                if token_pos != len(recorded):  # already recorded before a preemption
+                    continue
+                token_id = seq.token_ids[token_pos]
+                top = [(tid, decode([tid]), v) for tid, v in zip(top_ids[:k], top_vals[:k], strict=True)]
+                recorded.append(TokenLogprob(token_id, decode([token_id]), lp, top))
 
     def _token_logprob(self, result: StepResult, row: int, token_id: int, k: int) -> TokenLogprob:
         decode = self.tokenizer.decode
@@ -525,6 +543,8 @@ class LLMEngine:
             num_generated_tokens=seq.num_known_output_tokens,
             stop_reason=seq.stop_reason,
         )
+        if seq.prompt_logprobs is not None and not state.prompt_logprobs_sent:
+            out.prompt_logprobs, state.prompt_logprobs_sent = seq.prompt_logprobs, True
         state.new_text, state.new_ids, state.new_logprobs = [], [], []
         return out
 
@@ -549,6 +569,7 @@ class LLMEngine:
                     prev.finish_reason, prev.stop_reason = out.finish_reason, out.stop_reason
                     prev.num_generated_tokens = out.num_generated_tokens
                     prev.num_cached_tokens = out.num_cached_tokens
+                    prev.prompt_logprobs = prev.prompt_logprobs or out.prompt_logprobs
                 else:
                     merged[key] = out
         return [

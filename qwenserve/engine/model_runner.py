@@ -82,8 +82,22 @@ class StepInputs:
     sample_seqs: list[Sequence] = field(default_factory=list)
     pending_rows: list[int] = field(default_factory=list)  # rows whose input id is still on the device
     pending_sources: list[int] = field(default_factory=list)  # ...at these rows of the previous step's samples
+    # (seq, first position, its row, count): prompt positions whose next-token logprob this step computes
+    prompt_logprob_rows: list[tuple[Sequence, int, int, int]] = field(default_factory=list)
     max_query_len: int = 0
     is_decode_only: bool = False
+
+
+@dataclass
+class PromptLogprobs:
+    """Next-token logprobs of `count` prompt positions of one sequence from `first_pos` on (the
+    logprob of token first_pos + 1 + i at row i), with the top-k alternatives."""
+
+    seq: Sequence
+    first_pos: int
+    logprobs: torch.Tensor  # [count]; lists once collected
+    top_logprobs: torch.Tensor  # [count, k]
+    top_ids: torch.Tensor  # [count, k]
 
 
 @dataclass
@@ -92,6 +106,7 @@ class PendingStep:
 
     seqs: list[Sequence]
     host: dict[str, torch.Tensor] = field(default_factory=dict)
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
     done: torch.cuda.Event | None = None
     token_indices: list[int] = field(default_factory=list)  # where each sampled id goes in its seq's token_ids
 
@@ -106,6 +121,11 @@ class StepResult:
     top_logprobs: list[list[float]] | None = None
     top_ids: list[list[int]] | None = None
     token_indices: list[int] = field(default_factory=list)
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)  # host lists
+
+
+# Prompt positions whose logits are materialised at once for prompt logprobs (x vocab x 4 bytes).
+PROMPT_LOGPROB_ROWS = 256
 
 
 class ModelRunner:
@@ -148,6 +168,12 @@ class ModelRunner:
         bs = self.block_size
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+            if seq.num_prompt_logprobs_missing:
+                # Position p predicts token p + 1; positions recomputed after a preemption are skipped.
+                first = max(start, len(seq.prompt_logprobs) - 1)
+                last = min(end, seq.num_prompt_tokens - 1)
+                if first < last:
+                    inp.prompt_logprob_rows.append((seq, first, len(inp.input_ids) + first - start, last - first))
             inp.input_ids.extend(seq.token_ids[start:end])
             if inp.input_ids[-1] == PENDING_TOKEN:  # only ever the last token, sampled by the previous step
                 inp.input_ids[-1] = 0
@@ -226,7 +252,9 @@ class ModelRunner:
     def launch(self, batch: ScheduledBatch) -> PendingStep:
         """Enqueue the step's forward and sampling; returns without waiting for the GPU."""
         greedy_ids = graph_key = None
-        if self.graphs is not None and self.graphs.can_run(batch):
+        prompt_lps: list[PromptLogprobs] = []
+        wants_prompt_logprobs = any(s.num_prompt_logprobs_missing for s in batch.seqs)
+        if self.graphs is not None and self.graphs.can_run(batch) and not wants_prompt_logprobs:
             inp = self._host_inputs(batch)
             self.graphs.load(inp)
             self._fill_pending(self.graphs.input_ids, inp)
@@ -236,9 +264,10 @@ class ModelRunner:
             inp, ids, pos, meta = self.prepare(batch)
             self._fill_pending(ids, inp)
             hidden = self.model(ids, pos, meta)
+            prompt_lps = self._prompt_logprobs(hidden, inp)
             if not inp.sample_seqs:
                 self._prev_tokens, self._prev_rows = None, {}
-                return PendingStep(seqs=[])
+                return self._start_copy_to_host([], None, prompt_lps)
             rows = self._to_device(inp.logits_indices, torch.int64)
             logits = self.model.compute_logits(hidden[rows])
         seqs = inp.sample_seqs
@@ -253,19 +282,44 @@ class ModelRunner:
             if sampling.penalty_rows is not None:
                 self.penalties.record(seqs, sampling.penalty_rows, out.token_ids)
         self._prev_tokens, self._prev_rows = out.token_ids, {s.seq_id: i for i, s in enumerate(seqs)}
-        return self._start_copy_to_host(seqs, out)
+        return self._start_copy_to_host(seqs, out, prompt_lps)
 
-    def _start_copy_to_host(self, seqs: list[Sequence], out: SamplerOutput) -> PendingStep:
+    def _prompt_logprobs(self, hidden: torch.Tensor, inp: StepInputs) -> list[PromptLogprobs]:
+        """Log-softmax of the logits at the prompt positions that asked, in slices of PROMPT_LOGPROB_ROWS rows."""
+        results = []
+        for seq, first_pos, first_row, count in inp.prompt_logprob_rows:
+            k = seq.params.prompt_logprobs or 0
+            targets = self._to_device(seq.token_ids[first_pos + 1 : first_pos + 1 + count], torch.int64)
+            chosen, top_vals, top_ids = [], [], []
+            for r in range(0, count, PROMPT_LOGPROB_ROWS):
+                rows = slice(first_row + r, first_row + min(count, r + PROMPT_LOGPROB_ROWS))
+                logp = torch.log_softmax(self.model.compute_logits(hidden[rows]).float(), dim=-1)
+                chosen.append(logp.gather(1, targets[r : r + logp.shape[0], None]).squeeze(1))
+                vals, ids = logp.topk(k, dim=-1)
+                top_vals.append(vals)
+                top_ids.append(ids)
+            results.append(PromptLogprobs(seq, first_pos, torch.cat(chosen), torch.cat(top_vals), torch.cat(top_ids)))
+        return results
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """Start copying `t` to (pinned) host memory; the step's event marks when it is there."""
+        if not self.pin:
+            return t
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+    def _start_copy_to_host(
+        self, seqs: list[Sequence], out: SamplerOutput | None, prompt_lps: list[PromptLogprobs]
+    ) -> PendingStep:
         step = PendingStep(seqs=seqs)
         for name in ("token_ids", "logprobs", "top_logprobs", "top_ids"):
-            t = getattr(out, name)
-            if t is None:
-                continue
-            if self.pin:
-                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                step.host[name] = host.copy_(t, non_blocking=True)
-            else:
-                step.host[name] = t
+            t = getattr(out, name) if out is not None else None
+            if t is not None:
+                step.host[name] = self._to_host(t)
+        for p in prompt_lps:
+            step.prompt_logprobs.append(
+                PromptLogprobs(p.seq, p.first_pos, self._to_host(p.logprobs), self._to_host(p.top_logprobs),
+                               self._to_host(p.top_ids))
+            )  # fmt: skip
         if self.pin:
             step.done = torch.cuda.Event()
             step.done.record()
@@ -277,9 +331,16 @@ class ModelRunner:
         if step.done is not None:
             step.done.synchronize()
         host = step.host
+        prompt_lps = [
+            PromptLogprobs(p.seq, p.first_pos, p.logprobs.tolist(), p.top_logprobs.tolist(), p.top_ids.tolist())
+            for p in step.prompt_logprobs
+        ]
         if not step.seqs:
-            return StepResult(seqs=[], token_ids=[])
-        result = StepResult(seqs=step.seqs, token_ids=host["token_ids"].tolist(), token_indices=step.token_indices)
+            return StepResult(seqs=[], token_ids=[], prompt_logprobs=prompt_lps)
+        result = StepResult(
+            seqs=step.seqs, token_ids=host["token_ids"].tolist(), token_indices=step.token_indices,
+            prompt_logprobs=prompt_lps,
+        )  # fmt: skip
         if "logprobs" in host:
             result.logprobs = host["logprobs"].tolist()
         if "top_logprobs" in host:

@@ -34,6 +34,9 @@ class RequestOutput:
     num_cached_tokens: int
     num_generated_tokens: int
     stop_reason: int | str | None = None
+    # With SamplingParams.prompt_logprobs, on choice 0's first output only: one entry per prompt
+    # token, None for the first (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:

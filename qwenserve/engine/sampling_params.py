@@ -55,7 +55,7 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token's logprob plus top-k
-    prompt_logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for every prompt token (its prefill skips the prefix cache)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -86,6 +86,11 @@ class SamplingParams:
             (
                 self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
                 "top_logprobs",
+                f"must be in [0, {MAX_TOP_LOGPROBS}]",
+            ),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
+                "prompt_logprobs",
                 f"must be in [0, {MAX_TOP_LOGPROBS}]",
             ),
         ]

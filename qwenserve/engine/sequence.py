@@ -54,6 +54,16 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.logprobs: list[TokenLogprob] = []
+        # Logprobs of the prompt's own tokens (choice 0 of a request that asks): filled as its prefill
+        # chunks run, position by position; the first token has none.
+        self.prompt_logprobs: list[TokenLogprob | None] | None = (
+            [None] if params.prompt_logprobs is not None and index == 0 else None
+        )
+
+    @property
+    def num_prompt_logprobs_missing(self) -> int:
+        """Prompt positions whose next-token logprob is still to be computed (0 without prompt logprobs)."""
+        return 0 if self.prompt_logprobs is None else self.num_prompt_tokens - len(self.prompt_logprobs)
 
     @property
     def num_tokens(self) -> int:

@@ -132,3 +132,26 @@ def test_sampler_graphs_draw_what_the_eager_sampler_draws(tiny_moe_dir: Path) ->
             assert eng.runner.penalties.generation > 0  # 9 sequences with penalties outgrew the 7 free rows
     assert results[0] == results[1]
     assert len(set(results[1][0])) > 3  # it sampled
+
+
+def test_prompt_logprobs_on_the_fast_path(tiny_moe_dir: Path) -> None:
+    """Prompt logprobs beside graphed decode steps: a prompt's scored tokens carry the logprobs the
+    model gave them when it generated them (bf16 tolerance), and decoding neighbours are unchanged."""
+    engine = _engine(tiny_moe_dir)
+    rng = random.Random(5)
+    start = [rng.randrange(1, 250) for _ in range(300)]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+    gen = engine.generate([start], greedy)[0][0]
+    neighbour = [rng.randrange(1, 250) for _ in range(50)]
+    alone = engine.generate([neighbour], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0][0]
+    scored, beside = engine.generate(
+        [start + gen.token_ids, neighbour],
+        [SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2),
+         SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)],
+    )  # fmt: skip
+    lps = scored[0].prompt_logprobs
+    assert len(lps) == len(start) + len(gen.token_ids) and lps[0] is None
+    assert [lp.token_id for lp in lps[len(start) :]] == gen.token_ids
+    got = [lp.logprob for lp in lps[len(start) :]]
+    assert got == pytest.approx([lp.logprob for lp in gen.logprobs], abs=0.1)
+    assert beside[0].token_ids == alone.token_ids
