@@ -435,3 +435,33 @@ def test_sigterm_ends_requests_in_flight_with_openai_errors(tmp_path_factory: py
         assert "Traceback" not in srv.log()
     finally:
         srv.stop()
+
+
+def test_sigterm_during_a_long_step_answers_at_once(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A step can outlast the shutdown's grace period (a long prefill on a CPU): the client still gets
+    its 503 `aborted` event and [DONE] at once, not a dropped connection, and the process exits."""
+    srv = start_server(
+        tmp_path_factory.mktemp("sigterm-prefill"), "--max-model-len", "16384", "--max-num-batched-tokens", "16384"
+    )
+    try:
+        body = {"messages": [{"role": "user", "content": "hello " * 12000}], "max_tokens": 5, "stream": True}
+        lines: list[str] = []
+        received: list[float] = []
+
+        def stream() -> None:
+            _stream_lines(srv, body, lines, None)
+            received.append(time.monotonic())
+
+        client = threading.Thread(target=stream)
+        client.start()
+        wait_for(lambda: len(lines) >= 1)  # the role chunk: the prompt is now being prefilled
+        time.sleep(1.0)
+        signalled = time.monotonic()
+        srv.proc.terminate()
+        client.join(30)
+        srv.proc.wait(40)
+        assert lines[-1] == "[DONE]" and json.loads(lines[-2])["error"]["code"] == "aborted"
+        assert received[0] - signalled < 4, "the abort waited for the engine's step"
+        assert "Traceback" not in srv.log() and "ERROR" not in srv.log()
+    finally:
+        srv.stop()

@@ -95,3 +95,27 @@ def test_reference_attention_splits_long_queries(tmp_path: Path, monkeypatch: py
     seq = Sequence("r", 0, prompt, SamplingParams(), seed=0)
     seq.block_table = [6, 1, 3]
     torch.testing.assert_close(_run(model, runner, seq, len(prompt)), ref, atol=ATOL, rtol=1e-4)
+
+
+def test_reference_attention_groups_mixed_batches() -> None:
+    """A long prefill beside decodes and a short prompt: the reference runs the groups apart (padding
+    them together would cost 4x the work) and gives what one padded batch gives."""
+    from qwenserve.model import ops
+
+    gen = torch.Generator().manual_seed(0)
+    block_size, heads, kv_heads, dim = 4, 4, 2, 8
+    k_cache = torch.randn(64, block_size, kv_heads, dim, generator=gen)
+    v_cache = torch.randn(64, block_size, kv_heads, dim, generator=gen)
+    query_lens, context_lens = [1, 90, 1, 3], [30, 120, 7, 3]  # decode, prefill after a cached prefix, ...
+    tables = [[1, 2, 3, 4, 5, 6, 7, 8], list(range(9, 39)), [39, 40], [41]]
+    width = max(map(len, tables))
+    meta = ops.AttentionMetadata(
+        slot_mapping=torch.zeros(sum(query_lens), dtype=torch.int64),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        context_lens=torch.tensor(context_lens, dtype=torch.int32),
+        query_start_loc=torch.tensor([0, 1, 91, 92, 95], dtype=torch.int32),
+        max_query_len=90, max_context_len=120, is_decode_only=False,
+    )  # fmt: skip
+    q = torch.randn(sum(query_lens), heads, dim, generator=gen)
+    grouped = ops.paged_attention(q, k_cache, v_cache, meta, dim**-0.5)
+    torch.testing.assert_close(grouped, ops._padded_attention(q, k_cache, v_cache, meta, dim**-0.5))

@@ -59,6 +59,11 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+def aborted() -> APIError:
+    """The server ended the request (shutdown, or an engine-side abort): retryable elsewhere or later."""
+    return APIError(503, "The request was aborted by the server.", code="aborted", headers={"Retry-After": "1"})
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     """A 400 naming the offending field."""
     return APIError(400, message, param=param, code=code)

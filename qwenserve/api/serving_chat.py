@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from qwenserve.api.chat import ToolPlan, normalize_messages, plan_tools, render_chat, scrub_tool_markup
-from qwenserve.api.errors import APIError, bad_request
+from qwenserve.api.errors import APIError, aborted, bad_request
 from qwenserve.api.logprobs import chat_logprobs
 from qwenserve.api.protocol import ChatCompletionRequest
 from qwenserve.api.request_log import RequestTracker, log_request_body
@@ -28,9 +28,7 @@ logger = logging.getLogger("qwenserve.api")
 def final_finish_reason(engine_reason: str, made_tool_call: bool) -> str:
     """`tool_calls` when a call was emitted and generation ended normally."""
     if engine_reason == "abort":
-        raise APIError(
-            503, "The request was aborted by the server.", code="aborted", headers={"Retry-After": "1"}
-        )
+        raise aborted()
     if made_tool_call and engine_reason == "stop":
         return "tool_calls"
     return engine_reason

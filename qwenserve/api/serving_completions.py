@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from qwenserve.api.errors import APIError, bad_request
+from qwenserve.api.errors import APIError, aborted, bad_request
 from qwenserve.api.logprobs import completion_logprobs
 from qwenserve.api.protocol import CompletionRequest
 from qwenserve.api.request_log import RequestTracker, log_request_body
@@ -334,7 +334,5 @@ class _CompletionContext:
 
 def _finish(reason: str | None) -> str | None:
     if reason == "abort":
-        raise APIError(
-            503, "The request was aborted by the server.", code="aborted", headers={"Retry-After": "1"}
-        )
+        raise aborted()
     return reason

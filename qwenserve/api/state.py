@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from qwenserve.api.chat import is_xml_tool_format
-from qwenserve.api.errors import APIError, from_invalid_request, unavailable
+from qwenserve.api.errors import APIError, aborted, from_invalid_request, unavailable
 from qwenserve.api.logprobs import byte_level_token_bytes
 from qwenserve.api.metrics import Metrics
 from qwenserve.engine.outputs import RequestOutput
@@ -117,7 +117,7 @@ class ServerState:
         if not prompt_ids:
             raise APIError(400, "The prompt is empty.", param=prompt_param)
         try:
-            return self.engine.add_request(request_id, prompt_ids, params)
+            return _with_api_errors(self.engine.add_request(request_id, prompt_ids, params))
         except InvalidRequestError as exc:
             err = from_invalid_request(exc)
             if err.param in ("prompt", "messages"):
@@ -131,3 +131,14 @@ class ServerState:
 
     def close(self) -> None:
         self._cpu.shutdown(wait=False, cancel_futures=True)
+
+
+async def _with_api_errors(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """The engine's stream, its shutdown abort raised as the API's 503 `aborted`."""
+    from qwenserve.engine.async_engine import RequestAbortedError
+
+    try:
+        async for out in stream:
+            yield out
+    except RequestAbortedError as exc:
+        raise aborted() from exc

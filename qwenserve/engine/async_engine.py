@@ -21,13 +21,20 @@ from qwenserve.engine.llm_engine import EngineStats, LLMEngine, ModelInfo, Queue
 from qwenserve.engine.outputs import RequestOutput
 from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
 
-__all__ = ["AsyncEngine", "EngineStats", "ModelInfo", "QueueFullError", "InvalidRequestError", "EngineDeadError"]
+__all__ = [
+    "AsyncEngine", "EngineStats", "ModelInfo", "QueueFullError", "InvalidRequestError", "EngineDeadError",
+    "RequestAbortedError",
+]
 
 logger = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
     """The engine thread failed; requests in flight receive this."""
+
+
+class RequestAbortedError(RuntimeError):
+    """The server is shutting down: requests in flight receive this at once, whatever the engine is doing."""
 
 
 class RequestStream:
@@ -163,9 +170,17 @@ class AsyncEngine:
 
     def abort_all(self) -> None:
         """Abort every request in flight and refuse new ones (thread- and signal-safe): at shutdown,
-        so each client gets the abort error while the HTTP server still drains its connections."""
+        so each client gets the abort error while the HTTP server still drains its connections.
+
+        The streams get their error now, from the event loop: the engine thread reads its commands
+        only between steps, and one step (a long prefill on a CPU) can outlast the shutdown's grace
+        period. The engine frees the requests' blocks when its step ends."""
         self._closing = True
         self._commands.put(("abort_all", None))
+        streams = list(self._streams.values())  # one atomic copy: the engine thread pops entries
+        if streams and self._loop is not None:
+            err = RequestAbortedError("the server is shutting down")
+            self._loop.call_soon_threadsafe(_put_all, [(stream, err) for stream in streams])
 
     def stats(self) -> EngineStats:
         """Counters as of the last step (refreshed by the engine thread, never blocking on a step)."""

@@ -17,6 +17,7 @@ position context_lens[b] - query_len[b] + i and attends causally to keys 0..posi
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -57,9 +58,48 @@ def paged_attention(
     """Causal GQA attention of the step's queries against each sequence's cached keys.
 
     The cache must already hold this step's keys (write_kv_cache first). Returns
-    [T, num_heads, head_dim]. The reference gathers every sequence's context into a
-    padded batch and runs one masked SDPA, so there is no per-sequence Python loop.
+    [T, num_heads, head_dim]. The reference gathers the sequences' contexts into a padded
+    batch and runs one masked SDPA (_padded_attention). Padding costs B x longest query x
+    longest context, so when that is more than twice the real work (a long prefill beside
+    decodes or a shorter prompt) the decode rows run as one batch and each prefill on its own.
     """
+    num_seqs = meta.block_tables.shape[0]
+    if num_seqs == 1:
+        return _padded_attention(q, k_cache, v_cache, meta, scale)
+    starts = meta.query_start_loc.tolist()  # the CPU path: no device sync to speak of
+    query_lens = [b - a for a, b in itertools.pairwise(starts)]
+    context_lens = meta.context_lens.tolist()
+    real = sum(n * c for n, c in zip(query_lens, context_lens, strict=True))
+    if num_seqs * max(query_lens) * max(context_lens) <= 2 * real:
+        return _padded_attention(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)
+    decodes = [i for i, n in enumerate(query_lens) if n == 1]
+    for group in ([decodes] if decodes else []) + [[i] for i, n in enumerate(query_lens) if n > 1]:
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1], device=q.device) for i in group])
+        lens = [query_lens[i] for i in group]
+        index = torch.tensor(group, device=q.device)
+        sub = AttentionMetadata(
+            slot_mapping=meta.slot_mapping[rows],
+            block_tables=meta.block_tables[index],
+            context_lens=meta.context_lens[index],
+            query_start_loc=torch.tensor([0, *itertools.accumulate(lens)], dtype=meta.query_start_loc.dtype,
+                                         device=q.device),
+            max_query_len=max(lens),
+            max_context_len=max(context_lens[i] for i in group),
+            is_decode_only=max(lens) == 1,
+        )  # fmt: skip
+        out[rows] = _padded_attention(q[rows], k_cache, v_cache, sub, scale)
+    return out
+
+
+def _padded_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """paged_attention as one masked SDPA over the sequences padded to the longest query and context."""
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_seqs = meta.block_tables.shape[0]
