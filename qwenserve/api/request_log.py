@@ -15,22 +15,23 @@ logger = logging.getLogger("qwenserve.api")
 
 
 def log_request_body(request_id: str, body: Any) -> None:
-    """`--log-requests`: the full request body, as received (after JSON parsing)."""
+    """`--log-requests`: the request body as received (after JSON parsing): the fields the client
+    sent, not the defaults it left out."""
     if hasattr(body, "model_dump"):
-        body = body.model_dump(exclude_none=True)
+        body = body.model_dump(exclude_unset=True)
     logger.info("request %s body: %s", request_id, json.dumps(body, ensure_ascii=False, default=str))
 
 
 class RequestTracker:
     """Watches one request's outputs; call `observe` on each and `done` once at the end."""
 
-    def __init__(self, request_id: str, metrics: Metrics | None):
+    def __init__(self, request_id: str, metrics: Metrics | None, prompt_tokens: int = 0):
         self.request_id = request_id
         self.metrics = metrics
         self.arrival = time.monotonic()
         self.first_token: float | None = None
         self.last_token: float | None = None
-        self.prompt_tokens = 0
+        self.prompt_tokens = prompt_tokens  # known at once: a request aborted before its first output counts them
         self.cached_tokens = 0
         self.generated: dict[int, int] = {}
         self.finish_reasons: dict[int, str] = {}

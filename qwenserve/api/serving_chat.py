@@ -89,7 +89,7 @@ class ChatCompletions:
         )
         plan = plan_tools(req, state.xml_tools)
         prompt_ids = await state.run_cpu(self._prompt, req, plan)
-        tracker = RequestTracker(request_id, state.metrics)
+        tracker = RequestTracker(request_id, state.metrics, len(prompt_ids))
         ctx = _ChatContext(state, req, plan, request_id, tracker, [self._parser(plan) for _ in range(req.n)])
         stream = state.add_request(request_id, prompt_ids, params)
         if req.stream:

@@ -123,7 +123,7 @@ class Completions:
         try:
             for pos, (text, echo_ids, ids) in enumerate(encoded):
                 rid = base_id if len(encoded) == 1 else f"{base_id}-{pos}"
-                sub = _Sub(pos, rid, text, echo_ids, RequestTracker(rid, state.metrics))
+                sub = _Sub(pos, rid, text, echo_ids, RequestTracker(rid, state.metrics, len(ids)))
                 sub.stream = state.add_request(rid, ids, params, prompt_param="prompt")
                 subs.append(sub)
         except APIError:

@@ -194,6 +194,7 @@ class AsyncEngine:
             self._drain_commands(block=not engine.has_unfinished())
             if self._stopping.is_set():
                 break
+            self._stats = engine.stats()  # new and aborted requests show before a long step, not after
             try:
                 outputs = engine.step()
             except Exception as err:  # noqa: BLE001 - any model failure must reach every waiting client
