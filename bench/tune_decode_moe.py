@@ -35,6 +35,9 @@ def replay_ms(engine: LLMEngine, batch: int, steps: int = 100) -> float:
                                  runner.block_size, runner.device)
     for _ in range(3):
         engine.step()  # loads real inputs into the new graph's buffers
+    if runner.graphs.last_key is None:
+        raise SystemExit(f"batch {batch}: the decode step did not run in a CUDA graph (are all its sequences "
+                         "past their prefill and inside max_model_len?)")
     graph = runner.graphs.graphs[runner.graphs.last_key]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
@@ -54,7 +57,10 @@ def start_batch(engine: LLMEngine, batch: int, context: int) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=100000, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"tune-{batch}-{i}", [rng.randrange(150000) for _ in range(context)], params)
-    for _ in range(6):
+    seqs = [seq for req in engine.requests.values() for seq in req.seqs]
+    while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in seqs):  # long prompts take many chunks
+        engine.step()
+    for _ in range(3):
         engine.step()
 
 
