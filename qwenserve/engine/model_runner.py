@@ -267,7 +267,8 @@ class ModelRunner:
             prompt_lps = self._prompt_logprobs(hidden, inp)
             if not inp.sample_seqs:
                 self._prev_tokens, self._prev_rows = None, {}
-                return self._start_copy_to_host([], None, prompt_lps)
+                # Nothing to wait for unless prompt logprobs are on their way to the host.
+                return self._start_copy_to_host([], None, prompt_lps) if prompt_lps else PendingStep(seqs=[])
             rows = self._to_device(inp.logits_indices, torch.int64)
             logits = self.model.compute_logits(hidden[rows])
         seqs = inp.sample_seqs
