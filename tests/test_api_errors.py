@@ -160,6 +160,9 @@ BAD_INPUTS: list[tuple[str, Any, str | None]] = [
     (CHAT, {"messages": HI, "stream_options": {"include_usage": True}}, "stream_options"),
     ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
     (CHAT, {"messages": HI, "top_k": -2}, "top_k"),
+    (CHAT, {"messages": HI, "top_k": 2**63}, "top_k"),  # crashed the engine step, failing every request in it
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": '
+     b'{"name": "f", "parameters": {"\\udfff": ""}}}]}', "tools[0].function.parameters.\\udfff"),
     (CHAT, {"messages": HI, "max_tokens": 2, "min_tokens": 5}, "min_tokens"),
     (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', "temperature"),
     (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1e400}', "repetition_penalty"),

@@ -171,7 +171,9 @@ def lone_surrogate_path(value: Any, path: str = "") -> str | None:
         return next((p for name, v in items if (p := lone_surrogate_path(v, f"{path}.{name}" if path else name))), None)
     if isinstance(value, dict):
         for key, v in value.items():
-            key_path = f"{path}.{key}" if path else str(key)
+            # The path is echoed in the error: a key holding the surrogate itself is written escaped.
+            name = str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+            key_path = f"{path}.{name}" if path else name
             if (p := lone_surrogate_path(key, key_path)) or (p := lone_surrogate_path(v, key_path)):
                 return p
         return None

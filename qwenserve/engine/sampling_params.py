@@ -71,7 +71,7 @@ class SamplingParams:
         """Raise InvalidRequestError naming the first out-of-range field."""
         checks = [
             (math.isfinite(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0"),
-            (self.top_k >= 0, "top_k", "must be -1 or 0 (off) or >= 1"),
+            (0 <= self.top_k < 2**31, "top_k", "must be -1 or 0 (off), or in [1, 2**31)"),  # an int32 on the device
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
