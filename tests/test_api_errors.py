@@ -161,6 +161,9 @@ BAD_INPUTS: list[tuple[str, Any, str | None]] = [
     ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
     (CHAT, {"messages": HI, "top_k": -2}, "top_k"),
     (CHAT, {"messages": HI, "top_k": 2**63}, "top_k"),  # crashed the engine step, failing every request in it
+    (CHAT, {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"a": "\\ud800"}'}}]}]},
+     "messages[1].tool_calls[0].function.arguments"),
     (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": '
      b'{"name": "f", "parameters": {"\\udfff": ""}}}]}', "tools[0].function.parameters.\\udfff"),
     (CHAT, {"messages": HI, "max_tokens": 2, "min_tokens": 5}, "min_tokens"),
@@ -187,6 +190,20 @@ def test_bad_input_gets_400_and_server_stays_healthy(
     if param is None:
         assert err["param"] is None
     assert httpx.get(f"{server.base_url}/health").status_code == 200
+
+
+def test_json_nested_too_deep_is_a_400(server: ServerProcess) -> None:
+    """Depth 500 in a free-form field was a RecursionError (a 500) while rendering."""
+    deep = json.loads('{"a":' * 500 + "1" + "}" * 500)
+    for body in (
+        {"messages": HI, "chat_template_kwargs": {"x": deep}},
+        {"messages": HI, "tools": [{"type": "function", "function": {"name": "f", "parameters": deep}}]},
+        {"messages": [*HI, {"role": "assistant", "tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "f", "arguments": json.dumps(deep)}}]}]},
+    ):  # fmt: skip
+        err = assert_openai_error(server.post(CHAT, json=body), 400)
+        assert "nested" in err["message"] and err["param"].split(".")[0].split("[")[0] in body
+    assert server.post(CHAT, json={"messages": HI, "max_tokens": 1}).status_code == 200
 
 
 def test_explicit_null_means_the_default(server: ServerProcess) -> None:

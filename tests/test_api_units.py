@@ -253,3 +253,13 @@ def test_logprob_bytes_rebuild_characters_split_across_tokens(tokenizer) -> None
     assert any("\ufffd" in c["token"] for c in content)  # the cat emoji spans tokens
     assert bytes(b for c in content for b in c["bytes"]).decode("utf-8") == text
     assert content[0]["top_logprobs"][0]["bytes"] == content[0]["bytes"]
+
+
+def test_text_offsets_count_characters_that_span_tokens(tokenizer) -> None:
+    """The cat emoji takes three tokens: the offsets after it move by one character, not three."""
+    text = "a 🐱 b"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    tokens = [tokenizer.decode([i]) for i in ids]
+    out = completion_logprobs([None] * len(ids), tokens, 0, ids, byte_level_token_bytes(tokenizer))
+    assert out["text_offset"][-1] == text.index(" b")
+    assert out["text_offset"] == sorted(out["text_offset"])

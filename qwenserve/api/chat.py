@@ -17,7 +17,7 @@ from typing import Any
 import jinja2
 
 from qwenserve.api.errors import APIError, bad_request
-from qwenserve.api.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, Tool
+from qwenserve.api.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, Tool, bad_text_path
 
 logger = logging.getLogger("qwenserve.api")
 
@@ -66,7 +66,7 @@ def arguments_to_dict(arguments: Any) -> dict[str, Any]:
     if isinstance(arguments, str) and arguments.strip():
         try:
             value = json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):
             logger.debug("tool call arguments are not JSON, rendering them as {}: %.200s", arguments)
             return {}
         if isinstance(value, dict):
@@ -91,7 +91,7 @@ def normalize_message(msg: ChatMessage, i: int) -> dict[str, Any]:
                 "type": "function",
                 "function": {
                     "name": call.function.name,
-                    "arguments": arguments_to_dict(call.function.arguments),
+                    "arguments": _parsed_arguments(call.function.arguments, f"messages[{i}].tool_calls[{k}]"),
                 },
             }
             for k, call in enumerate(msg.tool_calls)
@@ -99,6 +99,16 @@ def normalize_message(msg: ChatMessage, i: int) -> dict[str, Any]:
     if role == "tool" and msg.tool_call_id:
         out["tool_call_id"] = msg.tool_call_id
     return out
+
+
+def _parsed_arguments(arguments: Any, param: str) -> dict[str, Any]:
+    """arguments_to_dict, refusing what a JSON string decodes into that the request check could not see
+    (a "\\ud800" escape inside the string, nesting too deep to render)."""
+    value = arguments_to_dict(arguments)
+    if isinstance(arguments, str) and (found := bad_text_path(value)) is not None:
+        what = "a lone UTF-16 surrogate" if found[1] == "surrogate" else "JSON nested too deeply"
+        raise bad_request(f"The arguments of {param} hold {what}.", param=f"{param}.function.arguments")
+    return value
 
 
 def normalize_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:

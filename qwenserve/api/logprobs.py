@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import functools
 import math
 from collections.abc import Callable
@@ -69,19 +70,29 @@ def chat_logprobs(items: list[TokenLogprob], token_bytes: TokenBytes = utf8_byte
 
 
 def completion_logprobs(
-    items: list[TokenLogprob | None], tokens: list[str], text_offset_start: int = 0
+    items: list[TokenLogprob | None],
+    tokens: list[str],
+    text_offset_start: int = 0,
+    token_ids: list[int] | None = None,
+    token_bytes: TokenBytes | None = None,
 ) -> dict[str, Any]:
     """`choices[].logprobs` for /v1/completions: parallel token / logprob / top / offset lists.
 
-    A None item (an echoed prompt token) has no logprob.
+    A None item (the first prompt token) has no logprob. With the tokens' ids and raw bytes, a
+    token's text offset counts the characters the text holds before it, also when characters span
+    tokens (their pieces read as U+FFFD, one character each, in `tokens`); without them, token lengths.
     """
     token_logprobs: list[float | None] = []
     top: list[dict[str, float] | None] = []
+    widths = [len(tok) for tok in tokens]
+    if token_ids is not None and token_bytes is not None:
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        widths = [len(utf8.decode(bytes(token_bytes(i, tok)))) for i, tok in zip(token_ids, tokens, strict=True)]
     offsets = []
     offset = text_offset_start
-    for lp, tok in zip(items, tokens, strict=True):
+    for lp, width in zip(items, widths, strict=True):
         offsets.append(offset)
-        offset += len(tok)
+        offset += width
         if lp is None:
             token_logprobs.append(None)
             top.append(None)

@@ -155,28 +155,45 @@ class DetokenizeRequest(_Lenient):
     tokens: list[int]
 
 
-def lone_surrogate_path(value: Any, path: str = "") -> str | None:
-    """The param path ("messages[0].content") of the first string holding a lone UTF-16 surrogate
-    (JSON allows "\\ud800"; no tokenizer or UTF-8 response can carry it), or None."""
-    if isinstance(value, str):
-        if value.isascii():
-            return None
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path or None
-        return None
-    if isinstance(value, BaseModel):
-        items = ((name, getattr(value, name)) for name in type(value).model_fields)
-        return next((p for name, v in items if (p := lone_surrogate_path(v, f"{path}.{name}" if path else name))), None)
-    if isinstance(value, dict):
-        for key, v in value.items():
-            # The path is echoed in the error: a key holding the surrogate itself is written escaped.
-            name = str(key).encode("utf-8", "backslashreplace").decode("utf-8")
-            key_path = f"{path}.{name}" if path else name
-            if (p := lone_surrogate_path(key, key_path)) or (p := lone_surrogate_path(v, key_path)):
-                return p
-        return None
-    if isinstance(value, list | tuple):
-        return next((p for i, v in enumerate(value) if (p := lone_surrogate_path(v, f"{path}[{i}]"))), None)
+# JSON nested deeper than this is refused: no tool schema needs it, and rendering it (the chat template's
+# tojson) would recurse past Python's limit.
+MAX_JSON_DEPTH = 64
+
+
+def bad_text_path(value: Any) -> tuple[str, str] | None:
+    """(param path such as "messages[0].content", what is wrong) for the first string holding a lone
+    UTF-16 surrogate (JSON allows "\\ud800"; no tokenizer or UTF-8 response can carry it) or the first
+    value nested deeper than MAX_JSON_DEPTH; None when the request is clean. Iterative: any depth is safe."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _has_lone_surrogate(item):
+                return path, "surrogate"
+            continue
+        if depth > MAX_JSON_DEPTH:
+            return path, "depth"
+        if isinstance(item, BaseModel):
+            children = [(getattr(item, name), name) for name in type(item).model_fields]
+        elif isinstance(item, dict):
+            children = []
+            for key, v in item.items():
+                # The path is echoed in the error: a key holding the surrogate itself is written escaped.
+                name = str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+                children += [(key, name), (v, name)]
+        elif isinstance(item, list | tuple):
+            children = [(v, f"[{i}]") for i, v in enumerate(item)]
+        else:
+            continue
+        for child, name in reversed(children):  # first child on top: the first problem is found first
+            child_path = path + name if name.startswith("[") else f"{path}.{name}" if path else name
+            stack.append((child, child_path, depth + 1))
     return None
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False

@@ -31,11 +31,12 @@ from qwenserve.api.middleware import (
     StatusCountMiddleware,
 )
 from qwenserve.api.protocol import (
+    MAX_JSON_DEPTH,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
-    lone_surrogate_path,
+    bad_text_path,
 )
 from qwenserve.api.serving_chat import ChatCompletions
 from qwenserve.api.serving_completions import Completions
@@ -184,7 +185,7 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         """Chat completion, streaming (SSE) or not, with tool calls."""
         ctx.require()
-        _refuse_lone_surrogates(req)
+        _refuse_bad_text(req)
         assert ctx.chat is not None
         return await ctx.chat.create(req, raw)
 
@@ -192,7 +193,7 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         """Text completion, with echo, logprobs and fill-in-the-middle via `suffix`."""
         ctx.require()
-        _refuse_lone_surrogates(req)
+        _refuse_bad_text(req)
         assert ctx.completions is not None
         return await ctx.completions.create(req, raw)
 
@@ -200,7 +201,7 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
         """vLLM's shape: `prompt` or chat `messages` in; count, max_model_len, tokens out."""
         state = ctx.require()
-        _refuse_lone_surrogates(req)
+        _refuse_bad_text(req)
         tokens = await state.run_cpu(_tokenize, state, req)
         out: dict[str, Any] = {"count": len(tokens), "max_model_len": state.max_model_len, "tokens": tokens}
         if req.return_token_strs:
@@ -218,15 +219,21 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
         return {"prompt": await state.run_cpu(state.decode, req.tokens)}
 
 
-def _refuse_lone_surrogates(req: Any) -> None:
-    """400 for text no tokenizer can read (it would otherwise fail deep inside as a 500)."""
-    if (param := lone_surrogate_path(req)) is not None:
+def _refuse_bad_text(req: Any) -> None:
+    """400 for text no tokenizer can read and JSON too deep to render (either would otherwise fail
+    deep inside as a 500)."""
+    found = bad_text_path(req)
+    if found is None:
+        return
+    param, problem = found
+    if problem == "surrogate":
         raise bad_request(
             f"'{param}' contains a lone UTF-16 surrogate escape (such as \\ud800), which is not valid "
             "Unicode text; send well-formed UTF-8.",
             param=param,
             code="invalid_text",
         )
+    raise bad_request(f"'{param}' is nested more than {MAX_JSON_DEPTH} levels deep.", param=param)
 
 
 def _tokenize(state: ServerState, req: TokenizeRequest) -> list[int]:

@@ -191,7 +191,9 @@ class _CompletionContext:
             return sub.prompt_text, None
         tokens = [self.state.decode([t]) for t in sub.prompt_ids]
         items = sub.prompt_logprobs if sub.prompt_logprobs and len(sub.prompt_logprobs) == len(tokens) else None
-        return sub.prompt_text, completion_logprobs(items or [None] * len(tokens), tokens)
+        return sub.prompt_text, completion_logprobs(
+            items or [None] * len(tokens), tokens, 0, sub.prompt_ids, self.state.token_bytes
+        )
 
     def _observe(self, sub: _Sub, out: RequestOutput) -> RequestOutput:
         """Take an engine output in: keep the prompt's logprobs, hide the token a prompt-only request
@@ -220,7 +222,11 @@ class _CompletionContext:
     def _logprobs(self, sub: _Sub, out: RequestOutput, start: int) -> Any:
         if self.req.logprobs is None or not out.logprobs:
             return None
-        return completion_logprobs(out.logprobs, [lp.token for lp in out.logprobs], start)
+        return self._generated_logprobs(out.logprobs, start)
+
+    def _generated_logprobs(self, lps: list[TokenLogprob], start: int) -> dict[str, Any]:
+        tokens, ids = [lp.token for lp in lps], [lp.token_id for lp in lps]
+        return completion_logprobs(lps, tokens, start, ids, self.state.token_bytes)
 
     def usage(self) -> dict[str, Any]:
         usages = [s.tracker.usage() for s in self.subs]
@@ -325,7 +331,7 @@ class _CompletionContext:
     ) -> dict[str, Any]:
         logprobs = None
         if self.req.logprobs is not None:
-            gen = completion_logprobs(lps, [lp.token for lp in lps], len(echo))
+            gen = self._generated_logprobs(lps, len(echo))
             if echo_lp:
                 gen = {k: echo_lp[k] + gen[k] for k in gen}
             logprobs = gen
