@@ -263,3 +263,21 @@ def test_text_offsets_count_characters_that_span_tokens(tokenizer) -> None:
     out = completion_logprobs([None] * len(ids), tokens, 0, ids, byte_level_token_bytes(tokenizer))
     assert out["text_offset"][-1] == text.index(" b")
     assert out["text_offset"] == sorted(out["text_offset"])
+
+
+def test_an_unexpected_exception_is_an_openai_500_that_keeps_the_connection() -> None:
+    """The middleware answers the 500 itself rather than re-raising, which would make the server
+    drop the client's keep-alive connection."""
+    from starlette.routing import Route, Router
+    from starlette.testclient import TestClient
+
+    from qwenserve.api.middleware import InternalErrorMiddleware
+
+    def boom(request: object) -> None:
+        raise RuntimeError("kaput")
+
+    app = InternalErrorMiddleware(Router(routes=[Route("/boom", boom)]))  # where it sits in the app: inside
+    with TestClient(app, raise_server_exceptions=True) as client:  # a re-raise would fail the test here
+        r = client.get("/boom")
+    assert r.status_code == 500 and r.json()["error"]["message"] == "Internal server error: RuntimeError: kaput"
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}

@@ -3,6 +3,7 @@ every POST body as JSON, and refuse bodies too large to be a prompt."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
@@ -10,6 +11,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwenserve.api.errors import APIError, unavailable
 from qwenserve.api.metrics import Metrics
+
+logger = logging.getLogger("qwenserve.api")
 
 # Routes that work before the model is loaded.
 ALWAYS_OPEN = frozenset({"/health"})
@@ -93,6 +96,35 @@ class JSONBodyMiddleware:
             headers.append((b"content-type", b"application/json"))
             scope = {**scope, "headers": headers}
         await self.app(scope, receive, send)
+
+
+class InternalErrorMiddleware:
+    """An unexpected exception in a route becomes its OpenAI-shaped 500 here, innermost, so the
+    connection stays usable: past this point Starlette answers the 500 and then re-raises, and the
+    server drops the keep-alive connection under the client's next request."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception as exc:
+            if started:  # too late for a status: let the server end the response
+                raise
+            logger.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            err = APIError(500, f"Internal server error: {type(exc).__name__}: {exc}")
+            await err.response()(scope, receive, send)
 
 
 # No prompt needs this much: 16 MiB is ~16x a full 262k-token context of source code, while

@@ -26,6 +26,7 @@ from qwenserve.api.errors import APIError, bad_request, install_error_handlers, 
 from qwenserve.api.metrics import Metrics
 from qwenserve.api.middleware import (
     BodyLimitMiddleware,
+    InternalErrorMiddleware,
     JSONBodyMiddleware,
     LoadingGateMiddleware,
     StatusCountMiddleware,
@@ -126,6 +127,7 @@ def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
     install_error_handlers(app)
     # add_middleware wraps outside-in in reverse order: counting sees every response,
     # auth runs before the loading gate so an unauthenticated caller learns nothing.
+    app.add_middleware(InternalErrorMiddleware)  # innermost: see its docstring
     app.add_middleware(JSONBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(LoadingGateMiddleware, is_ready=lambda: ctx.ready)

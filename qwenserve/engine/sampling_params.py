@@ -72,6 +72,7 @@ class SamplingParams:
         checks = [
             (math.isfinite(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0"),
             (0 <= self.top_k < 2**31, "top_k", "must be -1 or 0 (off), or in [1, 2**31)"),  # an int32 on the device
+            (self.seed is None or -(2**63) <= self.seed < 2**63, "seed", "must fit in a signed 64-bit integer"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
