@@ -255,6 +255,21 @@ def test_prompt_longer_than_context_names_both_counts(server: ServerProcess) -> 
     assert str(count) in err["message"] and str(CONTEXT) in err["message"]
 
 
+def test_prompt_far_over_the_context_is_refused_from_a_partial_count(server: ServerProcess) -> None:
+    """A text over 16 characters per context token is counted slice by slice and refused once certainly
+    too long; one that long in characters but short in tokens (a run of spaces) is still served."""
+    for path, body, param in [
+        (CHAT, {"messages": [{"role": "user", "content": "hello " * 5000}]}, "messages"),
+        ("/v1/completions", {"prompt": "hello " * 5000}, "prompt"),
+    ]:
+        err = assert_openai_error(server.post(path, json=body), 400, param)
+        assert err["code"] == "context_length_exceeded" and "more than" in err["message"]
+        assert str(CONTEXT) in err["message"]
+    spaces = " " * 20000 + "x"  # 158 tokens
+    r = server.post("/v1/completions", json={"prompt": spaces, "max_tokens": 1})
+    assert r.status_code == 200, r.text
+
+
 def test_max_tokens_beyond_context_is_clamped(server: ServerProcess) -> None:
     messages = [{"role": "user", "content": "hello " * 990}]
     r = server.post(CHAT, json={"messages": messages, "max_tokens": 32000, "ignore_eos": True})

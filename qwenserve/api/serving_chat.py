@@ -65,7 +65,7 @@ class ChatCompletions:
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
         )
-        return self.state.encode(text + plan.forced_prefix)
+        return self.state.encode_prompt(text + plan.forced_prefix, "messages")
 
     def _parser(self, plan: ToolPlan) -> Any | None:
         if not plan.parse or self.state.tool_parser_cls is None:

@@ -71,8 +71,8 @@ class Completions:
         vocab = len(self.state.tokenizer)
         for i, p in enumerate(prompts):
             if isinstance(p, str):
-                ids = self.state.encode(p)
-                submit = self.state.encode(fim_prompt(p, req.suffix)) if req.suffix is not None else ids
+                ids = self.state.encode_prompt(p, "prompt")
+                submit = self.state.encode_prompt(fim_prompt(p, req.suffix), "prompt") if req.suffix is not None else ids
                 out.append((p, ids, submit))
                 continue
             if req.suffix is not None:
