@@ -59,6 +59,11 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+def internal_error(exc: Exception) -> APIError:
+    """A server bug, as the client sees it."""
+    return APIError(500, f"Internal server error: {type(exc).__name__}: {exc}")
+
+
 def aborted() -> APIError:
     """The server ended the request (shutdown, or an engine-side abort): retryable elsewhere or later."""
     return APIError(503, "The request was aborted by the server.", code="aborted", headers={"Retry-After": "1"})
@@ -153,4 +158,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("internal error on %s %s", request.method, request.url.path)
-        return APIError(500, f"Internal server error: {type(exc).__name__}: {exc}").response()
+        return internal_error(exc).response()

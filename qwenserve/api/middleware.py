@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qwenserve.api.errors import APIError, unavailable
+from qwenserve.api.errors import APIError, internal_error, unavailable
 from qwenserve.api.metrics import Metrics
 
 logger = logging.getLogger("qwenserve.api")
@@ -123,8 +123,7 @@ class InternalErrorMiddleware:
             if started:  # too late for a status: let the server end the response
                 raise
             logger.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
-            err = APIError(500, f"Internal server error: {type(exc).__name__}: {exc}")
-            await err.response()(scope, receive, send)
+            await internal_error(exc).response()(scope, receive, send)
 
 
 # No prompt needs this much: 16 MiB is ~16x a full 262k-token context of source code, while
