@@ -281,3 +281,30 @@ def test_an_unexpected_exception_is_an_openai_500_that_keeps_the_connection() ->
         r = client.get("/boom")
     assert r.status_code == 500 and r.json()["error"]["message"] == "Internal server error: RuntimeError: kaput"
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_heartbeats_go_to_a_choice_still_running() -> None:
+    """A choice's finish chunk is its last: later keep-alives name a running choice, or none."""
+    from qwenserve.api.request_log import RequestTracker
+    from qwenserve.api.serving_chat import _ChatContext
+    from qwenserve.api.serving_completions import _CompletionContext
+
+    class _State:
+        def model_name(self, name: str | None) -> str:
+            return "m"
+
+    def beat_indexes(ctx: _ChatContext | _CompletionContext) -> list[int]:
+        return [c["index"] for c in json.loads(ctx.heartbeat().removeprefix("data: "))["choices"]]
+
+    req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], n=2, stream=True)
+    chat = _ChatContext(_State(), req, None, "chatcmpl-1", RequestTracker("chatcmpl-1", None), [None, None])
+    assert beat_indexes(chat) == [0]
+    chat.chunk(0, {}, finish="stop")
+    assert beat_indexes(chat) == [1]
+    chat.chunk(1, {}, finish="length")
+    assert beat_indexes(chat) == []
+
+    creq = CompletionRequest(model="m", prompt=["a", "b"], stream=True)
+    completion = _CompletionContext(_State(), creq, "cmpl-1", [None, None], prompt_only=False)
+    completion._chunk(0, "", finish="stop")
+    assert beat_indexes(completion) == [1]

@@ -19,7 +19,7 @@ from qwenserve.api.protocol import ChatCompletionRequest
 from qwenserve.api.request_log import RequestTracker, log_request_body
 from qwenserve.api.sampling import build_sampling_params
 from qwenserve.api.state import ServerState, new_id
-from qwenserve.api.streaming import SSE_DONE, SSEResponse, sse, with_heartbeat
+from qwenserve.api.streaming import SSE_DONE, SSEResponse, heartbeat_without_choices, sse, with_heartbeat
 from qwenserve.engine.outputs import RequestOutput
 
 logger = logging.getLogger("qwenserve.api")
@@ -163,6 +163,7 @@ class _ChatContext:
         # parallel_tool_calls: false promises at most one call per turn: later calls are dropped.
         self.one_call = req.parallel_tool_calls is False
         self.finished = False
+        self.finished_choices: set[int] = set()  # indexes whose finish_reason chunk went out
 
     def close_if_unfinished(self) -> None:
         """Abort in the engine (frees KV blocks) unless the request already completed."""
@@ -185,11 +186,18 @@ class _ChatContext:
         }
         if self.include_usage:
             payload["usage"] = None
+        if finish is not None:
+            self.finished_choices.add(index)
         return sse(payload)
 
     def heartbeat(self) -> str:
-        """An empty delta: resets qwen-code's idle watchdog, ignored by every client."""
-        return self.chunk(0, {})
+        """An empty delta for a choice still running (a finish chunk is a choice's last): resets
+        qwen-code's idle watchdog, ignored by every client."""
+        index = next((i for i in range(self.req.n) if i not in self.finished_choices), None)
+        if index is None:
+            return sse(heartbeat_without_choices(self.request_id, "chat.completion.chunk", self.created, self.model,
+                                                 self.include_usage))
+        return self.chunk(index, {})
 
     def _deltas(self, index: int, text: str, final: bool) -> list[dict[str, Any]]:
         parser = self.parsers[index]
@@ -296,7 +304,8 @@ class _ChatContext:
 
     def _choice(self, i: int, text: str, reason: str, logprobs: list[Any]) -> dict[str, Any]:
         parser = self.parsers[i]
-        message: dict[str, Any] = {"role": "assistant", "content": text}
+        # refusal: null as OpenAI sends it (the TypeScript SDK's type requires the key).
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
         calls: list[dict[str, Any]] = []
         if parser is not None:
             content, calls = parser.parse(self.plan.forced_prefix + text)

@@ -19,7 +19,14 @@ from qwenserve.api.request_log import RequestTracker, log_request_body
 from qwenserve.api.sampling import build_sampling_params
 from qwenserve.api.serving_chat import wait_or_disconnect
 from qwenserve.api.state import ServerState, new_id
-from qwenserve.api.streaming import SSE_DONE, SSEResponse, merge_streams, sse, with_heartbeat
+from qwenserve.api.streaming import (
+    SSE_DONE,
+    SSEResponse,
+    heartbeat_without_choices,
+    merge_streams,
+    sse,
+    with_heartbeat,
+)
 from qwenserve.engine.outputs import RequestOutput, TokenLogprob
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -160,6 +167,7 @@ class _CompletionContext:
         self.model = state.model_name(req.model)
         self.created = int(time.time())
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        self.finished_choices: set[int] = set()  # indexes whose finish_reason chunk went out
 
     def close_if_unfinished(self) -> None:
         _abort_all(self.state, self.subs)
@@ -177,10 +185,17 @@ class _CompletionContext:
         }
         if self.include_usage:
             payload["usage"] = None
+        if finish is not None:
+            self.finished_choices.add(index)
         return sse(payload)
 
     def heartbeat(self) -> str:
-        return self._chunk(0, "")
+        """An empty text for a choice still running (a finish chunk is a choice's last)."""
+        index = next((i for i in range(len(self.subs) * self.req.n) if i not in self.finished_choices), None)
+        if index is None:
+            return sse(heartbeat_without_choices(self.request_id, "text_completion", self.created, self.model,
+                                                 self.include_usage))
+        return self._chunk(index, "")
 
     def _echo(self, sub: _Sub) -> tuple[str, Any]:
         """Echoed prompt text and, with logprobs, its tokens' logprobs (none for the first token,

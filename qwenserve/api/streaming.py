@@ -29,6 +29,15 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+def heartbeat_without_choices(request_id: str, obj: str, created: int, model: str, include_usage: bool) -> dict:
+    """A keep-alive chunk once every choice has finished (only the usage chunk is left to send):
+    `choices: []`, as the usage chunk has, since a choice's finish chunk must be its last."""
+    payload: dict[str, Any] = {"id": request_id, "object": obj, "created": created, "model": model, "choices": []}
+    if include_usage:
+        payload["usage"] = None
+    return payload
+
+
 async def with_heartbeat(
     source: AsyncIterator[str], heartbeat: Callable[[], str], interval: float = HEARTBEAT_SECONDS
 ) -> AsyncIterator[str]:

@@ -28,6 +28,7 @@ def _qk_norm_rope_kernel(
     v_cache_ptr,
     slot_ptr,
     stride_qkv,
+    stride_term,
     stride_slot,
     stride_ch,
     eps,
@@ -35,18 +36,19 @@ def _qk_norm_rope_kernel(
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr,
+    TERMS: tl.constexpr,
 ):
     token = tl.program_id(0)
     head = tl.program_id(1)  # 0..NUM_HEADS-1 are q heads, then the kv heads
     is_q = head < NUM_HEADS
     offs = tl.arange(0, HALF)
+    dt = q_out_ptr.dtype.element_ty
     base = qkv_ptr + token.to(tl.int64) * stride_qkv + head * HEAD_DIM
-    x1 = tl.load(base + offs).to(tl.float32)
-    x2 = tl.load(base + HALF + offs).to(tl.float32)
+    x1 = _sum_terms(base + offs, stride_term, TERMS, dt)
+    x2 = _sum_terms(base + HALF + offs, stride_term, TERMS, dt)
     rstd = tl.rsqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / HEAD_DIM + eps)
     w_ptr = tl.where(is_q, qw_ptr, kw_ptr)
     # Round to the activation dtype before and after the weight, as the Hugging Face norm does.
-    dt = qkv_ptr.dtype.element_ty
     w1 = tl.load(w_ptr + offs).to(tl.float32)
     w2 = tl.load(w_ptr + HALF + offs).to(tl.float32)
     n1 = ((x1 * rstd).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
@@ -69,8 +71,20 @@ def _qk_norm_rope_kernel(
             tl.store(k_cache_ptr + dst + offs, o1.to(k_cache_ptr.dtype.element_ty))
             tl.store(k_cache_ptr + dst + HALF + offs, o2.to(k_cache_ptr.dtype.element_ty))
             v_src = base + (NUM_KV_HEADS * HEAD_DIM)
-            tl.store(v_cache_ptr + dst + offs, tl.load(v_src + offs).to(v_cache_ptr.dtype.element_ty))
-            tl.store(v_cache_ptr + dst + HALF + offs, tl.load(v_src + HALF + offs).to(v_cache_ptr.dtype.element_ty))
+            v1 = _sum_terms(v_src + offs, stride_term, TERMS, dt)
+            v2 = _sum_terms(v_src + HALF + offs, stride_term, TERMS, dt)
+            tl.store(v_cache_ptr + dst + offs, v1.to(dt).to(v_cache_ptr.dtype.element_ty))
+            tl.store(v_cache_ptr + dst + HALF + offs, v2.to(dt).to(v_cache_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _sum_terms(ptr, stride_term, TERMS: tl.constexpr, dt: tl.constexpr):
+    """The projection's value at ptr as float32, rounded to dt: the sum of its TERMS unreduced
+    split-K terms (linear_unreduced), or the value itself (TERMS == 1)."""
+    x = tl.load(ptr).to(tl.float32)
+    for t in tl.static_range(1, TERMS):
+        x += tl.load(ptr + t * stride_term).to(tl.float32)
+    return x.to(dt).to(tl.float32)
 
 
 def qk_norm_rope_cache(
@@ -88,15 +102,16 @@ def qk_norm_rope_cache(
     slot_mapping: torch.Tensor,
 ) -> torch.Tensor:
     """Normed, rotated q [T, H, D]; the normed, rotated k and the v of every token go straight
-    into their cache slots (see ops.qk_norm_rope_cache)."""
+    into their cache slots (see ops.qk_norm_rope_cache). qkv may be split-K terms [T, S, N]."""
     num_tokens = qkv.shape[0]
-    q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    assert k_cache.is_contiguous() and v_cache.is_contiguous() and qkv.stride(1) == 1
+    terms = qkv.shape[1] if qkv.dim() == 3 else 1
+    q = torch.empty(num_tokens, num_heads, head_dim, dtype=q_weight.dtype, device=qkv.device)
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and qkv.stride(-1) == 1
     if num_tokens:
         _qk_norm_rope_kernel[(num_tokens, num_heads + num_kv_heads)](
             qkv, q, q_weight, k_weight, cos_sin_cache, positions, k_cache, v_cache, slot_mapping,
-            qkv.stride(0), k_cache.stride(1), k_cache.stride(2), eps,
-            NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2,
+            qkv.stride(0), qkv.stride(1) if terms > 1 else 0, k_cache.stride(1), k_cache.stride(2), eps,
+            NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2, TERMS=terms,
             num_warps=1,
         )  # fmt: skip
     return q
@@ -113,12 +128,11 @@ def _add_rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, N_P2)
     mask = c < N
-    dt = x_ptr.dtype.element_ty
+    dt = res_ptr.dtype.element_ty
     x = tl.zeros([N_P2], dtype=tl.float32)
     for k in tl.static_range(TERMS):
         x += tl.load(x_ptr + row * stride_x + k * stride_xk + c, mask=mask, other=0.0).to(tl.float32)
-    if TERMS > 1:
-        x = x.to(dt).to(tl.float32)  # the summed MoE output is an activation, as in the reference
+    x = x.to(dt).to(tl.float32)  # summed terms (MoE or split-K) are an activation, as in the reference
     r = tl.load(res_ptr + row * stride_r + c, mask=mask, other=0.0).to(tl.float32)
     s = (x + r).to(dt)  # the residual stream lives in the activation dtype, as in the reference
     tl.store(res_out_ptr + row * N + c, s, mask=mask)
@@ -133,7 +147,7 @@ def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual) in one pass over [T, N] rows; x may be [T, k, N]
-    (fused_moe's unreduced terms), summed in the same pass."""
+    (fused_moe's or linear_unreduced's unreduced terms), summed in the same pass."""
     terms = x.shape[1] if x.dim() == 3 else 1
     num_rows, n = residual.shape
     assert x.stride(-1) == 1

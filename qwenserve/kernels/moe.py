@@ -263,9 +263,11 @@ def _norm_route_align_kernel(
     num_rows_ptr,
     num_tokens,
     stride_x,
+    stride_xk,
     stride_r,
     stride_g,
     eps,
+    TERMS: tl.constexpr,
     N: tl.constexpr,
     N_P2: tl.constexpr,
     NUM_EXPERTS: tl.constexpr,
@@ -286,12 +288,15 @@ def _norm_route_align_kernel(
     c_ok = c < N
     e_blk = eb * BLOCK_E + tl.arange(0, BLOCK_E)
     e_blk_ok = e_blk < NUM_EXPERTS
-    dt = x_ptr.dtype.element_ty
+    dt = res_ptr.dtype.element_ty
     # The gate slice is loaded first so its latency overlaps the norm.
     gate = tl.load(
         gate_ptr + e_blk[:, None] * stride_g + c[None, :], mask=e_blk_ok[:, None] & c_ok[None, :], other=0.0
     )
-    x = tl.load(x_ptr + row * stride_x + c, mask=c_ok, other=0.0).to(tl.float32)
+    x = tl.zeros([N_P2], dtype=tl.float32)
+    for k in tl.static_range(TERMS):  # o_proj's split-K terms (linear_unreduced), summed here
+        x += tl.load(x_ptr + row * stride_x + k * stride_xk + c, mask=c_ok, other=0.0).to(tl.float32)
+    x = x.to(dt).to(tl.float32)
     r = tl.load(res_ptr + row * stride_r + c, mask=c_ok, other=0.0).to(tl.float32)
     s = (x + r).to(dt)  # rounded as in _add_rms_norm_kernel and the reference
     sf = s.to(tl.float32)
@@ -379,21 +384,23 @@ def norm_route_align(
     block_m: int,
     route: bool = True,
 ) -> tuple[torch.Tensor, ...]:
-    """add_rms_norm, the router GEMV and route_align in one launch, for at most ROUTE_ALIGN_MAX_TOKENS tokens.
+    """add_rms_norm, the router GEMV and route_align in one launch, for at most ROUTE_ALIGN_MAX_TOKENS tokens
+    (x [T, H], or unreduced terms [T, S, H] that the norm sums first).
 
     Returns (normed [T, H], new residual [T, H], routing weights [T, k] in x's dtype, expert ids [T, k]
     int32, sorted_ids, expert_ids, num_rows) with the contracts of add_rms_norm, router_topk and moe_align;
     with route=False only (normed, new residual, router logits [T, E] in x's dtype): the norm and the GEMV.
     """
-    num_tokens, hidden = x.shape
+    num_tokens, hidden = residual.shape
+    terms = x.shape[1] if x.dim() == 3 else 1
     num_experts = gate_weight.shape[0]
     assert 0 < num_tokens <= ROUTE_ALIGN_MAX_TOKENS and top_k & (top_k - 1) == 0
-    assert x.stride(1) == 1 and residual.stride(1) == 1 and gate_weight.stride(1) == 1
+    assert x.stride(-1) == 1 and residual.stride(1) == 1 and gate_weight.stride(1) == 1
     device = x.device
     out = torch.empty_like(residual)
     res_out = torch.empty_like(residual)
-    logits = torch.empty(num_tokens, num_experts, dtype=x.dtype, device=device)
-    weights = torch.empty(num_tokens, top_k, dtype=x.dtype, device=device)
+    logits = torch.empty(num_tokens, num_experts, dtype=residual.dtype, device=device)
+    weights = torch.empty(num_tokens, top_k, dtype=residual.dtype, device=device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
     rows = triton.cdiv(max_sorted_rows(num_tokens * top_k, num_experts, block_m), block_m) * block_m
     sorted_ids = torch.empty(rows, dtype=torch.int32, device=device)
@@ -405,8 +412,8 @@ def norm_route_align(
     grid = (num_tokens, triton.cdiv(num_experts, NORM_ROUTE_BLOCK_E))
     _norm_route_align_kernel[grid](
         x, residual, norm_weight, gate_weight, out, res_out, logits, _launch_counter(device), weights, ids, sorted_ids,
-        expert_ids, num_rows, num_tokens, x.stride(0), residual.stride(0), gate_weight.stride(0), eps,
-        N=hidden, N_P2=triton.next_power_of_2(hidden), NUM_EXPERTS=num_experts,
+        expert_ids, num_rows, num_tokens, x.stride(0), x.stride(1) if terms > 1 else 0, residual.stride(0),
+        gate_weight.stride(0), eps, TERMS=terms, N=hidden, N_P2=triton.next_power_of_2(hidden), NUM_EXPERTS=num_experts,
         E_P2=triton.next_power_of_2(num_experts), BLOCK_E=NORM_ROUTE_BLOCK_E, TOP_K=top_k, T_P2=t_p2,
         NB_P2=triton.next_power_of_2(max_blocks), RENORM=renormalize, BLOCK_M=block_m, ROUTE=route,
         num_warps=NORM_ROUTE_NUM_WARPS,
@@ -798,9 +805,10 @@ def norm_routed_moe(
     """Same contract as ops.norm_routed_moe: the post-attention add + RMSNorm, then routed_moe.
 
     Decode-sized steps do the norm, the router GEMV, the routing and the align in one launch
-    (norm_route_align) before the two expert GEMMs: 3 launches where there were 5.
+    (norm_route_align) before the two expert GEMMs: 3 launches where there were 5. x may be
+    o_proj's split-K terms [T, S, H] (linear_unreduced): the norm sums them.
     """
-    num_tokens, hidden_size = x.shape
+    num_tokens, hidden_size = residual.shape
     if not NORM_ROUTE_FUSED or not 0 < num_tokens <= ROUTE_ALIGN_MAX_TOKENS or top_k & (top_k - 1):
         h, residual = add_rms_norm(x, residual, norm_weight, eps)
         return routed_moe(h, gate_weight, w13, w2, top_k, renormalize), residual

@@ -39,6 +39,13 @@ class AttentionMetadata:
     is_decode_only: bool  # every sequence has exactly one new token
 
 
+def linear_unreduced(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T as [T, N]. A backend may return the product as unreduced split-K terms [T, S, N]
+    instead (qwenserve.kernels.linear); every consumer of a projection (add_rms_norm,
+    norm_routed_moe, qk_norm_rope_cache) sums dim 1 of a 3-D input."""
+    return F.linear(x, weight)
+
+
 def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
@@ -195,10 +202,11 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual): the pre-norm of the next sublayer and the new residual.
 
-    x may be [T, k, H], the unreduced terms of fused_moe(reduce=False): they are summed first.
+    x may be [T, k, H], unreduced terms (fused_moe(reduce=False)'s expert outputs, or a projection's
+    split-K sums from linear_unreduced): they are summed first and rounded to the residual's dtype.
     """
     if x.dim() == 3:
-        x = x.sum(dim=1)
+        x = x.sum(dim=1).to(residual.dtype)
     residual = x + residual
     return rms_norm(residual, weight, eps), residual
 
@@ -214,9 +222,14 @@ def qk_norm_rope(
     head_dim: int,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split qkv [T, (H + 2 KVH) * D]; per-head RMSNorm of q and k, then RoPE at `positions`."""
+    """Split qkv [T, (H + 2 KVH) * D]; per-head RMSNorm of q and k, then RoPE at `positions`.
+
+    qkv may be linear_unreduced's split-K terms [T, S, (H + 2 KVH) * D]: summed first, in the
+    dtype of the norm weights."""
     from qwenserve.model.rope import apply_rope
 
+    if qkv.dim() == 3:
+        qkv = qkv.sum(dim=1).to(q_weight.dtype)
     num_tokens = qkv.shape[0]
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
     cos_sin = cos_sin_cache[positions]

@@ -36,6 +36,7 @@ class Ops:
     routed_moe: Callable = ref_ops.routed_moe  # route + fused_moe(reduce=False), on one device
     norm_routed_moe: Callable = ref_ops.norm_routed_moe  # add_rms_norm + routed_moe, on one device
     linear: Callable = F.linear
+    linear_unreduced: Callable = ref_ops.linear_unreduced  # may return split-K terms [T, S, N]
 
 
 class RMSNorm(nn.Module):
@@ -78,13 +79,16 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         q = self.ops.qk_norm_rope_cache(
-            self.ops.linear(x, self.qkv_proj.weight), self.q_norm.weight, self.k_norm.weight, cos_sin_cache,
+            self.ops.linear_unreduced(x, self.qkv_proj.weight), self.q_norm.weight, self.k_norm.weight, cos_sin_cache,
             positions, self.num_heads, self.num_kv_heads, self.head_dim, self.q_norm.eps,
             self.k_cache, self.v_cache, meta.slot_mapping,
         )  # fmt: skip
         out = self.ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
-        out = self.ops.linear(out.reshape(num_tokens, self.q_size), self.o_proj.weight)
-        return all_reduce(out) if self.world_size > 1 else out
+        out = out.reshape(num_tokens, self.q_size)
+        if self.world_size > 1:
+            return all_reduce(self.ops.linear(out, self.o_proj.weight))
+        # Possibly unreduced split-K terms [T, S, H]: the post-attention norm sums them.
+        return self.ops.linear_unreduced(out, self.o_proj.weight)
 
 
 class DenseMLP(nn.Module):
