@@ -30,7 +30,9 @@ _NEG_BIG = tl.constexpr(
 )  # finite "minus infinity" for running maxima: keeps exp2(m_old - m_new) NaN-free
 
 # Decode tiling. TILE tokens of K and V are gathered per loop step (TILE // block_size blocks).
-DECODE_TILE = 64
+# 128-token tiles at long contexts: -58 / -46 / -149 us per batch-1 step at 4k / 16k / 32k against 64
+# (bench/ab_decode.py, H200); 256 with 8 warps is slower (+32 / +44 / +287 us).
+DECODE_TILE = 128
 DECODE_MAX_SPLITS = 64  # B=1 at 32k: 64 splits 37 us vs 32 splits 45 us (H100)
 DECODE_NUM_WARPS = 4
 # Contexts within DECODE_SHORT_TILE x splits tokens (every split at most one tile) take the narrower

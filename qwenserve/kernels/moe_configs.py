@@ -43,7 +43,8 @@ _QWEN3_MOE = (128, 768, 2048, 8)
 _H200_TABLES: dict[tuple[int, int, int, int], list[tuple[int, MoEConfig]]] = {
     _QWEN3_MOE: [
         # Measured on H200 (bench/kernels.py --tune-moe, cold L2, CUDA graph), 2026-11-24.
-        (1, MoEConfig(16, 32, 64, 4, 6, 64, 64, 4, 5)),
+        # Batch 1: GEMM1 re-picked in the decode graph with routing inside GEMM1 (tune_decode_moe.py, 2026-11-30).
+        (1, MoEConfig(16, 16, 64, 2, 6, 64, 64, 4, 5)),
         (2, MoEConfig(16, 128, 128, 4, 3, 128, 128, 4, 3)),
         (4, MoEConfig(16, 32, 256, 4, 3, 16, 128, 2, 4)),
         (8, MoEConfig(16, 32, 64, 4, 5, 32, 128, 2, 4)),
