@@ -30,9 +30,12 @@ _NEG_BIG = tl.constexpr(
 )  # finite "minus infinity" for running maxima: keeps exp2(m_old - m_new) NaN-free
 
 # Decode tiling. TILE tokens of K and V are gathered per loop step (TILE // block_size blocks).
-# 128-token tiles at long contexts: -58 / -46 / -149 us per batch-1 step at 4k / 16k / 32k against 64
-# (bench/ab_decode.py, H200); 256 with 8 warps is slower (+32 / +44 / +287 us).
-DECODE_TILE = 128
+DECODE_TILE = 64
+# Steps of at most DECODE_WIDE_TILE_MAX_SEQS sequences take 128-token tiles at long contexts: at batch 1
+# -58 / -46 / -149 us per step at 4k / 16k / 32k against 64 (256 with 8 warps: +32 / +44 / +287 us);
+# at 1,280 tokens, batch 8 -9 us, but batch 32 +128 us and batch 64 +343 us (bench/ab_decode.py, H200).
+DECODE_WIDE_TILE = 128
+DECODE_WIDE_TILE_MAX_SEQS = 8
 DECODE_MAX_SPLITS = 64  # B=1 at 32k: 64 splits 37 us vs 32 splits 45 us (H100)
 DECODE_NUM_WARPS = 4
 # Contexts within DECODE_SHORT_TILE x splits tokens (every split at most one tile) take the narrower
@@ -346,7 +349,7 @@ def paged_decode_attention(
     num_warps, num_stages = num_warps or DECODE_NUM_WARPS, num_stages or DECODE_NUM_STAGES
     if tile is None and max_context_len is not None and max_context_len <= DECODE_SHORT_TILE * num_splits:
         tile = DECODE_SHORT_TILE
-    tile = max(tile or DECODE_TILE, 16)
+    tile = max(tile or (DECODE_WIDE_TILE if num_seqs <= DECODE_WIDE_TILE_MAX_SEQS else DECODE_TILE), 16)
     if num_splits > 1:
         part_out = torch.empty(
             num_seqs * num_heads * num_splits, dim_p2, dtype=torch.float32, device=q.device
