@@ -25,14 +25,13 @@ def _size(text: str) -> int:
 
 
 def _length(text: str) -> int:
-    """Token counts such as 32768, 32k or 128K."""
+    """Token counts such as 32768, 32k, 128K or 1m (k = 1024, m = 1024 * 1024)."""
     t = text.strip().lower()
+    scale = {"k": 1 << 10, "m": 1 << 20}.get(t[-1:], 1)
     try:
-        if t.endswith("k"):
-            return int(float(t[:-1]) * 1024)
-        return int(t)
+        return int(float(t[:-1]) * scale) if scale > 1 else int(t)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (use e.g. 32768 or 32k)") from exc
+        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (use e.g. 32768, 32k or 1m)") from exc
 
 
 def _port(text: str) -> int:
@@ -193,6 +192,10 @@ def serve(args: argparse.Namespace) -> int:
         log.error("give the model once: positional %r and --model %r differ", args.model_tag, args.model)
         return 2
     args.model = args.model or args.model_tag
+    if args.api_key is not None and not args.api_key.strip():
+        # `--api-key "$KEY"` with KEY unset would otherwise serve with no key at all.
+        log.error("--api-key is empty (is the variable you passed unset?): give a key, or leave the flag out")
+        return 2
     try:
         config = engine_config(args)
     except ValueError as exc:

@@ -167,22 +167,26 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+            raise ValueError(f"{_flag('load_format')} must be auto or dummy, got {self.load_format!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+            raise ValueError(f"{_flag('dtype')} must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+            raise ValueError(f"{_flag('block_size')} must be a power of two, got {self.block_size}")
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
-        if self.max_queued_requests < 1:
-            raise ValueError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
+            raise ValueError(f"{_flag('gpu_memory_utilization')} must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"{_flag('kv_cache_memory')} must be more than 0 bytes, got {self.kv_cache_memory}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests", "tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
         check_device(self.device)
         if self.max_model_len is not None and self.max_model_len < 16:
-            raise ValueError(f"max_model_len must be >= 16, got {self.max_model_len}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+            raise ValueError(f"{_flag('max_model_len')} must be >= 16, got {self.max_model_len}")
+
+
+def _flag(field: str) -> str:
+    """A config field as the message names it: the field and the `serve` flag that sets it."""
+    return f"{field} (--{field.replace('_', '-')})"
 
 
 def check_device(device: str) -> None:

@@ -148,3 +148,30 @@ def test_ctrl_c_exits_quietly_when_idle_and_while_loading() -> None:
         proc.send_signal(signal.SIGINT)
         out = proc.communicate(timeout=60)[0]
         assert proc.returncode == 130 and "Traceback" not in out, out[-2000:]
+
+
+def test_empty_api_key_and_impossible_kv_memory_are_refused() -> None:
+    """`--api-key "$KEY"` with KEY unset must not serve without a key; a KV size of 0, one under two
+    blocks, or more than the machine has is refused before anything is allocated."""
+    from qwenserve.config import EngineConfig
+    from qwenserve.engine.llm_engine import _check_kv_memory_fits
+
+    assert cli.main(["serve", "--api-key", ""]) == 2
+    assert cli.main(["serve", "--api-key", "  ", "--port", "0"]) == 2
+    assert cli.main(["serve", "--kv-cache-memory", "0"]) == 2
+    with pytest.raises(ValueError, match=r"kv_cache_memory \(--kv-cache-memory\) must be more than 0"):
+        EngineConfig(kv_cache_memory=0)
+    with pytest.raises(ValueError, match="fewer than 2 KV blocks"):
+        _check_kv_memory_fits(1024, 65536, torch.device("cpu"))
+    with pytest.raises(ValueError, match="more than the .* GiB available on this machine"):
+        _check_kv_memory_fits(1 << 60, 65536, torch.device("cpu"))
+    _check_kv_memory_fits(64 << 20, 65536, torch.device("cpu"))
+
+
+def test_token_counts_take_k_and_m() -> None:
+    assert parse("--max-model-len", "32k").max_model_len == 32768
+    assert parse("--max-model-len", "1.5K").max_model_len == 1536
+    assert parse("--max-model-len", "1m").max_model_len == parse("--max-model-len", "1M").max_model_len == 1 << 20
+    assert parse("--max-model-len", "40960").max_model_len == 40960
+    with pytest.raises(SystemExit):
+        parse("--max-model-len", "lots")

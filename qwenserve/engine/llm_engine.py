@@ -94,6 +94,36 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes a KV pool could still take on `device` (the GPU's free memory, the host's available
+    memory), or None where that cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _check_kv_memory_fits(budget: int, per_block: int, device: torch.device) -> None:
+    """Refuse a --kv-cache-memory that holds no KV block or that the device cannot give, before allocating."""
+    gib = 2**30
+    if budget < 2 * per_block:
+        raise ValueError(
+            f"--kv-cache-memory {budget} bytes holds fewer than 2 KV blocks of this model ({per_block} bytes each): "
+            f"give at least {2 * per_block} bytes, e.g. {max(1, -(-64 * per_block // 2**20))}MiB for 64 blocks"
+        )
+    available = _available_memory(device)
+    if available is not None and budget > available:
+        where = "free on the GPU after the weights" if device.type == "cuda" else "available on this machine"
+        raise ValueError(
+            f"--kv-cache-memory {budget / gib:.2f} GiB is more than the {available / gib:.2f} GiB {where}: "
+            "lower it (or leave it out: the pool then takes what --gpu-memory-utilization allows)"
+        )
+
+
 def _limit_cpu_threads(cfg: ModelConfig) -> None:
     """Small models run one op thread on CPU: their ops are too short to split, and OpenMP workers
     that wait on each other turn a microsecond kernel into tens of milliseconds whenever another
@@ -264,6 +294,7 @@ class LLMEngine:
         per_block = kv_bytes_per_block(self.model_config, cfg.block_size, self.dtype, cfg.tensor_parallel_size)
         if cfg.kv_cache_memory is not None:
             budget = cfg.kv_cache_memory
+            _check_kv_memory_fits(budget, per_block, self.device)
         elif self.device.type == "cuda":
             activation_peak = self._profile_activations()
             free, total = torch.cuda.mem_get_info(self.device)
