@@ -239,8 +239,9 @@ class LLMEngine:
         if self.device.type == "cuda":
             self._warmup()
         logger.info(
-            "loaded %s on %s (%s): %d KV blocks of %d tokens, max_model_len %d",
-            name, self.device, self.dtype, num_blocks, cfg.block_size, max_len,
+            "loaded %s on %s (%s): %d KV blocks of %d tokens (%d tokens), max_model_len %d",
+            name, self.device, self.dtype, self.block_manager.num_usable_blocks, cfg.block_size,
+            self.block_manager.num_usable_blocks * cfg.block_size, max_len,
         )
 
     def _start_workers(self, path: Path, max_positions: int) -> None:
