@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from qwenserve.engine.outputs import TokenLogprob
+from qwenserve.engine.outputs import RequestOutput, TokenLogprob
 
 # JSON has no -Infinity; vLLM reports impossible tokens with this floor too.
 _FLOOR = -9999.0
@@ -19,6 +19,15 @@ def _finite(value: float) -> float:
 
 
 TokenBytes = Callable[[int, str], list[int]]
+
+
+def shown_logprobs(out: RequestOutput) -> list[TokenLogprob] | None:
+    """An output's logprobs without the stop token's entry: an EOS or stop_token_ids token ends the
+    text without appearing in it, and OpenAI's logprobs cover only the returned text's tokens."""
+    lps = out.logprobs
+    if lps and out.finish_reason == "stop" and isinstance(out.stop_reason, int) and lps[-1].token_id == out.stop_reason:
+        return lps[:-1]
+    return lps
 
 
 def utf8_bytes(_: int, token: str) -> list[int]:

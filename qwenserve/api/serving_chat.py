@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from qwenserve.api.chat import ToolPlan, normalize_messages, plan_tools, render_chat, scrub_tool_markup
 from qwenserve.api.errors import APIError, aborted, bad_request
-from qwenserve.api.logprobs import chat_logprobs
+from qwenserve.api.logprobs import chat_logprobs, shown_logprobs
 from qwenserve.api.protocol import ChatCompletionRequest
 from qwenserve.api.request_log import RequestTracker, log_request_body
 from qwenserve.api.sampling import build_sampling_params
@@ -229,7 +229,7 @@ class _ChatContext:
                 self.tracker.observe(out)
                 i = out.index
                 if self.want_logprobs and out.logprobs:
-                    pending_lp[i].extend(out.logprobs)
+                    pending_lp[i].extend(shown_logprobs(out) or [])
                 for d in self._deltas(i, out.text, final=out.finish_reason is not None):
                     made_call[i] |= self._count_calls(d)
                     yield self.chunk(i, d, logprobs=self._take(pending_lp, i))
@@ -287,7 +287,7 @@ class _ChatContext:
             self.tracker.observe(out)
             texts[out.index] += out.text
             if out.logprobs:
-                logprobs[out.index].extend(out.logprobs)
+                logprobs[out.index].extend(shown_logprobs(out) or [])
             if out.finish_reason is not None:
                 reasons[out.index] = out.finish_reason
         self.finished = True

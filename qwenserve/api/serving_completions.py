@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from qwenserve.api.errors import APIError, aborted, bad_request
-from qwenserve.api.logprobs import completion_logprobs
+from qwenserve.api.logprobs import completion_logprobs, shown_logprobs
 from qwenserve.api.protocol import CompletionRequest
 from qwenserve.api.request_log import RequestTracker, log_request_body
 from qwenserve.api.sampling import build_sampling_params
@@ -218,6 +218,8 @@ class _CompletionContext:
         if self.prompt_only:
             finish = "length" if out.finish_reason not in (None, "abort") else out.finish_reason
             out = replace(out, text="", token_ids=[], logprobs=None, num_generated_tokens=0, finish_reason=finish)
+        elif out.logprobs:
+            out = replace(out, logprobs=shown_logprobs(out))
         sub.tracker.observe(out)
         return out
 
