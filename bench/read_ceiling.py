@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from qwenserve.kernels import moe
+from qwenserve.kernels.linear import _gemv_split_k_kernel
 from qwenserve.kernels.moe_configs import get_moe_config
 
 
@@ -38,28 +39,12 @@ def _stream_read_kernel(x_ptr, out_ptr, n_blocks, BLOCK: tl.constexpr, UNROLL: t
     tl.store(out_ptr + pid, tl.sum(acc, 0))
 
 
-@triton.jit
-def _gemv_splitk_kernel(x_ptr, w_ptr, out_ptr, N, K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[split, n] = sum over the split's K slice of w[n, k] * x[k]: fp32 partials, summed later."""
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for i in tl.static_range(K_PER_SPLIT // BLOCK_K):
-        k0 = split * K_PER_SPLIT + i * BLOCK_K
-        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + k0 + offs_k[None, :])
-        x = tl.load(x_ptr + k0 + offs_k)
-        acc += w.to(tl.float32) * x[None, :].to(tl.float32)
-    tl.store(out_ptr + split * N + offs_n, tl.sum(acc, 1))
-
-
 def gemv_splitk(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, block_n: int, block_k: int, splits: int,
                 warps: int) -> None:
+    """The engine's split-K GEMV (qwenserve.kernels.linear) at a given tile: fp32 partials in out[split]."""
     n, k = w.shape
-    _gemv_splitk_kernel[(n // block_n, splits)](x, w, out, n, K=k, K_PER_SPLIT=k // splits, BLOCK_N=block_n,
-                                                BLOCK_K=block_k, num_warps=warps)
+    _gemv_split_k_kernel[(n // block_n, splits)](x, w, out, n, w.stride(0), K_PER_SPLIT=k // splits, BLOCK_N=block_n,
+                                                 BLOCK_K=block_k, num_warps=warps)
 
 
 def stream_read(x: torch.Tensor, out: torch.Tensor, programs: int, block: int, unroll: int, warps: int) -> None:
