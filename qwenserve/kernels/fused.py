@@ -73,8 +73,8 @@ def _qk_norm_rope_kernel(
             v_src = base + (NUM_KV_HEADS * HEAD_DIM)
             v1 = _sum_terms(v_src + offs, stride_term, TERMS, dt)
             v2 = _sum_terms(v_src + HALF + offs, stride_term, TERMS, dt)
-            tl.store(v_cache_ptr + dst + offs, v1.to(dt).to(v_cache_ptr.dtype.element_ty))
-            tl.store(v_cache_ptr + dst + HALF + offs, v2.to(dt).to(v_cache_ptr.dtype.element_ty))
+            tl.store(v_cache_ptr + dst + offs, v1.to(v_cache_ptr.dtype.element_ty))
+            tl.store(v_cache_ptr + dst + HALF + offs, v2.to(v_cache_ptr.dtype.element_ty))
 
 
 @triton.jit

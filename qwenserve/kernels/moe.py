@@ -387,9 +387,10 @@ def norm_route_align(
     """add_rms_norm, the router GEMV and route_align in one launch, for at most ROUTE_ALIGN_MAX_TOKENS tokens
     (x [T, H], or unreduced terms [T, S, H] that the norm sums first).
 
-    Returns (normed [T, H], new residual [T, H], routing weights [T, k] in x's dtype, expert ids [T, k]
-    int32, sorted_ids, expert_ids, num_rows) with the contracts of add_rms_norm, router_topk and moe_align;
-    with route=False only (normed, new residual, router logits [T, E] in x's dtype): the norm and the GEMV.
+    Returns (normed [T, H], new residual [T, H], routing weights [T, k] in the residual's dtype, expert ids
+    [T, k] int32, sorted_ids, expert_ids, num_rows) with the contracts of add_rms_norm, router_topk and
+    moe_align; with route=False only (normed, new residual, router logits [T, E] in the residual's dtype):
+    the norm and the GEMV.
     """
     num_tokens, hidden = residual.shape
     terms = x.shape[1] if x.dim() == 3 else 1
