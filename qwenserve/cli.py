@@ -19,9 +19,12 @@ def _size(text: str) -> int:
     from qwenserve.config import parse_size
 
     try:
-        return parse_size(text)
+        size = parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is less than one byte: give a size such as 20GiB")
+    return size
 
 
 def _length(text: str) -> int:
@@ -192,9 +195,13 @@ def serve(args: argparse.Namespace) -> int:
         log.error("give the model once: positional %r and --model %r differ", args.model_tag, args.model)
         return 2
     args.model = args.model or args.model_tag
+    env_key = os.environ.get("QWENSERVE_API_KEY")
+    # `--api-key "$KEY"` (or QWENSERVE_API_KEY=$KEY) with KEY unset would otherwise serve with no key at all.
     if args.api_key is not None and not args.api_key.strip():
-        # `--api-key "$KEY"` with KEY unset would otherwise serve with no key at all.
         log.error("--api-key is empty (is the variable you passed unset?): give a key, or leave the flag out")
+        return 2
+    if args.api_key is None and env_key is not None and not env_key.strip():
+        log.error("QWENSERVE_API_KEY is set but empty: give it a key, or unset it to serve without one")
         return 2
     try:
         config = engine_config(args)
@@ -218,7 +225,7 @@ def serve(args: argparse.Namespace) -> int:
         port=args.port,
         served_model_names=list(args.served_model_name or []),
         # From the environment rather than an argparse default, so --help never shows it.
-        api_key=args.api_key or os.environ.get("QWENSERVE_API_KEY") or None,
+        api_key=args.api_key or env_key or None,
         log_requests=args.log_requests,
     )
     if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):

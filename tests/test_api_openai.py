@@ -244,6 +244,22 @@ def test_stop_string(client: openai.OpenAI) -> None:
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_min_tokens_holds_back_stop_tokens_and_strings(client: openai.OpenAI) -> None:
+    """min_tokens as vLLM means it: the EOS cannot be sampled and stop strings do not match before
+    it (the answer ends after 8 tokens; an EOS sampled and hidden would be fed back to the model)."""
+    r = client.chat.completions.create(
+        model="m", messages=FRANCE, temperature=0, max_tokens=20, logprobs=True, extra_body={"min_tokens": 12}
+    )
+    choice = r.choices[0]
+    assert r.usage.completion_tokens >= 12 and choice.message.content.startswith("The capital of France is Paris.")
+    tokens = [t.token for t in choice.logprobs.content]
+    assert "<|im_end|>" not in tokens and "".join(tokens) == choice.message.content
+    early = client.chat.completions.create(
+        model="m", messages=FRANCE, temperature=0, max_tokens=20, stop=["France"], extra_body={"min_tokens": 10}
+    )
+    assert early.choices[0].message.content.startswith("The capital of France is")
+
+
 def test_logprobs(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
         model="m", messages=FRANCE, temperature=0, logprobs=True, top_logprobs=3, max_tokens=32

@@ -150,7 +150,7 @@ def test_ctrl_c_exits_quietly_when_idle_and_while_loading() -> None:
         assert proc.returncode == 130 and "Traceback" not in out, out[-2000:]
 
 
-def test_empty_api_key_and_impossible_kv_memory_are_refused() -> None:
+def test_empty_api_key_and_impossible_kv_memory_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """`--api-key "$KEY"` with KEY unset must not serve without a key; a KV size of 0, one under two
     blocks, or more than the machine has is refused before anything is allocated."""
     from qwenserve.config import EngineConfig
@@ -158,7 +158,11 @@ def test_empty_api_key_and_impossible_kv_memory_are_refused() -> None:
 
     assert cli.main(["serve", "--api-key", ""]) == 2
     assert cli.main(["serve", "--api-key", "  ", "--port", "0"]) == 2
-    assert cli.main(["serve", "--kv-cache-memory", "0"]) == 2
+    with pytest.raises(SystemExit):
+        parse("--kv-cache-memory", "0.5")  # less than one byte
+    monkeypatch.setenv("QWENSERVE_API_KEY", "")
+    assert cli.main(["serve"]) == 2
+    monkeypatch.delenv("QWENSERVE_API_KEY")
     with pytest.raises(ValueError, match=r"kv_cache_memory \(--kv-cache-memory\) must be more than 0"):
         EngineConfig(kv_cache_memory=0)
     with pytest.raises(ValueError, match="fewer than 2 KV blocks"):

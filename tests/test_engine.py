@@ -164,6 +164,20 @@ def test_stop_token_ids_and_eos(engine: LLMEngine) -> None:
     assert out.token_ids == full.token_ids[: full.token_ids.index(target) + 1]
 
 
+def test_min_tokens_masks_stop_tokens(engine: LLMEngine) -> None:
+    """Before min_tokens the stop token cannot be sampled (the first tokens change where greedy
+    would have picked it); the output then runs on and may stop on it from min_tokens on."""
+    p = prompts(1, seed=21)[0]
+    full = engine.generate([p], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0][0]
+    target = full.token_ids[1]
+    params = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[target], min_tokens=6, logprobs=0)
+    out = engine.generate([p], params)[0][0]
+    assert target not in out.token_ids[:6] and out.token_ids[0] == full.token_ids[0]
+    assert len(out.token_ids) >= 6 and len(out.logprobs) == len(out.token_ids)
+    if out.finish_reason == "stop":
+        assert out.token_ids[-1] == target and target not in out.token_ids[:-1]
+
+
 def test_n_choices_share_the_prompt(engine: LLMEngine) -> None:
     p = prompts(1, seed=31, lo=70, hi=71)[0]
     params = SamplingParams(temperature=1.0, n=3, seed=7, max_tokens=6, ignore_eos=True)

@@ -130,6 +130,10 @@ def test_stop_matcher_holds_back_only_possible_prefixes() -> None:
     assert m.add("E") == ("b", None)
     assert m.add("N") == ("c", None)
     assert m.add("Dx") == ("", "END")
+    before_min = StopStringMatcher(["France"])  # inactive (min_tokens not reached): nothing matches...
+    assert before_min.add("The capital of France", active=False) == ("The capital of F", None)
+    assert before_min.add(" is Fr", active=True) == ("rance ", None)  # ...nor later what it passed,
+    assert before_min.add("ance.", active=True) == ("is ", "France")  # but one ending after it does
     m2 = StopStringMatcher(["</stop>"], include_stop=True)
     assert m2.add("hi </st")[1] is None
     out, hit = m2.add("op> tail")

@@ -59,14 +59,16 @@ class StopStringMatcher:
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.pending = ""
 
-    def add(self, text: str) -> tuple[str, str | None]:
-        """Feed new text; return (text safe to emit, the stop string if one matched)."""
+    def add(self, text: str, active: bool = True) -> tuple[str, str | None]:
+        """Feed new text; return (text safe to emit, the stop string if one matched). While not
+        `active` (the output is still shorter than min_tokens) nothing matches, but the tail is held
+        back as usual, so a stop string that ends after activation still can."""
         if not self.stop:
             return text, None
         self.pending += text
         # Any match ending in the new text starts inside pending: the held-back tail is hold chars long.
         best: tuple[int, str] | None = None
-        for s in self.stop:
+        for s in self.stop if active else ():
             idx = self.pending.find(s)
             if idx >= 0 and (best is None or idx < best[0]):
                 best = (idx, s)

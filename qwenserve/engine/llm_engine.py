@@ -400,6 +400,9 @@ class LLMEngine:
         for i in range(params.n):
             seq = Sequence(request_id, i, prompt_token_ids, params, seed=(base_seed + i) & 0xFFFFFFFF)
             seq.max_tokens = min(params.max_tokens or room, room)
+            if params.min_tokens:
+                eos = () if params.ignore_eos else tuple(self.model_info.eos_token_ids)
+                seq.min_tokens_banned = tuple(dict.fromkeys((*eos, *params.stop_token_ids)))
             self.seq_states[seq.seq_id] = _SeqState(
                 detok=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
                 stop=StopStringMatcher(params.stop, params.include_stop_str_in_output),
@@ -535,10 +538,12 @@ class LLMEngine:
         is_stop_token = token_id in params.stop_token_ids or (
             not params.ignore_eos and token_id in self.model_info.eos_token_ids
         )
+        # min_tokens: stop tokens are masked in the sampler until then, and stop strings do not match.
+        active = seq.num_known_output_tokens >= params.min_tokens
         if is_stop_token and seq.num_known_output_tokens > params.min_tokens:
             seq.finish_reason, seq.stop_reason = "stop", token_id
         else:
-            text, matched = state.stop.add(state.detok.add(token_id))
+            text, matched = state.stop.add(state.detok.add(token_id), active)
             state.new_text.append(text)
             if matched is not None:
                 seq.finish_reason, seq.stop_reason = "stop", matched
@@ -547,7 +552,7 @@ class LLMEngine:
                 seq.finish_reason = "length"
         if seq.finish_reason is not None:
             # Release what was held back: a partial character, or a prefix of a stop string.
-            text, matched = state.stop.add(state.detok.flush())
+            text, matched = state.stop.add(state.detok.flush(), active)
             if matched is not None:
                 seq.finish_reason, seq.stop_reason = "stop", matched
             state.new_text.append(text if matched is not None else text + state.stop.flush())

@@ -64,6 +64,18 @@ def short_context_len() -> int:
     return DECODE_SHORT_CONTEXT
 
 
+def min_tokens_bans(seqs: list[Sequence]) -> tuple[list[int], list[int]] | None:
+    """(rows, token ids) of the logits to mask this step: the stop tokens of every row whose output
+    is still shorter than its min_tokens (vLLM's semantics), or None when no row has one."""
+    rows: list[int] = []
+    ids: list[int] = []
+    for row, seq in enumerate(seqs):
+        if seq.min_tokens_banned and seq.num_output_tokens < seq.params.min_tokens:
+            rows += [row] * len(seq.min_tokens_banned)
+            ids += seq.min_tokens_banned
+    return (rows, ids) if rows else None
+
+
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, world_size: int = 1) -> int:
     """Bytes of K and V for one block across all layers (on one rank: its kv heads only)."""
     elem = torch.tensor([], dtype=dtype).element_size()
@@ -276,6 +288,12 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[rows])
         seqs = inp.sample_seqs
         out = None
+        banned = min_tokens_bans(seqs)
+        if banned is not None:
+            # Rare (a request with min_tokens still short of it): mask on a copy, sample eagerly.
+            rows, ids = (self._to_device(x, torch.int64) for x in banned)
+            logits = logits.index_put((rows, ids), torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+            greedy_ids = graph_key = None
         if all(s.params.greedy and not s.params.needs_penalties and s.params.logprobs is None for s in seqs):
             out = SamplerOutput(token_ids=greedy_ids if greedy_ids is not None else logits.argmax(dim=-1))
         elif graph_key is not None and self.sampler_graphs is not None and self.sampler_kernels:

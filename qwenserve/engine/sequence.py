@@ -42,6 +42,9 @@ class Sequence:
         self.params = params
         self.seed = seed
         self.max_tokens = params.max_tokens or 1
+        # Token ids that end the output (EOS unless ignore_eos, stop_token_ids): the sampler may not pick
+        # them while fewer than params.min_tokens tokens exist. Set by the engine, which knows the EOS ids.
+        self.min_tokens_banned: tuple[int, ...] = ()
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks computed so far
