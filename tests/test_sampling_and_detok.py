@@ -38,6 +38,23 @@ def test_noise_depends_only_on_seed_and_step() -> None:
     assert abs(big.mean().item() - 0.5772) < 0.02 and abs(big.std().item() - 1.2825) < 0.02
 
 
+def test_a_row_draws_the_same_beside_a_row_without_top_k() -> None:
+    """A top-k row batched with a top-k-off row samples from the whole sorted vocabulary; it must draw
+    what it draws alone (from its top candidates), at every step. The draw once added Gumbel noise to
+    -inf for cut tokens, and a token whose noise was +inf (a float32 rounding, ~1 % of full-vocabulary
+    draws) became NaN and won the argmax: a token far outside the row's top-k."""
+    vocab = 151936
+    logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(0)) * 3
+    for step in range(400):
+        steps = torch.full((2,), step, dtype=torch.int64)
+        pair = _batch(2, temperature=torch.full((2,), 0.8), top_k=torch.tensor([20, 0]), top_p=torch.full((2,), 0.8),
+                      steps=steps, needs_top_k_p=True)
+        alone = _batch(1, temperature=torch.full((1,), 0.8), top_k=torch.tensor([20]), top_p=torch.full((1,), 0.8),
+                       steps=steps[:1], needs_top_k_p=True, num_candidates=32)
+        assert sample(logits, pair).token_ids[0] == sample(logits[:1], alone).token_ids[0], step
+    assert torch.isfinite(gumbel_noise(torch.arange(8), torch.zeros(8, dtype=torch.int64), vocab)).all()
+
+
 def test_top_k_top_p_min_p_restrict_the_support() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(300, 1)
     seeds = torch.arange(300, dtype=torch.int64)

@@ -81,8 +81,10 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 def gumbel_noise_at(seeds: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Gumbel(0, 1) noise for each row's (seed, step) at the given token ids ([V] or [B, K])."""
     row = _hash32((_hash32(seeds & _MASK32) + _hash32(steps & _MASK32) * 0x45D9F3B) & _MASK32)
-    bits = _hash32(((token_ids * 0x9E3779B1) & _MASK32) ^ row[:, None]) >> 8  # 24 random bits
-    u = (bits.to(torch.float32) + 0.5) / float(1 << 24)
+    # 23 random bits: (bits + 0.5) / 2^23 stays below 1 in float32. With 24 the top value rounded to
+    # 1.0, whose noise is +inf: about one token in 16.7 million, so ~1 % of full-vocabulary draws.
+    bits = _hash32(((token_ids * 0x9E3779B1) & _MASK32) ^ row[:, None]) >> 9
+    u = (bits.to(torch.float32) + 0.5) / float(1 << 23)
     return -torch.log(-torch.log(u))
 
 
@@ -132,7 +134,9 @@ def choose_from_candidates(
         probs = torch.softmax(scaled.masked_fill(drop, float("-inf")), dim=-1)
         drop |= probs < probs.max(dim=-1, keepdim=True).values * batch.min_p[:, None]
     noise = gumbel_noise_at(batch.seeds, batch.steps, token_ids)
-    choice = (scaled.masked_fill(drop, float("-inf")) + noise).argmax(dim=-1, keepdim=True)
+    # where, not masked_fill + noise: a dropped token must lose whatever its noise (-inf + inf is NaN,
+    # and argmax picks NaN).
+    choice = torch.where(drop, float("-inf"), scaled + noise).argmax(dim=-1, keepdim=True)
     sampled = token_ids.gather(1, choice).squeeze(1)
     return torch.where(batch.temperature > 0, sampled, greedy)
 

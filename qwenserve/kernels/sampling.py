@@ -181,8 +181,8 @@ def _top_k_draw_kernel(
     seed = tl.load(seed_ptr + b).to(tl.int64) & 0xFFFFFFFF
     step = tl.load(step_ptr + b).to(tl.int64) & 0xFFFFFFFF
     row = _hash32((_hash32(seed) + _hash32(step) * 0x45D9F3B) & 0xFFFFFFFF)
-    bits = _hash32(((ids * 0x9E3779B1) & 0xFFFFFFFF) ^ row) >> 8
-    u = (bits.to(tl.float32) + 0.5) / 16777216.0
+    bits = _hash32(((ids * 0x9E3779B1) & 0xFFFFFFFF) ^ row) >> 9  # 23 bits: u < 1 in float32
+    u = (bits.to(tl.float32) + 0.5) / 8388608.0
     score = tl.where(keep, scaled - tl.log(-tl.log(u)), -float("inf"))
     choice = tl.argmax(score, 0)
     sampled = tl.sum(tl.where(offs == choice, ids, 0), 0)
