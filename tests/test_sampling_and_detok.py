@@ -55,6 +55,18 @@ def test_a_row_draws_the_same_beside_a_row_without_top_k() -> None:
     assert torch.isfinite(gumbel_noise(torch.arange(8), torch.zeros(8, dtype=torch.int64), vocab)).all()
 
 
+def test_top_k_fast_path_keeps_the_lowest_ids_of_a_tie() -> None:
+    """A tie group crossing the candidates' cut keeps its lowest ids, as the full sort does: a seeded
+    row draws the same on the fast path (alone) as beside a top-k-off row (full sort)."""
+    logits = torch.cat([torch.full((10,), 3.0), torch.full((10,), 2.0), torch.zeros(44)])[None, :]
+    for seed in range(300):
+        seeds = torch.tensor([seed, seed])
+        alone = _batch(1, top_k=torch.tensor([12]), seeds=seeds[:1], needs_top_k_p=True, num_candidates=16)
+        pair = _batch(2, top_k=torch.tensor([12, 0]), seeds=seeds, needs_top_k_p=True)
+        token = sample(logits, alone).token_ids[0]
+        assert token < 12 and token == sample(logits.repeat(2, 1), pair).token_ids[0], seed
+
+
 def test_top_k_top_p_min_p_restrict_the_support() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(300, 1)
     seeds = torch.arange(300, dtype=torch.int64)

@@ -144,12 +144,17 @@ def choose_from_candidates(
 def candidates(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(values, token ids, sorted) of the logits a row may still draw."""
     if batch.num_candidates:
-        values, ids = logits.topk(min(batch.num_candidates, logits.shape[-1]), dim=-1)
-        # topk leaves the order of equal logits open (bf16 logits tie often); put the lower id first,
-        # as the full sort and the CUDA kernels do, so top-k / top-p cut at the same place (a tie
-        # that runs past the candidates is still cut where topk cuts it).
-        ids, by_id = ids.sort(dim=-1)
-        values, by_value = values.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+        num = min(batch.num_candidates, logits.shape[-1])
+        # topk picks arbitrary members of a tie group that crosses its cut (bf16 logits tie often);
+        # keep the lowest ids instead, as the full sort and the CUDA kernels do, so a row draws the
+        # same whichever path its batch takes: everything above the num-th value, then the
+        # lowest-id ties of it (a second topk on a score that is distinct per token).
+        kth = logits.topk(num, dim=-1).values[:, -1:]
+        ties = logits == kth
+        keep = (logits > kth) | (ties & (ties.cumsum(dim=-1) <= num - (logits > kth).sum(dim=-1, keepdim=True)))
+        order = torch.arange(logits.shape[-1], 0, -1, device=logits.device, dtype=torch.float32)
+        ids = (keep * order).topk(num, dim=-1).indices.sort(dim=-1).values
+        values, by_value = logits.gather(1, ids).sort(dim=-1, descending=True, stable=True)
         return values, ids.gather(1, by_value), True
     if batch.needs_top_k_p:
         values, ids = logits.sort(dim=-1, descending=True, stable=True)
