@@ -150,8 +150,8 @@ def candidates(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor
         # same whichever path its batch takes: everything above the num-th value, then the
         # lowest-id ties of it (a second topk on a score that is distinct per token).
         kth = logits.topk(num, dim=-1).values[:, -1:]
-        ties = logits == kth
-        keep = (logits > kth) | (ties & (ties.cumsum(dim=-1) <= num - (logits > kth).sum(dim=-1, keepdim=True)))
+        above, ties = logits > kth, logits == kth
+        keep = above | (ties & (ties.cumsum(dim=-1) <= num - above.sum(dim=-1, keepdim=True)))
         order = torch.arange(logits.shape[-1], 0, -1, device=logits.device, dtype=torch.float32)
         ids = (keep * order).topk(num, dim=-1).indices.sort(dim=-1).values
         values, by_value = logits.gather(1, ids).sort(dim=-1, descending=True, stable=True)
