@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qwenserve.kernels.pdl import pdl_launch, pdl_start, pdl_wait
 from qwenserve.model.ops import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
@@ -103,10 +104,13 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     TILE: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    PDL_MODE: tl.constexpr = 0,
 ):
+    pdl_start(PDL_MODE)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    pdl_wait(PDL_MODE)
 
     ctx = tl.load(context_lens_ptr + seq)
     num_tiles = tl.cdiv(ctx, TILE)
@@ -176,7 +180,10 @@ def _decode_merge_kernel(
     HEAD_DIM: tl.constexpr,
     DIM_P2: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    PDL_MODE: tl.constexpr = 0,
 ):
+    pdl_start(PDL_MODE)
+    pdl_wait(PDL_MODE)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, NUM_SPLITS)
@@ -385,6 +392,7 @@ def paged_decode_attention(
         NUM_SPLITS=num_splits,
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl_launch(q.device),
     )
     if num_splits > 1:
         _decode_merge_kernel[(num_seqs, num_heads)](
@@ -398,6 +406,7 @@ def paged_decode_attention(
             DIM_P2=dim_p2,
             NUM_SPLITS=num_splits,
             num_warps=DECODE_MERGE_NUM_WARPS,
+            **pdl_launch(q.device),
         )
     return out
 

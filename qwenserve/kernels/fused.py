@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qwenserve.kernels.pdl import pdl_launch, pdl_start, pdl_wait
+
 
 @triton.jit
 def _qk_norm_rope_kernel(
@@ -37,20 +39,23 @@ def _qk_norm_rope_kernel(
     HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr,
     TERMS: tl.constexpr,
+    PDL_MODE: tl.constexpr = 0,
 ):
+    pdl_start(PDL_MODE)
     token = tl.program_id(0)
     head = tl.program_id(1)  # 0..NUM_HEADS-1 are q heads, then the kv heads
     is_q = head < NUM_HEADS
     offs = tl.arange(0, HALF)
     dt = q_out_ptr.dtype.element_ty
+    w_ptr = tl.where(is_q, qw_ptr, kw_ptr)
+    w1 = tl.load(w_ptr + offs).to(tl.float32)
+    w2 = tl.load(w_ptr + HALF + offs).to(tl.float32)
+    pdl_wait(PDL_MODE)
     base = qkv_ptr + token.to(tl.int64) * stride_qkv + head * HEAD_DIM
     x1 = _sum_terms(base + offs, stride_term, TERMS, dt)
     x2 = _sum_terms(base + HALF + offs, stride_term, TERMS, dt)
     rstd = tl.rsqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / HEAD_DIM + eps)
-    w_ptr = tl.where(is_q, qw_ptr, kw_ptr)
     # Round to the activation dtype before and after the weight, as the Hugging Face norm does.
-    w1 = tl.load(w_ptr + offs).to(tl.float32)
-    w2 = tl.load(w_ptr + HALF + offs).to(tl.float32)
     n1 = ((x1 * rstd).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
     n2 = ((x2 * rstd).to(dt).to(tl.float32) * w2).to(dt).to(tl.float32)
     pos = tl.load(pos_ptr + token).to(tl.int64)
@@ -112,7 +117,7 @@ def qk_norm_rope_cache(
             qkv, q, q_weight, k_weight, cos_sin_cache, positions, k_cache, v_cache, slot_mapping,
             qkv.stride(0), qkv.stride(1) if terms > 1 else 0, k_cache.stride(1), k_cache.stride(2), eps,
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2, TERMS=terms,
-            num_warps=1,
+            num_warps=1, **pdl_launch(qkv.device),
         )  # fmt: skip
     return q
 
@@ -123,12 +128,15 @@ ADD_RMS_NORM_WARPS: int | None = None  # None: 4 up to 2048 columns, else 8
 @triton.jit
 def _add_rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_xk, stride_r, eps, N: tl.constexpr,
-    N_P2: tl.constexpr, TERMS: tl.constexpr,
+    N_P2: tl.constexpr, TERMS: tl.constexpr, PDL_MODE: tl.constexpr = 0,
 ):
+    pdl_start(PDL_MODE)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, N_P2)
     mask = c < N
     dt = res_ptr.dtype.element_ty
+    w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    pdl_wait(PDL_MODE)
     x = tl.zeros([N_P2], dtype=tl.float32)
     for k in tl.static_range(TERMS):
         x += tl.load(x_ptr + row * stride_x + k * stride_xk + c, mask=mask, other=0.0).to(tl.float32)
@@ -138,7 +146,6 @@ def _add_rms_norm_kernel(
     tl.store(res_out_ptr + row * N + c, s, mask=mask)
     sf = s.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(sf * sf, 0) / N + eps)
-    w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
     y = ((sf * rstd).to(dt).to(tl.float32) * w).to(dt)
     tl.store(out_ptr + row * N + c, y, mask=mask)
 
@@ -158,6 +165,7 @@ def add_rms_norm(
         _add_rms_norm_kernel[(num_rows,)](
             x, residual, weight, out, res_out, x.stride(0), x.stride(1) if terms > 1 else 0, residual.stride(0),
             eps, N=n, N_P2=n_p2, TERMS=terms, num_warps=ADD_RMS_NORM_WARPS or (4 if n_p2 <= 2048 else 8),
+            **pdl_launch(residual.device),
         )  # fmt: skip
     return out, res_out
 

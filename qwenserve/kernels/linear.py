@@ -17,6 +17,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from qwenserve.kernels.pdl import pdl_launch, pdl_start, pdl_wait
+
 # Steps of at most this many tokens take the GEMV (0: every projection on cuBLAS; A/B switch).
 GEMV_MAX_ROWS = 1
 # (N, K) -> (BLOCK_N, BLOCK_K, SPLITS, num_warps), from bench/read_ceiling.py's sweep (H200).
@@ -28,20 +30,22 @@ GEMV_TILES: dict[tuple[int, int], tuple[int, int, int, int]] = {
 
 @triton.jit
 def _gemv_split_k_kernel(
-    x_ptr, w_ptr, out_ptr, N, stride_wn, K_PER_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+    x_ptr, w_ptr, out_ptr, N, stride_wn, K_PER_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL_MODE: tl.constexpr = 0,
 ):  # fmt: skip
     """out[split, n] = sum over the split's K slice of w[n, k] * x[k] (fp32), for one token."""
+    pdl_start(PDL_MODE)
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    # Unrolled: every K tile's load is issued before the first multiply needs it.
-    for i in tl.static_range(K_PER_SPLIT // BLOCK_K):
-        k0 = split * K_PER_SPLIT + i * BLOCK_K
-        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + k0 + offs_k[None, :])
-        x = tl.load(x_ptr + k0 + offs_k)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    # The split's K slice as [K_PER_SPLIT // BLOCK_K, BLOCK_K] tiles, all loaded before x exists:
+    # under PDL the weights stream while the kernel computing x still runs.
+    tiles = tl.arange(0, K_PER_SPLIT // BLOCK_K)
+    offs_k = split * K_PER_SPLIT + tiles[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    w = tl.load(w_ptr + offs_n[:, None, None].to(tl.int64) * stride_wn + offs_k[None, :, :])
+    pdl_wait(PDL_MODE)
+    x = tl.load(x_ptr + offs_k)
+    acc = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :, :], 1)  # over the tiles, then within one
     tl.store(out_ptr + split * N + offs_n, tl.sum(acc, 1))
 
 
@@ -51,7 +55,9 @@ def gemv_tile(n: int, k: int) -> tuple[int, int, int, int] | None:
     if tile is None:
         return None
     block_n, block_k, splits, _ = tile
-    return tile if n % block_n == 0 and k % (block_k * splits) == 0 else None
+    k_per_split = k // splits
+    powers_of_two = k_per_split & (k_per_split - 1) == 0 and block_n & (block_n - 1) == 0
+    return tile if powers_of_two and n % block_n == 0 and k % (block_k * splits) == 0 else None
 
 
 def linear_unreduced(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -67,6 +73,6 @@ def linear_unreduced(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     for t in range(num_tokens):  # GEMV_MAX_ROWS is small: one launch per token
         _gemv_split_k_kernel[(n // block_n, splits)](
             x[t], weight, out[t], n, weight.stride(0), K_PER_SPLIT=k // splits, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=warps,
+            num_warps=warps, **pdl_launch(x.device),
         )  # fmt: skip
     return out

@@ -34,6 +34,7 @@ import triton.language as tl
 from qwenserve.kernels import moe_configs
 from qwenserve.kernels.fused import add_rms_norm, route
 from qwenserve.kernels.moe_configs import MoEConfig, get_moe_config
+from qwenserve.kernels.pdl import pdl_launch, pdl_start, pdl_wait
 
 # The align kernel (one program per expert, each scanning all pairs) is used up to this many
 # pairs; above it the torch sort path (more launches, but it scans the pairs once) takes over.
@@ -279,7 +280,9 @@ def _norm_route_align_kernel(
     RENORM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     ROUTE: tl.constexpr,
+    PDL_MODE: tl.constexpr = 0,
 ):
+    pdl_start(PDL_MODE)
     # Program (token, expert block): the token's residual add + RMSNorm (every program of the token
     # redoes it: 2 x N values from L2, cheaper than a launch) and its router logits for BLOCK_E experts.
     row = tl.program_id(0).to(tl.int64)
@@ -293,6 +296,8 @@ def _norm_route_align_kernel(
     gate = tl.load(
         gate_ptr + e_blk[:, None] * stride_g + c[None, :], mask=e_blk_ok[:, None] & c_ok[None, :], other=0.0
     )
+    w = tl.load(norm_w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    pdl_wait(PDL_MODE)
     x = tl.zeros([N_P2], dtype=tl.float32)
     for k in tl.static_range(TERMS):  # o_proj's split-K terms (linear_unreduced), summed here
         x += tl.load(x_ptr + row * stride_x + k * stride_xk + c, mask=c_ok, other=0.0).to(tl.float32)
@@ -301,7 +306,6 @@ def _norm_route_align_kernel(
     s = (x + r).to(dt)  # rounded as in _add_rms_norm_kernel and the reference
     sf = s.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(sf * sf, 0) / N + eps)
-    w = tl.load(norm_w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
     y = ((sf * rstd).to(dt).to(tl.float32) * w).to(dt)
     if eb == 0:
         tl.store(res_out_ptr + row * N + c, s, mask=c_ok)
@@ -417,7 +421,7 @@ def norm_route_align(
         gate_weight.stride(0), eps, TERMS=terms, N=hidden, N_P2=triton.next_power_of_2(hidden), NUM_EXPERTS=num_experts,
         E_P2=triton.next_power_of_2(num_experts), BLOCK_E=NORM_ROUTE_BLOCK_E, TOP_K=top_k, T_P2=t_p2,
         NB_P2=triton.next_power_of_2(max_blocks), RENORM=renormalize, BLOCK_M=block_m, ROUTE=route,
-        num_warps=NORM_ROUTE_NUM_WARPS,
+        num_warps=NORM_ROUTE_NUM_WARPS, **pdl_launch(device),
     )  # fmt: skip
     if not route:
         return out, res_out, logits
@@ -482,8 +486,11 @@ def _moe_gemm1_kernel(
     a_ptr, w_ptr, act_ptr, sorted_ids_ptr, expert_ids_ptr, num_rows_ptr, numel, N, K,
     stride_am, stride_we, stride_wn, stride_actm, NUM_ROW_BLOCKS,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PDL_MODE: tl.constexpr = 0,
 ):  # fmt: skip
     """act[row, n] = silu(x[tok] . w13[e, n]) * (x[tok] . w13[e, N + n]) for sorted rows."""
+    pdl_start(PDL_MODE)
+    pdl_wait(PDL_MODE)
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_in_group = GROUP_M * num_pid_n
@@ -543,7 +550,7 @@ def _route_gemm1_kernel(
     logits_ptr, a_ptr, w_ptr, act_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_rows_ptr, numel, N, K,
     stride_am, stride_we, stride_wn, stride_actm,
     NUM_EXPERTS: tl.constexpr, E_P2: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL_MODE: tl.constexpr = 0,
 ):  # fmt: skip
     """Decode steps of a token or two: every program routes its token itself (the softmax top-k of
     the token's router logits: redundant, but shorter than a routing tail in the router's kernel)
@@ -551,6 +558,8 @@ def _route_gemm1_kernel(
     block p of act is that pair's: its row p * BLOCK_M is real, the rest padding (no grouping of
     pairs by expert, so an expert two tokens chose is read twice). The programs of column block 0
     write that layout (sorted_ids, expert_ids, num_rows, the pairs' weights) for GEMM2."""
+    pdl_start(PDL_MODE)
+    pdl_wait(PDL_MODE)
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
     p = pid // tiles_n
@@ -599,8 +608,11 @@ def _moe_gemm2_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PDL_MODE: tl.constexpr = 0,
 ):
     """out[pair, n] = weight[pair] * (act[row] . w2[e, n]) for sorted rows."""
+    pdl_start(PDL_MODE)
+    pdl_wait(PDL_MODE)
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_in_group = GROUP_M * num_pid_n
@@ -674,6 +686,7 @@ def _launch_gemm1(
         GROUP_M=cfg.group_m,
         num_warps=cfg.warps1,
         num_stages=cfg.stages1,
+        **pdl_launch(hidden.device),
     )
 
 
@@ -712,6 +725,7 @@ def _launch_gemm2(
         GROUP_M=cfg.group_m,
         num_warps=cfg.warps2,
         num_stages=cfg.stages2,
+        **pdl_launch(act.device),
     )
 
 
@@ -854,7 +868,7 @@ def _route_in_gemm1(
         logits, h, w13, act, weights, sorted_ids, expert_ids, num_rows, num_pairs, inter, hidden_size,
         h.stride(0), w13.stride(0), w13.stride(1), act.stride(0), NUM_EXPERTS=num_experts,
         E_P2=triton.next_power_of_2(num_experts), TOP_K=top_k, RENORM=renormalize, BLOCK_M=block_m,
-        BLOCK_N=cfg.n1, BLOCK_K=cfg.k1, num_warps=cfg.warps1, num_stages=cfg.stages1,
+        BLOCK_N=cfg.n1, BLOCK_K=cfg.k1, num_warps=cfg.warps1, num_stages=cfg.stages1, **pdl_launch(device),
     )  # fmt: skip
     pair_out = torch.empty(num_pairs, hidden_size, dtype=h.dtype, device=device)
     _launch_gemm2(act, w2, pair_out, sorted_ids, expert_ids, num_rows, weights, cfg)

@@ -1,0 +1,68 @@
+"""Programmatic dependent launch (PDL) for the decode path's kernels, Hopper and later.
+
+A batch-1 decode step is ~430 kernels of a few microseconds each; between two of them the GPU
+drains one grid and ramps the next even inside a CUDA graph. With PDL a kernel is launched
+while its predecessor still runs: its programs start, load what no earlier kernel writes (the
+weights: the GEMVs' whole weight slice) and then block in `wait` until the predecessor's grid
+has finished and its stores are visible. So the next kernel's ramp and weight stream overlap
+the previous kernel's tail.
+
+The contract every kernel launched with PDL keeps (the kernels call `pdl_start` / `pdl_wait`):
+- before `pdl_wait`: no store, and no load of anything a kernel of the step writes (only
+  weights and other constants);
+- every program reaches `pdl_wait` before it exits, so a kernel never finishes before its
+  predecessor, and waiting on the previous kernel transitively waits on all earlier ones.
+
+MODE (A/B switch, read per launch): 0 off; 1 a kernel lets its successor launch once its own
+wait returned; 2 at its start, so successors can queue their weight loads several kernels
+ahead (each successor launches only when every program of its predecessor is resident, so the
+oldest kernel always runs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # Triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: PDL stays off
+    gdc_launch_dependents = gdc_wait = None
+
+MODE = 2
+_capable: dict[int, bool] = {}
+
+
+def pdl_mode(device: torch.device) -> int:
+    """The PDL mode for kernels launched on `device`: MODE on a Hopper-or-later GPU, else 0."""
+    if MODE == 0 or device.type != "cuda" or gdc_wait is None or os.environ.get("TRITON_INTERPRET") == "1":
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _capable:
+        _capable[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return MODE if _capable[index] else 0
+
+
+def pdl_launch(device: torch.device) -> dict[str, int | bool]:
+    """Keyword arguments for a kernel launch: PDL_MODE (the kernel's constexpr) and launch_pdl."""
+    mode = pdl_mode(device)
+    return {"PDL_MODE": mode, "launch_pdl": mode > 0}
+
+
+@triton.jit
+def pdl_start(PDL_MODE: tl.constexpr):
+    """At a kernel's first line: in mode 2 its successor may launch now."""
+    if PDL_MODE == 2:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL_MODE: tl.constexpr):
+    """Before the first load of anything an earlier kernel wrote, and before any store."""
+    if PDL_MODE > 0:
+        gdc_wait()
+    if PDL_MODE == 1:
+        gdc_launch_dependents()
