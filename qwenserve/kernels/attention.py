@@ -392,7 +392,7 @@ def paged_decode_attention(
         NUM_SPLITS=num_splits,
         num_warps=num_warps,
         num_stages=num_stages,
-        **pdl_launch(q.device),
+        **pdl_launch(q.device, "decode"),
     )
     if num_splits > 1:
         _decode_merge_kernel[(num_seqs, num_heads)](
@@ -406,7 +406,7 @@ def paged_decode_attention(
             DIM_P2=dim_p2,
             NUM_SPLITS=num_splits,
             num_warps=DECODE_MERGE_NUM_WARPS,
-            **pdl_launch(q.device),
+            **pdl_launch(q.device, "merge"),
         )
     return out
 

@@ -117,7 +117,7 @@ def qk_norm_rope_cache(
             qkv, q, q_weight, k_weight, cos_sin_cache, positions, k_cache, v_cache, slot_mapping,
             qkv.stride(0), qkv.stride(1) if terms > 1 else 0, k_cache.stride(1), k_cache.stride(2), eps,
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2, TERMS=terms,
-            num_warps=1, **pdl_launch(qkv.device),
+            num_warps=1, **pdl_launch(qkv.device, "qk_norm"),
         )  # fmt: skip
     return q
 
@@ -165,7 +165,7 @@ def add_rms_norm(
         _add_rms_norm_kernel[(num_rows,)](
             x, residual, weight, out, res_out, x.stride(0), x.stride(1) if terms > 1 else 0, residual.stride(0),
             eps, N=n, N_P2=n_p2, TERMS=terms, num_warps=ADD_RMS_NORM_WARPS or (4 if n_p2 <= 2048 else 8),
-            **pdl_launch(residual.device),
+            **pdl_launch(residual.device, "add_rms_norm"),
         )  # fmt: skip
     return out, res_out
 

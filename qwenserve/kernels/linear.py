@@ -73,6 +73,6 @@ def linear_unreduced(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     for t in range(num_tokens):  # GEMV_MAX_ROWS is small: one launch per token
         _gemv_split_k_kernel[(n // block_n, splits)](
             x[t], weight, out[t], n, weight.stride(0), K_PER_SPLIT=k // splits, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=warps, **pdl_launch(x.device),
+            num_warps=warps, **pdl_launch(x.device, "gemv"),
         )  # fmt: skip
     return out

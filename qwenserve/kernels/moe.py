@@ -421,7 +421,7 @@ def norm_route_align(
         gate_weight.stride(0), eps, TERMS=terms, N=hidden, N_P2=triton.next_power_of_2(hidden), NUM_EXPERTS=num_experts,
         E_P2=triton.next_power_of_2(num_experts), BLOCK_E=NORM_ROUTE_BLOCK_E, TOP_K=top_k, T_P2=t_p2,
         NB_P2=triton.next_power_of_2(max_blocks), RENORM=renormalize, BLOCK_M=block_m, ROUTE=route,
-        num_warps=NORM_ROUTE_NUM_WARPS, **pdl_launch(device),
+        num_warps=NORM_ROUTE_NUM_WARPS, **pdl_launch(device, "norm_route"),
     )  # fmt: skip
     if not route:
         return out, res_out, logits
@@ -686,7 +686,7 @@ def _launch_gemm1(
         GROUP_M=cfg.group_m,
         num_warps=cfg.warps1,
         num_stages=cfg.stages1,
-        **pdl_launch(hidden.device),
+        **pdl_launch(hidden.device, "gemm1"),
     )
 
 
@@ -725,7 +725,7 @@ def _launch_gemm2(
         GROUP_M=cfg.group_m,
         num_warps=cfg.warps2,
         num_stages=cfg.stages2,
-        **pdl_launch(act.device),
+        **pdl_launch(act.device, "gemm2"),
     )
 
 
@@ -868,7 +868,7 @@ def _route_in_gemm1(
         logits, h, w13, act, weights, sorted_ids, expert_ids, num_rows, num_pairs, inter, hidden_size,
         h.stride(0), w13.stride(0), w13.stride(1), act.stride(0), NUM_EXPERTS=num_experts,
         E_P2=triton.next_power_of_2(num_experts), TOP_K=top_k, RENORM=renormalize, BLOCK_M=block_m,
-        BLOCK_N=cfg.n1, BLOCK_K=cfg.k1, num_warps=cfg.warps1, num_stages=cfg.stages1, **pdl_launch(device),
+        BLOCK_N=cfg.n1, BLOCK_K=cfg.k1, num_warps=cfg.warps1, num_stages=cfg.stages1, **pdl_launch(device, "route_gemm1"),
     )  # fmt: skip
     pair_out = torch.empty(num_pairs, hidden_size, dtype=h.dtype, device=device)
     _launch_gemm2(act, w2, pair_out, sorted_ids, expert_ids, num_rows, weights, cfg)
