@@ -16,11 +16,13 @@ The contract every kernel launched with PDL keeps (the kernels call `pdl_start` 
 MODE (A/B switch, read per launch): 0 off; 1 a kernel lets its successor launch once its own
 wait returned (its predecessor is done), so a kernel runs while only the next one loads its
 weights; 2 at its start, so successors can queue several kernels ahead (each launches only when
-every program of its predecessor is resident, so the oldest kernel always runs). Mode 2 for
-every kernel measured slower at batch 1 (+110 us per step on an H200: the queued programs hold
-SM slots the running kernel's would use), mode 1 faster (-130 us at 512 context, -172 at 32k);
-EARLY names the small kernels that trigger at their start anyway, so the projection after them
-loads its weights during the kernel before them.
+every program of its predecessor is resident, so the oldest kernel always runs). EARLY names
+the kernels that trigger at their start under mode 1. Batch-1 decode graph on an H200
+(bench/ab_decode.py), step time against no PDL (2,777 us at 512 context, 3,700 at 32k): mode 2
+for every kernel +110 / +112 us (queued programs hold SM slots the running kernel needs); mode 1
+-130 / -181 us; mode 1 with these EARLY -318 / -353 us: the norm before qkv, and q/k-norm,
+attention and the merge before o_proj, so each projection streams its weights while the small
+kernels before it run. Batch 8: -140 us either way.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ except ImportError:  # pragma: no cover - older Triton: PDL stays off
     gdc_launch_dependents = gdc_wait = None
 
 MODE = 1
-EARLY: frozenset[str] = frozenset()
+EARLY: frozenset[str] = frozenset({"add_rms_norm", "qk_norm", "decode", "merge"})
 _capable: dict[int, bool] = {}
 
 
