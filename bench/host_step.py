@@ -1,0 +1,98 @@
+"""Is batch-1 decode bound by the GPU or by the host's Python? Times one engine's steps both ways.
+
+Usage on a GPU machine: PYTHONPATH=. python3 bench/host_step.py CONFIG_DIR [--context 512] [--tokens 256] [--profile]
+Per step it prints the medians of: the GPU's period (an event recorded after each launch, so
+the time between two is what the GPU spent on a step, bubbles included), the host's busy time
+(step() minus the time collect() waited for the GPU) and its parts (launch, wait). A host busy
+time near the GPU period means the host is the bound: the GPU idles between steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import random
+import statistics
+import time
+
+import torch
+
+from qwenserve.config import EngineConfig
+from qwenserve.engine.llm_engine import LLMEngine
+from qwenserve.engine.sampling_params import SamplingParams
+
+
+def timed_decode(engine: LLMEngine, context: int, tokens: int, params: SamplingParams) -> dict[str, float]:
+    """Decode `tokens` after a `context`-token prompt; medians in microseconds."""
+    runner = engine.runner
+    waits: list[float] = []
+    launches: list[float] = []
+    events: list[torch.cuda.Event] = []
+    collect, launch = runner.collect, runner.launch
+
+    def timed_collect(step):  # noqa: ANN001, ANN202
+        t = time.perf_counter()
+        out = collect(step)
+        waits.append(time.perf_counter() - t)
+        return out
+
+    def timed_launch(batch):  # noqa: ANN001, ANN202
+        t = time.perf_counter()
+        out = launch(batch)
+        launches.append(time.perf_counter() - t)
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        events.append(ev)
+        return out
+
+    runner.collect, runner.launch = timed_collect, timed_launch
+    rng = random.Random(0)
+    engine.add_request("host-step", [rng.randrange(150000) for _ in range(context)], params)
+    steps: list[float] = []
+    try:
+        while engine.has_unfinished():
+            t = time.perf_counter()
+            engine.step()
+            steps.append(time.perf_counter() - t)
+    finally:
+        del runner.collect, runner.launch
+    torch.cuda.synchronize()
+    skip = 8  # the prefill and the first steps
+    gpu = [a.elapsed_time(b) * 1000 for a, b in zip(events[skip:-2], events[skip + 1 : -1], strict=True)]
+    busy = [(s - w) * 1e6 for s, w in zip(steps[skip:-2], waits[skip:-2], strict=True)]
+    return {
+        "gpu_period_us": statistics.median(gpu),
+        "host_busy_us": statistics.median(busy),
+        "host_launch_us": statistics.median(x * 1e6 for x in launches[skip:-2]),
+        "host_wait_us": statistics.median(x * 1e6 for x in waits[skip:-2]),
+        "step_us": statistics.median(x * 1e6 for x in steps[skip:-2]),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("config")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--profile", action="store_true", help="also cProfile the host over one greedy run")
+    args = p.parse_args()
+    engine = LLMEngine(EngineConfig(model=args.config, load_format="dummy", max_model_len=args.context + 2048))
+    greedy = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, seed=1,
+                             max_tokens=args.tokens, ignore_eos=True)  # fmt: skip
+    timed_decode(engine, args.context, 16, greedy)  # compiles and warms every path once
+    timed_decode(engine, args.context, 16, sampled)
+    for name, params in (("greedy", greedy), ("sampled", sampled)):
+        res = timed_decode(engine, args.context, args.tokens, params)
+        print(name, " ".join(f"{k} {v:.0f}" for k, v in res.items()), flush=True)
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        timed_decode(engine, args.context, args.tokens, greedy)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
