@@ -50,22 +50,25 @@ def timed_decode(engine: LLMEngine, context: int, tokens: int, params: SamplingP
     rng = random.Random(0)
     engine.add_request("host-step", [rng.randrange(150000) for _ in range(context)], params)
     steps: list[float] = []
+    step_waits: list[float] = []
     try:
         while engine.has_unfinished():
+            seen = len(waits)
             t = time.perf_counter()
             engine.step()
             steps.append(time.perf_counter() - t)
+            step_waits.append(sum(waits[seen:]))
     finally:
         del runner.collect, runner.launch
     torch.cuda.synchronize()
     skip = 8  # the prefill and the first steps
     gpu = [a.elapsed_time(b) * 1000 for a, b in zip(events[skip:-2], events[skip + 1 : -1], strict=True)]
-    busy = [(s - w) * 1e6 for s, w in zip(steps[skip:-2], waits[skip:-2], strict=True)]
+    busy = [(s - w) * 1e6 for s, w in zip(steps[skip:-2], step_waits[skip:-2], strict=True)]
     return {
         "gpu_period_us": statistics.median(gpu),
         "host_busy_us": statistics.median(busy),
         "host_launch_us": statistics.median(x * 1e6 for x in launches[skip:-2]),
-        "host_wait_us": statistics.median(x * 1e6 for x in waits[skip:-2]),
+        "host_wait_us": statistics.median(x * 1e6 for x in step_waits[skip:-2]),
         "step_us": statistics.median(x * 1e6 for x in steps[skip:-2]),
     }
 
@@ -81,8 +84,8 @@ def main() -> None:
     greedy = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
     sampled = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, seed=1,
                              max_tokens=args.tokens, ignore_eos=True)  # fmt: skip
-    timed_decode(engine, args.context, 16, greedy)  # compiles and warms every path once
-    timed_decode(engine, args.context, 16, sampled)
+    timed_decode(engine, args.context, 32, greedy)  # compiles and warms every path once
+    timed_decode(engine, args.context, 32, sampled)
     for name, params in (("greedy", greedy), ("sampled", sampled)):
         res = timed_decode(engine, args.context, args.tokens, params)
         print(name, " ".join(f"{k} {v:.0f}" for k, v in res.items()), flush=True)
