@@ -79,6 +79,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--profile", action="store_true", help="also cProfile the host over one greedy run")
+    p.add_argument("--trace", help="also write a Chrome trace (torch.profiler) of 10 greedy decode steps here")
     args = p.parse_args()
     engine = LLMEngine(EngineConfig(model=args.config, load_format="dummy", max_model_len=args.context + 2048))
     greedy = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
@@ -95,6 +96,24 @@ def main() -> None:
         timed_decode(engine, args.context, args.tokens, greedy)
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    if args.trace:
+        write_trace(engine, args.context, greedy, args.trace)
+
+
+def write_trace(engine: LLMEngine, context: int, params: SamplingParams, path: str) -> None:
+    """The GPU timeline (kernels, copies) and host calls of 10 steady decode steps."""
+    rng = random.Random(1)
+    engine.add_request("trace", [rng.randrange(150000) for _ in range(context)], params)
+    for _ in range(40):
+        engine.step()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(10):
+            engine.step()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(path)
+    while engine.has_unfinished():
+        engine.step()
 
 
 if __name__ == "__main__":
