@@ -98,6 +98,27 @@ def main() -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     if args.trace:
         write_trace(engine, args.context, greedy, args.trace)
+    replay_alone(engine, args.context, greedy)
+
+
+def replay_alone(engine: LLMEngine, context: int, params: SamplingParams) -> None:
+    """The engine's own batch-1 graph replayed back to back on one step's inputs (as bench/ab_decode.py
+    times it): against gpu_period_us, what the engine adds between and around its graphs."""
+    rng = random.Random(2)
+    engine.add_request("alone", [rng.randrange(150000) for _ in range(context)], params)
+    for _ in range(12):
+        engine.step()
+    graph = engine.runner.graphs.graphs[engine.runner.graphs.last_key]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(100):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    print(f"engine graph {engine.runner.graphs.last_key} replayed alone: {start.elapsed_time(end) * 10:.0f} us", flush=True)
+    while engine.has_unfinished():
+        engine.step()
 
 
 def write_trace(engine: LLMEngine, context: int, params: SamplingParams, path: str) -> None:

@@ -360,6 +360,9 @@ def _route_align_last(
 # Experts per program of the fused norm + router (E / BLOCK_E programs per token).
 NORM_ROUTE_BLOCK_E = 4
 NORM_ROUTE_NUM_WARPS = 4
+# Without the routing tail (1-2 tokens: GEMM1 routes) 8 warps: -16 us per batch-1 step at 512
+# context, -106 at 32k (bench/ab_decode.py, H200, with PDL).
+NORM_ONLY_NUM_WARPS = 8
 # False: decode steps run add_rms_norm, the router GEMV and route_align as three launches (A/B switch).
 NORM_ROUTE_FUSED = True
 
@@ -421,7 +424,7 @@ def norm_route_align(
         gate_weight.stride(0), eps, TERMS=terms, N=hidden, N_P2=triton.next_power_of_2(hidden), NUM_EXPERTS=num_experts,
         E_P2=triton.next_power_of_2(num_experts), BLOCK_E=NORM_ROUTE_BLOCK_E, TOP_K=top_k, T_P2=t_p2,
         NB_P2=triton.next_power_of_2(max_blocks), RENORM=renormalize, BLOCK_M=block_m, ROUTE=route,
-        num_warps=NORM_ROUTE_NUM_WARPS, **pdl_launch(device, "norm_route"),
+        num_warps=NORM_ROUTE_NUM_WARPS if route else NORM_ONLY_NUM_WARPS, **pdl_launch(device, "norm_route"),
     )  # fmt: skip
     if not route:
         return out, res_out, logits
