@@ -19,7 +19,9 @@ import time
 import torch
 
 from qwenserve.config import EngineConfig
+from qwenserve.engine import model_runner
 from qwenserve.engine.llm_engine import LLMEngine
+from qwenserve.engine.model_runner import DecodeGraphs
 from qwenserve.engine.sampling_params import SamplingParams
 
 
@@ -79,6 +81,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--profile", action="store_true", help="also cProfile the host over one greedy run")
+    p.add_argument("--replay-only", action="store_true", help="only the graph replays")
     p.add_argument("--trace", help="also write a Chrome trace (torch.profiler) of 10 greedy decode steps here")
     args = p.parse_args()
     engine = LLMEngine(EngineConfig(model=args.config, load_format="dummy", max_model_len=args.context + 2048))
@@ -87,6 +90,9 @@ def main() -> None:
                              max_tokens=args.tokens, ignore_eos=True)  # fmt: skip
     timed_decode(engine, args.context, 32, greedy)  # compiles and warms every path once
     timed_decode(engine, args.context, 32, sampled)
+    if args.replay_only:
+        replay_alone(engine, args.context, greedy)
+        return
     for name, params in (("greedy", greedy), ("sampled", sampled)):
         res = timed_decode(engine, args.context, args.tokens, params)
         print(name, " ".join(f"{k} {v:.0f}" for k, v in res.items()), flush=True)
@@ -108,7 +114,26 @@ def replay_alone(engine: LLMEngine, context: int, params: SamplingParams) -> Non
     engine.add_request("alone", [rng.randrange(150000) for _ in range(context)], params)
     for _ in range(12):
         engine.step()
-    graph = engine.runner.graphs.graphs[engine.runner.graphs.last_key]
+    runner = engine.runner
+    print(f"engine graph {runner.graphs.last_key} replayed alone: {_replay_us(runner.graphs):.0f} us", flush=True)
+    engine_graphs = runner.graphs
+    cases = [("fresh, batch 1 only", 1, 0), ("fresh ladder", engine.config.max_num_seqs, 0),
+             ("fresh ladder, own pools up to 2", engine.config.max_num_seqs, 2)]
+    for name, max_num_seqs, own_pool in cases:
+        model_runner.OWN_POOL_MAX_BATCH = own_pool
+        runner.graphs = DecodeGraphs(runner.model, max_num_seqs, engine_graphs.max_blocks, runner.block_size,
+                                     runner.device)  # fmt: skip
+        for _ in range(3):
+            engine.step()
+        print(f"{name}: {_replay_us(runner.graphs):.0f} us", flush=True)
+    model_runner.OWN_POOL_MAX_BATCH = 0
+    runner.graphs = engine_graphs
+    for rid in list(engine.requests):
+        engine.abort(rid)
+
+
+def _replay_us(graphs: DecodeGraphs) -> float:
+    graph = graphs.graphs[graphs.last_key]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
@@ -116,9 +141,7 @@ def replay_alone(engine: LLMEngine, context: int, params: SamplingParams) -> Non
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    print(f"engine graph {engine.runner.graphs.last_key} replayed alone: {start.elapsed_time(end) * 10:.0f} us", flush=True)
-    while engine.has_unfinished():
-        engine.step()
+    return start.elapsed_time(end) * 10
 
 
 def write_trace(engine: LLMEngine, context: int, params: SamplingParams, path: str) -> None:
