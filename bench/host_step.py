@@ -19,7 +19,6 @@ import time
 import torch
 
 from qwenserve.config import EngineConfig
-from qwenserve.engine import model_runner
 from qwenserve.engine.llm_engine import LLMEngine
 from qwenserve.engine.model_runner import DecodeGraphs
 from qwenserve.engine.sampling_params import SamplingParams
@@ -117,16 +116,12 @@ def replay_alone(engine: LLMEngine, context: int, params: SamplingParams) -> Non
     runner = engine.runner
     print(f"engine graph {runner.graphs.last_key} replayed alone: {_replay_us(runner.graphs):.0f} us", flush=True)
     engine_graphs = runner.graphs
-    cases = [("fresh, batch 1 only", 1, 0), ("fresh ladder", engine.config.max_num_seqs, 0),
-             ("fresh ladder, own pools up to 2", engine.config.max_num_seqs, 2)]
-    for name, max_num_seqs, own_pool in cases:
-        model_runner.OWN_POOL_MAX_BATCH = own_pool
+    for name, max_num_seqs in (("fresh, batch 1 only", 1), ("fresh ladder", engine.config.max_num_seqs)):
         runner.graphs = DecodeGraphs(runner.model, max_num_seqs, engine_graphs.max_blocks, runner.block_size,
                                      runner.device)  # fmt: skip
         for _ in range(3):
             engine.step()
         print(f"{name}: {_replay_us(runner.graphs):.0f} us", flush=True)
-    model_runner.OWN_POOL_MAX_BATCH = 0
     runner.graphs = engine_graphs
     for rid in list(engine.requests):
         engine.abort(rid)

@@ -55,9 +55,6 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 # Batches up to this size also get a graph for short contexts, where the decode attention uses
 # narrower tiles (see DECODE_SHORT_CONTEXT in qwenserve.kernels.attention).
 SHORT_GRAPH_MAX_BATCH = 2
-# Graphs of batches up to this size get a memory pool of their own instead of sharing the ladder's
-# (A/B switch).
-OWN_POOL_MAX_BATCH = 0
 
 
 def short_context_len() -> int:
@@ -426,12 +423,10 @@ class DecodeGraphs:
             model.compute_logits(model(*args))  # warm up: autotuning and lazy init stay out of the graph
             torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
-            own_pool = bs <= OWN_POOL_MAX_BATCH
-            with torch.cuda.graph(graph, pool=None if own_pool else pool):
+            with torch.cuda.graph(graph, pool=pool):
                 self.outputs[bs, short] = model.compute_logits(model(*args))
                 self.greedy_ids[bs, short] = self.outputs[bs, short].argmax(dim=-1)
-            if not own_pool:
-                pool = graph.pool()
+            pool = graph.pool()
             self.graphs[bs, short] = graph
         torch.cuda.synchronize(device)
         logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1fs", len(variants), n, time.perf_counter() - start)
