@@ -56,11 +56,11 @@ def pdl_mode(device: torch.device) -> int:
 
 def pdl_launch(device: torch.device, kernel: str) -> dict[str, int | bool]:
     """Keyword arguments for launching `kernel` (a name EARLY may hold): PDL_MODE (the kernel's
-    constexpr) and launch_pdl."""
+    constexpr) and, only when PDL is on, launch_pdl (Triton before 3.4 rejects the option)."""
     mode = pdl_mode(device)
-    if mode == 1 and kernel in EARLY:
-        mode = 2
-    return {"PDL_MODE": mode, "launch_pdl": mode > 0}
+    if mode == 0:
+        return {"PDL_MODE": 0}
+    return {"PDL_MODE": 2 if kernel in EARLY else mode, "launch_pdl": True}
 
 
 @triton.jit

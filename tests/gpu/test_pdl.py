@@ -23,7 +23,7 @@ def test_pdl_is_on_for_hopper() -> None:
     from qwenserve.kernels import pdl
 
     assert pdl.pdl_mode(torch.device("cuda")) == pdl.MODE > 0
-    assert pdl.pdl_launch(torch.device("cpu"), "gemv") == {"PDL_MODE": 0, "launch_pdl": False}
+    assert pdl.pdl_launch(torch.device("cpu"), "gemv") == {"PDL_MODE": 0}
 
 
 @pytest.mark.parametrize("max_num_seqs", [1, 8])
