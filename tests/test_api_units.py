@@ -15,7 +15,6 @@ from qwenserve.api.chat import (
     normalize_tools,
     plan_tools,
     render_chat,
-    scrub_tool_markup,
 )
 from qwenserve.api.errors import APIError, format_loc
 from qwenserve.api.logprobs import byte_level_token_bytes, chat_logprobs, completion_logprobs
@@ -221,12 +220,6 @@ def test_logprob_shapes() -> None:
         "top_logprobs": [None, {"Hi": -0.5, "Yo": -9999.0}],
         "text_offset": [0, 1],
     }
-
-
-def test_stray_call_tags_never_reach_content() -> None:
-    assert scrub_tool_markup("<tool_call>\n") == ""
-    assert scrub_tool_markup("<tool_call>\n<tool_call>\nHere you go.") == "\n\nHere you go."
-    assert scrub_tool_markup("plain\n") == "plain\n"
 
 
 def test_parallel_tool_calls_false_streams_only_the_first_call() -> None:

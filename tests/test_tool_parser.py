@@ -453,7 +453,12 @@ def test_truncated_output_closes_the_call() -> None:
         content, calls = parse_both(WRITE_FILE, base + cut)
         assert content == "Writing.\n"
         assert calls == [("write_file", {"path": "a.txt", "content": "line1\nline2"})], cut
-    assert parse_both(WRITE_FILE, "Hi <tool_c") == ("Hi ", [])
+    # <tool_call> is one token, so its prefix at the end is text; a line-start <function= prefix
+    # may be a call cut off mid-tag and is dropped.
+    assert parse_both(WRITE_FILE, "Hi <tool_c") == ("Hi <tool_c", [])
+    assert parse_both(WRITE_FILE, "Use List<t") == ("Use List<t", [])
+    assert parse_both(WRITE_FILE, "Hi\n<func") == ("Hi\n", [])
+    assert parse_both(WRITE_FILE, "Hi <func") == ("Hi <func", [])
     assert parse_both(WRITE_FILE, "Hi <tool_call>\n") == ("Hi ", [])
     assert parse_both(WRITE_FILE, "Hi <tool_call>\n<function=wri") == ("Hi ", [])
     assert parse_both(WRITE_FILE, "<tool_call>\n<function=write_file>") == (None, [("write_file", {})])
@@ -811,3 +816,21 @@ def test_doubled_opening_tag_is_one_call_and_no_content() -> None:
         p = Qwen3CoderToolParser(TOOLS)
         deltas = [d for i in range(0, len(text), size) for d in p.feed(text[i : i + size])] + p.finish()
         assert not any("content" in d for d in deltas)
+
+
+def test_function_tag_mid_line_is_prose() -> None:
+    """Explaining the format ("written as `<function=NAME>`") is content, not a call to NAME; a call
+    whose <tool_call> the model left out still opens at a line start."""
+    prose = "Each call is written as `<function=NAME>` followed by `<parameter=ARG>` lines.\nSo match the name first."
+    assert parse_both(TOOLS, prose) == (prose, [])
+    call = "<function=get_current_weather>\n<parameter=city>\nDallas\n</parameter>\n</function>"
+    assert parse_both(TOOLS, "Checking.\n  " + call) == ("Checking.\n  ", [("get_current_weather", {"city": "Dallas"})])
+
+
+def test_stray_call_tags_are_dropped_alike_in_every_chunking() -> None:
+    """<tool_call> / </tool_call> are dedicated tokens, never prose: a stray one is dropped by the parser
+    itself, so streamed deltas and the whole text agree (the whitespace around it stays)."""
+    assert parse_both(TOOLS, "Done.</tool_call> Bye") == ("Done. Bye", [])
+    assert parse_both(TOOLS, "Step 1.\n\n</tool_call>Step 2.") == ("Step 1.\n\nStep 2.", [])
+    assert parse_both(TOOLS, "<tool_call>\n") == (None, [])
+    assert parse_both(TOOLS, "I show <tool_call>example</tool_call> here.") == ("I show example here.", [])

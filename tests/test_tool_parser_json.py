@@ -113,7 +113,7 @@ def test_wrong_shape_is_dropped(bad: str) -> None:
 
 def test_literal_tool_call_in_prose_is_content() -> None:
     text = "I show <tool_call>example</tool_call> here."
-    assert parse_both(text) == (text, [])
+    assert parse_both(text) == ("I show example here.", [])  # the text stays, the stray tags go
 
 
 def test_truncated_block_is_closed() -> None:
@@ -122,7 +122,7 @@ def test_truncated_block_is_closed() -> None:
         [("w", {"content": "trunc"})],
     )
     assert parse_both("Hi <tool_call>\n") == ("Hi ", [])
-    assert parse_both("Hi <tool_ca") == ("Hi ", [])
+    assert parse_both("Hi <tool_ca") == ("Hi <tool_ca", [])  # <tool_call> is one token: a prefix is text
 
 
 def test_junk_after_object_is_dropped() -> None:
@@ -185,3 +185,12 @@ def test_streaming_equals_non_streaming_random() -> None:
             assert [c["function"] for c in s_calls] == [c["function"] for c in calls], text
         for call in calls:
             assert isinstance(json.loads(call["function"]["arguments"]), dict)
+
+
+def test_block_cut_off_inside_the_name_is_no_call() -> None:
+    """Generation ended (max_tokens) inside the function name: no call to a truncated name."""
+    assert parse_both('Let me check.\n<tool_call>\n{"name": "get_wea') == ("Let me check.\n", [])
+    assert parse_both('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par') == (
+        None,
+        [("get_weather", {"city": "Par"})],
+    )

@@ -131,21 +131,6 @@ def normalize_tools(tools: list[Tool] | None) -> list[dict[str, Any]] | None:
     return out
 
 
-# <tool_call> and </tool_call> are dedicated tokens in Qwen's vocabulary, never prose; a stray
-# one (the model opening a call twice, or never writing <function=) must not reach content.
-_CALL_TAGS = ("<tool_call>", "</tool_call>")
-
-
-def scrub_tool_markup(text: str) -> str:
-    """Content without stray <tool_call> / </tool_call> tags; "" if only whitespace was left
-    around them (e.g. "<tool_call>\n"), so a bare tag never becomes a content delta."""
-    if not any(tag in text for tag in _CALL_TAGS):
-        return text
-    for tag in _CALL_TAGS:
-        text = text.replace(tag, "")
-    return text if text.strip() else ""
-
-
 @dataclass
 class ToolPlan:
     """How a chat request uses tools: what the template sees, whether to parse the output,

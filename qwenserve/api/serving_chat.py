@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from qwenserve.api.chat import ToolPlan, normalize_messages, plan_tools, render_chat, scrub_tool_markup
+from qwenserve.api.chat import ToolPlan, normalize_messages, plan_tools, render_chat
 from qwenserve.api.errors import APIError, aborted, bad_request
 from qwenserve.api.logprobs import chat_logprobs, shown_logprobs
 from qwenserve.api.protocol import ChatCompletionRequest
@@ -206,9 +206,6 @@ class _ChatContext:
         deltas = list(parser.feed(text)) if text else []
         if final:
             deltas += list(parser.finish())
-        for d in deltas:
-            if d.get("content"):
-                d["content"] = scrub_tool_markup(d["content"])
         if self.one_call:
             deltas = first_call_only(deltas)
         return [d for d in deltas if d.get("content") or d.get("tool_calls")]
@@ -310,7 +307,7 @@ class _ChatContext:
         if parser is not None:
             content, calls = parser.parse(self.plan.forced_prefix + text)
             calls = calls[:1] if self.one_call else calls
-            message["content"] = None if content is None else (scrub_tool_markup(content) or None)
+            message["content"] = content
             if calls:
                 message["tool_calls"] = calls
                 self.tracker.tool_calls += len(calls)

@@ -30,6 +30,10 @@ written through ``write_file`` routinely contain ``</parameter>`` or whole
   ``</tool_call>`` that is itself followed by the end or another call;
 * line-start ``<tool_call>`` / ``<function=`` inside a value open a literal
   nesting level, inside which nothing is structural until the matching close.
+
+Outside calls, a ``<function=`` opens a call without its ``<tool_call>`` only at
+a line start (mid-line it is prose about the format), and stray ``<tool_call>`` /
+``</tool_call>`` tags (dedicated tokens, never prose) are dropped from content.
 """
 
 from __future__ import annotations
@@ -203,18 +207,33 @@ class ToolParserBase:
         return lt
 
     def _content_other_tag(self, lt: int, final: bool, tags: tuple[str, ...]) -> bool:
-        """A '<' that opens none of `tags`: wait while it may still become one, else emit it."""
+        """A '<' that opens none of `tags`: wait while it may still become one, else emit it.
+
+        A stray ``</tool_call>`` is dropped: it and ``<tool_call>`` are dedicated tokens in Qwen's
+        vocabulary, never prose (the model closing a call twice, or one it never opened).
+        """
         buf = self._buf
-        if is_partial(buf, lt, tags):
+        if buf.startswith(TOOL_CALL_END, lt):
+            self._pos = lt + len(TOOL_CALL_END)
+            return True
+        if is_partial(buf, lt, (*tags, TOOL_CALL_END)):
             if not final:
                 return False
-            # A cut-off tag prefix is dropped rather than leaked as markup.
-            self._emit_content("<" if len(buf) - lt == 1 else "")
+            # Cut off by the end of generation: the prefix of a multi-token tag (<function=) is dropped
+            # rather than leaked as markup; the call tags are single tokens, so a prefix of theirs is text.
+            rest = buf[lt:]
+            multi_token = [t for t in tags if t not in (TOOL_CALL, TOOL_CALL_END)]
+            self._emit_content("" if len(rest) > 1 and is_partial(buf, lt, tuple(multi_token)) else rest)
             self._pos = len(buf)
             return False
         self._emit_content("<")
         self._pos = lt + 1
         return True
+
+    def _at_line_start(self, i: int) -> bool:
+        """Whether only whitespace precedes ``i`` on its line (or ``i`` starts the text)."""
+        line_start = self._buf.rfind("\n", 0, i) + 1
+        return not self._buf[line_start:i].strip()
 
     # ------------------------------------------------------------------ emission helpers
 
@@ -340,10 +359,13 @@ class Qwen3CoderToolParser(ToolParserBase):
             return False
         if self._buf.startswith(TOOL_CALL, lt):
             return self._content_tool_call(lt, final)
-        if self._buf.startswith(FUNCTION, lt):
+        # A call whose <tool_call> the model left out starts a line; mid-line it is prose
+        # ("each call is written as `<function=NAME>`").
+        line_start = self._at_line_start(lt)
+        if self._buf.startswith(FUNCTION, lt) and line_start:
             self._state = _HEADER
             return True
-        return self._content_other_tag(lt, final, (TOOL_CALL, FUNCTION))
+        return self._content_other_tag(lt, final, (TOOL_CALL, FUNCTION) if line_start else (TOOL_CALL,))
 
     def _content_tool_call(self, lt: int, final: bool) -> bool:
         buf = self._buf
@@ -360,8 +382,7 @@ class Qwen3CoderToolParser(ToolParserBase):
                 return False
             self._pos = len(buf)
             return False
-        # "<tool_call>example</tool_call>" in prose is not a call: keep the text.
-        self._emit_content(TOOL_CALL)
+        # "<tool_call>example</tool_call>" is not a call: keep the text, drop the stray tags.
         self._pos = lt + len(TOOL_CALL)
         return True
 

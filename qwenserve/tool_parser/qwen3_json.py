@@ -36,6 +36,8 @@ _IN_STRING = re.compile(r'[\\"]')
 _OUTSIDE = re.compile(r'["{}\[\]<]')
 _CLOSING = {"{": "}", "[": "]"}
 _NOT_A_CALL: Any = object()
+# A complete "name" member: the key, then a whole string (escapes allowed).
+_NAME_DONE = re.compile(r'"name"\s*:\s*"(?:[^"\\]|\\.)*"')
 
 
 class Qwen3JsonToolParser(ToolParserBase):
@@ -71,8 +73,7 @@ class Qwen3JsonToolParser(ToolParserBase):
             if final:
                 self._pos = j
             return False
-        if buf[j] != "{":
-            self._emit_content(TOOL_CALL)
+        if buf[j] != "{":  # not a call: the text stays, the stray tag goes (see _content_other_tag)
             self._pos = lt + len(TOOL_CALL)
             return True
         self._in_block = True
@@ -140,6 +141,8 @@ class Qwen3JsonToolParser(ToolParserBase):
         self._scan = k
         if not final:
             return None
+        if not _NAME_DONE.search(buf, self._json_start):
+            return "", len(buf)  # cut off before its name was complete: no call (as the XML parser)
         return self._repaired(len(buf)), len(buf)
 
     def _repaired(self, end: int) -> str:
@@ -172,7 +175,7 @@ class Qwen3JsonToolParser(ToolParserBase):
         return True
 
     def _end_block(self, text: str, block_end: int) -> None:
-        call = _interpret(text)
+        call = _interpret(text) if text else _NOT_A_CALL
         if call is None:
             # Unparseable: keep what the model wrote rather than lose it.
             self._emit_content(self._buf[self._block_start : block_end])
