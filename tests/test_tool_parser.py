@@ -834,3 +834,15 @@ def test_stray_call_tags_are_dropped_alike_in_every_chunking() -> None:
     assert parse_both(TOOLS, "Step 1.\n\n</tool_call>Step 2.") == ("Step 1.\n\nStep 2.", [])
     assert parse_both(TOOLS, "<tool_call>\n") == (None, [])
     assert parse_both(TOOLS, "I show <tool_call>example</tool_call> here.") == ("I show example here.", [])
+
+
+def test_text_between_function_end_and_tool_call_end_is_dropped() -> None:
+    """A parameter written after its function closed is part of the malformed call, not content (the demo
+    model does this when tool_choice names a tool it would not call); prose after a call that never
+    writes </tool_call> stays content."""
+    junk = "<tool_call>\n<function=get_current_weather>\n</function>\n<parameter=command>\nls\n</parameter>\n</function>\n</tool_call>"
+    assert parse_both(TOOLS, junk + "\nDone.") == ("\nDone.", [("get_current_weather", {})])
+    unclosed = "<tool_call>\n<function=get_current_weather>\n</function>\nThat is all."
+    assert parse_both(TOOLS, unclosed) == ("\nThat is all.", [("get_current_weather", {})])
+    two = unclosed + "\n<tool_call>\n<function=calculate_area>\n</function>\n</tool_call>"
+    assert parse_both(TOOLS, two) == ("\nThat is all.\n", [("get_current_weather", {}), ("calculate_area", {})])

@@ -490,6 +490,15 @@ class Qwen3CoderToolParser(ToolParserBase):
             if not final:
                 return False
             self._pos = len(buf)
+        else:
+            # Text between </function> and its </tool_call> (a parameter written after the function
+            # closed) belongs to the malformed call, not to content: dropped, as the JSON parser drops
+            # junk after its object. Without a </tool_call> before the next call or the end, it is content.
+            hits = [(p, tag) for tag in (TOOL_CALL_END, TOOL_CALL, FUNCTION) if (p := buf.find(tag, j)) >= 0]
+            if not hits and not final:
+                return False
+            if hits and min(hits)[1] == TOOL_CALL_END:
+                self._pos = min(hits)[0] + len(TOOL_CALL_END)
         self._to_content()
         return True
 
