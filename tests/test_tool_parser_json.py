@@ -194,3 +194,11 @@ def test_block_cut_off_inside_the_name_is_no_call() -> None:
         None,
         [("get_weather", {"city": "Par"})],
     )
+
+
+def test_block_cut_off_inside_a_key_keeps_the_complete_members() -> None:
+    """max_tokens ending a call inside a key: the call with what was complete, not raw markup as content."""
+    assert parse_both('<tool_call>\n{"name": "get_weather", "argu') == (None, [("get_weather", {})])
+    assert parse_both('<tool_call>\n{"name": "get_weather", "arguments": {"ci') == (None, [("get_weather", {})])
+    cut = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "units": "metric", "da'
+    assert parse_both(cut) == (None, [("get_weather", {"city": "Paris", "units": "metric"})])

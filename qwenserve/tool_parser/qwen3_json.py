@@ -52,6 +52,7 @@ class Qwen3JsonToolParser(ToolParserBase):
         self._stack: list[str] = []
         self._in_str = False
         self._obj_end = -1
+        self._cut_off = False
 
     def _step(self, final: bool) -> bool:
         return self._step_block(final) if self._in_block else self._step_content(final)
@@ -82,6 +83,7 @@ class Qwen3JsonToolParser(ToolParserBase):
         self._stack = []
         self._in_str = False
         self._obj_end = -1
+        self._cut_off = False
         return True
 
     # ------------------------------------------------------------------ inside a block
@@ -141,6 +143,7 @@ class Qwen3JsonToolParser(ToolParserBase):
         self._scan = k
         if not final:
             return None
+        self._cut_off = True
         if not _NAME_DONE.search(buf, self._json_start):
             return "", len(buf)  # cut off before its name was complete: no call (as the XML parser)
         return self._repaired(len(buf)), len(buf)
@@ -176,6 +179,10 @@ class Qwen3JsonToolParser(ToolParserBase):
 
     def _end_block(self, text: str, block_end: int) -> None:
         call = _interpret(text) if text else _NOT_A_CALL
+        if self._cut_off and text and (call is None or call is _NOT_A_CALL):
+            # Cut off inside a key ('{"name": "f", "argu'): the call with its complete members.
+            trimmed = _interpret(_without_partial_member(text))
+            call = call if trimmed is None or trimmed is _NOT_A_CALL else trimmed
         if call is None:
             # Unparseable: keep what the model wrote rather than lose it.
             self._emit_content(self._buf[self._block_start : block_end])
@@ -207,3 +214,32 @@ def _interpret(text: str) -> Any:
     except (TypeError, ValueError, RecursionError):
         return _NOT_A_CALL
     return name, arguments
+
+
+def _without_partial_member(text: str) -> str:
+    """``text`` (a repaired, closed JSON object) cut back to its last complete member: before the last
+    ``,`` or after the last ``{`` / ``[`` outside strings, with the brackets then open closed again."""
+    stack: list[str] = []
+    in_str = escaped = False
+    cut, cut_stack = "", []
+    for i, c in enumerate(text):
+        if in_str:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_str = False
+            continue
+        if c == '"':
+            in_str = True
+        elif c in _CLOSING:
+            stack.append(c)
+            cut, cut_stack = text[: i + 1], list(stack)
+        elif c in "}]":
+            if stack:
+                stack.pop()
+        elif c == ",":
+            cut, cut_stack = text[:i], list(stack)
+    return cut + "".join(_CLOSING[c] for c in reversed(cut_stack))
+
