@@ -242,6 +242,11 @@ def test_stop_string(client: openai.OpenAI) -> None:
     )
     assert r.choices[0].message.content == "The capital of France is"
     assert r.choices[0].finish_reason == "stop"
+    kept = client.chat.completions.create(
+        model="m", messages=FRANCE, temperature=0, stop=[" Paris"], max_tokens=32,
+        extra_body={"include_stop_str_in_output": True},
+    )  # fmt: skip
+    assert kept.choices[0].message.content == "The capital of France is Paris"
 
 
 def test_min_tokens_holds_back_stop_tokens_and_strings(client: openai.OpenAI) -> None:

@@ -108,6 +108,7 @@ class SamplingFields(_StrictScalars):
     max_tokens: int | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False  # vLLM's: keep the matched stop string
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -58,6 +58,7 @@ def build_sampling_params(
         max_tokens=max_tokens,
         min_tokens=req.min_tokens,
         stop=_stop_list(req.stop),
+        include_stop_str_in_output=req.include_stop_str_in_output,
         stop_token_ids=stop_ids,
         ignore_eos=req.ignore_eos,
         n=req.n,
