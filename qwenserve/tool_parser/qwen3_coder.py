@@ -361,8 +361,11 @@ class Qwen3CoderToolParser(ToolParserBase):
             return self._content_tool_call(lt, final)
         # A call whose <tool_call> the model left out starts a line; mid-line it is prose
         # ("each call is written as `<function=NAME>`").
-        line_start = self._at_line_start(lt)
-        if self._buf.startswith(FUNCTION, lt) and line_start:
+        buf = self._buf
+        # (Looked up only near a <function=: a long line of HTML has many '<'.)
+        maybe_function = buf.startswith(FUNCTION, lt) or is_partial(buf, lt, (FUNCTION,))
+        line_start = maybe_function and self._at_line_start(lt)
+        if buf.startswith(FUNCTION, lt) and line_start:
             self._state = _HEADER
             return True
         return self._content_other_tag(lt, final, (TOOL_CALL, FUNCTION) if line_start else (TOOL_CALL,))
