@@ -40,13 +40,14 @@ except ImportError:  # pragma: no cover - older Triton: PDL stays off
     gdc_launch_dependents = gdc_wait = None
 
 MODE = 1
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter has no griddepcontrol
 EARLY: frozenset[str] = frozenset({"add_rms_norm", "qk_norm", "decode", "merge", "gemm2"})
 _capable: dict[int, bool] = {}
 
 
 def pdl_mode(device: torch.device) -> int:
     """The PDL mode for kernels launched on `device`: MODE on a Hopper-or-later GPU, else 0."""
-    if MODE == 0 or device.type != "cuda" or gdc_wait is None or os.environ.get("TRITON_INTERPRET") == "1":
+    if MODE == 0 or device.type != "cuda" or gdc_wait is None or _INTERPRETED:
         return 0
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _capable:

@@ -500,8 +500,9 @@ class Qwen3CoderToolParser(ToolParserBase):
             hits = [(p, tag) for tag in (TOOL_CALL_END, TOOL_CALL, FUNCTION) if (p := buf.find(tag, j)) >= 0]
             if not hits and not final:
                 return False
-            if hits and min(hits)[1] == TOOL_CALL_END:
-                self._pos = min(hits)[0] + len(TOOL_CALL_END)
+            first, tag = min(hits, default=(0, ""))
+            if tag == TOOL_CALL_END:
+                self._pos = first + len(TOOL_CALL_END)
         self._to_content()
         return True
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from qwenserve.tool_parser.qwen3_coder import (
@@ -33,7 +34,7 @@ from qwenserve.tool_parser.qwen3_coder import (
 from qwenserve.tool_parser.schema import NOT_DECODED, decode_literal, is_valid_name
 
 _IN_STRING = re.compile(r'[\\"]')
-_OUTSIDE = re.compile(r'["{}\[\]<]')
+_OUTSIDE = re.compile(r'["{}\[\],<]')
 _CLOSING = {"{": "}", "[": "]"}
 _NOT_A_CALL: Any = object()
 # A complete "name" member: the key, then a whole string (escapes allowed).
@@ -52,7 +53,9 @@ class Qwen3JsonToolParser(ToolParserBase):
         self._stack: list[str] = []
         self._in_str = False
         self._obj_end = -1
-        self._cut_off = False
+        # Where the last complete member ends (before a ',', after a '{' / '['), with the brackets then open.
+        self._member_cut: tuple[int, tuple[str, ...]] | None = None
+        self._cut_back = ""  # a cut-off block's JSON up to that point, closed
 
     def _step(self, final: bool) -> bool:
         return self._step_block(final) if self._in_block else self._step_content(final)
@@ -83,7 +86,8 @@ class Qwen3JsonToolParser(ToolParserBase):
         self._stack = []
         self._in_str = False
         self._obj_end = -1
-        self._cut_off = False
+        self._member_cut = None
+        self._cut_back = ""
         return True
 
     # ------------------------------------------------------------------ inside a block
@@ -128,6 +132,9 @@ class Qwen3JsonToolParser(ToolParserBase):
                 self._in_str = True
             elif c in _CLOSING:
                 self._stack.append(c)
+                self._member_cut = (k, tuple(self._stack))
+            elif c == ",":
+                self._member_cut = (m.start(), tuple(self._stack))
             elif c in "}]":
                 if self._stack:
                     self._stack.pop()
@@ -143,17 +150,20 @@ class Qwen3JsonToolParser(ToolParserBase):
         self._scan = k
         if not final:
             return None
-        self._cut_off = True
+        if self._member_cut is not None:
+            self._cut_back = self._closed(*self._member_cut)
         if not _NAME_DONE.search(buf, self._json_start):
             return "", len(buf)  # cut off before its name was complete: no call (as the XML parser)
         return self._repaired(len(buf)), len(buf)
 
     def _repaired(self, end: int) -> str:
         """The JSON text up to ``end`` with an open string and brackets closed."""
-        text = self._buf[self._json_start : end].rstrip()
-        if self._in_str:
-            text += '"'
-        return text + "".join(_CLOSING[c] for c in reversed(self._stack))
+        return self._closed(end, self._stack, self._in_str)
+
+    def _closed(self, end: int, stack: Sequence[str], in_str: bool = False) -> str:
+        """The JSON text up to ``end``, then a quote if ``in_str`` and the closers of ``stack``."""
+        text = self._buf[self._json_start : end].rstrip() + ('"' if in_str else "")
+        return text + "".join(_CLOSING[c] for c in reversed(stack))
 
     def _after_object(self, final: bool) -> bool:
         buf = self._buf
@@ -179,9 +189,9 @@ class Qwen3JsonToolParser(ToolParserBase):
 
     def _end_block(self, text: str, block_end: int) -> None:
         call = _interpret(text) if text else _NOT_A_CALL
-        if self._cut_off and text and (call is None or call is _NOT_A_CALL):
+        if self._cut_back and text and (call is None or call is _NOT_A_CALL):
             # Cut off inside a key ('{"name": "f", "argu'): the call with its complete members.
-            trimmed = _interpret(_without_partial_member(text))
+            trimmed = _interpret(self._cut_back)
             call = call if trimmed is None or trimmed is _NOT_A_CALL else trimmed
         if call is None:
             # Unparseable: keep what the model wrote rather than lose it.
@@ -214,32 +224,4 @@ def _interpret(text: str) -> Any:
     except (TypeError, ValueError, RecursionError):
         return _NOT_A_CALL
     return name, arguments
-
-
-def _without_partial_member(text: str) -> str:
-    """``text`` (a repaired, closed JSON object) cut back to its last complete member: before the last
-    ``,`` or after the last ``{`` / ``[`` outside strings, with the brackets then open closed again."""
-    stack: list[str] = []
-    in_str = escaped = False
-    cut, cut_stack = "", []
-    for i, c in enumerate(text):
-        if in_str:
-            if escaped:
-                escaped = False
-            elif c == "\\":
-                escaped = True
-            elif c == '"':
-                in_str = False
-            continue
-        if c == '"':
-            in_str = True
-        elif c in _CLOSING:
-            stack.append(c)
-            cut, cut_stack = text[: i + 1], list(stack)
-        elif c in "}]":
-            if stack:
-                stack.pop()
-        elif c == ",":
-            cut, cut_stack = text[:i], list(stack)
-    return cut + "".join(_CLOSING[c] for c in reversed(cut_stack))
 
