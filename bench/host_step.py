@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import pstats
 import random
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,6 +25,9 @@ from qwenserve.config import EngineConfig
 from qwenserve.engine.llm_engine import LLMEngine
 from qwenserve.engine.model_runner import DecodeGraphs
 from qwenserve.engine.sampling_params import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ab_decode import parse_variant  # noqa: E402
 
 
 def timed_decode(engine: LLMEngine, context: int, tokens: int, params: SamplingParams) -> dict[str, float]:
@@ -82,15 +88,24 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="also cProfile the host over one greedy run")
     p.add_argument("--replay-only", action="store_true", help="only the graph replays")
     p.add_argument("--trace", help="also write a Chrome trace (torch.profiler) of 10 greedy decode steps here")
+    p.add_argument("--set", default="", help="module settings before the engine starts, as in ab_decode.py: "
+                   "qwenserve.kernels.pdl.MODE=0")  # fmt: skip
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--kv-gib", type=float, help="KV cache size (default: what the GPU's memory leaves)")
+    p.add_argument("--kernels", help="also write per-kernel replay times of the engine's and a fresh graph here (JSON)")
     args = p.parse_args()
-    engine = LLMEngine(EngineConfig(model=args.config, load_format="dummy", max_model_len=args.context + 2048))
+    for owner, attr, value in parse_variant(f"set:{args.set}")[1]:
+        setattr(owner, attr, value)
+    engine = LLMEngine(EngineConfig(model=args.config, load_format="dummy", max_model_len=args.context + 2048,
+                                    max_num_seqs=args.max_num_seqs,
+                                    kv_cache_memory=int(args.kv_gib * 2**30) if args.kv_gib else None))  # fmt: skip
     greedy = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
     sampled = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, seed=1,
                              max_tokens=args.tokens, ignore_eos=True)  # fmt: skip
     timed_decode(engine, args.context, 32, greedy)  # compiles and warms every path once
     timed_decode(engine, args.context, 32, sampled)
     if args.replay_only:
-        replay_alone(engine, args.context, greedy)
+        replay_alone(engine, args.context, greedy, args.kernels)
         return
     for name, params in (("greedy", greedy), ("sampled", sampled)):
         res = timed_decode(engine, args.context, args.tokens, params)
@@ -103,10 +118,10 @@ def main() -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     if args.trace:
         write_trace(engine, args.context, greedy, args.trace)
-    replay_alone(engine, args.context, greedy)
+    replay_alone(engine, args.context, greedy, args.kernels)
 
 
-def replay_alone(engine: LLMEngine, context: int, params: SamplingParams) -> None:
+def replay_alone(engine: LLMEngine, context: int, params: SamplingParams, kernels_path: str | None = None) -> None:
     """The engine's own batch-1 graph replayed back to back on one step's inputs (as bench/ab_decode.py
     times it): against gpu_period_us, what the engine adds between and around its graphs."""
     rng = random.Random(2)
@@ -116,12 +131,17 @@ def replay_alone(engine: LLMEngine, context: int, params: SamplingParams) -> Non
     runner = engine.runner
     print(f"engine graph {runner.graphs.last_key} replayed alone: {_replay_us(runner.graphs):.0f} us", flush=True)
     engine_graphs = runner.graphs
+    kernels = {"engine": _kernel_us(engine_graphs)} if kernels_path else {}
     for name, max_num_seqs in (("fresh, batch 1 only", 1), ("fresh ladder", engine.config.max_num_seqs)):
         runner.graphs = DecodeGraphs(runner.model, max_num_seqs, engine_graphs.max_blocks, runner.block_size,
                                      runner.device)  # fmt: skip
         for _ in range(3):
             engine.step()
         print(f"{name}: {_replay_us(runner.graphs):.0f} us", flush=True)
+        if kernels_path:
+            kernels[name] = _kernel_us(runner.graphs)
+    if kernels_path:
+        Path(kernels_path).write_text(json.dumps(kernels, indent=1))
     runner.graphs = engine_graphs
     for rid in list(engine.requests):
         engine.abort(rid)
@@ -137,6 +157,26 @@ def _replay_us(graphs: DecodeGraphs) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 10
+
+
+def _kernel_us(graphs: DecodeGraphs, replays: int = 20) -> dict[str, list[float]]:
+    """Per kernel name of one graph replay: [calls, total us, min us, max us] (torch.profiler sees inside graphs)."""
+    graph = graphs.graphs[graphs.last_key]
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    out: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = ev.device_time
+        row = out.setdefault(ev.name[:90], [0, 0.0, us, us])
+        row[0] += 1 / replays
+        row[1] += us / replays
+        row[2], row[3] = min(row[2], us), max(row[3], us)
+    return out
 
 
 def write_trace(engine: LLMEngine, context: int, params: SamplingParams, path: str) -> None:

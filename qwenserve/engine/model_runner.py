@@ -393,6 +393,9 @@ class DecodeGraphs:
     """
 
     def __init__(self, model: Qwen3ForCausalLM, max_num_seqs: int, max_blocks: int, block_size: int, device: torch.device):
+        from qwenserve.kernels.pdl import prime_pdl  # Triton: CUDA only
+
+        self.prime_pdl = prime_pdl
         self.model = model
         self.sizes = graph_batch_sizes(max_num_seqs)
         self.max_bs = self.sizes[-1]
@@ -477,5 +480,6 @@ class DecodeGraphs:
         """Replay the graph for the step just loaded; returns (logits [n, vocab], their argmax [n])."""
         key, n = self.key(inp), len(inp.input_ids)
         self.last_key = key
+        self.prime_pdl(self.input_ids.device)
         self.graphs[key].replay()
         return self.outputs[key][:n], self.greedy_ids[key][:n]
