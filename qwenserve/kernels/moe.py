@@ -548,22 +548,6 @@ def _gemm1_tile(
     )
 
 
-@triton.jit
-def _pair_route(
-    logits_ptr, p, NUM_EXPERTS: tl.constexpr, E_P2: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr,
-    CACHE: tl.constexpr,
-):  # fmt: skip
-    """Expert (int64) and routing weight (fp32) of pair p = token * TOP_K + k: the token's k-th choice."""
-    e = tl.arange(0, E_P2)
-    e_ok = e < NUM_EXPERTS
-    logit = tl.load(logits_ptr + (p // TOP_K) * NUM_EXPERTS + e[None, :], mask=e_ok[None, :], other=float("-inf"),
-                    cache_modifier=CACHE)  # fmt: skip
-    top_w, top_i = _softmax_topk(logit.to(tl.float32), tl.arange(0, 1) < 1, e, e_ok, 1, E_P2, TOP_K, RENORM)
-    mine = tl.arange(0, TOP_K)[None, :] == p % TOP_K
-    expert = tl.sum(tl.sum(tl.where(mine, top_i, 0), 1), 0)
-    return expert.to(tl.int64), tl.sum(tl.sum(tl.where(mine, top_w, 0.0), 1), 0)
-
-
 @triton.jit(do_not_specialize=["numel"])
 def _route_gemm1_kernel(
     logits_ptr, a_ptr, w_ptr, act_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_rows_ptr, numel, N, K,
@@ -583,18 +567,25 @@ def _route_gemm1_kernel(
     tiles_n = tl.cdiv(N, BLOCK_N)
     p = pid // tiles_n
     pid_n = pid % tiles_n
-    expert, weight = _pair_route(logits_ptr, p, NUM_EXPERTS, E_P2, TOP_K, RENORM, "")
+    token = p // TOP_K
+    e = tl.arange(0, E_P2)
+    e_ok = e < NUM_EXPERTS
+    logit = tl.load(logits_ptr + token * NUM_EXPERTS + e[None, :], mask=e_ok[None, :], other=float("-inf"))
+    top_w, top_i = _softmax_topk(logit.to(tl.float32), tl.arange(0, 1) < 1, e, e_ok, 1, E_P2, TOP_K, RENORM)
+    mine = tl.arange(0, TOP_K)[None, :] == p % TOP_K
+    expert = tl.sum(tl.sum(tl.where(mine, top_i, 0), 1), 0)
     r = tl.arange(0, BLOCK_M)
     offs_m = p * BLOCK_M + r
     pair = tl.where(r == 0, p, numel)  # numel: the padding sentinel
     if pid_n == 0:
+        weight = tl.sum(tl.sum(tl.where(mine, top_w, 0.0), 1), 0)
         tl.store(weights_ptr + p, weight.to(weights_ptr.dtype.element_ty))
         tl.store(expert_ids_ptr + p, expert)
         tl.store(sorted_ids_ptr + offs_m, pair)
         if p == 0:
             tl.store(num_rows_ptr, numel * BLOCK_M)
     _gemm1_tile(
-        a_ptr, w_ptr, act_ptr, offs_m, pair, r == 0, expert, pid_n, N, K, stride_am, stride_we,
+        a_ptr, w_ptr, act_ptr, offs_m, pair, r == 0, expert.to(tl.int64), pid_n, N, K, stride_am, stride_we,
         stride_wn, stride_actm, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
 
@@ -661,42 +652,6 @@ def _moe_gemm2_kernel(
         acc.to(out_ptr.dtype.element_ty),
         mask=m_mask[:, None] & n_mask[None, :],
     )
-
-
-@triton.jit
-def _route_gemv2_kernel(
-    logits_ptr, act_ptr, w_ptr, out_ptr, K, stride_actm, stride_we, stride_wn, stride_om,
-    NUM_EXPERTS: tl.constexpr, E_P2: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr,
-    ROW_STRIDE: tl.constexpr, BLOCK_N: tl.constexpr, K_P2: tl.constexpr, ROUTE_EARLY: tl.constexpr,
-    PDL_MODE: tl.constexpr = 0,
-):  # fmt: skip
-    """GEMM2 after _route_gemm1_kernel, as a GEMV per pair: out[p, n] = weight[p] * (act[p * ROW_STRIDE] . w2[e, n]).
-
-    Each program routes its pair again from the router logits and loads its whole w2 tile [BLOCK_N, K]
-    before it waits: under PDL the down projection's weights stream while GEMM1 still runs. That is
-    safe only when GEMM1 lets this kernel launch after its own wait (PDL mode 1), so the router's
-    logits (two launches back) are final: ROUTE_EARLY; otherwise it routes after the wait.
-    """
-    pdl_start(PDL_MODE)
-    p = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, K_P2)
-    k_ok = offs_k < K
-    if ROUTE_EARLY:
-        expert, weight = _pair_route(logits_ptr, p, NUM_EXPERTS, E_P2, TOP_K, RENORM, ".cg")
-        w = tl.load(w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
-                    mask=k_ok[None, :], other=0.0)  # fmt: skip
-        pdl_wait(PDL_MODE)
-    else:
-        pdl_wait(PDL_MODE)
-        expert, weight = _pair_route(logits_ptr, p, NUM_EXPERTS, E_P2, TOP_K, RENORM, "")
-        w = tl.load(w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
-                    mask=k_ok[None, :], other=0.0)  # fmt: skip
-    a = tl.load(act_ptr + p * ROW_STRIDE * stride_actm + offs_k, mask=k_ok, other=0.0)
-    acc = tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], 1)
-    # The weight rounded to the activation dtype, as GEMM1 stores it for _moe_gemm2_kernel.
-    acc = acc * weight.to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + p * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty))
 
 
 def _launch_gemm1(
@@ -891,10 +846,6 @@ def norm_routed_moe(
 # Decode steps of up to this many tokens route inside GEMM1 (_route_gemm1_kernel) instead of in the
 # router's last program (0: never; A/B switch).
 ROUTE_IN_GEMM1_MAX_TOKENS = 2  # batch 1: -90 us per step, batch 2: -114 us; batch 4: +280 us (H200)
-# After GEMM1 routed the tokens, GEMM2 runs as _route_gemv2_kernel with tiles of this many output
-# columns (0: _moe_gemm2_kernel; A/B switch), each program prefetching its w2 tile while GEMM1 runs.
-DECODE_GEMV2_BLOCK_N = 16
-DECODE_GEMV2_WARPS = 4
 
 
 def _route_in_gemm1(
@@ -923,16 +874,7 @@ def _route_in_gemm1(
         BLOCK_N=cfg.n1, BLOCK_K=cfg.k1, num_warps=cfg.warps1, num_stages=cfg.stages1, **pdl_launch(device, "route_gemm1"),
     )  # fmt: skip
     pair_out = torch.empty(num_pairs, hidden_size, dtype=h.dtype, device=device)
-    if DECODE_GEMV2_BLOCK_N and hidden_size % DECODE_GEMV2_BLOCK_N == 0:
-        gemm1_mode = pdl_launch(device, "route_gemm1")["PDL_MODE"]
-        _route_gemv2_kernel[(num_pairs, hidden_size // DECODE_GEMV2_BLOCK_N)](
-            logits, act, w2, pair_out, inter, act.stride(0), w2.stride(0), w2.stride(1), pair_out.stride(0),
-            NUM_EXPERTS=num_experts, E_P2=triton.next_power_of_2(num_experts), TOP_K=top_k, RENORM=renormalize,
-            ROW_STRIDE=block_m, BLOCK_N=DECODE_GEMV2_BLOCK_N, K_P2=triton.next_power_of_2(inter),
-            ROUTE_EARLY=gemm1_mode != 2, num_warps=DECODE_GEMV2_WARPS, **pdl_launch(device, "gemm2"),
-        )  # fmt: skip
-    else:
-        _launch_gemm2(act, w2, pair_out, sorted_ids, expert_ids, num_rows, weights, cfg)
+    _launch_gemm2(act, w2, pair_out, sorted_ids, expert_ids, num_rows, weights, cfg)
     return pair_out.view(h.shape[0], top_k, hidden_size)
 
 
