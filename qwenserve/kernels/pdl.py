@@ -42,6 +42,10 @@ except ImportError:  # pragma: no cover - older Triton: PDL stays off
 MODE = 1
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter has no griddepcontrol
 EARLY: frozenset[str] = frozenset({"add_rms_norm", "qk_norm", "decode", "merge", "gemm2"})
+# Kernels launched without PDL (A/B switch: a normal launch after its predecessor has finished).
+# Batch-1 graph at 512 context (H200, ninth session), against all on: GEMM2 off +187 us, GEMM1 off
+# +95 us, the norm + router off +5 us, GEMM2 triggering after its wait (not in EARLY) +62 us.
+OFF: frozenset[str] = frozenset()
 _capable: dict[int, bool] = {}
 
 
@@ -59,7 +63,7 @@ def pdl_launch(device: torch.device, kernel: str) -> dict[str, int | bool]:
     """Keyword arguments for launching `kernel` (a name EARLY may hold): PDL_MODE (the kernel's
     constexpr) and, only when PDL is on, launch_pdl (Triton before 3.4 rejects the option)."""
     mode = pdl_mode(device)
-    if mode == 0:
+    if mode == 0 or kernel in OFF:
         return {"PDL_MODE": 0}
     return {"PDL_MODE": 2 if kernel in EARLY else mode, "launch_pdl": True}
 
