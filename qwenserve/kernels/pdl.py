@@ -95,7 +95,7 @@ _prime_flags: dict[torch.device, torch.Tensor] = {}
 def prime_pdl(device: torch.device) -> None:
     """Launch an empty kernel with the PDL attribute, outside any graph, before a decode graph replays.
 
-    Measured on an H200 (bench/graph_capture_order.py --probe-ops): after a prefill's eager kernels,
+    Measured on an H200 (bench/graph_capture_order.py): after a prefill's eager kernels,
     the decode graph's PDL overlap is partly lost (batch-1 step 2,581 us instead of 2,370) until some
     kernel is launched eagerly with the PDL attribute; replaying the graph does not restore it, and
     torch or Triton launches without the attribute neither break nor restore it. One empty launch
