@@ -85,8 +85,10 @@ def pdl_wait(PDL_MODE: tl.constexpr):
 
 
 @triton.jit
-def _prime_kernel(flag_ptr):
-    pass
+def _prime_kernel(flag_ptr, PDL_MODE: tl.constexpr):
+    # It touches no memory, but waits on its predecessor anyway, so its end implies the
+    # predecessor's end and flushed stores for the graph launched after it.
+    pdl_wait(PDL_MODE)
 
 
 _prime_flags: dict[torch.device, torch.Tensor] = {}
@@ -106,4 +108,4 @@ def prime_pdl(device: torch.device) -> None:
     flag = _prime_flags.get(device)
     if flag is None:
         flag = _prime_flags[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    _prime_kernel[(1,)](flag, launch_pdl=True)
+    _prime_kernel[(1,)](flag, PDL_MODE=1, launch_pdl=True)
