@@ -64,15 +64,15 @@ def _num_sms(device: torch.device) -> int:
     return _num_sms_cache[index]
 
 
-def decode_num_splits(
-    num_seqs: int, num_kv_heads: int, num_sms: int, max_splits: int = DECODE_MAX_SPLITS
-) -> int:
+def decode_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int, max_splits: int | None = None) -> int:
     """Splits per (sequence, KV head) so that the grid covers about two waves of SMs.
 
     A function of the batch shape only (never of context lengths), so a CUDA graph captured
     for a batch size stays valid for every later step of that size. Short contexts simply
     leave the trailing splits empty; those programs exit after writing an empty partial.
+    max_splits defaults to DECODE_MAX_SPLITS read per call (an A/B in bench/ab_decode.py can set it).
     """
+    max_splits = DECODE_MAX_SPLITS if max_splits is None else max_splits
     want = triton.cdiv(2 * num_sms, max(1, num_seqs * num_kv_heads))
     return max(1, min(max_splits, triton.next_power_of_2(want) if want > 1 else 1))
 
