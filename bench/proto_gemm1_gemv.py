@@ -110,35 +110,26 @@ def route_in_gemm1(
     if not BLOCK_N and not BLOCK_N2:
         return _tiled_route_in_gemm1(h, logits, w13, w2, top_k, renormalize, cfg)
     num_experts, two_inter, hidden_size = w13.shape
-    inter, block_m, device = two_inter // 2, cfg.block_m, h.device
-    num_pairs = h.shape[0] * top_k
-    assert h.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1 and logits.is_contiguous()
-    act = torch.empty(num_pairs * block_m, inter, dtype=h.dtype, device=device)
-    weights = torch.empty(num_pairs, dtype=h.dtype, device=device)
-    sorted_ids = torch.empty(num_pairs * block_m, dtype=torch.int32, device=device)
-    expert_ids = torch.empty(num_pairs, dtype=torch.int32, device=device)
-    num_rows = torch.empty(1, dtype=torch.int32, device=device)
-    common = (logits, h, w13, act, weights, sorted_ids, expert_ids, num_rows, num_pairs, inter, hidden_size,
-              h.stride(0), w13.stride(0), w13.stride(1), act.stride(0))  # fmt: skip
-    routing = dict(NUM_EXPERTS=num_experts, E_P2=triton.next_power_of_2(num_experts), TOP_K=top_k, RENORM=renormalize,
-                   BLOCK_M=block_m, **pdl_launch(device, "route_gemm1"))  # fmt: skip
+    inter, num_pairs, device = two_inter // 2, h.shape[0] * top_k, h.device
+    bufs = moe.route_buffers(h, num_pairs, inter, cfg.block_m)
     if BLOCK_N:
         _route_gemv1_kernel[(num_pairs, triton.cdiv(inter, BLOCK_N))](
-            *common, BLOCK_N=BLOCK_N, K_P2=triton.next_power_of_2(hidden_size), num_warps=WARPS, **routing
-        )
+            logits, h, w13, *bufs, num_pairs, inter, hidden_size, h.stride(0), w13.stride(0), w13.stride(1),
+            bufs.act.stride(0), NUM_EXPERTS=num_experts, E_P2=triton.next_power_of_2(num_experts), TOP_K=top_k,
+            RENORM=renormalize, BLOCK_M=cfg.block_m, BLOCK_N=BLOCK_N, K_P2=triton.next_power_of_2(hidden_size),
+            num_warps=WARPS, **pdl_launch(device, "route_gemm1"),
+        )  # fmt: skip
     else:
-        moe._route_gemm1_kernel[(num_pairs * triton.cdiv(inter, cfg.n1),)](
-            *common, BLOCK_N=cfg.n1, BLOCK_K=cfg.k1, num_warps=cfg.warps1, num_stages=cfg.stages1, **routing
-        )
+        moe.launch_route_gemm1(h, logits, w13, bufs, top_k, renormalize, cfg)
     pair_out = torch.empty(num_pairs, hidden_size, dtype=h.dtype, device=device)
     if BLOCK_N2:
         _gemv2_kernel[(num_pairs, triton.cdiv(hidden_size, BLOCK_N2))](
-            act, w2, pair_out, weights, expert_ids, hidden_size, inter, act.stride(0), w2.stride(0), w2.stride(1),
-            pair_out.stride(0), BLOCK_M=block_m, BLOCK_N=BLOCK_N2, K_P2=triton.next_power_of_2(inter),
-            num_warps=WARPS2, **pdl_launch(device, "gemm2"),
+            bufs.act, w2, pair_out, bufs.weights, bufs.expert_ids, hidden_size, inter, bufs.act.stride(0),
+            w2.stride(0), w2.stride(1), pair_out.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=BLOCK_N2,
+            K_P2=triton.next_power_of_2(inter), num_warps=WARPS2, **pdl_launch(device, "gemm2"),
         )  # fmt: skip
     else:
-        moe._launch_gemm2(act, w2, pair_out, sorted_ids, expert_ids, num_rows, weights, cfg)
+        moe._launch_gemm2(bufs.act, w2, pair_out, bufs.sorted_ids, bufs.expert_ids, bufs.num_rows, bufs.weights, cfg)
     return pair_out.view(h.shape[0], top_k, hidden_size)
 
 

@@ -26,6 +26,8 @@ computes the logits.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -858,24 +860,52 @@ def _route_in_gemm1(
     cfg: MoEConfig,
 ) -> torch.Tensor:
     """Routing + GEMM1 in one launch, then GEMM2: the tokens' unreduced terms [T, k, H]."""
-    num_experts, two_inter, hidden_size = w13.shape
-    inter, block_m, device = two_inter // 2, cfg.block_m, h.device
-    num_pairs = h.shape[0] * top_k
     assert h.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1 and logits.is_contiguous()
-    act = torch.empty(num_pairs * block_m, inter, dtype=h.dtype, device=device)
-    weights = torch.empty(num_pairs, dtype=h.dtype, device=device)
-    sorted_ids = torch.empty(num_pairs * block_m, dtype=torch.int32, device=device)
-    expert_ids = torch.empty(num_pairs, dtype=torch.int32, device=device)
-    num_rows = torch.empty(1, dtype=torch.int32, device=device)
-    _route_gemm1_kernel[(num_pairs * triton.cdiv(inter, cfg.n1),)](
-        logits, h, w13, act, weights, sorted_ids, expert_ids, num_rows, num_pairs, inter, hidden_size,
-        h.stride(0), w13.stride(0), w13.stride(1), act.stride(0), NUM_EXPERTS=num_experts,
-        E_P2=triton.next_power_of_2(num_experts), TOP_K=top_k, RENORM=renormalize, BLOCK_M=block_m,
-        BLOCK_N=cfg.n1, BLOCK_K=cfg.k1, num_warps=cfg.warps1, num_stages=cfg.stages1, **pdl_launch(device, "route_gemm1"),
-    )  # fmt: skip
-    pair_out = torch.empty(num_pairs, hidden_size, dtype=h.dtype, device=device)
-    _launch_gemm2(act, w2, pair_out, sorted_ids, expert_ids, num_rows, weights, cfg)
+    num_pairs, hidden_size = h.shape[0] * top_k, h.shape[1]
+    bufs = route_buffers(h, num_pairs, w13.shape[1] // 2, cfg.block_m)
+    launch_route_gemm1(h, logits, w13, bufs, top_k, renormalize, cfg)
+    pair_out = torch.empty(num_pairs, hidden_size, dtype=h.dtype, device=h.device)
+    _launch_gemm2(bufs.act, w2, pair_out, bufs.sorted_ids, bufs.expert_ids, bufs.num_rows, bufs.weights, cfg)
     return pair_out.view(h.shape[0], top_k, hidden_size)
+
+
+class RouteBuffers(NamedTuple):
+    """What a routing GEMM1 writes for GEMM2: one row block of act per (token, expert) pair (its first
+    row real), the pairs' routing weights, and the sorted layout GEMM2 reads (sorted_ids, expert_ids, num_rows)."""
+
+    act: torch.Tensor
+    weights: torch.Tensor
+    sorted_ids: torch.Tensor
+    expert_ids: torch.Tensor
+    num_rows: torch.Tensor
+
+
+def route_buffers(h: torch.Tensor, num_pairs: int, inter: int, block_m: int) -> RouteBuffers:
+    """Empty RouteBuffers for `num_pairs` pairs of hidden states `h`."""
+    device = h.device
+    return RouteBuffers(
+        act=torch.empty(num_pairs * block_m, inter, dtype=h.dtype, device=device),
+        weights=torch.empty(num_pairs, dtype=h.dtype, device=device),
+        sorted_ids=torch.empty(num_pairs * block_m, dtype=torch.int32, device=device),
+        expert_ids=torch.empty(num_pairs, dtype=torch.int32, device=device),
+        num_rows=torch.empty(1, dtype=torch.int32, device=device),
+    )
+
+
+def launch_route_gemm1(
+    h: torch.Tensor, logits: torch.Tensor, w13: torch.Tensor, bufs: RouteBuffers, top_k: int, renormalize: bool,
+    cfg: MoEConfig,
+) -> None:  # fmt: skip
+    """_route_gemm1_kernel: every pair's routing and GEMM1 tile, into `bufs`."""
+    num_experts, two_inter, hidden_size = w13.shape
+    inter, num_pairs = two_inter // 2, bufs.weights.shape[0]
+    _route_gemm1_kernel[(num_pairs * triton.cdiv(inter, cfg.n1),)](
+        logits, h, w13, *bufs, num_pairs, inter, hidden_size,
+        h.stride(0), w13.stride(0), w13.stride(1), bufs.act.stride(0), NUM_EXPERTS=num_experts,
+        E_P2=triton.next_power_of_2(num_experts), TOP_K=top_k, RENORM=renormalize, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.n1, BLOCK_K=cfg.k1, num_warps=cfg.warps1, num_stages=cfg.stages1,
+        **pdl_launch(h.device, "route_gemm1"),
+    )  # fmt: skip
 
 
 @triton.jit
