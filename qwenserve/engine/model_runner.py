@@ -53,8 +53,9 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 # Batches up to this size also get a graph for short contexts, where the decode attention uses
-# narrower tiles (see DECODE_SHORT_CONTEXT in qwenserve.kernels.attention).
-SHORT_GRAPH_MAX_BATCH = 2
+# narrower tiles (batch 1-2) or fewer warps (up to DECODE_WIDE_TILE_MAX_SEQS; see DECODE_SHORT_CONTEXT
+# and DECODE_LONG_NUM_WARPS in qwenserve.kernels.attention).
+SHORT_GRAPH_MAX_BATCH = 8
 
 
 def short_context_len() -> int:

@@ -39,6 +39,12 @@ DECODE_WIDE_TILE = 128
 DECODE_WIDE_TILE_MAX_SEQS = 8
 DECODE_MAX_SPLITS = 64  # B=1 at 32k: 64 splits 37 us vs 32 splits 45 us (H100)
 DECODE_NUM_WARPS = 4
+# Wide-tile steps whose contexts may pass DECODE_SHORT_CONTEXT (the long-context decode graphs of small
+# batches; eager steps with a long context) take 8 warps. Per step against 4 warps (bench/ab_decode.py,
+# H200): at 32k -90 / -155 us at batch 1 (two runs), -531 us at batch 4, -1,449 us at batch 8; at 4k
+# +7 us at batch 1, -80 at batch 4, +168 at batch 8. At 512 tokens 8 warps cost +55 us at batch 4, so
+# every batch on the wide tile also gets a short-context graph, which keeps 4.
+DECODE_LONG_NUM_WARPS = 8
 # Contexts within DECODE_SHORT_TILE x splits tokens (every split at most one tile) take the narrower
 # tile: at 512 tokens and batch 1, 32-token tiles are 50 us per step faster than 64; at 32k they are
 # 210 us slower (bench/tune_decode_attn.py --sweep tiles, H100). The engine captures a decode graph
@@ -353,10 +359,14 @@ def paged_decode_attention(
         num_splits = decode_num_splits(num_seqs, num_kv_heads, _num_sms(q.device))
     assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
     # Module constants read per call, so bench/tune_decode_attn.py can weigh them in the decode graph.
-    num_warps, num_stages = num_warps or DECODE_NUM_WARPS, num_stages or DECODE_NUM_STAGES
     if tile is None and max_context_len is not None and max_context_len <= DECODE_SHORT_TILE * num_splits:
         tile = DECODE_SHORT_TILE
-    tile = max(tile or (DECODE_WIDE_TILE if num_seqs <= DECODE_WIDE_TILE_MAX_SEQS else DECODE_TILE), 16)
+    if tile is None and num_seqs <= DECODE_WIDE_TILE_MAX_SEQS:
+        tile = DECODE_WIDE_TILE
+        if max_context_len is None or max_context_len > DECODE_SHORT_CONTEXT:
+            num_warps = num_warps or DECODE_LONG_NUM_WARPS
+    num_warps, num_stages = num_warps or DECODE_NUM_WARPS, num_stages or DECODE_NUM_STAGES
+    tile = max(tile or DECODE_TILE, 16)
     if num_splits > 1:
         part_out = torch.empty(
             num_seqs * num_heads * num_splits, dim_p2, dtype=torch.float32, device=q.device
