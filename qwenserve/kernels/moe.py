@@ -550,31 +550,6 @@ def _gemm1_tile(
     )
 
 
-@triton.jit
-def _route_pair(
-    logits_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_rows_ptr, numel, p, pid_n,
-    NUM_EXPERTS: tl.constexpr, E_P2: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
-    """Pair p's expert: its token's (p % TOP_K)-th choice (the softmax top-k of the token's router logits).
-    The programs of column block 0 also write the pair's layout for GEMM2: its routing weight, its
-    expert, its row block of sorted_ids (row p * BLOCK_M real, the rest padding) and num_rows."""
-    e = tl.arange(0, E_P2)
-    e_ok = e < NUM_EXPERTS
-    logit = tl.load(logits_ptr + (p // TOP_K) * NUM_EXPERTS + e[None, :], mask=e_ok[None, :], other=float("-inf"))
-    top_w, top_i = _softmax_topk(logit.to(tl.float32), tl.arange(0, 1) < 1, e, e_ok, 1, E_P2, TOP_K, RENORM)
-    mine = tl.arange(0, TOP_K)[None, :] == p % TOP_K
-    expert = tl.sum(tl.sum(tl.where(mine, top_i, 0), 1), 0)
-    if pid_n == 0:
-        r = tl.arange(0, BLOCK_M)
-        weight = tl.sum(tl.sum(tl.where(mine, top_w, 0.0), 1), 0)
-        tl.store(weights_ptr + p, weight.to(weights_ptr.dtype.element_ty))
-        tl.store(expert_ids_ptr + p, expert)
-        tl.store(sorted_ids_ptr + p * BLOCK_M + r, tl.where(r == 0, p, numel))  # numel: the padding sentinel
-        if p == 0:
-            tl.store(num_rows_ptr, numel * BLOCK_M)
-    return expert
-
-
 @triton.jit(do_not_specialize=["numel"])
 def _route_gemm1_kernel(
     logits_ptr, a_ptr, w_ptr, act_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_rows_ptr, numel, N, K,
@@ -594,86 +569,27 @@ def _route_gemm1_kernel(
     tiles_n = tl.cdiv(N, BLOCK_N)
     p = pid // tiles_n
     pid_n = pid % tiles_n
-    expert = _route_pair(
-        logits_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_rows_ptr, numel, p, pid_n,
-        NUM_EXPERTS, E_P2, TOP_K, RENORM, BLOCK_M,
-    )  # fmt: skip
+    token = p // TOP_K
+    e = tl.arange(0, E_P2)
+    e_ok = e < NUM_EXPERTS
+    logit = tl.load(logits_ptr + token * NUM_EXPERTS + e[None, :], mask=e_ok[None, :], other=float("-inf"))
+    top_w, top_i = _softmax_topk(logit.to(tl.float32), tl.arange(0, 1) < 1, e, e_ok, 1, E_P2, TOP_K, RENORM)
+    mine = tl.arange(0, TOP_K)[None, :] == p % TOP_K
+    expert = tl.sum(tl.sum(tl.where(mine, top_i, 0), 1), 0)
     r = tl.arange(0, BLOCK_M)
+    offs_m = p * BLOCK_M + r
+    pair = tl.where(r == 0, p, numel)  # numel: the padding sentinel
+    if pid_n == 0:
+        weight = tl.sum(tl.sum(tl.where(mine, top_w, 0.0), 1), 0)
+        tl.store(weights_ptr + p, weight.to(weights_ptr.dtype.element_ty))
+        tl.store(expert_ids_ptr + p, expert)
+        tl.store(sorted_ids_ptr + offs_m, pair)
+        if p == 0:
+            tl.store(num_rows_ptr, numel * BLOCK_M)
     _gemm1_tile(
-        a_ptr, w_ptr, act_ptr, p * BLOCK_M + r, tl.where(r == 0, p, numel), r == 0, expert.to(tl.int64), pid_n, N,
-        K, stride_am, stride_we, stride_wn, stride_actm, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K,
+        a_ptr, w_ptr, act_ptr, offs_m, pair, r == 0, expert.to(tl.int64), pid_n, N, K, stride_am, stride_we,
+        stride_wn, stride_actm, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
-
-
-@triton.jit(do_not_specialize=["numel"])
-def _route_gemm1_tma_kernel(
-    logits_ptr, a_ptr, w_desc, act_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_rows_ptr, numel, N, K,
-    stride_am, stride_actm,
-    NUM_EXPERTS: tl.constexpr, E_P2: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL_MODE: tl.constexpr = 0,
-):  # fmt: skip
-    """_route_gemm1_kernel with the gate / up tiles loaded through TMA: w_desc views w13 as [E * 2N, K]."""
-    pdl_start(PDL_MODE)
-    pdl_wait(PDL_MODE)
-    pid = tl.program_id(0)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    p = pid // tiles_n
-    pid_n = pid % tiles_n
-    expert = _route_pair(
-        logits_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_rows_ptr, numel, p, pid_n,
-        NUM_EXPERTS, E_P2, TOP_K, RENORM, BLOCK_M,
-    )  # fmt: skip
-    r = tl.arange(0, BLOCK_M)
-    real = (r == 0)[:, None]
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + (p // TOP_K).to(tl.int64) * stride_am + offs_k[None, :] + r[:, None] * 0
-    row_gate = expert * 2 * N + pid_n * BLOCK_N
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        a = tl.load(a_ptrs, mask=real, other=0.0)
-        acc_g = tl.dot(a, w_desc.load([row_gate, k * BLOCK_K]).T, acc_g)
-        acc_u = tl.dot(a, w_desc.load([row_gate + N, k * BLOCK_K]).T, acc_u)
-        a_ptrs += BLOCK_K
-    act = acc_g * tl.sigmoid(acc_g) * acc_u
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(
-        act_ptr + (p * BLOCK_M + r)[:, None].to(tl.int64) * stride_actm + offs_n[None, :],
-        act.to(act_ptr.dtype.element_ty),
-        mask=real & (offs_n[None, :] < N),
-    )
-
-
-@triton.jit
-def _route_gemm2_tma_kernel(
-    act_ptr, w_desc, out_ptr, weights_ptr, expert_ids_ptr, N, K, stride_actm, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL_MODE: tl.constexpr = 0,
-):  # fmt: skip
-    """GEMM2 for the routing GEMM1's layout (pair p's one real row p * BLOCK_M) through TMA:
-    out[p, n] = weight[p] * (act[p * BLOCK_M] . w2[expert[p], n]), w_desc viewing w2 as [E * N, K]."""
-    pdl_start(PDL_MODE)
-    pdl_wait(PDL_MODE)
-    pid = tl.program_id(0)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    p = pid // tiles_n
-    pid_n = pid % tiles_n
-    row = tl.load(expert_ids_ptr + p) * N + pid_n * BLOCK_N
-    r = tl.arange(0, BLOCK_M)
-    real = (r == 0)[:, None]
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = act_ptr + (p * BLOCK_M + r)[:, None].to(tl.int64) * stride_actm + offs_k[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        a = tl.load(a_ptrs, mask=real, other=0.0)
-        acc = tl.dot(a, w_desc.load([row, k * BLOCK_K]).T, acc)
-        a_ptrs += BLOCK_K
-    acc = acc * tl.load(weights_ptr + p).to(tl.float32)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(
-        out_ptr + p.to(tl.int64) * stride_om + offs_n[None, :] + r[:, None] * 0,
-        acc.to(out_ptr.dtype.element_ty),
-        mask=real & (offs_n[None, :] < N),
-    )
 
 
 @triton.jit(do_not_specialize=["numel", "NUM_ROW_BLOCKS"])
@@ -932,8 +848,6 @@ def norm_routed_moe(
 # Decode steps of up to this many tokens route inside GEMM1 (_route_gemm1_kernel) instead of in the
 # router's last program (0: never; A/B switch).
 ROUTE_IN_GEMM1_MAX_TOKENS = 2  # batch 1: -90 us per step, batch 2: -114 us; batch 4: +280 us (H200)
-# Configs with `tma` tiles run the routing GEMMs through TMA (False: never; A/B switch).
-ROUTE_GEMMS_TMA = True
 
 
 def _route_in_gemm1(
@@ -948,57 +862,11 @@ def _route_in_gemm1(
     """Routing + GEMM1 in one launch, then GEMM2: the tokens' unreduced terms [T, k, H]."""
     assert h.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1 and logits.is_contiguous()
     num_pairs, hidden_size = h.shape[0] * top_k, h.shape[1]
-    tma = cfg.tma if ROUTE_GEMMS_TMA and cfg.tma is not None and tma_available(h.device) else None
-    tma = tma if w13.is_contiguous() and w2.is_contiguous() else None
-    bufs = route_buffers(h, num_pairs, w13.shape[1] // 2, (tma or cfg).block_m)
+    bufs = route_buffers(h, num_pairs, w13.shape[1] // 2, cfg.block_m)
+    launch_route_gemm1(h, logits, w13, bufs, top_k, renormalize, cfg)
     pair_out = torch.empty(num_pairs, hidden_size, dtype=h.dtype, device=h.device)
-    if tma is None:
-        launch_route_gemm1(h, logits, w13, bufs, top_k, renormalize, cfg)
-        _launch_gemm2(bufs.act, w2, pair_out, bufs.sorted_ids, bufs.expert_ids, bufs.num_rows, bufs.weights, cfg)
-    else:
-        _launch_route_gemms_tma(h, logits, w13, w2, bufs, pair_out, top_k, renormalize, tma)
+    _launch_gemm2(bufs.act, w2, pair_out, bufs.sorted_ids, bufs.expert_ids, bufs.num_rows, bufs.weights, cfg)
     return pair_out.view(h.shape[0], top_k, hidden_size)
-
-
-def tma_available(device: torch.device) -> bool:
-    """Whether the routing GEMMs can load through TMA here: a Hopper-or-later GPU and Triton's tensor descriptors."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _tma_capable:
-        try:
-            from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-        except ImportError:
-            _tma_capable[index] = False
-        else:
-            _tma_capable[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return _tma_capable[index]
-
-
-_tma_capable: dict[int, bool] = {}
-
-
-def _launch_route_gemms_tma(
-    h: torch.Tensor, logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, bufs: RouteBuffers,
-    pair_out: torch.Tensor, top_k: int, renormalize: bool, cfg: MoEConfig,
-) -> None:  # fmt: skip
-    """The routing GEMM1 and its GEMM2 with their weight tiles loaded through TMA (host-built
-    descriptors, captured by value in a CUDA graph)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    num_experts, two_inter, hidden_size = w13.shape
-    inter, num_pairs = two_inter // 2, bufs.weights.shape[0]
-    w13_desc = TensorDescriptor.from_tensor(w13.view(-1, hidden_size), [cfg.n1, cfg.k1])
-    _route_gemm1_tma_kernel[(num_pairs * triton.cdiv(inter, cfg.n1),)](
-        logits, h, w13_desc, *bufs, num_pairs, inter, hidden_size, h.stride(0), bufs.act.stride(0),
-        NUM_EXPERTS=num_experts, E_P2=triton.next_power_of_2(num_experts), TOP_K=top_k, RENORM=renormalize,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.n1, BLOCK_K=cfg.k1, num_warps=cfg.warps1, num_stages=cfg.stages1,
-        **pdl_launch(h.device, "route_gemm1"),
-    )  # fmt: skip
-    w2_desc = TensorDescriptor.from_tensor(w2.view(-1, inter), [cfg.n2, cfg.k2])
-    _route_gemm2_tma_kernel[(num_pairs * triton.cdiv(hidden_size, cfg.n2),)](
-        bufs.act, w2_desc, pair_out, bufs.weights, bufs.expert_ids, hidden_size, inter, bufs.act.stride(0),
-        pair_out.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=cfg.n2, BLOCK_K=cfg.k2, num_warps=cfg.warps2,
-        num_stages=cfg.stages2, **pdl_launch(h.device, "gemm2"),
-    )  # fmt: skip
 
 
 class RouteBuffers(NamedTuple):

@@ -30,9 +30,6 @@ class MoEConfig:
     warps2: int
     stages2: int
     group_m: int = 8
-    # At one or two tokens (the routing GEMM1 and its GEMM2), these tiles with the weights loaded
-    # through TMA on a Hopper GPU (moe._launch_route_gemms_tma); None: the pointer kernels above.
-    tma: MoEConfig | None = None
 
 
 # Tokens from which torch._grouped_mm replaces the Triton GEMMs (None: never). On the H100
@@ -47,9 +44,7 @@ _H200_TABLES: dict[tuple[int, int, int, int], list[tuple[int, MoEConfig]]] = {
     _QWEN3_MOE: [
         # Measured on H200 (bench/kernels.py --tune-moe, cold L2, CUDA graph), 2026-11-24.
         # Batch 1: GEMM1 re-picked in the decode graph with routing inside GEMM1 (tune_decode_moe.py, 2026-11-30).
-        # Batch 1 through TMA, GEMM1 16 x 128 tiles (2 warps, 4 stages) and GEMM2 64 x 128 (4 warps, 3
-        # stages): -50 us per step at 512 (bench/ab_decode.py, H200, 2026-11-30; the same terms bit for bit).
-        (1, MoEConfig(16, 16, 64, 2, 6, 64, 64, 4, 5, tma=MoEConfig(16, 16, 128, 2, 4, 64, 128, 4, 3))),
+        (1, MoEConfig(16, 16, 64, 2, 6, 64, 64, 4, 5)),
         (2, MoEConfig(16, 128, 128, 4, 3, 128, 128, 4, 3)),
         (4, MoEConfig(16, 32, 256, 4, 3, 16, 128, 2, 4)),
         (8, MoEConfig(16, 32, 64, 4, 5, 32, 128, 2, 4)),
