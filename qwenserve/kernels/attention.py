@@ -41,9 +41,9 @@ DECODE_MAX_SPLITS = 64  # B=1 at 32k: 64 splits 37 us vs 32 splits 45 us (H100)
 DECODE_NUM_WARPS = 4
 # Wide-tile steps whose contexts may pass DECODE_SHORT_CONTEXT (the long-context decode graphs of small
 # batches; eager steps with a long context) take 8 warps. Per step against 4 warps (bench/ab_decode.py,
-# H200): at 32k -90 / -155 us at batch 1 (two runs), -531 us at batch 4, -1,449 us at batch 8; at 4k
-# +7 us at batch 1, -80 at batch 4, +168 at batch 8. At 512 tokens 8 warps cost +55 us at batch 4, so
-# every batch on the wide tile also gets a short-context graph, which keeps 4.
+# H200, three runs): at 32k -19 to -155 us at batch 1, -524 / -531 us at batch 4, -1,189 us at batch 8; at
+# 4k -4 / +7 us at batch 1, -31 / -80 at batch 4, +134 at batch 8. At 512 tokens 8 warps cost +55 us at
+# batch 4, so every batch on the wide tile also gets a short-context graph, which keeps 4.
 DECODE_LONG_NUM_WARPS = 8
 # Contexts within DECODE_SHORT_TILE x splits tokens (every split at most one tile) take the narrower
 # tile: at 512 tokens and batch 1, 32-token tiles are 50 us per step faster than 64; at 32k they are
