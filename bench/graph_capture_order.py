@@ -127,7 +127,7 @@ def main() -> None:
     p.add_argument("--with-prime", action="store_true", help="keep the engine's prime_pdl before each replay")
     args = p.parse_args()
     if not args.with_prime:
-        pdl.prime_pdl = lambda device: None  # DecodeGraphs binds it when the engine captures
+        pdl.prime_pdl = lambda anchor: None  # DecodeGraphs binds it when the engine captures
     config = EngineConfig(model=shrunk_config(args.config, args.layers), load_format="dummy",
                           max_model_len=args.context + 2048, max_num_seqs=args.max_num_seqs,
                           kv_cache_memory=int(args.kv_gib * 2**30) or None)  # fmt: skip

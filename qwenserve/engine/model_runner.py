@@ -481,6 +481,6 @@ class DecodeGraphs:
         """Replay the graph for the step just loaded; returns (logits [n, vocab], their argmax [n])."""
         key, n = self.key(inp), len(inp.input_ids)
         self.last_key = key
-        self.prime_pdl(self.input_ids.device)
+        self.prime_pdl(self.packed)
         self.graphs[key].replay()
         return self.outputs[key][:n], self.greedy_ids[key][:n]

@@ -85,17 +85,15 @@ def pdl_wait(PDL_MODE: tl.constexpr):
 
 
 @triton.jit
-def _prime_kernel(flag_ptr, PDL_MODE: tl.constexpr):
+def _prime_kernel(anchor_ptr, PDL_MODE: tl.constexpr):
     # It touches no memory, but waits on its predecessor anyway, so its end implies the
     # predecessor's end and flushed stores for the graph launched after it.
     pdl_wait(PDL_MODE)
 
 
-_prime_flags: dict[torch.device, torch.Tensor] = {}
-
-
-def prime_pdl(device: torch.device) -> None:
+def prime_pdl(anchor: torch.Tensor) -> None:
     """Launch an empty kernel with the PDL attribute, outside any graph, before a decode graph replays.
+    `anchor` is any tensor on the graph's device (the kernel reads nothing).
 
     Measured on an H200 (bench/graph_capture_order.py): after a prefill's eager kernels,
     the decode graph's PDL overlap is partly lost (batch-1 step 2,581 us instead of 2,370) until some
@@ -103,9 +101,5 @@ def prime_pdl(device: torch.device) -> None:
     torch or Triton launches without the attribute neither break nor restore it. One empty launch
     (a few microseconds) before each replay keeps every step on the fast side.
     """
-    if pdl_mode(device) == 0:
-        return
-    flag = _prime_flags.get(device)
-    if flag is None:
-        flag = _prime_flags[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    _prime_kernel[(1,)](flag, PDL_MODE=1, launch_pdl=True)
+    if pdl_mode(anchor.device) != 0:
+        _prime_kernel[(1,)](anchor, PDL_MODE=1, launch_pdl=True)

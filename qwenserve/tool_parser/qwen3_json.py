@@ -224,4 +224,3 @@ def _interpret(text: str) -> Any:
     except (TypeError, ValueError, RecursionError):
         return _NOT_A_CALL
     return name, arguments
-
