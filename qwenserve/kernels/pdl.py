@@ -12,6 +12,10 @@ The contract every kernel launched with PDL keeps (the kernels call `pdl_start` 
   weights and other constants);
 - every program reaches `pdl_wait` before it exits, so a kernel never finishes before its
   predecessor, and waiting on the previous kernel transitively waits on all earlier ones.
+One exception: a kernel whose predecessor triggers only after its own wait (mode 1, not EARLY)
+may load before its wait what the kernel before that predecessor wrote, since it cannot launch
+until every program of its predecessor has seen that kernel finish (moe's routing GEMM2 reads the
+router logits so).
 
 MODE (A/B switch, read per launch): 0 off; 1 a kernel lets its successor launch once its own
 wait returned (its predecessor is done), so a kernel runs while only the next one loads its

@@ -174,12 +174,14 @@ def test_norm_routed_moe(tokens: int) -> None:
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize("pdl_mode", [1, 2])  # 2: GEMM2 routes after its wait
 @pytest.mark.parametrize("tokens", [1, 2, 4])
-def test_routing_inside_gemm1_equals_routing_tail(tokens: int, monkeypatch) -> None:
-    """GEMM1 routing its tokens itself gives the same terms, bit for bit, as the routing tail of
-    norm_route_align followed by the two GEMMs, eagerly and replayed in a CUDA graph with new inputs."""
-    from qwenserve.kernels import moe
+def test_routing_inside_gemm1_equals_routing_tail(tokens: int, pdl_mode: int, monkeypatch) -> None:
+    """Both GEMMs routing the tokens themselves give the same terms, bit for bit, as the routing tail
+    of norm_route_align followed by the two GEMMs, eagerly and replayed in a CUDA graph with new inputs."""
+    from qwenserve.kernels import moe, pdl
 
+    monkeypatch.setattr(pdl, "MODE", pdl_mode)
     gate = torch.randn(128, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
     w13 = torch.randn(128, 2 * 768, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
     w2 = torch.randn(128, 2048, 768, device="cuda", dtype=torch.bfloat16) * 0.03
