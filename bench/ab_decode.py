@@ -5,7 +5,8 @@ Usage on a GPU machine:
         --variant fused: --variant unfused:qwenserve.kernels.moe.NORM_ROUTE_FUSED=False
 A variant is NAME:SETTING,SETTING,... where SETTING is dotted.path.ATTR=python-literal (a module
 attribute, or an attribute of an object reached from a module, e.g.
-torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction=False). Variants run interleaved
+torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction=False), or moe_table.T=(fields of
+MoEConfig) for the MoE tile table's row of steps up to T tokens. Variants run interleaved
 for --rounds rounds so clock drift hits them all alike; the median step time of each is printed.
 """
 
@@ -20,10 +21,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tune_decode_moe import replay_ms, start_batch  # noqa: E402
+from tune_decode_moe import KEY, replay_ms, start_batch  # noqa: E402
 
 from qwenserve.config import EngineConfig  # noqa: E402
 from qwenserve.engine.llm_engine import LLMEngine  # noqa: E402
+from qwenserve.kernels import moe_configs  # noqa: E402
+from qwenserve.kernels.moe_configs import MoEConfig  # noqa: E402
 
 
 def resolve(path: str) -> tuple[object, str]:
@@ -40,12 +43,29 @@ def resolve(path: str) -> tuple[object, str]:
     raise ValueError(f"no importable module in {path!r}")
 
 
+class MoETableRows:
+    """The rows of this device's MoE tile table for the Qwen3-Coder shape as attributes: `moe_table.1` is
+    the row for steps of 1 token, set with a tuple of MoEConfig's fields (block_m, n1, k1, warps1, ...)."""
+
+    def __getattr__(self, max_tokens: str) -> MoEConfig:
+        return dict(moe_configs._device_tables()[KEY])[int(max_tokens)]
+
+    def __setattr__(self, max_tokens: str, cfg: MoEConfig | tuple) -> None:
+        cfg = cfg if isinstance(cfg, MoEConfig) else MoEConfig(*cfg)
+        rows = [(t, cfg if t == int(max_tokens) else c) for t, c in moe_configs._device_tables()[KEY]]
+        moe_configs.set_moe_table(KEY, rows, moe_configs.GROUPED_MM_MIN_TOKENS)
+
+
 def parse_variant(text: str) -> tuple[str, list[tuple[object, str, object]]]:
     name, _, settings = text.partition(":")
     parsed = []
     for item in filter(None, re.split(r",(?=[\w.]+=)", settings)):  # commas inside a literal stay
         path, _, value = item.partition("=")
-        owner, attr = resolve(path.strip())
+        path = path.strip()
+        if path.startswith("moe_table."):
+            owner, attr = MoETableRows(), path.removeprefix("moe_table.")
+        else:
+            owner, attr = resolve(path)
         parsed.append((owner, attr, ast.literal_eval(value.strip())))
     return name, parsed
 
