@@ -179,19 +179,20 @@ def _router_topk_kernel(
     e = tl.arange(0, E_P2)
     mask = e < E
     logit = tl.load(logits_ptr + row * stride_l + e, mask=mask, other=float("-inf")).to(tl.float32)
-    p = tl.exp(logit - tl.max(logit, 0))
-    p = p / tl.sum(p, 0)
-    p = tl.where(mask, p, -1.0)
+    # Picked before the division by the sum, as moe._softmax_topk does (see why there).
+    u = tl.exp(logit - tl.max(logit, 0))
+    total = tl.sum(u, 0)
+    u = tl.where(mask, u, -1.0)
     k_idx = tl.arange(0, TOP_K)
     top_w = tl.zeros([TOP_K], dtype=tl.float32)
     top_i = tl.zeros([TOP_K], dtype=tl.int32)
     for k in tl.static_range(TOP_K):
-        best = tl.max(p, 0)
+        best = tl.max(u, 0)
         # Lowest index among equal maxima, as torch.topk returns.
-        idx = tl.min(tl.where(p == best, e, E_P2), 0)
-        top_w = tl.where(k_idx == k, best, top_w)
+        idx = tl.min(tl.where(u == best, e, E_P2), 0)
+        top_w = tl.where(k_idx == k, best / total, top_w)
         top_i = tl.where(k_idx == k, idx, top_i)
-        p = tl.where(e == idx, -1.0, p)
+        u = tl.where(e == idx, -1.0, u)
     if RENORM:
         top_w = top_w / tl.sum(top_w, 0)
     tl.store(w_out_ptr + row * TOP_K + k_idx, top_w.to(w_out_ptr.dtype.element_ty))

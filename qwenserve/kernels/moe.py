@@ -105,20 +105,25 @@ def _moe_align_kernel(
 @triton.jit
 def _softmax_topk(logit, t_ok, e, e_ok, T_P2: tl.constexpr, E_P2: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr):
     """Softmax over experts and top-k of each token's router logits [T_P2, E_P2] (float32, -inf
-    past E): (weights, expert ids) [T_P2, TOP_K], as _router_topk_kernel computes them."""
+    past E): (weights, expert ids) [T_P2, TOP_K], as _router_topk_kernel computes them.
+
+    The experts are picked on exp(logit - max), before the division by the sum: max and exp give
+    the same bits in every kernel, while the sum's order depends on the kernel's warps, and a
+    rounding tie it made in one kernel but not another would let the two routing GEMMs, which
+    route the same token separately, pick different experts."""
     k_idx = tl.arange(0, TOP_K)
     logit = tl.where(t_ok[:, None], logit, 0.0)  # padding rows stay finite; callers mask them
-    p = tl.exp(logit - tl.max(logit, 1)[:, None])
-    p = p / tl.sum(p, 1)[:, None]
-    p = tl.where(e_ok[None, :], p, -1.0)
+    u = tl.exp(logit - tl.max(logit, 1)[:, None])
+    total = tl.sum(u, 1)
+    u = tl.where(e_ok[None, :], u, -1.0)
     top_w = tl.zeros([T_P2, TOP_K], dtype=tl.float32)
     top_i = tl.zeros([T_P2, TOP_K], dtype=tl.int32)
     for k in tl.static_range(TOP_K):
-        best = tl.max(p, 1)
-        idx = tl.min(tl.where(p == best[:, None], e[None, :], E_P2), 1)  # lowest index among ties
-        top_w = tl.where(k_idx[None, :] == k, best[:, None], top_w)
+        best = tl.max(u, 1)
+        idx = tl.min(tl.where(u == best[:, None], e[None, :], E_P2), 1)  # lowest index among ties
+        top_w = tl.where(k_idx[None, :] == k, (best / total)[:, None], top_w)
         top_i = tl.where(k_idx[None, :] == k, idx[:, None], top_i)
-        p = tl.where(e[None, :] == idx[:, None], -1.0, p)
+        u = tl.where(e[None, :] == idx[:, None], -1.0, u)
     if RENORM:
         top_w = top_w / tl.sum(top_w, 1)[:, None]
     return top_w, top_i
