@@ -171,30 +171,49 @@ def add_rms_norm(
 
 
 @triton.jit
+def softmax_topk(logit, t_ok, e, e_ok, T_P2: tl.constexpr, E_P2: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr):
+    """Softmax over experts and top-k of each token's router logits [T_P2, E_P2] (float32, -inf
+    past E): (weights, expert ids) [T_P2, TOP_K], as every routing kernel computes them.
+
+    The experts are picked on exp(logit - max), before the division by the sum: max and exp give
+    the same bits in every kernel, while the sum's order depends on the kernel's warps, and a
+    rounding tie it made in one kernel but not another would let the two routing GEMMs, which
+    route the same token separately, pick different experts."""
+    k_idx = tl.arange(0, TOP_K)
+    logit = tl.where(t_ok[:, None], logit, 0.0)  # padding rows stay finite; callers mask them
+    u = tl.exp(logit - tl.max(logit, 1)[:, None])
+    total = tl.sum(u, 1)
+    u = tl.where(e_ok[None, :], u, -1.0)
+    top_w = tl.zeros([T_P2, TOP_K], dtype=tl.float32)
+    top_i = tl.zeros([T_P2, TOP_K], dtype=tl.int32)
+    for k in tl.static_range(TOP_K):
+        best = tl.max(u, 1)
+        idx = tl.min(tl.where(u == best[:, None], e[None, :], E_P2), 1)  # lowest index among ties
+        top_w = tl.where(k_idx[None, :] == k, (best / total)[:, None], top_w)
+        top_i = tl.where(k_idx[None, :] == k, idx[:, None], top_i)
+        u = tl.where(e[None, :] == idx[:, None], -1.0, u)
+    if RENORM:
+        top_w = top_w / tl.sum(top_w, 1)[:, None]
+    return top_w, top_i
+
+
+@triton.jit
+def row_topk(row_ptr, E: tl.constexpr, E_P2: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr):
+    """softmax_topk of one token's router logits at row_ptr: (weights, expert ids) [1, TOP_K]."""
+    e = tl.arange(0, E_P2)
+    e_ok = e < E
+    logit = tl.load(row_ptr + e[None, :], mask=e_ok[None, :], other=float("-inf")).to(tl.float32)
+    return softmax_topk(logit, tl.arange(0, 1) < 1, e, e_ok, 1, E_P2, TOP_K, RENORM)
+
+
+@triton.jit
 def _router_topk_kernel(
     logits_ptr, w_out_ptr, id_out_ptr, stride_l, E: tl.constexpr, E_P2: tl.constexpr, TOP_K: tl.constexpr,
     RENORM: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    e = tl.arange(0, E_P2)
-    mask = e < E
-    logit = tl.load(logits_ptr + row * stride_l + e, mask=mask, other=float("-inf")).to(tl.float32)
-    # Picked before the division by the sum, as moe._softmax_topk does (see why there).
-    u = tl.exp(logit - tl.max(logit, 0))
-    total = tl.sum(u, 0)
-    u = tl.where(mask, u, -1.0)
-    k_idx = tl.arange(0, TOP_K)
-    top_w = tl.zeros([TOP_K], dtype=tl.float32)
-    top_i = tl.zeros([TOP_K], dtype=tl.int32)
-    for k in tl.static_range(TOP_K):
-        best = tl.max(u, 0)
-        # Lowest index among equal maxima, as torch.topk returns.
-        idx = tl.min(tl.where(u == best, e, E_P2), 0)
-        top_w = tl.where(k_idx == k, best / total, top_w)
-        top_i = tl.where(k_idx == k, idx, top_i)
-        u = tl.where(e == idx, -1.0, u)
-    if RENORM:
-        top_w = top_w / tl.sum(top_w, 0)
+    top_w, top_i = row_topk(logits_ptr + row * stride_l, E, E_P2, TOP_K, RENORM)
+    k_idx = tl.arange(0, TOP_K)[None, :]
     tl.store(w_out_ptr + row * TOP_K + k_idx, top_w.to(w_out_ptr.dtype.element_ty))
     tl.store(id_out_ptr + row * TOP_K + k_idx, top_i)
 

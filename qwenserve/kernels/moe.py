@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from qwenserve.kernels import moe_configs
-from qwenserve.kernels.fused import add_rms_norm, route
+from qwenserve.kernels.fused import add_rms_norm, route, row_topk, softmax_topk
 from qwenserve.kernels.moe_configs import MoEConfig, get_moe_config
 from qwenserve.kernels.pdl import pdl_launch, pdl_start, pdl_wait
 
@@ -102,33 +102,6 @@ def _moe_align_kernel(
         tl.store(expert_ids_ptr + first_block + blk, expert, mask=blk < my_padded // BLOCK_M)
 
 
-@triton.jit
-def _softmax_topk(logit, t_ok, e, e_ok, T_P2: tl.constexpr, E_P2: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr):
-    """Softmax over experts and top-k of each token's router logits [T_P2, E_P2] (float32, -inf
-    past E): (weights, expert ids) [T_P2, TOP_K], as _router_topk_kernel computes them.
-
-    The experts are picked on exp(logit - max), before the division by the sum: max and exp give
-    the same bits in every kernel, while the sum's order depends on the kernel's warps, and a
-    rounding tie it made in one kernel but not another would let the two routing GEMMs, which
-    route the same token separately, pick different experts."""
-    k_idx = tl.arange(0, TOP_K)
-    logit = tl.where(t_ok[:, None], logit, 0.0)  # padding rows stay finite; callers mask them
-    u = tl.exp(logit - tl.max(logit, 1)[:, None])
-    total = tl.sum(u, 1)
-    u = tl.where(e_ok[None, :], u, -1.0)
-    top_w = tl.zeros([T_P2, TOP_K], dtype=tl.float32)
-    top_i = tl.zeros([T_P2, TOP_K], dtype=tl.int32)
-    for k in tl.static_range(TOP_K):
-        best = tl.max(u, 1)
-        idx = tl.min(tl.where(u == best[:, None], e[None, :], E_P2), 1)  # lowest index among ties
-        top_w = tl.where(k_idx[None, :] == k, (best / total)[:, None], top_w)
-        top_i = tl.where(k_idx[None, :] == k, idx[:, None], top_i)
-        u = tl.where(e[None, :] == idx[:, None], -1.0, u)
-    if RENORM:
-        top_w = top_w / tl.sum(top_w, 1)[:, None]
-    return top_w, top_i
-
-
 # Steps of up to this many tokens route and align in one launch (`routed_moe`): every program
 # of the align recomputes the softmax top-k of all the tokens' router logits (at most 16 x E
 # floats) rather than waiting for a separate routing launch.
@@ -168,7 +141,7 @@ def _route_align_kernel(
         mask=t_ok[:, None] & e_ok[None, :],
         other=float("-inf"),
     ).to(tl.float32)
-    top_w, top_i = _softmax_topk(logit, t_ok, e, e_ok, T_P2, E_P2, TOP_K, RENORM)
+    top_w, top_i = softmax_topk(logit, t_ok, e, e_ok, T_P2, E_P2, TOP_K, RENORM)
     pair_ok = t_ok[:, None] & (k_idx[None, :] < TOP_K)
     if expert == 0:
         pair_2d = t[:, None] * TOP_K + k_idx[None, :]
@@ -348,7 +321,7 @@ def _route_align_last(
             other=float("-inf"),
             cache_modifier=".cg",  # from L2, where the other programs' stores are
         ).to(tl.float32)
-        top_w, top_i = _softmax_topk(logits, t_ok, e, e_ok, T_P2, E_P2, TOP_K, RENORM)
+        top_w, top_i = softmax_topk(logits, t_ok, e, e_ok, T_P2, E_P2, TOP_K, RENORM)
         k_idx = tl.arange(0, TOP_K)
         pair_ok = t_ok[:, None] & (k_idx[None, :] < TOP_K)
         pair_2d = t[:, None] * TOP_K + k_idx[None, :]
@@ -560,10 +533,7 @@ def _pair_route(
     """(expert, routing weight) of pair p = token * TOP_K + k: the token's k-th choice in the softmax
     top-k of its router logits. Each routing program recomputes it (redundant, but shorter than a
     routing launch or a round trip through memory between the two GEMMs)."""
-    e = tl.arange(0, E_P2)
-    e_ok = e < NUM_EXPERTS
-    logit = tl.load(logits_ptr + (p // TOP_K) * NUM_EXPERTS + e[None, :], mask=e_ok[None, :], other=float("-inf"))
-    top_w, top_i = _softmax_topk(logit.to(tl.float32), tl.arange(0, 1) < 1, e, e_ok, 1, E_P2, TOP_K, RENORM)
+    top_w, top_i = row_topk(logits_ptr + (p // TOP_K) * NUM_EXPERTS, NUM_EXPERTS, E_P2, TOP_K, RENORM)
     mine = tl.arange(0, TOP_K)[None, :] == p % TOP_K
     expert = tl.sum(tl.sum(tl.where(mine, top_i, 0), 1), 0).to(tl.int64)
     weight = tl.sum(tl.sum(tl.where(mine, top_w, 0.0), 1), 0)
