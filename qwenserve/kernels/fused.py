@@ -43,64 +43,43 @@ def _qk_norm_rope_kernel(
 ):
     pdl_start(PDL_MODE)
     token = tl.program_id(0)
-    head = tl.program_id(1)  # q heads, then k heads, then v heads
-    w1, w2 = head_norm_weights(qw_ptr, kw_ptr, head, NUM_HEADS, HALF)
+    head = tl.program_id(1)  # 0..NUM_HEADS-1 are q heads, then the kv heads
+    is_q = head < NUM_HEADS
+    offs = tl.arange(0, HALF)
+    dt = q_out_ptr.dtype.element_ty
+    w_ptr = tl.where(is_q, qw_ptr, kw_ptr)
+    w1 = tl.load(w_ptr + offs).to(tl.float32)
+    w2 = tl.load(w_ptr + HALF + offs).to(tl.float32)
     pdl_wait(PDL_MODE)
-    norm_rope_store_head(
-        qkv_ptr + token.to(tl.int64) * stride_qkv, stride_term, head, w1, w2,
-        q_out_ptr + token.to(tl.int64) * (NUM_HEADS * HEAD_DIM), cos_sin_ptr, pos_ptr + token, k_cache_ptr,
-        v_cache_ptr, slot_ptr + token, stride_slot, stride_ch, eps, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, HALF, TERMS,
-    )  # fmt: skip
-
-
-@triton.jit
-def head_norm_weights(qw_ptr, kw_ptr, head, NUM_HEADS: tl.constexpr, HALF: tl.constexpr):
-    """The two halves of the RMSNorm weight for `head` (q heads take q_norm's, k and v heads k_norm's;
-    v heads ignore it), as float32: weights, so they may load before a PDL wait."""
-    offs = tl.arange(0, HALF)
-    w_ptr = tl.where(head < NUM_HEADS, qw_ptr, kw_ptr)
-    return tl.load(w_ptr + offs).to(tl.float32), tl.load(w_ptr + HALF + offs).to(tl.float32)
-
-
-@triton.jit
-def norm_rope_store_head(
-    row_ptr, stride_term, head, w1, w2, q_row_ptr, cos_sin_ptr, pos_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-    stride_slot, stride_ch, eps, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HALF: tl.constexpr, TERMS: tl.constexpr,
-):  # fmt: skip
-    """One head of one token's qkv row (row_ptr: its first split-K term, TERMS of them stride_term apart;
-    pos_ptr, slot_ptr: the token's position and cache slot): a q head is RMS-normed, rotated and stored
-    to the token's q row [NUM_HEADS, HEAD_DIM]; a k head normed and rotated, and a v head as it is, go
-    straight into the cache slot (none for a slot < 0, graph padding)."""
-    offs = tl.arange(0, HALF)
-    dt = q_row_ptr.dtype.element_ty
-    base = row_ptr + head * HEAD_DIM
+    base = qkv_ptr + token.to(tl.int64) * stride_qkv + head * HEAD_DIM
     x1 = _sum_terms(base + offs, stride_term, TERMS, dt)
     x2 = _sum_terms(base + HALF + offs, stride_term, TERMS, dt)
-    if head < NUM_HEADS + NUM_KV_HEADS:
-        rstd = tl.rsqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / HEAD_DIM + eps)
-        # Round to the activation dtype before and after the weight, as the Hugging Face norm does.
-        n1 = ((x1 * rstd).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
-        n2 = ((x2 * rstd).to(dt).to(tl.float32) * w2).to(dt).to(tl.float32)
-        pos = tl.load(pos_ptr).to(tl.int64)
-        cos = tl.load(cos_sin_ptr + pos * (2 * HALF) + offs)
-        sin = tl.load(cos_sin_ptr + pos * (2 * HALF) + HALF + offs)
-        x1 = n1 * cos - n2 * sin
-        x2 = n2 * cos + n1 * sin
-    if head < NUM_HEADS:
-        out = q_row_ptr + head * HEAD_DIM
-        tl.store(out + offs, x1.to(dt))
-        tl.store(out + HALF + offs, x2.to(dt))
+    rstd = tl.rsqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / HEAD_DIM + eps)
+    # Round to the activation dtype before and after the weight, as the Hugging Face norm does.
+    n1 = ((x1 * rstd).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
+    n2 = ((x2 * rstd).to(dt).to(tl.float32) * w2).to(dt).to(tl.float32)
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    cos = tl.load(cos_sin_ptr + pos * (2 * HALF) + offs)
+    sin = tl.load(cos_sin_ptr + pos * (2 * HALF) + HALF + offs)
+    o1 = (n1 * cos - n2 * sin).to(dt)
+    o2 = (n2 * cos + n1 * sin).to(dt)
+    if is_q:
+        out = q_out_ptr + (token.to(tl.int64) * NUM_HEADS + head) * HEAD_DIM
+        tl.store(out + offs, o1)
+        tl.store(out + HALF + offs, o2)
     else:
         # Keys and values go straight into their cache slot: no separate KV-write launch.
-        slot = tl.load(slot_ptr).to(tl.int64)
+        slot = tl.load(slot_ptr + token).to(tl.int64)
         if slot >= 0:
-            is_k = head < NUM_HEADS + NUM_KV_HEADS
-            cache_ptr = tl.where(is_k, k_cache_ptr, v_cache_ptr)
-            kv_head = tl.where(is_k, head - NUM_HEADS, head - NUM_HEADS - NUM_KV_HEADS)
-            dst = cache_ptr + slot * stride_slot + kv_head * stride_ch
-            tl.store(dst + offs, x1.to(dt).to(k_cache_ptr.dtype.element_ty))
-            tl.store(dst + HALF + offs, x2.to(dt).to(k_cache_ptr.dtype.element_ty))
+            kv_head = head - NUM_HEADS
+            dst = slot * stride_slot + kv_head * stride_ch
+            tl.store(k_cache_ptr + dst + offs, o1.to(k_cache_ptr.dtype.element_ty))
+            tl.store(k_cache_ptr + dst + HALF + offs, o2.to(k_cache_ptr.dtype.element_ty))
+            v_src = base + (NUM_KV_HEADS * HEAD_DIM)
+            v1 = _sum_terms(v_src + offs, stride_term, TERMS, dt)
+            v2 = _sum_terms(v_src + HALF + offs, stride_term, TERMS, dt)
+            tl.store(v_cache_ptr + dst + offs, v1.to(v_cache_ptr.dtype.element_ty))
+            tl.store(v_cache_ptr + dst + HALF + offs, v2.to(v_cache_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -134,29 +113,13 @@ def qk_norm_rope_cache(
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=q_weight.dtype, device=qkv.device)
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and qkv.stride(-1) == 1
     if num_tokens:
-        _qk_norm_rope_kernel[(num_tokens, num_heads + 2 * num_kv_heads)](
+        _qk_norm_rope_kernel[(num_tokens, num_heads + num_kv_heads)](
             qkv, q, q_weight, k_weight, cos_sin_cache, positions, k_cache, v_cache, slot_mapping,
             qkv.stride(0), qkv.stride(1) if terms > 1 else 0, k_cache.stride(1), k_cache.stride(2), eps,
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2, TERMS=terms,
             num_warps=1, **pdl_launch(qkv.device, "qk_norm"),
         )  # fmt: skip
     return q
-
-
-_launch_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def launch_counter(device: torch.device, size: int = 1) -> torch.Tensor:
-    """`size` zeroed int32s on the device for a kernel whose programs count themselves in with atomics
-    and whose last program per counter resets it. One buffer per (device, size) serves every launch:
-    kernels on the engine's stream never count at the same time (under PDL a kernel counts only after
-    its wait, when the kernel before it has finished). Allocated once, so the CUDA graphs that captured
-    its address stay valid."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if (device, size) not in _launch_counters:
-        _launch_counters[device, size] = torch.zeros(size, dtype=torch.int32, device=device)
-    return _launch_counters[device, size]
 
 
 ADD_RMS_NORM_WARPS: int | None = None  # None: 4 up to 2048 columns, else 8

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from qwenserve.kernels import moe_configs
-from qwenserve.kernels.fused import add_rms_norm, launch_counter, route, row_topk, softmax_topk
+from qwenserve.kernels.fused import add_rms_norm, route, row_topk, softmax_topk
 from qwenserve.kernels.moe_configs import MoEConfig, get_moe_config
 from qwenserve.kernels.pdl import pdl_launch, pdl_start, pdl_wait
 
@@ -344,6 +344,19 @@ NORM_ONLY_NUM_WARPS = 8
 # False: decode steps run add_rms_norm, the router GEMV and route_align as three launches (A/B switch).
 NORM_ROUTE_FUSED = True
 
+_launch_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _launch_counter(device: torch.device) -> torch.Tensor:
+    """A zeroed int32 on the device that a kernel's last program resets. One per device serves
+    every launch: launches on the engine's stream never overlap. Allocated once, so the CUDA
+    graphs that captured its address stay valid."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _launch_counters:
+        _launch_counters[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _launch_counters[device]
+
 
 def norm_route_align(
     x: torch.Tensor,
@@ -384,7 +397,7 @@ def norm_route_align(
     max_blocks = triton.cdiv(max_sorted_rows(t_p2 * top_k, num_experts, block_m), block_m)
     grid = (num_tokens, triton.cdiv(num_experts, NORM_ROUTE_BLOCK_E))
     _norm_route_align_kernel[grid](
-        x, residual, norm_weight, gate_weight, out, res_out, logits, launch_counter(device), weights, ids, sorted_ids,
+        x, residual, norm_weight, gate_weight, out, res_out, logits, _launch_counter(device), weights, ids, sorted_ids,
         expert_ids, num_rows, num_tokens, x.stride(0), x.stride(1) if terms > 1 else 0, residual.stride(0),
         gate_weight.stride(0), eps, TERMS=terms, N=hidden, N_P2=triton.next_power_of_2(hidden), NUM_EXPERTS=num_experts,
         E_P2=triton.next_power_of_2(num_experts), BLOCK_E=NORM_ROUTE_BLOCK_E, TOP_K=top_k, T_P2=t_p2,

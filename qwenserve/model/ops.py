@@ -258,30 +258,6 @@ def qk_norm_rope_cache(
     return q
 
 
-def qkv_norm_rope_cache(
-    x: torch.Tensor,
-    qkv_weight: torch.Tensor,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    positions: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    eps: float,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> torch.Tensor:
-    """The qkv projection of x [T, hidden], then qk_norm_rope_cache; returns q. One op so a backend can
-    fuse the projection with the norm, RoPE and cache write."""
-    qkv = linear_unreduced(x, qkv_weight)
-    return qk_norm_rope_cache(
-        qkv, q_weight, k_weight, cos_sin_cache, positions, num_heads, num_kv_heads, head_dim, eps, k_cache, v_cache,
-        slot_mapping,
-    )  # fmt: skip
-
-
 def routed_moe(
     x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int, renormalize: bool
 ) -> torch.Tensor:

@@ -32,7 +32,6 @@ class Ops:
     rms_norm: Callable = ref_ops.rms_norm
     add_rms_norm: Callable = ref_ops.add_rms_norm
     qk_norm_rope_cache: Callable = ref_ops.qk_norm_rope_cache
-    qkv_norm_rope_cache: Callable = ref_ops.qkv_norm_rope_cache  # the qkv projection + qk_norm_rope_cache
     route: Callable = ref_ops.route
     routed_moe: Callable = ref_ops.routed_moe  # route + fused_moe(reduce=False), on one device
     norm_routed_moe: Callable = ref_ops.norm_routed_moe  # add_rms_norm + routed_moe, on one device
@@ -79,10 +78,10 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos_sin_cache: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.ops.qkv_norm_rope_cache(
-            x, self.qkv_proj.weight, self.q_norm.weight, self.k_norm.weight, cos_sin_cache, positions,
-            self.num_heads, self.num_kv_heads, self.head_dim, self.q_norm.eps, self.k_cache, self.v_cache,
-            meta.slot_mapping,
+        q = self.ops.qk_norm_rope_cache(
+            self.ops.linear_unreduced(x, self.qkv_proj.weight), self.q_norm.weight, self.k_norm.weight, cos_sin_cache,
+            positions, self.num_heads, self.num_kv_heads, self.head_dim, self.q_norm.eps,
+            self.k_cache, self.v_cache, meta.slot_mapping,
         )  # fmt: skip
         out = self.ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
         out = out.reshape(num_tokens, self.q_size)
