@@ -8,6 +8,7 @@ one-request waiting queue, an API key, and a 0.2 s heartbeat.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -235,6 +236,22 @@ def test_unknown_route_and_method(server: ServerProcess) -> None:
     assert_openai_error(server.get("/v1/embeddings"), 404)
     assert_openai_error(server.get(CHAT), 405)
     assert httpx.head(f"{server.base_url}/health").status_code == 200  # load balancers probe with HEAD
+
+
+def test_base_url_without_v1_gets_the_fix_in_its_404(server: ServerProcess) -> None:
+    """A client configured with http://host:port instead of http://host:port/v1."""
+    err = assert_openai_error(server.post("/chat/completions", json={"messages": HI}), 404)
+    assert "Did you mean /v1/chat/completions?" in err["message"]
+    assert "Did you mean" not in assert_openai_error(server.post("/v1/nothing", json={}), 404)["message"]
+
+
+def test_refused_requests_are_logged_with_their_reason(server: ServerProcess) -> None:
+    """A request refused before it reaches the engine still leaves one line in the server log."""
+    assert_openai_error(server.post(CHAT, json={"messages": HI, "max_tokens": "5"}), 400, "max_tokens")
+    assert_openai_error(server.get("/v1/refused-route-probe"), 404)
+    log = server.log()
+    assert re.search(r"refused POST /v1/chat/completions: 400 invalid_request_error \(max_tokens\): ", log), log[-2000:]
+    assert "refused GET /v1/refused-route-probe: 404 not_found_error: Unknown route" in log
 
 
 def test_accepted_no_op_fields(server: ServerProcess) -> None:

@@ -129,6 +129,15 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return bad_request(f"Invalid value for {where}: {msg}{extra}", param=param, code="invalid_value")
 
 
+def unknown_route_message(method: str, path: str, routes: set[str]) -> str:
+    """The 404 text, with the fix when the path is one of ours without its /v1 prefix: the usual
+    cause is a client base URL that does not end in /v1."""
+    message = f"Unknown route: {method} {path}"
+    if not path.startswith("/v1/") and f"/v1{path}" in routes:
+        message += f". Did you mean /v1{path}? An OpenAI client's base URL for this server ends in /v1."
+    return message
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Make every failure path, FastAPI's own included, answer in OpenAI's shape."""
 
@@ -147,7 +156,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
-            message = f"Unknown route: {request.method} {request.url.path}"
+            message = unknown_route_message(request.method, request.url.path, {r.path for r in app.routes})
         elif exc.status_code == 405:
             message = f"Method {request.method} is not allowed on {request.url.path}"
         else:

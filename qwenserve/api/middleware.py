@@ -1,8 +1,9 @@
-"""ASGI middlewares: answer 503 while the model loads, count responses by route and status, read
-every POST body as JSON, and refuse bodies too large to be a prompt."""
+"""ASGI middlewares: answer 503 while the model loads, count responses by route and status (and log
+the refused ones), read every POST body as JSON, and refuse bodies too large to be a prompt."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -24,6 +25,7 @@ KNOWN_ROUTES = frozenset(
         "/v1/models",
         "/v1/chat/completions",
         "/v1/completions",
+        "/v1/responses",
         "/tokenize",
         "/detokenize",
         "/docs",
@@ -51,8 +53,15 @@ class LoadingGateMiddleware:
         await self.app(scope, receive, send)
 
 
+# Routes polled by monitors: their refusals (503 while loading) would flood the log.
+_QUIET_ROUTES = frozenset({"/health", "/metrics"})
+_MAX_LOGGED_BODY = 4096
+
+
 class StatusCountMiddleware:
-    """Feeds qwenserve_requests_total{route, status}; unknown paths share one label."""
+    """Feeds qwenserve_requests_total{route, status}; unknown paths share one label. Outermost, so it
+    also logs one line for every request refused with a 4xx or 503 (whichever layer refused it): a
+    request that never reached the engine has no request-log line of its own."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app = app
@@ -71,16 +80,36 @@ class StatusCountMiddleware:
             else "other"
         )
         status = {"code": 500}
+        body = bytearray()
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+            elif _is_refusal(status["code"]) and len(body) < _MAX_LOGGED_BODY:
+                body.extend(message.get("body", b"")[: _MAX_LOGGED_BODY - len(body)])
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
             self.metrics.requests.labels(route=route, status=str(status["code"])).inc()
+        if _is_refusal(status["code"]) and path not in _QUIET_ROUTES:
+            logger.info("refused %s %s: %d %s", scope.get("method"), path, status["code"], _error_summary(bytes(body)))
+
+
+def _is_refusal(status: int) -> bool:
+    """Client errors and 503s (loading, queue full, shutting down); 500s are logged with their traceback."""
+    return 400 <= status < 500 or status == 503
+
+
+def _error_summary(body: bytes) -> str:
+    """`type (param): message` from an OpenAI-shaped error body, or the raw start of any other body."""
+    try:
+        err = json.loads(body)["error"]
+        param = f" ({err['param']})" if err.get("param") else ""
+        return f"{err.get('type')}{param}: {err.get('message')}"
+    except (ValueError, KeyError, TypeError):
+        return body[:200].decode("utf-8", "replace")
 
 
 class JSONBodyMiddleware:
