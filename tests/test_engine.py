@@ -117,6 +117,21 @@ def test_abort_frees_blocks_at_once(engine: LLMEngine) -> None:
     assert not engine.has_unfinished()
 
 
+def test_stats_seen_once_scheduled_count_the_step_in_flight(engine: LLMEngine) -> None:
+    """What /metrics shows during a step (the async engine samples stats() at on_scheduled): the
+    request being prefilled is running and holds its blocks, not waiting with none."""
+    bm = engine.block_manager
+    engine.add_request("prefilling", prompts(1, seed=4, lo=80, hi=81)[0], SamplingParams(max_tokens=2))
+    before = engine.stats()
+    assert (before.num_running, before.num_waiting) == (0, 1)
+    seen = []
+    engine.step(on_scheduled=lambda: seen.append(engine.stats()))
+    (during,) = seen
+    assert (during.num_running, during.num_waiting) == (1, 0)
+    assert during.num_free_blocks < bm.num_usable_blocks and during.kv_cache_usage > 0
+    engine.abort("prefilling")
+
+
 def test_hundred_concurrent_requests_match_alone(tiny_moe_dir: Path) -> None:
     many = prompts(100, seed=11, lo=3, hi=40)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)

@@ -194,9 +194,10 @@ class AsyncEngine:
             self._drain_commands(block=not engine.has_unfinished())
             if self._stopping.is_set():
                 break
-            self._stats = engine.stats()  # new and aborted requests show before a long step, not after
             try:
-                outputs = engine.step()
+                # Sampled once the step is scheduled: a prompt prefilling through a long step (seconds on
+                # a CPU) shows as running and holding its blocks, and aborted requests are gone.
+                outputs = engine.step(on_scheduled=self._refresh_stats)
             except Exception as err:  # noqa: BLE001 - any model failure must reach every waiting client
                 logger.exception("engine step failed")
                 self._fail_all(err)
@@ -204,6 +205,9 @@ class AsyncEngine:
             self._stats = engine.stats()
             if outputs:
                 self._deliver(outputs)
+
+    def _refresh_stats(self) -> None:
+        self._stats = self._require().stats()
 
     def _drain_commands(self, block: bool) -> None:
         try:

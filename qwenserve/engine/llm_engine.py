@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -448,10 +449,13 @@ class LLMEngine:
 
     # -- stepping ----------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, on_scheduled: Callable[[], None] | None = None) -> list[RequestOutput]:
         """Launch the next step, then return the outputs of the one before it (or of this one
-        when steps do not overlap)."""
+        when steps do not overlap). `on_scheduled` runs once the step's batch is chosen, before
+        any model work: what stats() says then holds for the whole step."""
         batch = self.scheduler.schedule()
+        if on_scheduled is not None:
+            on_scheduled()
         launched = self._launch(batch) if batch else None
         if self.overlap_steps:
             done, self._in_flight = self._in_flight, launched
