@@ -74,7 +74,8 @@ def test_api_key_required_everywhere_but_health(server: ServerProcess) -> None:
                          ("POST", "/tokenize"), ("GET", "/docs"), ("GET", "/nope")]:  # fmt: skip
         assert_openai_error(httpx.request(method, base + path), 401)
         wrong = httpx.request(method, base + path, headers={"Authorization": "Bearer nope"})
-        assert_openai_error(wrong, 401)
+        err = assert_openai_error(wrong, 401)
+        assert (err["type"], err["code"]) == ("invalid_request_error", "invalid_api_key")  # as OpenAI answers
     bad = openai.OpenAI(base_url=f"{base}/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
@@ -225,6 +226,29 @@ def test_body_over_the_limit_is_a_413(server: ServerProcess) -> None:
     assert server.post(CHAT, json={"messages": HI, "max_tokens": 1}).status_code == 200
 
 
+def test_chunked_body_over_the_limit_is_a_413(server: ServerProcess) -> None:
+    """No Content-Length (chunked upload): the limit holds while the body is read."""
+
+    def body() -> Iterator[bytes]:
+        yield b'{"max_tokens": 1, "messages": [{"role": "user", "content": "hi"}], "metadata": {"x": "'
+        for _ in range(MAX_BODY // 65536 + 2):
+            yield b"a" * 65536
+        yield b'"}}'
+
+    err = assert_openai_error(server.post(CHAT, content=body()), 413)
+    assert err["code"] == "request_too_large" and f"{MAX_BODY:,}" in err["message"]
+    assert server.post(CHAT, json={"messages": HI, "max_tokens": 1}).status_code == 200
+
+
+def test_body_that_is_not_utf8_is_a_400_invalid_json(server: ServerProcess) -> None:
+    r = server.post(CHAT, content=b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}')
+    err = assert_openai_error(r, 400)
+    assert err["code"] == "invalid_json" and "UTF-8" in err["message"], err
+    deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    err = assert_openai_error(server.post(CHAT, content=deep, headers={"Content-Type": "application/json"}), 400)
+    assert err["code"] == "invalid_json", err
+
+
 def test_json_body_without_content_type(server: ServerProcess) -> None:
     """`curl -d '{...}'` sends form encoding; the body is still read as JSON."""
     body = b'{"prompt": "Hello world"}'
@@ -251,7 +275,7 @@ def test_refused_requests_are_logged_with_their_reason(server: ServerProcess) ->
     assert_openai_error(server.get("/v1/refused-route-probe"), 404)
     log = server.log()
     assert re.search(r"refused POST /v1/chat/completions: 400 invalid_request_error \(max_tokens\): ", log), log[-2000:]
-    assert "refused GET /v1/refused-route-probe: 404 not_found_error: Unknown route" in log
+    assert "refused GET /v1/refused-route-probe: 404 invalid_request_error: Unknown route" in log
 
 
 def test_accepted_no_op_fields(server: ServerProcess) -> None:

@@ -15,12 +15,13 @@ from qwenserve.engine.sampling_params import InvalidRequestError
 
 logger = logging.getLogger("qwenserve.api")
 
-# OpenAI's `type` strings by status code.
+# OpenAI's `type` strings by status code: the API answers a wrong key (code invalid_api_key) and an
+# unknown model (code model_not_found) as invalid_request_error too.
 _TYPES = {
     400: "invalid_request_error",
-    401: "authentication_error",
+    401: "invalid_request_error",
     403: "permission_error",
-    404: "not_found_error",
+    404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
@@ -129,6 +130,17 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return bad_request(f"Invalid value for {where}: {msg}{extra}", param=param, code="invalid_value")
 
 
+def unreadable_body(cause: BaseException) -> APIError:
+    """The 400 for a body the JSON reader could not take: not UTF-8, or nested past the parser's limit."""
+    if isinstance(cause, UnicodeDecodeError):
+        detail = f"it is not valid UTF-8 ({cause.reason} at byte {cause.start})"
+    elif isinstance(cause, RecursionError):
+        detail = "it is nested too deeply"
+    else:
+        detail = f"{type(cause).__name__}: {cause}"
+    return bad_request(f"Request body could not be read as JSON: {detail}.", code="invalid_json")
+
+
 def unknown_route_message(method: str, path: str, routes: set[str]) -> str:
     """The 404 text, with the fix when the path is one of ours without its /v1 prefix: the usual
     cause is a client base URL that does not end in /v1."""
@@ -159,9 +171,13 @@ def install_error_handlers(app: FastAPI) -> None:
             message = unknown_route_message(request.method, request.url.path, {r.path for r in app.routes})
         elif exc.status_code == 405:
             message = f"Method {request.method} is not allowed on {request.url.path}"
+        elif exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's body reader turns any failure but a JSON syntax error into a bare "error parsing the body".
+            return unreadable_body(exc.__cause__).response()
         else:
             message = str(exc.detail)
-        err = APIError(exc.status_code, message, headers=dict(exc.headers or {}))
+        code = "request_too_large" if exc.status_code == 413 else None
+        err = APIError(exc.status_code, message, code=code, headers=dict(exc.headers or {}))
         return err.response()
 
     @app.exception_handler(Exception)

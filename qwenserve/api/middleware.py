@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Callable
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwenserve.api.errors import APIError, internal_error, unavailable
@@ -161,21 +162,36 @@ MAX_BODY_BYTES = int(os.environ.get("QWENSERVE_MAX_BODY_BYTES", str(16 * 1024 * 
 
 
 class BodyLimitMiddleware:
-    """413 for a POST whose Content-Length exceeds `max_bytes`, before its body is read."""
+    """413 for a POST whose body exceeds `max_bytes`: at once from its Content-Length, and while it
+    is read when it has none (chunked uploads), so no body past the limit is ever held whole."""
 
     def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES):
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.max_bytes:
-                err = APIError(
-                    413,
-                    f"Request body of {int(length):,} bytes exceeds this server's limit of {self.max_bytes:,} bytes.",
-                    code="request_too_large",
-                )
-                await err.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            err = APIError(413, self._too_large(f"of {int(length):,} bytes "), code="request_too_large")
+            await err.response()(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # Raised inside FastAPI's body read, which passes HTTPExceptions on to the
+                    # error handlers (errors.py): the client gets the OpenAI-shaped 413.
+                    raise StarletteHTTPException(413, detail=self._too_large(""))
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def _too_large(self, size: str) -> str:
+        return f"Request body {size}exceeds this server's limit of {self.max_bytes:,} bytes."
