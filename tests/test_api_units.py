@@ -220,6 +220,8 @@ def test_logprob_shapes() -> None:
         "top_logprobs": [None, {"Hi": -0.5, "Yo": -9999.0}],
         "text_offset": [0, 1],
     }
+    unlikely = TokenLogprob(3, "Zz", -7.0, [(1, "Hi", -0.5)])  # sampled outside the top 1
+    assert completion_logprobs([unlikely], ["Zz"])["top_logprobs"] == [{"Hi": -0.5, "Zz": -7.0}]
 
 
 def test_parallel_tool_calls_false_streams_only_the_first_call() -> None:

@@ -107,5 +107,8 @@ def completion_logprobs(
             top.append(None)
         else:
             token_logprobs.append(_finite(lp.logprob))
-            top.append({t: _finite(v) for _, t, v in lp.top_logprobs} or {lp.token: _finite(lp.logprob)})
+            # OpenAI: "the logprob of the sampled token is always returned", so up to logprobs + 1 entries.
+            alternatives = {t: _finite(v) for _, t, v in lp.top_logprobs}
+            alternatives.setdefault(lp.token, _finite(lp.logprob))
+            top.append(alternatives)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
