@@ -137,6 +137,15 @@ BAD_INPUTS: list[tuple[str, Any, str | None]] = [
     (CHAT, {"messages": HI, "response_format": {"type": "bogus"}}, "response_format.type"),
     (CHAT, {"messages": HI, "response_format": "json"}, "response_format"),
     (CHAT, {"messages": HI, "logit_bias": {"785": -100}}, "logit_bias"),
+    # vLLM extensions this server would otherwise silently not apply
+    (CHAT, {"messages": HI, "guided_json": {"type": "object"}}, "guided_json"),
+    (CHAT, {"messages": HI, "structured_outputs": {"regex": "a+"}}, "structured_outputs"),
+    (CHAT, {"messages": HI, "chat_template": "{{ messages }}"}, "chat_template"),
+    (CHAT, {"messages": HI, "echo": True}, "echo"),
+    (CHAT, {"messages": HI, "prompt_logprobs": 1}, "prompt_logprobs"),
+    (CHAT, {"messages": HI, "stream": True, "stream_options": {"continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats"),
+    ("/v1/completions", {"prompt": "x", "guided_choice": ["a", "b"]}, "guided_choice"),
     (CHAT, {"messages": HI, "functions": [{"name": "f", "parameters": {}}]}, "functions"),
     (CHAT, {"messages": HI, "function_call": "auto"}, "function_call"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
@@ -281,7 +290,8 @@ def test_refused_requests_are_logged_with_their_reason(server: ServerProcess) ->
 def test_accepted_no_op_fields(server: ServerProcess) -> None:
     """The forms of unsupported fields that ask for nothing (text format, an empty bias) are fine."""
     body = {"messages": HI, "max_tokens": 3, "response_format": {"type": "text"}, "logit_bias": {},
-            "top_logprobs": 0, "temperature": 0, "max_completion_tokens": 2}  # fmt: skip
+            "top_logprobs": 0, "temperature": 0, "max_completion_tokens": 2, "echo": False,
+            "guided_json": None, "prompt_logprobs": None}  # fmt: skip
     r = server.post(CHAT, json=body)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 2  # max_completion_tokens wins over max_tokens

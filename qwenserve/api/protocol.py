@@ -84,6 +84,7 @@ class _StrictScalars(_Lenient):
 
 class StreamOptions(_StrictScalars):
     include_usage: bool = False
+    continuous_usage_stats: Any = None  # vLLM's; refused when set (api.sampling)
 
 
 class ResponseFormat(_Lenient):
@@ -113,6 +114,14 @@ class SamplingFields(_StrictScalars):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None  # accepted only empty: see api.sampling
+    # vLLM extensions this server does not implement, declared only so that a request setting one is
+    # refused (api.sampling) instead of answered as if it had been applied.
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    prompt_logprobs: Any = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -129,6 +138,8 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None  # only "text": see serving_chat
     functions: list[Any] | None = None  # the legacy function-calling fields: refused, see serving_chat
     function_call: Any = None
+    chat_template: Any = None  # vLLM's per-request template: refused (api.sampling)
+    echo: Any = None  # vLLM's chat echo: refused (api.sampling)
 
 
 class CompletionRequest(SamplingFields):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from qwenserve.api.errors import bad_request
-from qwenserve.api.protocol import SamplingFields
+from qwenserve.api.protocol import ChatCompletionRequest, SamplingFields
 from qwenserve.engine.sampling_params import GENERATION_CONFIG_FIELDS, SamplingParams
 
 
@@ -14,6 +14,41 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
     return [stop] if isinstance(stop, str) else list(stop)
+
+
+# vLLM request extensions declared in api.protocol but not implemented here -> what to do instead.
+_UNIMPLEMENTED = {
+    "guided_json": "there is no constrained decoding; describe the format in the prompt",
+    "guided_regex": "there is no constrained decoding",
+    "guided_choice": "there is no constrained decoding",
+    "guided_grammar": "there is no constrained decoding",
+    "structured_outputs": "there is no constrained decoding",
+    "prompt_logprobs": "score a prompt with /v1/completions, 'echo' and 'logprobs'",
+}
+_CHAT_UNIMPLEMENTED = {
+    "chat_template": "prompts are rendered with the model's own chat template",
+    "echo": "on chat completions; /v1/completions has 'echo'",
+}
+
+
+def refuse_unimplemented(req: SamplingFields) -> None:
+    """400 unsupported_parameter for a vLLM extension this server would otherwise ignore."""
+    chat = isinstance(req, ChatCompletionRequest)
+    for name, instead in (_UNIMPLEMENTED | _CHAT_UNIMPLEMENTED if chat else _UNIMPLEMENTED).items():
+        value = getattr(req, name, None)
+        if value is not None and value is not False:
+            raise bad_request(
+                f"'{name}' is not supported by this server ({instead}); remove it.",
+                param=name,
+                code="unsupported_parameter",
+            )
+    if req.stream_options is not None and req.stream_options.continuous_usage_stats:
+        raise bad_request(
+            "'stream_options.continuous_usage_stats' is not supported by this server; the usage chunk "
+            "('include_usage') comes at the end of the stream.",
+            param="stream_options.continuous_usage_stats",
+            code="unsupported_parameter",
+        )
 
 
 def build_sampling_params(
@@ -30,6 +65,7 @@ def build_sampling_params(
     temperature 0 from the request is respected (it is not "unset"); `max_tokens` None
     means up to the context limit (the engine clamps anything larger to the room left).
     """
+    refuse_unimplemented(req)
     if req.stream_options is not None and not req.stream:
         raise bad_request(
             "'stream_options' is only allowed when 'stream' is true.", param="stream_options"
