@@ -91,7 +91,9 @@ def normalize_message(msg: ChatMessage, i: int) -> dict[str, Any]:
                 "type": "function",
                 "function": {
                     "name": call.function.name,
-                    "arguments": _parsed_arguments(call.function.arguments, f"messages[{i}].tool_calls[{k}]"),
+                    "arguments": checked_arguments(
+                        call.function.arguments, f"messages[{i}].tool_calls[{k}].function.arguments"
+                    ),
                 },
             }
             for k, call in enumerate(msg.tool_calls)
@@ -101,13 +103,13 @@ def normalize_message(msg: ChatMessage, i: int) -> dict[str, Any]:
     return out
 
 
-def _parsed_arguments(arguments: Any, param: str) -> dict[str, Any]:
+def checked_arguments(arguments: Any, param: str) -> dict[str, Any]:
     """arguments_to_dict, refusing what a JSON string decodes into that the request check could not see
-    (a "\\ud800" escape inside the string, nesting too deep to render)."""
+    (a "\\ud800" escape inside the string, nesting too deep to render); `param` names the field."""
     value = arguments_to_dict(arguments)
     if isinstance(arguments, str) and (found := bad_text_path(value)) is not None:
         what = "a lone UTF-16 surrogate" if found[1] == "surrogate" else "JSON nested too deeply"
-        raise bad_request(f"The arguments of {param} hold {what}.", param=f"{param}.function.arguments")
+        raise bad_request(f"The arguments in {param} hold {what}.", param=param)
     return value
 
 

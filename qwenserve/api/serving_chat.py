@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -21,6 +22,7 @@ from qwenserve.api.sampling import build_sampling_params
 from qwenserve.api.state import ServerState, new_id
 from qwenserve.api.streaming import SSE_DONE, SSEResponse, heartbeat_without_choices, sse, with_heartbeat
 from qwenserve.engine.outputs import RequestOutput
+from qwenserve.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("qwenserve.api")
 
@@ -48,6 +50,15 @@ async def wait_or_disconnect(
             raise APIError(499, "Client disconnected.", code="client_disconnected")
 
 
+@dataclass
+class PreparedChat:
+    """A validated chat request ready for the engine: its sampling, tool plan and prompt."""
+
+    params: SamplingParams
+    plan: ToolPlan
+    prompt_ids: list[int]
+
+
 class ChatCompletions:
     """Handler for one app; stateless between requests apart from `state`."""
 
@@ -67,10 +78,28 @@ class ChatCompletions:
         )
         return self.state.encode_prompt(text + plan.forced_prefix, "messages")
 
-    def _parser(self, plan: ToolPlan) -> Any | None:
+    def parser(self, plan: ToolPlan) -> Any | None:
+        """A fresh tool-call parser for one output, or None when the output is plain text."""
         if not plan.parse or self.state.tool_parser_cls is None:
             return None
         return self.state.tool_parser_cls(plan.tools)
+
+    async def prepare(self, req: ChatCompletionRequest) -> PreparedChat:
+        """Validate, map the sampling fields, plan the tools and render the prompt.
+
+        Cheap validation first, then the render; nothing may fail after add_request without an
+        abort, so callers build their parsers and context before submitting.
+        """
+        check_chat_fields(req)
+        params = build_sampling_params(
+            req,
+            self.state.generation_defaults,
+            max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        )
+        plan = plan_tools(req, self.state.xml_tools)
+        prompt_ids = await self.state.run_cpu(self._prompt, req, plan)
+        return PreparedChat(params, plan, prompt_ids)
 
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         """Validate, submit to the engine, and answer (stream or not)."""
@@ -78,20 +107,11 @@ class ChatCompletions:
         request_id = new_id("chatcmpl")
         if state.settings.log_requests:
             log_request_body(request_id, req)
-        # Cheap validation first, then the render; nothing may fail after add_request
-        # without an abort, so the parsers and the context are built before it.
-        check_chat_fields(req)
-        params = build_sampling_params(
-            req,
-            state.generation_defaults,
-            max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
-            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        )
-        plan = plan_tools(req, state.xml_tools)
-        prompt_ids = await state.run_cpu(self._prompt, req, plan)
-        tracker = RequestTracker(request_id, state.metrics, len(prompt_ids))
-        ctx = _ChatContext(state, req, plan, request_id, tracker, [self._parser(plan) for _ in range(req.n)])
-        stream = state.add_request(request_id, prompt_ids, params)
+        prepared = await self.prepare(req)
+        plan = prepared.plan
+        tracker = RequestTracker(request_id, state.metrics, len(prepared.prompt_ids))
+        ctx = _ChatContext(state, req, plan, request_id, tracker, [self.parser(plan) for _ in range(req.n)])
+        stream = state.add_request(request_id, prepared.prompt_ids, prepared.params)
         if req.stream:
             return SSEResponse(
                 with_heartbeat(ctx.stream(stream), ctx.heartbeat), on_close=ctx.close_if_unfinished
@@ -136,6 +156,19 @@ def first_call_only(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
             d = {**d, "tool_calls": [c for c in d["tool_calls"] if c["index"] == 0]}
         out.append(d)
     return out
+
+
+def parse_deltas(parser: Any | None, text: str, final: bool, one_call: bool) -> list[dict[str, Any]]:
+    """Chat `delta` dicts for the next piece of model output: plain content without a parser,
+    else the parser's content and tool-call deltas (flushed when `final`), empty ones dropped."""
+    if parser is None:
+        return [{"content": text}] if text else []
+    deltas = list(parser.feed(text)) if text else []
+    if final:
+        deltas += list(parser.finish())
+    if one_call:
+        deltas = first_call_only(deltas)
+    return [d for d in deltas if d.get("content") or d.get("tool_calls")]
 
 
 class _ChatContext:
@@ -200,15 +233,7 @@ class _ChatContext:
         return self.chunk(index, {})
 
     def _deltas(self, index: int, text: str, final: bool) -> list[dict[str, Any]]:
-        parser = self.parsers[index]
-        if parser is None:
-            return [{"content": text}] if text else []
-        deltas = list(parser.feed(text)) if text else []
-        if final:
-            deltas += list(parser.finish())
-        if self.one_call:
-            deltas = first_call_only(deltas)
-        return [d for d in deltas if d.get("content") or d.get("tool_calls")]
+        return parse_deltas(self.parsers[index], text, final, self.one_call)
 
     async def stream(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
         """The SSE body: role, deltas as parsed, finish chunk per choice, usage, [DONE]."""
