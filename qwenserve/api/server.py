@@ -39,8 +39,10 @@ from qwenserve.api.protocol import (
     TokenizeRequest,
     bad_text_path,
 )
+from qwenserve.api.protocol_responses import ResponsesRequest
 from qwenserve.api.serving_chat import ChatCompletions
 from qwenserve.api.serving_completions import Completions
+from qwenserve.api.serving_responses import Responses
 from qwenserve.api.state import ServerSettings, ServerState
 
 logger = logging.getLogger("qwenserve.api")
@@ -56,6 +58,7 @@ class AppContext:
         self.state: ServerState | None = None
         self.chat: ChatCompletions | None = None
         self.completions: Completions | None = None
+        self.responses: Responses | None = None
         self.load_error: str | None = None
         self.exit_code = 0
         self.server: Any = None  # uvicorn.Server, so a failed load can stop it
@@ -87,7 +90,9 @@ class AppContext:
                 self.server.should_exit = True
             return
         state = ServerState(self.engine, self.settings, self.metrics)
-        self.chat, self.completions, self.state = ChatCompletions(state), Completions(state), state
+        self.chat, self.completions = ChatCompletions(state), Completions(state)
+        self.responses = Responses(state, self.chat)
+        self.state = state
         info = state.model_info
         logger.info("model %s loaded in %.1fs", info.name, time.monotonic() - started)
         banner = ready_banner(
@@ -190,6 +195,14 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
         _refuse_bad_text(req)
         assert ctx.chat is not None
         return await ctx.chat.create(req, raw)
+
+    @app.post("/v1/responses", tags=["openai"])
+    async def responses(req: ResponsesRequest, raw: Request) -> Response:
+        """OpenAI Responses API, stateless (send the whole conversation in `input`), on the chat path."""
+        ctx.require()
+        _refuse_bad_text(req)
+        assert ctx.responses is not None
+        return await ctx.responses.create(req, raw)
 
     @app.post("/v1/completions", tags=["openai"])
     async def completions(req: CompletionRequest, raw: Request) -> Response:

@@ -1,0 +1,299 @@
+"""The OpenAI Responses API request (`POST /v1/responses`) and its mapping onto a chat request.
+
+The server is stateless: a Responses request is turned into the ChatCompletionRequest that chat
+history would be (instructions as the first system message, `function_call` items as an assistant
+message's `tool_calls`, `function_call_output` items as tool messages) and then served by the chat
+machinery. Input items and tools are checked here one by one rather than by a pydantic union, so a
+bad item is named exactly (`input[2].call_id`, `tools[0].type`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from qwenserve.api.chat import checked_arguments, content_to_text
+from qwenserve.api.errors import APIError, bad_request
+from qwenserve.api.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    FunctionCall,
+    FunctionDefinition,
+    NamedFunction,
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+    _Lenient,
+    _StrictScalars,
+)
+
+_MESSAGE_ROLES = ("user", "system", "developer", "assistant")
+_TOOL_CHOICE_MODES = ("auto", "none", "required")
+
+
+class ResponsesTextFormat(_Lenient):
+    type: str
+
+
+class ResponsesText(_Lenient):
+    format: ResponsesTextFormat | None = None
+
+
+class ResponsesRequest(_StrictScalars):
+    """What `client.responses.create(...)` sends; unknown fields are ignored, as for chat."""
+
+    model: str | None = None
+    input: str | list[Any]
+    instructions: str | None = None
+    tools: list[Any] | None = None  # checked by chat_tools
+    tool_choice: str | dict[str, Any] | None = None  # checked by chat_tool_choice
+    parallel_tool_calls: bool = True
+    temperature: float | None = None
+    top_p: float | None = None
+    max_output_tokens: int | None = None
+    stream: bool = False
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None  # accepted; nothing is ever stored
+    text: ResponsesText | None = None
+    reasoning: dict[str, Any] | None = None  # accepted and ignored: the model does not reason
+    include: list[str] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    # Accepted and ignored (declared so --log-requests shows them): prefix caching is automatic here.
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    service_tier: str | None = None
+    max_tool_calls: int | None = None
+    stream_options: dict[str, Any] | None = None
+    # Refused when set (see refuse_unsupported): they need server-side state or features this server lacks.
+    previous_response_id: str | None = None
+    conversation: Any = None
+    prompt: Any = None
+    background: bool | None = None
+    top_logprobs: int | None = None
+    # The chat path's extra sampling fields, passed through as they are.
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+
+
+def _unsupported(message: str, param: str) -> APIError:
+    return bad_request(message, param=param, code="unsupported_parameter")
+
+
+def refuse_unsupported(req: ResponsesRequest) -> None:
+    """400, naming the field, for what a stateless text-only server cannot do."""
+    for param in ("previous_response_id", "conversation"):
+        if getattr(req, param) is not None:
+            raise _unsupported(
+                f"'{param}' is not supported: this server is stateless and stores no responses or "
+                "conversations. Resend the whole conversation in 'input' instead.",
+                param,
+            )
+    if req.prompt is not None:
+        raise _unsupported("Stored prompt templates ('prompt') are not supported; send 'input'.", "prompt")
+    if req.background:
+        raise _unsupported("'background' responses are not supported (nothing is stored to poll).", "background")
+    if req.text is not None and req.text.format is not None and req.text.format.type != "text":
+        raise _unsupported(
+            f"text.format {req.text.format.type!r} is not supported by this server (no constrained decoding); "
+            "ask for JSON in the prompt instead, or send {'type': 'text'}.",
+            "text.format",
+        )
+    if req.top_logprobs or "message.output_text.logprobs" in (req.include or []):
+        param = "top_logprobs" if req.top_logprobs else "include"
+        raise _unsupported("Logprobs are not supported on /v1/responses; use /v1/chat/completions.", param)
+    if req.max_output_tokens is not None and req.max_output_tokens < 1:
+        raise bad_request(f"'max_output_tokens' must be >= 1, got {req.max_output_tokens}.", param="max_output_tokens")
+
+
+def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
+    """The chat request equivalent to `req` (after refuse_unsupported): same sampling, same tools."""
+    return ChatCompletionRequest(
+        model=req.model,
+        messages=chat_messages(req),
+        tools=chat_tools(req.tools),
+        tool_choice=chat_tool_choice(req.tool_choice),
+        parallel_tool_calls=req.parallel_tool_calls,
+        max_tokens=req.max_output_tokens,
+        stream=req.stream,
+        user=req.user,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        seed=req.seed,
+        stop=req.stop,
+        stop_token_ids=req.stop_token_ids,
+        min_tokens=req.min_tokens,
+        ignore_eos=req.ignore_eos,
+    )
+
+
+# ---- input items -> chat messages ----
+
+
+def chat_messages(req: ResponsesRequest) -> list[ChatMessage]:
+    """`instructions` and `input` as chat history."""
+    messages: list[ChatMessage] = []
+    if req.instructions:
+        messages.append(ChatMessage(role="system", content=req.instructions))
+    if isinstance(req.input, str):
+        messages.append(ChatMessage(role="user", content=req.input))
+        return messages
+    if not req.input:
+        raise bad_request("'input' must not be empty.", param="input")
+    call_ids: set[str] = set()
+    for i, item in enumerate(req.input):
+        _add_item(messages, item, i, call_ids)
+    if not messages:
+        raise bad_request("'input' holds no message.", param="input")
+    return messages
+
+
+def _add_item(messages: list[ChatMessage], item: Any, i: int, call_ids: set[str]) -> None:
+    """Append input item `i` to `messages`; `call_ids` collects the calls seen so far."""
+    if not isinstance(item, dict):
+        raise bad_request(f"input[{i}] must be an object.", param=f"input[{i}]")
+    kind = item.get("type", "message")
+    if kind == "message":
+        messages.append(_message(item, i))
+    elif kind == "function_call":
+        _add_call(messages, item, i, call_ids)
+    elif kind == "function_call_output":
+        messages.append(_call_output(item, i, call_ids))
+    elif kind == "reasoning":
+        pass  # a reasoning model's carried-over thoughts: this model never writes any, nothing to render
+    elif kind == "item_reference":
+        raise _unsupported(
+            "Item references are not supported: this server is stateless; send the items themselves.",
+            f"input[{i}].type",
+        )
+    else:
+        raise _unsupported(
+            f"Input items of type {kind!r} are not supported; send messages, function_call and "
+            "function_call_output items.",
+            f"input[{i}].type",
+        )
+
+
+def _required_str(item: dict[str, Any], key: str, i: int) -> str:
+    value = item.get(key)
+    if not isinstance(value, str) or not value:
+        raise bad_request(f"input[{i}].{key} must be a non-empty string.", param=f"input[{i}].{key}")
+    return value
+
+
+def _message(item: dict[str, Any], i: int) -> ChatMessage:
+    role = item.get("role")
+    if role not in _MESSAGE_ROLES:
+        raise bad_request(
+            f"input[{i}].role must be one of {', '.join(_MESSAGE_ROLES)}, got {role!r}.", param=f"input[{i}].role"
+        )
+    content = item.get("content")
+    if not isinstance(content, str | list):
+        raise bad_request(
+            f"input[{i}].content must be a string or a list of content parts.", param=f"input[{i}].content"
+        )
+    return ChatMessage(role=role, content=content_to_text(content, f"input[{i}].content"))
+
+
+def _add_call(messages: list[ChatMessage], item: dict[str, Any], i: int, call_ids: set[str]) -> None:
+    """A past function call joins the assistant turn it belongs to (the previous assistant message,
+    whose text or other calls it follows), as chat history keeps them."""
+    call_id = _required_str(item, "call_id", i)
+    name = _required_str(item, "name", i)
+    arguments = item.get("arguments", "{}")
+    if not isinstance(arguments, str):
+        raise bad_request(f"input[{i}].arguments must be a JSON string.", param=f"input[{i}].arguments")
+    call = ToolCall(
+        id=call_id, function=FunctionCall(name=name, arguments=checked_arguments(arguments, f"input[{i}].arguments"))
+    )
+    call_ids.add(call_id)
+    last = messages[-1] if messages else None
+    if last is not None and last.role == "assistant":
+        last.tool_calls = [*(last.tool_calls or []), call]
+    else:
+        messages.append(ChatMessage(role="assistant", content=None, tool_calls=[call]))
+
+
+def _call_output(item: dict[str, Any], i: int, call_ids: set[str]) -> ChatMessage:
+    call_id = _required_str(item, "call_id", i)
+    if call_id not in call_ids:
+        raise bad_request(
+            f"No function_call item before input[{i}] has call_id {call_id!r}.", param=f"input[{i}].call_id"
+        )
+    output = item.get("output")
+    if not isinstance(output, str | list):
+        raise bad_request(
+            f"input[{i}].output must be a string or a list of content parts.", param=f"input[{i}].output"
+        )
+    return ChatMessage(role="tool", tool_call_id=call_id, content=content_to_text(output, f"input[{i}].output"))
+
+
+# ---- tools ----
+
+
+def chat_tools(tools: list[Any] | None) -> list[Tool] | None:
+    """Responses function tools (flat: type, name, description, parameters, strict) as chat tools.
+
+    `strict` is accepted and not enforced (no constrained decoding): Responses clients send it by default.
+    """
+    if not tools:
+        return None
+    return [_chat_tool(tool, j) for j, tool in enumerate(tools)]
+
+
+def _chat_tool(tool: Any, j: int) -> Tool:
+    if not isinstance(tool, dict):
+        raise bad_request(f"tools[{j}] must be an object.", param=f"tools[{j}]")
+    kind = tool.get("type")
+    if kind != "function":
+        raise _unsupported(
+            f"Tools of type {kind!r} are not supported: this server has no built-in tools; "
+            "send function tools ({'type': 'function', 'name', 'parameters'}).",
+            f"tools[{j}].type",
+        )
+    name = tool.get("name")
+    if not isinstance(name, str) or not name:
+        hint = " (Responses tools are flat: name and parameters sit beside 'type', not under 'function')"
+        raise bad_request(
+            f"tools[{j}].name must be a non-empty string{hint if 'function' in tool else ''}.",
+            param=f"tools[{j}].name",
+        )
+    description, parameters = tool.get("description"), tool.get("parameters")
+    if description is not None and not isinstance(description, str):
+        raise bad_request(f"tools[{j}].description must be a string.", param=f"tools[{j}].description")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise bad_request(f"tools[{j}].parameters must be a JSON schema object.", param=f"tools[{j}].parameters")
+    return Tool(function=FunctionDefinition(name=name, description=description, parameters=parameters))
+
+
+def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | NamedToolChoice | None:
+    """"auto" | "none" | "required" | {"type": "function", "name"} as chat's tool_choice."""
+    if choice is None or choice in _TOOL_CHOICE_MODES:
+        return choice
+    if isinstance(choice, str):
+        raise bad_request(
+            f"tool_choice must be one of {', '.join(_TOOL_CHOICE_MODES)} or a function, got {choice!r}.",
+            param="tool_choice",
+        )
+    if choice.get("type") != "function":
+        raise _unsupported(
+            f"tool_choice of type {choice.get('type')!r} is not supported; send 'auto', 'none', 'required' "
+            "or {'type': 'function', 'name': ...}.",
+            "tool_choice",
+        )
+    name = choice.get("name")
+    if not isinstance(name, str) or not name:
+        raise bad_request("tool_choice.name must be a non-empty string.", param="tool_choice.name")
+    return NamedToolChoice(function=NamedFunction(name=name))

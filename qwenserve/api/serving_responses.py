@@ -1,0 +1,344 @@
+"""POST /v1/responses: the OpenAI Responses API, stateless, served by the chat path.
+
+The request becomes a chat request (protocol_responses.to_chat_request) that ChatCompletions
+validates, renders and samples exactly as /v1/chat/completions would; the engine's output goes
+through the same tool-call parser, and its chat deltas are turned into Responses output items
+(`message`, `function_call`) and, when streaming, into the typed SSE events the OpenAI SDKs read
+(`event: response.output_text.delta` ...), each with an increasing `sequence_number`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from qwenserve.api.errors import APIError
+from qwenserve.api.protocol_responses import ResponsesRequest, refuse_unsupported, to_chat_request
+from qwenserve.api.request_log import RequestTracker, log_request_body
+from qwenserve.api.serving_chat import (
+    ChatCompletions,
+    PreparedChat,
+    final_finish_reason,
+    parse_deltas,
+    wait_or_disconnect,
+)
+from qwenserve.api.state import ServerState
+from qwenserve.api.streaming import SSEResponse, with_heartbeat
+from qwenserve.engine.outputs import RequestOutput
+
+logger = logging.getLogger("qwenserve.api")
+
+Event = tuple[str, dict[str, Any]]  # (event type, payload without type and sequence_number)
+
+# Sent whenever nothing else has gone out for a while (a long prefill): qwen-code's Responses reader
+# resets its idle watchdog on any bytes, and every SSE parser skips comment lines.
+KEEP_ALIVE = ": keep-alive\n\n"
+
+
+def openai_id(prefix: str) -> str:
+    """An id in OpenAI's Responses style: resp_..., msg_..., fc_..."""
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def sse_event(kind: str, payload: dict[str, Any]) -> str:
+    """One typed SSE event: an `event:` line, then the payload (which repeats the type) as `data:`."""
+    return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class OutputItems:
+    """Responses output items built from chat deltas, returning each step's stream events.
+
+    One item is open at a time: text opens a `message` (closing an open call), a new call id opens a
+    `function_call` (closing whatever is open), so items keep the order the model wrote them in.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []  # closed items, in output order
+        self._open: dict[str, Any] | None = None
+        self._call_index: int | None = None  # the parser's index of the open call
+        self._pieces: list[str] = []  # the open item's text or argument fragments
+
+    def add(self, delta: dict[str, Any]) -> list[Event]:
+        """Apply one chat delta (content, or tool-call header / argument fragments)."""
+        events: list[Event] = []
+        if delta.get("content"):
+            if self._open is None or self._open["type"] != "message":
+                events += self.close("completed")
+                events += self._open_message()
+            events.append(self._fragment("response.output_text.delta", delta["content"]))
+        for call in delta.get("tool_calls") or []:
+            if call.get("id"):
+                events += self.close("completed")
+                events += self._open_call(call)
+            fragment = (call.get("function") or {}).get("arguments")
+            if fragment and self._call_index == call.get("index"):
+                events.append(self._fragment("response.function_call_arguments.delta", fragment))
+        return events
+
+    def close(self, status: str) -> list[Event]:
+        """Finish the open item (if any) with `status` ("completed" or "incomplete")."""
+        if self._open is None:
+            return []
+        item, text = self._open, "".join(self._pieces)
+        close = self._close_message if item["type"] == "message" else self._close_call
+        events = close(item, text, status)
+        self._open, self._call_index, self._pieces = None, None, []
+        self.items.append(events[-1][1]["item"])
+        return events
+
+    @property
+    def _index(self) -> int:
+        return len(self.items)  # the open item's output_index: closed items come before it
+
+    def _fragment(self, kind: str, text: str) -> Event:
+        assert self._open is not None
+        self._pieces.append(text)
+        payload: dict[str, Any] = {"item_id": self._open["id"], "output_index": self._index, "delta": text}
+        if kind == "response.output_text.delta":
+            payload.update(content_index=0, logprobs=[])
+        return kind, payload
+
+    def _open_message(self) -> list[Event]:
+        item = {"id": openai_id("msg"), "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+        self._open = item
+        part = {"type": "output_text", "text": "", "annotations": []}
+        return [
+            ("response.output_item.added", {"output_index": self._index, "item": item}),
+            (
+                "response.content_part.added",
+                {"item_id": item["id"], "output_index": self._index, "content_index": 0, "part": part},
+            ),
+        ]
+
+    def _open_call(self, call: dict[str, Any]) -> list[Event]:
+        item = {
+            "id": openai_id("fc"),
+            "type": "function_call",
+            "status": "in_progress",
+            "call_id": call["id"],
+            "name": (call.get("function") or {}).get("name", ""),
+            "arguments": "",
+        }
+        self._open, self._call_index = item, call.get("index")
+        return [("response.output_item.added", {"output_index": self._index, "item": item})]
+
+    def _close_message(self, item: dict[str, Any], text: str, status: str) -> list[Event]:
+        where = {"item_id": item["id"], "output_index": self._index, "content_index": 0}
+        part = {"type": "output_text", "text": text, "annotations": []}
+        done = {**item, "status": status, "content": [part]}
+        return [
+            ("response.output_text.done", {**where, "text": text, "logprobs": []}),
+            ("response.content_part.done", {**where, "part": part}),
+            ("response.output_item.done", {"output_index": self._index, "item": done}),
+        ]
+
+    def _close_call(self, item: dict[str, Any], arguments: str, status: str) -> list[Event]:
+        events: list[Event] = []
+        if not arguments:  # a call without parameters: "{}", as the chat path's parser assembles it
+            events.append(self._fragment("response.function_call_arguments.delta", "{}"))
+            arguments = "{}"
+        where = {"item_id": item["id"], "output_index": self._index}
+        done = {**item, "status": status, "arguments": arguments}
+        return events + [
+            ("response.function_call_arguments.done", {**where, "arguments": arguments}),
+            ("response.output_item.done", {"output_index": self._index, "item": done}),
+        ]
+
+
+class Responses:
+    """Handler for one app: a Responses request is served by `chat`'s machinery."""
+
+    def __init__(self, state: ServerState, chat: ChatCompletions):
+        self.state = state
+        self.chat = chat
+
+    async def _prepare(self, req: ResponsesRequest) -> PreparedChat:
+        """The chat request's sampling, tool plan and prompt; errors the chat path names by
+        `messages` (the template, the context length) point at `input` here."""
+        refuse_unsupported(req)
+        try:
+            return await self.chat.prepare(to_chat_request(req))
+        except APIError as exc:
+            if exc.param and exc.param.startswith("messages"):
+                exc.param = "input"
+            raise
+
+    async def create(self, req: ResponsesRequest, raw: Request) -> Response:
+        """Validate, submit to the engine, and answer with a Response object or its event stream."""
+        state = self.state
+        request_id = openai_id("resp")
+        if state.settings.log_requests:
+            log_request_body(request_id, req)
+        prepared = await self._prepare(req)
+        tracker = RequestTracker(request_id, state.metrics, len(prepared.prompt_ids))
+        ctx = _ResponseContext(state, req, prepared, request_id, tracker, self.chat.parser(prepared.plan))
+        outputs = state.add_request(request_id, prepared.prompt_ids, prepared.params, prompt_param="input")
+        if req.stream:
+            return SSEResponse(with_heartbeat(ctx.stream(outputs), ctx.heartbeat), on_close=ctx.close_if_unfinished)
+        work = asyncio.ensure_future(ctx.collect(outputs))
+        try:
+            body = await wait_or_disconnect(raw, work, request_id, state)
+        finally:
+            ctx.close_if_unfinished()
+        return JSONResponse(body)
+
+
+class _ResponseContext:
+    """One request's Response object and events (ids, parser, output items, usage)."""
+
+    def __init__(
+        self,
+        state: ServerState,
+        req: ResponsesRequest,
+        prepared: PreparedChat,
+        request_id: str,
+        tracker: RequestTracker,
+        parser: Any | None,
+    ):
+        self.state = state
+        self.req = req
+        self.prepared = prepared
+        self.request_id = request_id
+        self.tracker = tracker
+        self.parser = parser
+        self.model = state.model_name(req.model)
+        self.created_at = int(time.time())
+        self.output = OutputItems()
+        self.status = "in_progress"
+        self.sequence = 0
+        self.finished = False
+
+    def close_if_unfinished(self) -> None:
+        """Abort in the engine (frees KV blocks) unless the request already completed."""
+        if not self.finished:
+            self.finished = True
+            self.state.abort(self.request_id)
+            self.tracker.done(finish="abort")
+
+    def heartbeat(self) -> str:
+        return KEEP_ALIVE
+
+    # ---- shared by both modes ----
+
+    def _feed(self, text: str, final: bool) -> list[Event]:
+        """Parse the next piece of model output into output items and their events."""
+        events: list[Event] = []
+        one_call = self.req.parallel_tool_calls is False
+        for delta in parse_deltas(self.parser, text, final, one_call):
+            self.tracker.tool_calls += sum(1 for c in delta.get("tool_calls") or [] if c.get("id"))
+            events += self.output.add(delta)
+        return events
+
+    def _prefix(self) -> str:
+        """The forced start of a call (tool_choice required / named), which the parser reads first."""
+        return self.prepared.plan.forced_prefix if self.parser is not None else ""
+
+    def _finish(self, engine_reason: str) -> list[Event]:
+        """Close the open item and end the response: `incomplete` when cut by the length limit."""
+        reason = final_finish_reason(engine_reason, self.tracker.tool_calls > 0)
+        self.tracker.set_finish(0, reason)
+        self.status = "incomplete" if reason == "length" else "completed"
+        events = self.output.close(self.status)
+        return events + [(f"response.{self.status}", {"response": self.body()})]
+
+    def body(self) -> dict[str, Any]:
+        """The Response object in its current state, with the request's settings echoed."""
+        done = self.status != "in_progress"
+        params = self.prepared.params
+        return {
+            "id": self.request_id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": self.status,
+            "background": False,
+            "completed_at": int(time.time()) if self.status == "completed" else None,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if self.status == "incomplete" else None,
+            "instructions": self.req.instructions,
+            "max_output_tokens": self.req.max_output_tokens,
+            "metadata": self.req.metadata or {},
+            "model": self.model,
+            "output": list(self.output.items) if done else [],
+            "parallel_tool_calls": self.req.parallel_tool_calls,
+            "previous_response_id": None,
+            "reasoning": {"effort": None, "summary": None},
+            "store": False,  # nothing is stored, whatever the request asked
+            "temperature": params.temperature,
+            "text": {"format": {"type": "text"}},
+            "tool_choice": self.req.tool_choice or "auto",
+            "tools": self.req.tools or [],
+            "top_p": params.top_p,
+            "truncation": self.req.truncation or "disabled",
+            "usage": self._usage() if done else None,
+            "user": self.req.user,
+        }
+
+    def _usage(self) -> dict[str, Any]:
+        usage = self.tracker.usage()
+        return {
+            "input_tokens": usage["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]},
+            "output_tokens": usage["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage["total_tokens"],
+        }
+
+    # ---- streaming ----
+
+    def _event(self, kind: str, payload: dict[str, Any]) -> str:
+        body = {"type": kind, "sequence_number": self.sequence, **payload}
+        self.sequence += 1
+        return sse_event(kind, body)
+
+    async def stream(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+        """The SSE body: created, in_progress, each item's events as parsed, completed / incomplete;
+        a failure after the start is an `error` event, which ends the stream."""
+        try:
+            yield self._event("response.created", {"response": self.body()})
+            yield self._event("response.in_progress", {"response": self.body()})
+            for event in self._feed(self._prefix(), final=False):
+                yield self._event(*event)
+            reason = "stop"
+            async for out in outputs:
+                self.tracker.observe(out)
+                for event in self._feed(out.text, final=out.finish_reason is not None):
+                    yield self._event(*event)
+                reason = out.finish_reason or reason
+            self.finished = True
+            for event in self._finish(reason):
+                yield self._event(*event)
+            self.tracker.done()
+        except APIError as exc:
+            yield self._error(exc)
+        except Exception as exc:  # noqa: BLE001 - reported to the client as a mid-stream error
+            logger.exception("request %s failed mid-stream", self.request_id)
+            yield self._error(APIError(500, f"Generation failed: {type(exc).__name__}: {exc}"))
+        finally:
+            self.close_if_unfinished()
+
+    def _error(self, exc: APIError) -> str:
+        self.tracker.done(error=exc.message)
+        return self._event("error", {"code": exc.code, "message": exc.message, "param": exc.param})
+
+    # ---- non-streaming ----
+
+    async def collect(self, outputs: AsyncIterator[RequestOutput]) -> dict[str, Any]:
+        """Run to completion and build the Response object (the same items a stream would give)."""
+        text, reason = "", "stop"
+        async for out in outputs:
+            self.tracker.observe(out)
+            text += out.text
+            reason = out.finish_reason or reason
+        self.finished = True
+        self._feed(self._prefix() + text, final=True)
+        self._finish(reason)
+        self.tracker.done()
+        return self.body()

@@ -1,0 +1,377 @@
+"""POST /v1/responses (the OpenAI Responses API, stateless) against a real `qwenserve serve` process.
+
+One server for the module, the real OpenAI SDK as the client (`client.responses.create` and its
+stream helper), httpx for the raw SSE and the 400s. The demo model's greedy answers are known (see
+qwenserve/demo/build.py): Paris for the capital of France, a `run_shell_command` `ls` call when asked
+to list files with the shell tool offered, and a short answer after the tool's output. The last tests
+are unit tests of the request mapping and the output items, without the server.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from server_utils import ServerProcess, start_server
+
+from qwenserve.api.errors import APIError
+from qwenserve.api.protocol_responses import ResponsesRequest, chat_messages
+from qwenserve.api.serving_responses import OutputItems
+from qwenserve.demo.build import SHELL_TOOL
+
+pytestmark = pytest.mark.slow
+
+FRANCE = "What is the capital of France?"
+LIST_FILES = "List the files in this directory"
+# The demo's shell tool in the Responses (flat) shape.
+SHELL = {"type": "function", **SHELL_TOOL["function"], "strict": False}
+HEARTBEAT = 0.1
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = start_server(
+        tmp_path_factory.mktemp("responses"), "--log-requests", env={"QWENSERVE_HEARTBEAT_SECONDS": str(HEARTBEAT)}
+    )
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="anything", max_retries=0, timeout=300)
+
+
+def first_turn_items(first: Any) -> list[dict[str, Any]]:
+    """The second turn's input: the question, the model's call (as the SDK returned it), its output."""
+    (call,) = first.output
+    return [
+        {"role": "user", "content": LIST_FILES},
+        call.model_dump(exclude_none=True),
+        {"type": "function_call_output", "call_id": call.call_id, "output": "README.md\nmain.py"},
+    ]
+
+
+def check_events(events: list[Any]) -> dict[str, Any]:
+    """Check a stream's order and bookkeeping; fold it into {texts, arguments, final}."""
+    assert [e.sequence_number for e in events] == list(range(len(events))), "sequence numbers 0, 1, 2 ..."
+    assert [e.type for e in events[:2]] == ["response.created", "response.in_progress"]
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    final = events[-1].response
+    assert all(getattr(e, "response", final).id == final.id for e in events)
+    texts: dict[int, str] = {}
+    arguments: dict[int, str] = {}
+    open_items: dict[int, Any] = {}
+    for e in events[2:-1]:
+        if e.type == "response.output_item.added":
+            assert not open_items, "one item at a time"
+            assert e.output_index == len(texts) + len(arguments)
+            open_items[e.output_index] = e.item
+            if e.item.type == "message":
+                texts[e.output_index] = ""
+            else:
+                assert e.item.type == "function_call" and e.item.call_id.startswith("call_") and e.item.name
+                arguments[e.output_index] = ""
+        elif e.type == "response.output_text.delta":
+            assert e.item_id == open_items[e.output_index].id and e.delta
+            texts[e.output_index] += e.delta
+        elif e.type == "response.output_text.done":
+            assert e.text == texts[e.output_index], "text deltas concatenate to the done text"
+        elif e.type == "response.function_call_arguments.delta":
+            assert e.item_id == open_items[e.output_index].id
+            arguments[e.output_index] += e.delta
+        elif e.type == "response.function_call_arguments.done":
+            assert e.arguments == arguments[e.output_index], "argument deltas concatenate to the done arguments"
+        elif e.type == "response.output_item.done":
+            added = open_items.pop(e.output_index)
+            assert e.item.id == added.id and e.item.type == added.type
+            assert final.output[e.output_index].id == e.item.id
+        else:
+            assert e.type in ("response.content_part.added", "response.content_part.done"), e.type
+    assert not open_items, "every item added is done before the end"
+    assert len(final.output) == len(texts) + len(arguments)
+    usage = final.usage
+    assert usage.input_tokens > 0 and usage.output_tokens > 0
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+    return {"texts": texts, "arguments": arguments, "final": final}
+
+
+def message_event_types(n_deltas: int) -> list[str]:
+    return [
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * n_deltas,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+    ]
+
+
+# ---- non-streaming ----
+
+
+def test_plain_answer(client: openai.OpenAI, server: ServerProcess) -> None:
+    generated_before = server.metrics()["qwenserve_generation_tokens_total"]
+    resp = client.responses.create(
+        model="my-model", input=FRANCE, instructions="You are a helpful assistant.", temperature=0, metadata={"k": "v"}
+    )
+    assert resp.id.startswith("resp_") and resp.object == "response" and resp.status == "completed"
+    assert resp.model == "my-model" and resp.instructions == "You are a helpful assistant."
+    assert resp.output_text == "The capital of France is Paris."
+    (item,) = resp.output
+    assert item.type == "message" and item.id.startswith("msg_") and item.role == "assistant"
+    assert item.status == "completed" and item.content[0].type == "output_text" and item.content[0].annotations == []
+    assert resp.error is None and resp.incomplete_details is None and resp.metadata == {"k": "v"}
+    assert resp.temperature == 0 and resp.tool_choice == "auto" and resp.tools == [] and resp.parallel_tool_calls
+    usage = resp.usage
+    assert usage.output_tokens == 8 and usage.total_tokens == usage.input_tokens + usage.output_tokens
+    assert usage.input_tokens_details.cached_tokens >= 0 and usage.output_tokens_details.reasoning_tokens == 0
+    assert server.metrics()["qwenserve_generation_tokens_total"] == generated_before + usage.output_tokens
+    assert re.search(rf"request {resp.id}: prompt=\d+ cached=\d+ generated=8 .*finish=stop", server.log())
+    assert f"request {resp.id} body: " in server.log()
+
+
+def test_input_items_of_every_text_shape(client: openai.OpenAI) -> None:
+    resp = client.responses.create(
+        model="m",
+        temperature=0,
+        input=[
+            {"type": "message", "role": "developer", "content": "Answer briefly."},
+            {"role": "user", "content": [{"type": "input_text", "text": FRANCE}]},
+        ],
+    )
+    assert resp.output_text == "The capital of France is Paris."
+
+
+def test_tool_call_round_trip(client: openai.OpenAI, server: ServerProcess) -> None:
+    first = client.responses.create(model="m", input=LIST_FILES, tools=[SHELL], temperature=0)
+    assert first.status == "completed" and first.output_text == ""
+    (call,) = first.output
+    assert call.type == "function_call" and call.status == "completed" and call.name == "run_shell_command"
+    assert call.id.startswith("fc_") and call.call_id.startswith("call_")
+    assert json.loads(call.arguments) == {"command": "ls"}
+    assert first.tools[0].name == "run_shell_command"
+    assert re.search(rf"request {first.id}: .*finish=tool_calls tool_calls=1", server.log())
+
+    second = client.responses.create(model="m", input=first_turn_items(first), tools=[SHELL], temperature=0)
+    assert second.status == "completed"
+    assert second.output_text == "Here are the files in this directory."
+    assert [item.type for item in second.output] == ["message"]
+
+
+def test_tool_choice(client: openai.OpenAI) -> None:
+    named = {"type": "function", "name": "run_shell_command"}
+    for choice in (named, "required"):
+        resp = client.responses.create(model="m", input=FRANCE, tools=[SHELL], tool_choice=choice, temperature=0,
+                                       max_output_tokens=40)  # fmt: skip
+        assert [item.type for item in resp.output] == ["function_call"], choice
+        assert resp.output[0].name == "run_shell_command" and json.loads(resp.output[0].arguments)
+    resp = client.responses.create(model="m", input=LIST_FILES, tools=[SHELL], tool_choice="none", temperature=0)
+    assert resp.output_text == "I can't see your files without a shell tool."
+
+
+def test_max_output_tokens_is_incomplete(client: openai.OpenAI) -> None:
+    resp = client.responses.create(model="m", input=FRANCE, temperature=0, max_output_tokens=3)
+    assert resp.status == "incomplete" and resp.incomplete_details.reason == "max_output_tokens"
+    assert resp.output_text == "The capital of" and resp.output[0].status == "incomplete"
+    assert resp.usage.output_tokens == 3 and resp.max_output_tokens == 3
+
+
+# ---- streaming ----
+
+
+def test_streamed_answer(client: openai.OpenAI) -> None:
+    with client.responses.stream(model="m", input=FRANCE, temperature=0) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    folded = check_events(events)
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) > 3, "text streams token by token"
+    assert [e.type for e in events] == [
+        "response.created", "response.in_progress", *message_event_types(len(deltas)), "response.completed"
+    ]  # fmt: skip
+    assert folded["texts"] == {0: "The capital of France is Paris."}
+    assert final.output_text == "The capital of France is Paris." and final.status == "completed"
+    assert events[0].response.status == "in_progress" and events[0].response.output == []
+
+
+def test_streamed_tool_call_round_trip(client: openai.OpenAI) -> None:
+    events = list(client.responses.create(model="m", input=LIST_FILES, tools=[SHELL], temperature=0, stream=True))
+    folded = check_events(events)
+    types = [e.type for e in events]
+    n_args = types.count("response.function_call_arguments.delta")
+    assert n_args >= 1 and types == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        *["response.function_call_arguments.delta"] * n_args,
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert json.loads(folded["arguments"][0]) == {"command": "ls"}
+    first = folded["final"]
+    assert first.output[0].arguments == folded["arguments"][0] and first.output[0].status == "completed"
+
+    with client.responses.stream(model="m", input=first_turn_items(first), tools=[SHELL], temperature=0) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert check_events(events)["texts"] == {0: "Here are the files in this directory."}
+    assert final.output_text == "Here are the files in this directory."
+
+
+def test_streamed_incomplete(client: openai.OpenAI) -> None:
+    events = list(client.responses.create(model="m", input=FRANCE, temperature=0, max_output_tokens=3, stream=True))
+    folded = check_events(events)
+    assert events[-1].type == "response.incomplete"
+    final = folded["final"]
+    assert final.status == "incomplete" and final.incomplete_details.reason == "max_output_tokens"
+    assert folded["texts"] == {0: "The capital of"} and final.output[0].status == "incomplete"
+
+
+def raw_stream_lines(server: ServerProcess, body: dict[str, Any]) -> Iterator[str]:
+    with httpx.stream("POST", f"{server.base_url}/v1/responses", json={**body, "stream": True}, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        yield from r.iter_lines()
+
+
+def test_keep_alive_during_a_long_prefill(server: ServerProcess) -> None:
+    rng = random.Random(time.time_ns())  # never a prefix-cache hit, so the prefill takes its time
+    prompt = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "omega"]) for _ in range(3000))
+    lines = list(raw_stream_lines(server, {"input": prompt, "max_output_tokens": 2, "temperature": 0}))
+    events = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
+    datas = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
+    assert [d["type"] for d in datas] == events, "every data line follows its event line"
+    waiting = lines[: lines.index("event: response.output_item.added")]
+    assert waiting.count(": keep-alive") >= 2, "comment lines keep the stream alive while the prompt is read"
+    assert events[-1] == "response.incomplete"
+
+
+def test_client_disconnect_aborts(server: ServerProcess) -> None:
+    body = {"input": FRANCE, "max_output_tokens": 4000, "ignore_eos": True}
+    response_id = None
+    lines = raw_stream_lines(server, body)
+    try:
+        for line in lines:
+            if line.startswith("data: "):
+                data = json.loads(line.removeprefix("data: "))
+                response_id = response_id or data["response"]["id"]
+                if data["type"] == "response.output_text.delta":
+                    break
+    finally:
+        lines.close()  # closes the connection mid-stream
+    pattern = rf"request {response_id}: .*finish=abort"
+    deadline = time.monotonic() + 30
+    while not re.search(pattern, server.log()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert re.search(pattern, server.log()), "the engine request is aborted when the client goes away"
+
+
+# ---- errors ----
+
+CALL = {"type": "function_call", "call_id": "call_1", "name": "run_shell_command", "arguments": '{"command": "ls"}'}
+BAD_REQUESTS = [
+    ({"model": "m"}, "input", "invalid_value"),
+    ({"input": []}, "input", None),
+    ({"input": "hi", "previous_response_id": "resp_123"}, "previous_response_id", "unsupported_parameter"),
+    ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0].type", "unsupported_parameter"),
+    ({"input": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools[0].name", None),
+    ({"input": "hi", "text": {"format": {"type": "json_object"}}}, "text.format", "unsupported_parameter"),
+    ({"input": "hi", "tool_choice": {"type": "function", "name": "nope"}, "tools": [SHELL]}, "tool_choice", None),
+    ({"input": [{"role": "user", "content": "hi"}, {**CALL, "call_id": ""}]}, "input[1].call_id", None),
+    ({"input": [{"role": "user", "content": "hi"}, CALL, {"type": "function_call_output", "call_id": "call_2",
+                                                          "output": "x"}]}, "input[2].call_id", None),  # fmt: skip
+    ({"input": [{"role": "user", "content": "hi"}, {**CALL, "arguments": {"command": "ls"}}]}, "input[1].arguments",
+     None),  # fmt: skip
+    ({"input": [{"role": "tool", "content": "hi"}]}, "input[0].role", None),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
+     "input[0].content[0].type", "unsupported_content"),  # fmt: skip
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type", "unsupported_parameter"),
+    ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens", None),
+    ({"input": "hi", "temperature": "0"}, "temperature", "invalid_value"),
+    ({"input": "hi", "background": True}, "background", "unsupported_parameter"),
+]
+
+
+@pytest.mark.parametrize(("body", "param", "code"), BAD_REQUESTS, ids=[p for _, p, _ in BAD_REQUESTS])
+def test_bad_requests_are_400_naming_the_field(
+    server: ServerProcess, body: dict[str, Any], param: str, code: str | None
+) -> None:
+    r = server.post("/v1/responses", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["code"] == code and error["type"] == "invalid_request_error", error
+    assert error["message"]
+
+
+def test_sdk_sees_previous_response_id_refused(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="stateless"):
+        client.responses.create(model="m", input="hi", previous_response_id="resp_abc")
+
+
+def test_accepted_and_ignored_fields(client: openai.OpenAI) -> None:
+    resp = client.responses.create(
+        model="m", input=FRANCE, temperature=0, store=True, reasoning={"effort": "high", "summary": "auto"},
+        include=["reasoning.encrypted_content"], truncation="auto", prompt_cache_key="k", user="u",
+        parallel_tool_calls=False, text={"format": {"type": "text"}, "verbosity": "low"}, top_p=0.9,
+        extra_body={"top_k": 20, "repetition_penalty": 1.05, "seed": 1},
+    )  # fmt: skip
+    assert resp.output_text == "The capital of France is Paris." and resp.user == "u"
+    assert resp.top_p == pytest.approx(0.9) and resp.parallel_tool_calls is False
+
+
+# ---- unit tests of the mapping (no server) ----
+
+
+def test_function_call_items_become_chat_history() -> None:
+    req = ResponsesRequest(
+        instructions="Be brief.",
+        input=[
+            {"role": "user", "content": LIST_FILES},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Listing."}]},
+            CALL,
+            {**CALL, "call_id": "call_2"},
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {"type": "function_call_output", "call_id": "call_1", "output": "README.md"},
+            {"type": "function_call_output", "call_id": "call_2", "output": [{"type": "input_text", "text": "a"}]},
+        ],
+    )
+    messages = chat_messages(req)
+    assert [m.role for m in messages] == ["system", "user", "assistant", "tool", "tool"]
+    assistant = messages[2]
+    assert assistant.content == "Listing." and [c.id for c in assistant.tool_calls] == ["call_1", "call_2"]
+    assert assistant.tool_calls[0].function.arguments == {"command": "ls"}
+    assert (messages[3].tool_call_id, messages[3].content) == ("call_1", "README.md")
+    assert messages[4].content == "a"
+
+
+def test_function_call_output_needs_its_call() -> None:
+    req = ResponsesRequest(input=[{"type": "function_call_output", "call_id": "call_9", "output": "x"}])
+    with pytest.raises(APIError) as exc:
+        chat_messages(req)
+    assert exc.value.param == "input[0].call_id"
+
+
+def test_output_items_keep_the_model_order() -> None:
+    items = OutputItems()
+    header = {"index": 0, "id": "call_a", "type": "function", "function": {"name": "f", "arguments": ""}}
+    events = items.add({"content": "Let me look."})
+    events += items.add({"tool_calls": [header]})
+    events += items.add({"tool_calls": [{"index": 0, "function": {"arguments": '{"x": 1}'}}]})
+    events += items.add({"tool_calls": [{**header, "index": 1, "id": "call_b"}]})  # no arguments: "{}"
+    events += items.add({"content": "Done."})
+    events += items.close("completed")
+    assert [i["type"] for i in items.items] == ["message", "function_call", "function_call", "message"]
+    assert [i["arguments"] for i in items.items[1:3]] == ['{"x": 1}', "{}"]
+    assert items.items[3]["content"][0]["text"] == "Done."
+    added = [e for e in events if e[0] == "response.output_item.added"]
+    assert [e[1]["output_index"] for e in added] == [0, 1, 2, 3]
+    second_call_args = [e[1]["delta"] for e in events if e[0].endswith("arguments.delta") and e[1]["output_index"] == 2]
+    assert second_call_args == ["{}"], "argument deltas always add up to the done arguments"
