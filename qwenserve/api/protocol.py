@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticUndefined
 
 
-class _Lenient(BaseModel):
+class Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     @model_validator(mode="before")
@@ -36,19 +36,19 @@ class _Lenient(BaseModel):
         }
 
 
-class FunctionCall(_Lenient):
+class FunctionCall(Lenient):
     name: str = ""
     # Clients send a JSON string (OpenAI), some send a dict, some null: all accepted.
     arguments: str | dict[str, Any] | list[Any] | None = None
 
 
-class ToolCall(_Lenient):
+class ToolCall(Lenient):
     id: str | None = None
     type: str = "function"
     function: FunctionCall
 
 
-class ChatMessage(_Lenient):
+class ChatMessage(Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any] | str] | None = None
     name: str | None = None
@@ -56,42 +56,42 @@ class ChatMessage(_Lenient):
     tool_call_id: str | None = None
 
 
-class FunctionDefinition(_Lenient):
+class FunctionDefinition(Lenient):
     name: str = Field(min_length=1)
     description: str | None = None
     # Missing, null, {"type": "object"} without properties: all valid (parameterless tools).
     parameters: dict[str, Any] | None = None
 
 
-class Tool(_Lenient):
+class Tool(Lenient):
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
 
-class NamedFunction(_Lenient):
+class NamedFunction(Lenient):
     name: str
 
 
-class NamedToolChoice(_Lenient):
+class NamedToolChoice(Lenient):
     type: Literal["function"] = "function"
     function: NamedFunction
 
 
-class _StrictScalars(_Lenient):
+class StrictScalars(Lenient):
     # Strict in pydantic's sense: no str -> int/bool or bool -> int coercion (an int still fills a float).
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
-class StreamOptions(_StrictScalars):
+class StreamOptions(StrictScalars):
     include_usage: bool = False
     continuous_usage_stats: Any = None  # vLLM's; refused when set (api.sampling)
 
 
-class ResponseFormat(_Lenient):
+class ResponseFormat(Lenient):
     type: Literal["text", "json_object", "json_schema"]
 
 
-class SamplingFields(_StrictScalars):
+class SamplingFields(StrictScalars):
     """The sampling fields shared by chat and text completions (OpenAI's plus vLLM's extras)."""
 
     model: str | None = None
@@ -150,7 +150,7 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
 
 
-class TokenizeRequest(_Lenient):
+class TokenizeRequest(Lenient):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -162,7 +162,7 @@ class TokenizeRequest(_Lenient):
     return_token_strs: bool = False
 
 
-class DetokenizeRequest(_Lenient):
+class DetokenizeRequest(Lenient):
     model: str | None = None
     tokens: list[int]
 

@@ -18,27 +18,27 @@ from qwenserve.api.protocol import (
     ChatMessage,
     FunctionCall,
     FunctionDefinition,
+    Lenient,
     NamedFunction,
     NamedToolChoice,
+    StrictScalars,
     Tool,
     ToolCall,
-    _Lenient,
-    _StrictScalars,
 )
 
 _MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 _TOOL_CHOICE_MODES = ("auto", "none", "required")
 
 
-class ResponsesTextFormat(_Lenient):
+class ResponsesTextFormat(Lenient):
     type: str
 
 
-class ResponsesText(_Lenient):
+class ResponsesText(Lenient):
     format: ResponsesTextFormat | None = None
 
 
-class ResponsesRequest(_StrictScalars):
+class ResponsesRequest(StrictScalars):
     """What `client.responses.create(...)` sends; unknown fields are ignored, as for chat."""
 
     model: str | None = None
