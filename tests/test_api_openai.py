@@ -84,6 +84,8 @@ def test_models_lists_served_names(client: openai.OpenAI) -> None:
     assert [m.id for m in models.data] == SERVED
     assert all(m.owned_by == "qwen" for m in models.data)
     assert client.models.retrieve(SERVED[1]).id == SERVED[1]
+    # `created` is when the model started serving, the same on every call
+    assert {m.created for m in models.data} == {client.models.retrieve(SERVED[0]).created}
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("not-served")
 

@@ -166,7 +166,7 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
         return {
             "id": name,
             "object": "model",
-            "created": int(time.time()),
+            "created": state.created,
             "owned_by": "qwen",
             "root": str(state.model_info.path),
             "max_model_len": state.max_model_len,

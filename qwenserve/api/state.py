@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +67,7 @@ class ServerState:
         self.tokenizer = engine.tokenizer
         self.model_info = engine.model_info
         self.served_names = settings.served_model_names or [self.model_info.name]
+        self.created = int(time.time())  # /v1/models' `created`: when this model started serving
         template = self.model_info.chat_template or getattr(self.tokenizer, "chat_template", None)
         self.xml_tools = is_xml_tool_format(template)
         self.tool_parser_cls = _load_tool_parser_class(template)
