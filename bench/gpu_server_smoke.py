@@ -1,5 +1,5 @@
 """Smoke test of the real server on a GPU: full-size dummy model, concurrent streaming chats,
-a tool-call request, a disconnect, and /metrics. Run on a CUDA machine:
+a tool-call request, a streamed /v1/responses request, a disconnect, and /metrics. Run on a CUDA machine:
 
     python bench/gpu_server_smoke.py CONFIG_DIR
 
@@ -78,6 +78,12 @@ def main() -> int:
             "model": "x", "max_tokens": 32, "tool_choice": "required", "tools": tools,
             "messages": [{"role": "user", "content": "List the files"}]})
         print("tool_choice=required:", r.status_code, r.json()["choices"][0]["finish_reason"])
+        with httpx.stream("POST", f"{base}/responses", timeout=300, json={
+                "model": "x", "stream": True, "max_output_tokens": 32, "input": "Write a story.",
+                "tools": [{"type": "function", **tools[0]["function"]}]}) as s:
+            kinds = [ln[7:] for ln in s.iter_lines() if ln.startswith("event: ")]
+        print("/v1/responses stream:", len(kinds), "events:", kinds[:4], "...", kinds[-1])
+        assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete"), kinds
         with httpx.stream("POST", f"{base}/chat/completions", timeout=60, json={
                 "model": "x", "stream": True, "max_tokens": 5000, "messages": [{"role": "user", "content": "go"}]}) as s:
             for i, _ in enumerate(s.iter_lines()):
