@@ -137,6 +137,10 @@ BAD_INPUTS: list[tuple[str, Any, str | None]] = [
     (CHAT, {"messages": HI, "response_format": {"type": "bogus"}}, "response_format.type"),
     (CHAT, {"messages": HI, "response_format": "json"}, "response_format"),
     (CHAT, {"messages": HI, "logit_bias": {"785": -100}}, "logit_bias"),
+    # a stop id past the vocabulary indexes the logits when min_tokens bans it: once a crash of the step
+    (CHAT, {"messages": HI, "stop_token_ids": [999999], "min_tokens": 1, "max_tokens": 3}, "stop_token_ids"),
+    (CHAT, {"messages": HI, "stop_token_ids": [-1]}, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [10**20], "min_tokens": 1}, "stop_token_ids"),
     # vLLM extensions this server would otherwise silently not apply
     (CHAT, {"messages": HI, "guided_json": {"type": "object"}}, "guided_json"),
     (CHAT, {"messages": HI, "structured_outputs": {"regex": "a+"}}, "structured_outputs"),

@@ -376,9 +376,17 @@ class LLMEngine:
                 param="messages",
                 code="context_length_exceeded",
             )
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size]
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is out of range", param="prompt")
+        # Stop ids index the logits (min_tokens bans them there): one past the vocabulary would fail the
+        # whole step on a CPU, and assert on the device, killing the process, on a GPU.
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"stop token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="stop_token_ids"
+            )
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, enforce_queue_limit: bool = True
