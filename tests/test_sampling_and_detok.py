@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qwenserve.config import EngineConfig
-from qwenserve.engine.async_engine import AsyncEngine
+from qwenserve.engine.async_engine import AsyncEngine, EngineDeadError, GenerationFailedError
 from qwenserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from qwenserve.engine.sampler import SamplingBatch, gumbel_noise, num_candidates_for, sample
 from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
@@ -239,3 +239,40 @@ def test_param_rows_pad_with_neutral_rows() -> None:
     assert floats == [[0.7, 0.0, 0.0, 0.0], [0.8, 1.0, 1.0, 1.0], [0.0] * 4, [0.5, 0.0, 0.0, 0.0], [0.0] * 4,
                       [1.05, 1.0, 1.0, 1.0]]
     assert ints == [[20, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_async_engine_step_failure_and_gpu_fault(tiny_moe_dir: Path) -> None:
+    """A failing step fails the requests it ran and the engine serves on; a CUDA fault (no kernel can
+    run after one) makes it refuse every request until restarted, with the reason. A CPU cannot fault
+    like a GPU, so the real step is wrapped to raise the errors torch raises."""
+
+    async def main() -> None:
+        cfg = EngineConfig(model=str(tiny_moe_dir), device="cpu", dtype="float32", num_kv_blocks=64)
+        engine = AsyncEngine(cfg)
+        await engine.start()
+        real_step, errors = engine.engine.step, []
+
+        def failing_step(*args, **kwargs):
+            if errors:
+                raise errors.pop(0)
+            return real_step(*args, **kwargs)
+
+        engine.engine.step = failing_step
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        try:
+            errors.append(RuntimeError("boom"))
+            with pytest.raises(GenerationFailedError, match="boom"):
+                [o async for o in engine.add_request("a", [1, 2, 3], params)]
+            outs = [o async for o in engine.add_request("b", [1, 2, 3], params)]
+            assert outs[-1].finish_reason == "length" and engine.dead_reason is None
+
+            errors.append(RuntimeError("CUDA error: an illegal memory access was encountered"))
+            with pytest.raises(GenerationFailedError):
+                [o async for o in engine.add_request("c", [1, 2, 3], params)]
+            assert "illegal memory access" in (engine.dead_reason or "")
+            with pytest.raises(EngineDeadError):
+                engine.add_request("d", [1, 2, 3], params)
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())

@@ -151,6 +151,8 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
             return APIError(503, f"Model failed to load: {ctx.load_error}", code="load_failed").response()
         if not ctx.ready:
             return unavailable("The model is still loading.", code="model_loading").response()
+        if (dead := ctx.engine.dead_reason) is not None:
+            return APIError(503, f"{dead}; restart the server.", code="engine_failed").response()
         return JSONResponse({"status": "ok"})
 
     @app.get("/version", tags=["ops"])

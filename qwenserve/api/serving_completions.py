@@ -4,6 +4,7 @@ fill-in-the-middle through `suffix` with Qwen's FIM tokens."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,8 @@ from qwenserve.api.streaming import (
     with_heartbeat,
 )
 from qwenserve.engine.outputs import RequestOutput, TokenLogprob
+
+logger = logging.getLogger("qwenserve.api")
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -293,13 +296,18 @@ class _CompletionContext:
                 )
             yield SSE_DONE
         except APIError as exc:
-            yield sse(exc.body())
-            yield SSE_DONE
+            yield self._error(exc)
         except Exception as exc:  # noqa: BLE001 - reported to the client as a mid-stream error
-            yield sse(APIError(500, f"Generation failed: {type(exc).__name__}: {exc}").body())
-            yield SSE_DONE
+            logger.exception("request %s failed mid-stream", self.request_id)
+            yield self._error(APIError(500, f"Generation failed: {type(exc).__name__}: {exc}"))
         finally:
             self.close_if_unfinished()
+
+    def _error(self, exc: APIError) -> str:
+        """A mid-stream failure, logged once per prompt: the error event, then [DONE]."""
+        for sub in self.subs:
+            sub.tracker.done(error=exc.message)
+        return sse(exc.body()) + SSE_DONE
 
     async def collect(self) -> dict[str, Any]:
         """Run every prompt to completion and build the text_completion body."""

@@ -141,7 +141,7 @@ class ServerState:
 
         `prompt_param` is the request field a prompt-level error points at.
         """
-        from qwenserve.engine.async_engine import QueueFullError
+        from qwenserve.engine.async_engine import EngineDeadError, QueueFullError
 
         if not prompt_ids:
             raise APIError(400, "The prompt is empty.", param=prompt_param)
@@ -154,6 +154,8 @@ class ServerState:
             raise err from exc
         except QueueFullError as exc:
             raise unavailable(f"Server is busy: {exc}", retry_after=1, code="queue_full") from exc
+        except EngineDeadError as exc:
+            raise APIError(503, f"{exc}; restart the server.", code="engine_failed") from exc
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
@@ -163,11 +165,16 @@ class ServerState:
 
 
 async def _with_api_errors(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-    """The engine's stream, its shutdown abort raised as the API's 503 `aborted`."""
-    from qwenserve.engine.async_engine import RequestAbortedError
+    """The engine's stream, its failures raised as API errors: the shutdown abort as the 503 `aborted`,
+    a failed step as a 500 and a GPU fault as a 503 naming what happened."""
+    from qwenserve.engine.async_engine import EngineDeadError, GenerationFailedError, RequestAbortedError
 
     try:
         async for out in stream:
             yield out
     except RequestAbortedError as exc:
         raise aborted() from exc
+    except GenerationFailedError as exc:
+        raise APIError(500, f"Generation failed: {exc}", code="generation_failed") from exc
+    except EngineDeadError as exc:
+        raise APIError(503, f"{exc}; restart the server.", code="engine_failed") from exc

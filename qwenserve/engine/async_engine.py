@@ -16,6 +16,8 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import torch
+
 from qwenserve.config import EngineConfig
 from qwenserve.engine.llm_engine import EngineStats, LLMEngine, ModelInfo, QueueFullError
 from qwenserve.engine.outputs import RequestOutput
@@ -29,8 +31,18 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+class GenerationFailedError(RuntimeError):
+    """An engine step failed; the requests it was running receive this, and the engine goes on."""
+
+
 class EngineDeadError(RuntimeError):
-    """The engine thread failed; requests in flight receive this."""
+    """The GPU reported a fault that leaves its context unusable: every request from then on gets this."""
+
+
+def is_device_fault(err: BaseException) -> bool:
+    """A CUDA error (illegal address, device-side assert): after one, no later kernel can run."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    return (accelerator_error is not None and isinstance(err, accelerator_error)) or "CUDA error" in str(err)
 
 
 class RequestAbortedError(RuntimeError):
@@ -125,8 +137,9 @@ class AsyncEngine:
             await asyncio.to_thread(self.engine.close)  # tensor-parallel workers, if any
 
     @property
-    def is_ready(self) -> bool:
-        return self.engine is not None and self._dead is None
+    def dead_reason(self) -> str | None:
+        """Why the engine can no longer serve (a GPU fault), or None while it can."""
+        return None if self._dead is None else f"the engine stopped after a GPU fault: {self._dead}"
 
     @property
     def tokenizer(self) -> Any:
@@ -146,8 +159,8 @@ class AsyncEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
         """Queue a request and return its output stream; raises InvalidRequestError / QueueFullError."""
         engine = self._require()
-        if self._dead is not None:
-            raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
         if self._closing:
             raise QueueFullError("the server is shutting down")
         if request_id in self._streams:
@@ -200,7 +213,16 @@ class AsyncEngine:
                 outputs = engine.step(on_scheduled=self._refresh_stats)
             except Exception as err:  # noqa: BLE001 - any model failure must reach every waiting client
                 logger.exception("engine step failed")
+                if is_device_fault(err):
+                    self._dead = err  # before the clients hear of it, so they find the engine dead
                 self._fail_all(err)
+                if self._dead is not None:
+                    logger.critical(
+                        "the GPU reported a fault the engine cannot recover from; /health answers 503 and every "
+                        "request is refused until the server is restarted"
+                    )
+                    self._refuse_while_dead()
+                    return
                 continue
             self._stats = engine.stats()
             if outputs:
@@ -208,6 +230,18 @@ class AsyncEngine:
 
     def _refresh_stats(self) -> None:
         self._stats = self._require().stats()
+
+    def _refuse_while_dead(self) -> None:
+        """Answer each request still arriving (it passed add_request's check just before the fault)
+        with the engine's error, until the server stops: none may wait forever."""
+        while not self._stopping.is_set():
+            try:
+                kind, arg = self._commands.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            stream = self._streams.pop(arg[0], None) if kind == "add" else None
+            if stream is not None and self._loop is not None:
+                self._loop.call_soon_threadsafe(_put_all, [(stream, EngineDeadError(self.dead_reason))])
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -235,7 +269,7 @@ class AsyncEngine:
         if outputs:
             self._deliver(outputs)
         elif (stream := self._streams.get(request_id)) is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(_put_all, [(stream, EngineDeadError("the request was aborted"))])
+            self._loop.call_soon_threadsafe(_put_all, [(stream, RequestAbortedError("the request was aborted"))])
         self._streams.pop(request_id, None)
 
     def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -272,7 +306,7 @@ class AsyncEngine:
         request_ids = list(engine.requests)
         for rid in request_ids:
             engine.abort(rid)
-        pairs = [(self._streams.pop(rid), EngineDeadError(f"generation failed: {err}"))
+        pairs = [(self._streams.pop(rid), GenerationFailedError(str(err)))
                  for rid in request_ids if rid in self._streams]
         if pairs and self._loop is not None:
             self._loop.call_soon_threadsafe(_put_all, pairs)
