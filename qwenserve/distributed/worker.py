@@ -274,8 +274,11 @@ def _serve(model: Qwen3ForCausalLM, spec: WorkerSpec, device: torch.device) -> N
             model(ids, pos, meta)  # rank 0 takes the logits; this rank's part arrived through all_reduce
         elif cmd == CMD_KV:
             runner = None  # free the old pool (the profiling probe) before allocating the new one
+            model.release_kv_cache()
             runner = ModelRunner(model, spec.model_config, arg, spec.block_size, device, spec.dtype)
-        elif cmd == CMD_FREE_MEMORY:
+        elif cmd == CMD_FREE_MEMORY:  # asked only while the pool is sized: the runner is the probe
+            runner = None
+            model.release_kv_cache()
             free = 0
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the profiling step's activations, as rank 0 does

@@ -333,6 +333,7 @@ class LLMEngine:
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
         del probe
+        self.model.release_kv_cache()  # the layers still held the probe's pool: free it before measuring
         torch.cuda.empty_cache()
         return int(peak)
 

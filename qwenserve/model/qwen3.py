@@ -215,6 +215,12 @@ class Qwen3ForCausalLM(nn.Module):
             layer.self_attn.k_cache = k_cache
             layer.self_attn.v_cache = v_cache
 
+    def release_kv_cache(self) -> None:
+        """Drop every layer's reference to its KV pool, so a pool that is no longer used (the
+        profiling probe's) is freed once its runner goes."""
+        for layer in self.layers:
+            layer.self_attn.k_cache = layer.self_attn.v_cache = None
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm for the packed step."""
         x = self.embed_tokens(input_ids)

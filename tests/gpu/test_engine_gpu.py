@@ -155,3 +155,17 @@ def test_prompt_logprobs_on_the_fast_path(tiny_moe_dir: Path) -> None:
     got = [lp.logprob for lp in lps[len(start) :]]
     assert got == pytest.approx([lp.logprob for lp in gen.logprobs], abs=0.1)
     assert beside[0].token_ids == alone.token_ids
+
+
+def test_profiling_probe_pool_is_freed_before_the_pool_is_sized(tiny_moe_dir: Path) -> None:
+    """The activation probe runs one full-size step on a KV pool of its own; that pool must be gone when
+    free memory is measured, or the real pool comes out smaller by its size (~0.75 GiB for 30B-A3B)."""
+    from qwenserve.engine.model_runner import kv_bytes_per_block
+
+    eng = _engine(tiny_moe_dir)
+    probe_blocks = -(-eng.config.max_num_batched_tokens // eng.config.block_size) + 1
+    probe_bytes = probe_blocks * kv_bytes_per_block(eng.model_config, eng.config.block_size, eng.dtype, 1)
+    before = torch.cuda.memory_allocated()
+    eng._profile_activations()  # what sizing the pool runs (it leaves the model's layers unbound)
+    assert torch.cuda.memory_allocated() - before < probe_bytes // 2
+    assert eng.model.layers[0].self_attn.k_cache is None
