@@ -380,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("qwenserve bench needs a CUDA GPU (the full-size model does not fit a CPU run)", file=sys.stderr)
         return 2
+    for path, flag in ((args.config, "--config"), (args.fixtures, "--fixtures")):
+        if not path.is_dir():
+            print(f"{path} does not exist: pass {flag} DIR (the defaults are the fixtures of a source checkout, "
+                  "tests/fixtures/)", file=sys.stderr)  # fmt: skip
+            return 2
     commit = args.commit or _git_commit()
     res = run(args)
     res |= {"commit": commit, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -54,7 +54,6 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     eos_token_ids: list[int] = field(default_factory=list)
-    torch_dtype: str = "bfloat16"
 
     @property
     def is_moe(self) -> bool:
@@ -101,7 +100,6 @@ class ModelConfig:
             decoder_sparse_step=raw.get("decoder_sparse_step", 1) or 1,
             mlp_only_layers=list(raw.get("mlp_only_layers") or []),
             eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
-            torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
         )
 
     @classmethod
@@ -143,7 +141,7 @@ class EngineConfig:
 
     `model` is a local directory or a hub id; None means the built-in demo model.
     KV memory: `kv_cache_memory` bytes if given, else `gpu_memory_utilization` of the
-    GPU (what is left after weights and activations); on CPU a default of 1 GiB.
+    GPU (what is left after weights and activations); on CPU a default of 512 MiB.
     """
 
     model: str | None = None

@@ -303,3 +303,30 @@ def test_heartbeats_go_to_a_choice_still_running() -> None:
     completion = _CompletionContext(_State(), creq, "cmpl-1", [None, None], prompt_only=False)
     completion._chunk(0, "", finish="stop")
     assert beat_indexes(completion) == [1]
+
+
+def test_api_key_compares_the_raw_header_bytes() -> None:
+    """A non-ASCII key (sent as its UTF-8 bytes) matches; a wrong one gets the 401."""
+    import asyncio
+
+    from qwenserve.api.auth import APIKeyMiddleware
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def status_for(header: bytes) -> int:
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b""}
+
+        scope = {"type": "http", "path": "/v1/models", "method": "GET", "headers": [(b"authorization", header)]}
+        asyncio.run(APIKeyMiddleware(app, "clé-secrète")(scope, receive, send))
+        return sent[0]["status"]
+
+    assert status_for("Bearer clé-secrète".encode()) == 200
+    assert status_for(b"Bearer cle-secrete") == 401

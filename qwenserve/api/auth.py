@@ -11,13 +11,14 @@ from qwenserve.api.errors import APIError
 OPEN_PATHS = frozenset({"/health"})
 
 
-def _presented_key(scope: Scope) -> str | None:
+def _presented_key(scope: Scope) -> bytes | None:
+    """The key as the client sent it, raw bytes: a non-ASCII key arrives as its UTF-8 bytes."""
     headers = dict(scope.get("headers") or [])
-    auth = headers.get(b"authorization", b"").decode("latin-1").strip()
-    if auth[:7].lower() == "bearer ":
+    auth = headers.get(b"authorization", b"").strip()
+    if auth[:7].lower() == b"bearer ":
         return auth[7:].strip()
     key = headers.get(b"x-api-key")
-    return key.decode("latin-1").strip() if key else None
+    return key.strip() if key else None
 
 
 class APIKeyMiddleware:
@@ -32,7 +33,7 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         key = _presented_key(scope)
-        if key is None or not hmac.compare_digest(key.encode(), self.api_key):
+        if key is None or not hmac.compare_digest(key, self.api_key):
             message = (
                 "Missing API key: send 'Authorization: Bearer <key>'."
                 if key is None

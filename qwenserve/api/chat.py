@@ -1,7 +1,7 @@
 """Chat messages to a prompt string: normalise what clients send into the plain dicts the
 model's Jinja template expects, choose the tool-call format, and render.
 
-Past bugs this module exists to prevent (see ORIGINAL_SYSTEM.md): pydantic objects reaching
+Past bugs of the server this project replaced, which this module exists to prevent: pydantic objects reaching
 Jinja, and assistant `arguments` arriving as a JSON string where the Qwen3-Coder template
 iterates `arguments|items`.
 """
@@ -144,8 +144,9 @@ class ToolPlan:
 
 
 def is_xml_tool_format(chat_template: str | None) -> bool:
-    """Qwen3-Coder's XML calls when the template writes `<function=`, else Qwen3's JSON calls."""
-    return chat_template is None or "<function=" in chat_template
+    """Qwen3-Coder's XML calls when the template writes `<function=`, else (no template included) Qwen3's
+    JSON calls: the choice tool_parser.get_tool_parser_class makes, so the forced prefix matches the parser."""
+    return bool(chat_template) and "<function=" in chat_template
 
 
 def _call_prefix(xml: bool, name: str | None) -> str:

@@ -18,6 +18,7 @@ from qwenserve.api.logprobs import byte_level_token_bytes
 from qwenserve.api.metrics import Metrics
 from qwenserve.engine.outputs import RequestOutput
 from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
+from qwenserve.tool_parser import get_tool_parser_class
 
 logger = logging.getLogger("qwenserve.api")
 
@@ -31,11 +32,6 @@ def new_id(prefix: str) -> str:
 
 def _load_tool_parser_class(chat_template: str | None) -> type | None:
     """The parser matching the template's call format (XML when it writes `<function=`)."""
-    try:
-        from qwenserve.tool_parser import get_tool_parser_class
-    except ImportError:
-        logger.warning("qwenserve.tool_parser is not available: tool calls will be returned as text")
-        return None
     return get_tool_parser_class(chat_template or "")
 
 

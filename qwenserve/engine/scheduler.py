@@ -45,10 +45,6 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
-    @property
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
@@ -68,9 +64,8 @@ class Scheduler:
                 budget -= num_new
                 i += 1
             else:
-                preempted = True
-                if seq not in self.running:
-                    break  # it preempted itself: nothing newer was left to free
+                preempted = True  # _reserve fails only once seq itself was preempted: nothing newer is left
+                break
         # Admitting new work right after a preemption would only thrash the cache.
         if not preempted:
             self._admit_waiting(batch, budget)
@@ -107,7 +102,6 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 

@@ -51,12 +51,10 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
         self.admitted = False
-        self.num_preemptions = 0
         self.num_pending_tokens = 0
         self.draining = False  # its last token is in flight and it will stop on it: schedule no more
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
-        self.logprobs: list[TokenLogprob] = []
         # Logprobs of the prompt's own tokens (choice 0 of a request that asks): filled as its prefill
         # chunks run, position by position; the first token has none.
         self.prompt_logprobs: list[TokenLogprob | None] | None = (
@@ -83,10 +81,6 @@ class Sequence:
     @property
     def num_known_output_tokens(self) -> int:
         return self.num_known_tokens - self.num_prompt_tokens
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def is_finished(self) -> bool:
