@@ -297,6 +297,8 @@ BAD_REQUESTS = [
     ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens", None),
     ({"input": "hi", "temperature": "0"}, "temperature", "invalid_value"),
     ({"input": "hi", "background": True}, "background", "unsupported_parameter"),
+    ({"input": "hi", "guided_json": {"type": "object"}}, "guided_json", "unsupported_parameter"),
+    ({"input": "hi", "stop_token_ids": [10**9]}, "stop_token_ids", None),
 ]
 
 

@@ -91,10 +91,9 @@ class ResponseFormat(Lenient):
     type: Literal["text", "json_object", "json_schema"]
 
 
-class SamplingFields(StrictScalars):
-    """The sampling fields shared by chat and text completions (OpenAI's plus vLLM's extras)."""
+class SharedSamplingFields(StrictScalars):
+    """The sampling fields every generating endpoint takes as they are (chat, completions, responses)."""
 
-    model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -105,15 +104,9 @@ class SamplingFields(StrictScalars):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    n: int = 1
-    max_tokens: int | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False  # vLLM's: keep the matched stop string
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    logit_bias: dict[str, float] | None = None  # accepted only empty: see api.sampling
     # vLLM extensions this server does not implement, declared only so that a request setting one is
     # refused (api.sampling) instead of answered as if it had been applied.
     guided_json: Any = None
@@ -122,6 +115,18 @@ class SamplingFields(StrictScalars):
     guided_grammar: Any = None
     structured_outputs: Any = None
     prompt_logprobs: Any = None
+
+
+class SamplingFields(SharedSamplingFields):
+    """The sampling fields shared by chat and text completions (OpenAI's plus vLLM's extras)."""
+
+    model: str | None = None
+    n: int = 1
+    max_tokens: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None  # accepted only empty: see api.sampling
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -21,7 +21,7 @@ from qwenserve.api.protocol import (
     Lenient,
     NamedFunction,
     NamedToolChoice,
-    StrictScalars,
+    SharedSamplingFields,
     Tool,
     ToolCall,
 )
@@ -38,8 +38,9 @@ class ResponsesText(Lenient):
     format: ResponsesTextFormat | None = None
 
 
-class ResponsesRequest(StrictScalars):
-    """What `client.responses.create(...)` sends; unknown fields are ignored, as for chat."""
+class ResponsesRequest(SharedSamplingFields):
+    """What `client.responses.create(...)` sends; unknown fields are ignored, as for chat. The sampling
+    fields (temperature, top_p and the chat path's extras: top_k, stop, seed, ...) pass to chat as they are."""
 
     model: str | None = None
     input: str | list[Any]
@@ -47,8 +48,6 @@ class ResponsesRequest(StrictScalars):
     tools: list[Any] | None = None  # checked by chat_tools
     tool_choice: str | dict[str, Any] | None = None  # checked by chat_tool_choice
     parallel_tool_calls: bool = True
-    temperature: float | None = None
-    top_p: float | None = None
     max_output_tokens: int | None = None
     stream: bool = False
     user: str | None = None
@@ -70,17 +69,6 @@ class ResponsesRequest(StrictScalars):
     prompt: Any = None
     background: bool | None = None
     top_logprobs: int | None = None
-    # The chat path's extra sampling fields, passed through as they are.
-    top_k: int | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    min_tokens: int = 0
-    ignore_eos: bool = False
 
 
 def _unsupported(message: str, param: str) -> APIError:
@@ -124,18 +112,7 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
         max_tokens=req.max_output_tokens,
         stream=req.stream,
         user=req.user,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        min_p=req.min_p,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        repetition_penalty=req.repetition_penalty,
-        seed=req.seed,
-        stop=req.stop,
-        stop_token_ids=req.stop_token_ids,
-        min_tokens=req.min_tokens,
-        ignore_eos=req.ignore_eos,
+        **{name: getattr(req, name) for name in SharedSamplingFields.model_fields},
     )
 
 
