@@ -4,7 +4,6 @@ with incremental content and tool-call deltas."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,11 +19,16 @@ from qwenserve.api.protocol import ChatCompletionRequest
 from qwenserve.api.request_log import RequestTracker, log_request_body
 from qwenserve.api.sampling import build_sampling_params
 from qwenserve.api.state import ServerState, new_id
-from qwenserve.api.streaming import SSE_DONE, SSEResponse, heartbeat_without_choices, sse, with_heartbeat
+from qwenserve.api.streaming import (
+    SSE_DONE,
+    SSEResponse,
+    guarded,
+    heartbeat_without_choices,
+    sse,
+    with_heartbeat,
+)
 from qwenserve.engine.outputs import RequestOutput
 from qwenserve.engine.sampling_params import SamplingParams
-
-logger = logging.getLogger("qwenserve.api")
 
 
 def final_finish_reason(engine_reason: str, made_tool_call: bool) -> str:
@@ -114,7 +118,10 @@ class ChatCompletions:
         stream = state.add_request(request_id, prepared.prompt_ids, prepared.params)
         if req.stream:
             return SSEResponse(
-                with_heartbeat(ctx.stream(stream), ctx.heartbeat), on_close=ctx.close_if_unfinished
+                with_heartbeat(
+                    guarded(ctx.stream(stream), request_id, ctx.stream_error, ctx.close_if_unfinished), ctx.heartbeat
+                ),
+                on_close=ctx.close_if_unfinished,
             )
         work = asyncio.ensure_future(ctx.collect(stream))
         try:
@@ -240,39 +247,34 @@ class _ChatContext:
         n = self.req.n
         made_call = [False] * n
         pending_lp: list[list[Any]] = [[] for _ in range(n)]
-        try:
-            for i in range(n):
-                yield self.chunk(i, {"role": "assistant", "content": ""})
-                if self.plan.forced_prefix and self.parsers[i] is not None:
-                    for d in self._deltas(i, self.plan.forced_prefix, final=False):
-                        made_call[i] |= self._count_calls(d)
-                        yield self.chunk(i, d)
-            async for out in stream:
-                self.tracker.observe(out)
-                i = out.index
-                if self.want_logprobs and out.logprobs:
-                    pending_lp[i].extend(shown_logprobs(out) or [])
-                for d in self._deltas(i, out.text, final=out.finish_reason is not None):
+        for i in range(n):
+            yield self.chunk(i, {"role": "assistant", "content": ""})
+            if self.plan.forced_prefix and self.parsers[i] is not None:
+                for d in self._deltas(i, self.plan.forced_prefix, final=False):
                     made_call[i] |= self._count_calls(d)
-                    yield self.chunk(i, d, logprobs=self._take(pending_lp, i))
-                if out.finish_reason is not None:
-                    reason = final_finish_reason(out.finish_reason, made_call[i])
-                    self.tracker.set_finish(i, reason)
-                    yield self.chunk(i, {}, reason, logprobs=self._take(pending_lp, i))
-            self.finished = True
-            if self.include_usage:
-                yield sse(self._usage_chunk())
-            self.tracker.done()
-            yield SSE_DONE
-        except APIError as exc:
-            yield from_error(self, exc)
-            yield SSE_DONE
-        except Exception as exc:  # noqa: BLE001 - reported to the client as a mid-stream error
-            logger.exception("request %s failed mid-stream", self.request_id)
-            yield from_error(self, APIError(500, f"Generation failed: {type(exc).__name__}: {exc}"))
-            yield SSE_DONE
-        finally:
-            self.close_if_unfinished()
+                    yield self.chunk(i, d)
+        async for out in stream:
+            self.tracker.observe(out)
+            i = out.index
+            if self.want_logprobs and out.logprobs:
+                pending_lp[i].extend(shown_logprobs(out) or [])
+            for d in self._deltas(i, out.text, final=out.finish_reason is not None):
+                made_call[i] |= self._count_calls(d)
+                yield self.chunk(i, d, logprobs=self._take(pending_lp, i))
+            if out.finish_reason is not None:
+                reason = final_finish_reason(out.finish_reason, made_call[i])
+                self.tracker.set_finish(i, reason)
+                yield self.chunk(i, {}, reason, logprobs=self._take(pending_lp, i))
+        self.finished = True
+        if self.include_usage:
+            yield sse(self._usage_chunk())
+        self.tracker.done()
+        yield SSE_DONE
+
+    def stream_error(self, exc: APIError) -> str:
+        """A failure after the stream started: the error event (OpenAI SDKs raise on a chunk with a
+        top-level `error`), then [DONE]."""
+        return from_error(self, exc) + SSE_DONE
 
     def _count_calls(self, delta: dict[str, Any]) -> bool:
         """Count new calls (their first delta has an id); True if the delta has tool calls."""

@@ -4,7 +4,6 @@ fill-in-the-middle through `suffix` with Qwen's FIM tokens."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -23,14 +22,13 @@ from qwenserve.api.state import ServerState, new_id
 from qwenserve.api.streaming import (
     SSE_DONE,
     SSEResponse,
+    guarded,
     heartbeat_without_choices,
     merge_streams,
     sse,
     with_heartbeat,
 )
 from qwenserve.engine.outputs import RequestOutput, TokenLogprob
-
-logger = logging.getLogger("qwenserve.api")
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -141,7 +139,8 @@ class Completions:
             raise
         ctx = _CompletionContext(state, req, base_id, subs, prompt_only)
         if req.stream:
-            return SSEResponse(with_heartbeat(ctx.stream(), ctx.heartbeat), on_close=ctx.close_if_unfinished)
+            body = guarded(ctx.stream(), base_id, ctx.stream_error, ctx.close_if_unfinished)
+            return SSEResponse(with_heartbeat(body, ctx.heartbeat), on_close=ctx.close_if_unfinished)
         work = asyncio.ensure_future(ctx.collect())
         try:
             body = await wait_or_disconnect(raw, work, base_id, state)
@@ -264,46 +263,39 @@ class _CompletionContext:
         """SSE body: echo first, then text deltas, a finish per choice, usage, [DONE]."""
         # Echoed prompt logprobs arrive with the prompt's first output: its echo waits for it.
         echo_waits = self.req.echo and self.req.logprobs is not None
-        try:
-            for sub in self.subs if not echo_waits else []:
-                for chunk in self._echo_chunks(sub):
-                    yield chunk
-            streams = [s.stream for s in self.subs]
-            async for pos, out in merge_streams(streams):  # type: ignore[arg-type]
-                sub = self.subs[pos]
-                out = self._observe(sub, out)
-                for chunk in self._echo_chunks(sub):
-                    yield chunk
-                start = sub.offsets.get(out.index, 0)
-                sub.offsets[out.index] = start + len(out.text)
-                lp = self._logprobs(sub, out, start)
-                finish = _finish(out.finish_reason)
-                if out.text or lp or finish:
-                    yield self._chunk(self._index(sub, out.index), out.text, lp, finish)
-            for sub in self.subs:
-                sub.finished = True
-                sub.tracker.done()
-            if self.include_usage:
-                yield sse(
-                    {
-                        "id": self.request_id,
-                        "object": "text_completion",
-                        "created": self.created,
-                        "model": self.model,
-                        "choices": [],
-                        "usage": self.usage(),
-                    }
-                )
-            yield SSE_DONE
-        except APIError as exc:
-            yield self._error(exc)
-        except Exception as exc:  # noqa: BLE001 - reported to the client as a mid-stream error
-            logger.exception("request %s failed mid-stream", self.request_id)
-            yield self._error(APIError(500, f"Generation failed: {type(exc).__name__}: {exc}"))
-        finally:
-            self.close_if_unfinished()
+        for sub in self.subs if not echo_waits else []:
+            for chunk in self._echo_chunks(sub):
+                yield chunk
+        streams = [s.stream for s in self.subs]
+        async for pos, out in merge_streams(streams):  # type: ignore[arg-type]
+            sub = self.subs[pos]
+            out = self._observe(sub, out)
+            for chunk in self._echo_chunks(sub):
+                yield chunk
+            start = sub.offsets.get(out.index, 0)
+            sub.offsets[out.index] = start + len(out.text)
+            lp = self._logprobs(sub, out, start)
+            finish = _finish(out.finish_reason)
+            if out.text or lp or finish:
+                yield self._chunk(self._index(sub, out.index), out.text, lp, finish)
+        for sub in self.subs:
+            sub.finished = True
+            sub.tracker.done()
+        if self.include_usage:
+            yield sse(
+                {
+                    "id": self.request_id,
+                    "object": "text_completion",
+                    "created": self.created,
+                    "model": self.model,
+                    "choices": [],
+                    "usage": self.usage(),
+                }
+            )
+        yield SSE_DONE
 
-    def _error(self, exc: APIError) -> str:
+
+    def stream_error(self, exc: APIError) -> str:
         """A mid-stream failure, logged once per prompt: the error event, then [DONE]."""
         for sub in self.subs:
             sub.tracker.done(error=exc.message)

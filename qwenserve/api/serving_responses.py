@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,10 +30,8 @@ from qwenserve.api.serving_chat import (
     wait_or_disconnect,
 )
 from qwenserve.api.state import ServerState
-from qwenserve.api.streaming import SSEResponse, with_heartbeat
+from qwenserve.api.streaming import SSEResponse, guarded, with_heartbeat
 from qwenserve.engine.outputs import RequestOutput
-
-logger = logging.getLogger("qwenserve.api")
 
 Event = tuple[str, dict[str, Any]]  # (event type, payload without type and sequence_number)
 
@@ -182,7 +179,8 @@ class Responses:
         ctx = _ResponseContext(state, req, prepared, request_id, tracker, self.chat.parser(prepared.plan))
         outputs = state.add_request(request_id, prepared.prompt_ids, prepared.params, prompt_param="input")
         if req.stream:
-            return SSEResponse(with_heartbeat(ctx.stream(outputs), ctx.heartbeat), on_close=ctx.close_if_unfinished)
+            body = guarded(ctx.stream(outputs), request_id, ctx.stream_error, ctx.close_if_unfinished)
+            return SSEResponse(with_heartbeat(body, ctx.heartbeat), on_close=ctx.close_if_unfinished)
         work = asyncio.ensure_future(ctx.collect(outputs))
         try:
             body = await wait_or_disconnect(raw, work, request_id, state)
@@ -301,30 +299,24 @@ class _ResponseContext:
     async def stream(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
         """The SSE body: created, in_progress, each item's events as parsed, completed / incomplete;
         a failure after the start is an `error` event, which ends the stream."""
-        try:
-            yield self._event("response.created", {"response": self.body()})
-            yield self._event("response.in_progress", {"response": self.body()})
-            for event in self._feed(self._prefix(), final=False):
+        yield self._event("response.created", {"response": self.body()})
+        yield self._event("response.in_progress", {"response": self.body()})
+        for event in self._feed(self._prefix(), final=False):
+            yield self._event(*event)
+        reason = "stop"
+        async for out in outputs:
+            self.tracker.observe(out)
+            for event in self._feed(out.text, final=out.finish_reason is not None):
                 yield self._event(*event)
-            reason = "stop"
-            async for out in outputs:
-                self.tracker.observe(out)
-                for event in self._feed(out.text, final=out.finish_reason is not None):
-                    yield self._event(*event)
-                reason = out.finish_reason or reason
-            self.finished = True
-            for event in self._finish(reason):
-                yield self._event(*event)
-            self.tracker.done()
-        except APIError as exc:
-            yield self._error(exc)
-        except Exception as exc:  # noqa: BLE001 - reported to the client as a mid-stream error
-            logger.exception("request %s failed mid-stream", self.request_id)
-            yield self._error(APIError(500, f"Generation failed: {type(exc).__name__}: {exc}"))
-        finally:
-            self.close_if_unfinished()
+            reason = out.finish_reason or reason
+        self.finished = True
+        for event in self._finish(reason):
+            yield self._event(*event)
+        self.tracker.done()
 
-    def _error(self, exc: APIError) -> str:
+
+    def stream_error(self, exc: APIError) -> str:
+        """A failure after the stream started: an `error` event, which ends the stream."""
         self.tracker.done(error=exc.message)
         return self._event("error", {"code": exc.code, "message": exc.message, "param": exc.param})
 

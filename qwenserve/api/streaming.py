@@ -1,17 +1,22 @@
 """Server-sent events plumbing: `data:` framing, keep-alive chunks, merging several engine
-streams, and a response class that always closes its generator (so aborts run) when the
-client goes away."""
+streams, a guard that turns a failure mid-stream into the endpoint's error event, and a response
+class that always closes its generator (so aborts run) when the client goes away."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
+
+from qwenserve.api.errors import APIError
+
+logger = logging.getLogger("qwenserve.api")
 
 T = TypeVar("T")
 
@@ -101,6 +106,27 @@ async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def guarded(
+    events: AsyncIterator[str], request_id: str, on_error: Callable[[APIError], str], close: Callable[[], None]
+) -> AsyncIterator[str]:
+    """An endpoint's SSE body that cannot break off silently: a failure after the start becomes its error
+    event (`on_error`, which also writes the request's log line; an unexpected exception is logged with
+    its traceback first), and `close` (abort the request if unfinished) runs however the stream ends."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as exc:
+        yield on_error(exc)
+    except Exception as exc:  # noqa: BLE001 - reported to the client as a mid-stream error
+        logger.exception("request %s failed mid-stream", request_id)
+        yield on_error(APIError(500, f"Generation failed: {type(exc).__name__}: {exc}"))
+    finally:
+        close()
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 class SSEResponse(StreamingResponse):
