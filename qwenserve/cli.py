@@ -11,12 +11,12 @@ import os
 import sys
 
 from qwenserve import __version__
+from qwenserve.config import EngineConfig, parse_size
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _size(text: str) -> int:
-    from qwenserve.config import parse_size
 
     try:
         size = parse_size(text)
@@ -49,7 +49,6 @@ def _port(text: str) -> int:
 
 def _default(name: str) -> object:
     """EngineConfig's own default, so the CLI and the library never disagree."""
-    from qwenserve.config import EngineConfig
 
     return EngineConfig.__dataclass_fields__[name].default
 
@@ -163,9 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def engine_config(args: argparse.Namespace):  # -> EngineConfig
+def engine_config(args: argparse.Namespace) -> EngineConfig:
     """EngineConfig from the parsed `serve` flags; raises ValueError on bad combinations."""
-    from qwenserve.config import EngineConfig
 
     return EngineConfig(
         model=args.model,

@@ -74,6 +74,10 @@ class RequestStream:
 
 
 class AsyncEngine:
+    """The LLMEngine on a thread of its own, for the asyncio server: requests and aborts are queued as
+    commands the engine thread applies between steps, and each request's outputs come back on an
+    async stream. Loading runs on another thread so the HTTP server answers (503) meanwhile."""
+
     def __init__(self, config: EngineConfig):
         self.config = config
         self.engine: LLMEngine | None = None
@@ -129,6 +133,7 @@ class AsyncEngine:
         return await done
 
     async def shutdown(self) -> None:
+        """Stop the engine thread after its current step, then the tensor-parallel workers, if any."""
         self._stopping.set()
         self._commands.put(("wake", None))
         if self._thread is not None:

@@ -14,6 +14,8 @@ _CONTEXT_TOKENS = 4  # prompt ids decoded before the output so the first word is
 
 
 class IncrementalDetokenizer:
+    """One sequence's output text, token by token: `add` returns only the new, complete characters."""
+
     def __init__(self, tokenizer: Any, prompt_ids: list[int], skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens

@@ -56,6 +56,8 @@ class ModelInfo:
 
 @dataclass
 class EngineStats:
+    """A snapshot of the queues and the KV pool, for /metrics."""
+
     num_running: int
     num_waiting: int
     num_kv_blocks: int
@@ -150,6 +152,10 @@ def _load_tokenizer(path: Path) -> Any:
 
 
 class LLMEngine:
+    """Requests in, outputs out, one `step` at a time: loads the model and sizes the KV pool, then each
+    step schedules a batch (scheduler), runs it (model runner, CUDA graphs for decode) and turns the
+    sampled tokens into text, stop checks and logprobs. Single-threaded; AsyncEngine serves it."""
+
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = _pick_device(config.device)

@@ -145,6 +145,9 @@ PROMPT_LOGPROB_ROWS = 256
 
 
 class ModelRunner:
+    """Owns the KV pool and runs the model on a scheduled batch: packs the step's inputs, replays the
+    decode CUDA graph or runs eagerly, and samples (launch returns at once; collect waits)."""
+
     def __init__(
         self,
         model: Qwen3ForCausalLM,

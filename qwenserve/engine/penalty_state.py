@@ -23,6 +23,8 @@ SHARED_ROW = 0
 
 
 class PenaltyState:
+    """The per-sequence seen / output-count rows described above, with their row assignment."""
+
     def __init__(self, vocab_size: int, device: torch.device, initial_rows: int = 8):
         self.vocab_size = vocab_size
         self.device = device

@@ -37,6 +37,8 @@ class ScheduledBatch:
 
 
 class Scheduler:
+    """Continuous batching over the waiting queue and the running list, FCFS, with chunked prefill."""
+
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
@@ -49,6 +51,8 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> ScheduledBatch:
+        """The next step's batch: running sequences first (preempting the newest when blocks run out),
+        then waiting ones admitted with their cached prefix, within the token budget."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         preempted = False

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -78,7 +79,8 @@ def load_model_config(path: Path) -> ModelConfig:
     return cfg
 
 
-def read_generation_config(path: Path) -> dict:
+def read_generation_config(path: Path) -> dict[str, Any]:
+    """The model's generation_config.json (its sampling defaults), or {} when it has none."""
     gen_path = path / "generation_config.json"
     if not gen_path.exists():
         return {}
