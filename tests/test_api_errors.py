@@ -286,6 +286,8 @@ def test_refused_requests_are_logged_with_their_reason(server: ServerProcess) ->
     """A request refused before it reaches the engine still leaves one line in the server log."""
     assert_openai_error(server.post(CHAT, json={"messages": HI, "max_tokens": "5"}), 400, "max_tokens")
     assert_openai_error(server.get("/v1/refused-route-probe"), 404)
+    # The line is written once the response has gone out: wait for it rather than read the log at once.
+    wait_for(lambda: "refused GET /v1/refused-route-probe" in server.log())
     log = server.log()
     assert re.search(r"refused POST /v1/chat/completions: 400 invalid_request_error \(max_tokens\): ", log), log[-2000:]
     assert "refused GET /v1/refused-route-probe: 404 invalid_request_error: Unknown route" in log
