@@ -130,6 +130,11 @@ def test_stats_seen_once_scheduled_count_the_step_in_flight(engine: LLMEngine) -
     assert (during.num_running, during.num_waiting) == (1, 0)
     assert during.num_free_blocks < bm.num_usable_blocks and during.kv_cache_usage > 0
     engine.abort("prefilling")
+    engine.add_request("three", prompts(1, seed=5)[0], SamplingParams(max_tokens=4, n=3, temperature=1.0))
+    for _ in range(3):
+        engine.step()
+    assert engine.stats().num_running == 1  # a request, however many choices it has
+    engine.abort("three")
 
 
 def test_hundred_concurrent_requests_match_alone(tiny_moe_dir: Path) -> None:

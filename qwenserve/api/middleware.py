@@ -99,8 +99,9 @@ class StatusCountMiddleware:
 
 
 def _is_refusal(status: int) -> bool:
-    """Client errors and 503s (loading, queue full, shutting down); 500s are logged with their traceback."""
-    return 400 <= status < 500 or status == 503
+    """Client errors and 503s (loading, queue full, shutting down). Not 499, a client that left a request
+    the engine was running (its request line says finish=abort), nor 500s (logged with their traceback)."""
+    return (400 <= status < 500 and status != 499) or status == 503
 
 
 def _error_summary(body: bytes) -> str:

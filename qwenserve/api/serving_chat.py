@@ -45,7 +45,8 @@ async def wait_or_disconnect(
 ) -> Any:
     """Await `work`, aborting the engine request if the client hangs up first."""
     while True:
-        done, _ = await asyncio.wait({work}, timeout=1.0)
+        # Polled 4 times a second: a client gone at 0.2 s should not cost a second of prefill.
+        done, _ = await asyncio.wait({work}, timeout=0.25)
         if done:
             return work.result()
         if await request.is_disconnected():

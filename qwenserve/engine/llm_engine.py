@@ -454,7 +454,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
-            num_running=len(self.scheduler.running),
+            num_running=len({seq.request_id for seq in self.scheduler.running}),  # n > 1 counts once
             num_waiting=self.num_waiting_requests(),
             num_kv_blocks=bm.num_usable_blocks,
             num_free_blocks=bm.num_free_blocks,
