@@ -176,24 +176,12 @@ class LLMEngine:
     # -- loading ---------------------------------------------------------------
 
     def _load(self) -> None:
+        """Model, KV pool, scheduler and runner, in that order; then the decode graphs and a warm-up."""
         cfg = self.config
-        is_demo = cfg.model is None
-        if is_demo:
-            from qwenserve.demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
-
-            path, name = DEMO_MODEL_DIR, DEMO_MODEL_NAME
-        else:
-            path, name = resolve_model_path(cfg.model), cfg.model.rstrip("/")
+        path, name, is_demo = self._model_source()
         self.model_config: ModelConfig = load_model_config(path)
         self.tokenizer = _load_tokenizer(path)
-        max_len = cfg.max_model_len or self.model_config.max_position_embeddings
-        if max_len > self.model_config.max_position_embeddings:
-            logger.warning(
-                "--max-model-len %d is beyond the %d positions this model was trained for "
-                "(max_position_embeddings in its config.json): answers past that length may degrade",
-                max_len,
-                self.model_config.max_position_embeddings,
-            )
+        max_len = self._context_length()
         if self.device.type == "cpu":
             _limit_cpu_threads(self.model_config)
         ops = select_ops(self.device, cfg.use_kernels)
@@ -207,17 +195,7 @@ class LLMEngine:
         )
         self.max_positions = max_len
         num_blocks = self._num_kv_blocks()
-        pool_tokens = (num_blocks - 1) * cfg.block_size
-        if pool_tokens < max_len:
-            if cfg.max_model_len is not None:
-                raise ValueError(
-                    f"--max-model-len {cfg.max_model_len} needs {max_len} tokens of KV cache but only {pool_tokens} "
-                    f"fit; lower --max-model-len or give the cache more memory (--kv-cache-memory / "
-                    f"--gpu-memory-utilization)"
-                )
-            logger.warning("KV pool holds %d tokens: max_model_len lowered from %d", pool_tokens, max_len)
-            max_len = pool_tokens
-        self.max_model_len = max_len
+        self.max_model_len = max_len = self._fit_context_to_pool(max_len, num_blocks)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = self._new_runner(num_blocks)
@@ -228,27 +206,67 @@ class LLMEngine:
         # Tensor parallel runs eager: workers would have to capture and replay the same graphs.
         if self.device.type == "cuda" and self.uses_kernels and not cfg.enforce_eager and self.workers is None:
             self.runner.capture_graphs(cfg.max_num_seqs, max_len)
-        gen = read_generation_config(path)
-        self.model_info = ModelInfo(
-            name=name,
-            path=path,
-            max_model_len=max_len,
-            eos_token_ids=self.model_config.eos_token_ids or [self.tokenizer.eos_token_id],
-            generation_defaults={
-                k: gen[k]
-                for k in ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                          "presence_penalty", "frequency_penalty")
-                if k in gen
-            },
-            chat_template=getattr(self.tokenizer, "chat_template", None),
-            is_demo=is_demo,
-        )
+        self.model_info = self._model_info(path, name, is_demo)
         if self.device.type == "cuda":
             self._warmup()
         logger.info(
             "loaded %s on %s (%s): %d KV blocks of %d tokens (%d tokens), max_model_len %d",
             name, self.device, self.dtype, self.block_manager.num_usable_blocks, cfg.block_size,
             self.block_manager.num_usable_blocks * cfg.block_size, max_len,
+        )
+
+    def _model_source(self) -> tuple[Path, str, bool]:
+        """(checkpoint directory, the name to serve, whether it is the built-in demo model)."""
+        if self.config.model is None:
+            from qwenserve.demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
+
+            return DEMO_MODEL_DIR, DEMO_MODEL_NAME, True
+        return resolve_model_path(self.config.model), self.config.model.rstrip("/"), False
+
+    def _context_length(self) -> int:
+        """--max-model-len, else the model's own; past what the model was trained for only with a warning."""
+        trained = self.model_config.max_position_embeddings
+        max_len = self.config.max_model_len or trained
+        if max_len > trained:
+            logger.warning(
+                "--max-model-len %d is beyond the %d positions this model was trained for "
+                "(max_position_embeddings in its config.json): answers past that length may degrade",
+                max_len,
+                trained,
+            )
+        return max_len
+
+    def _fit_context_to_pool(self, max_len: int, num_blocks: int) -> int:
+        """The context length the KV pool can hold one sequence of: an explicit --max-model-len that does
+        not fit is an error; the model's default is lowered with a warning."""
+        pool_tokens = (num_blocks - 1) * self.config.block_size
+        if pool_tokens >= max_len:
+            return max_len
+        if self.config.max_model_len is not None:
+            raise ValueError(
+                f"--max-model-len {self.config.max_model_len} needs {max_len} tokens of KV cache but only "
+                f"{pool_tokens} fit; lower --max-model-len or give the cache more memory (--kv-cache-memory / "
+                f"--gpu-memory-utilization)"
+            )
+        logger.warning("KV pool holds %d tokens: max_model_len lowered from %d", pool_tokens, max_len)
+        return pool_tokens
+
+    def _model_info(self, path: Path, name: str, is_demo: bool) -> ModelInfo:
+        """What the server needs to know about the model: names, limits, EOS ids, sampling defaults, template."""
+        gen = read_generation_config(path)
+        return ModelInfo(
+            name=name,
+            path=path,
+            max_model_len=self.max_model_len,
+            eos_token_ids=self.model_config.eos_token_ids or [self.tokenizer.eos_token_id],
+            generation_defaults={
+                k: gen[k]
+                for k in ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                          "presence_penalty", "frequency_penalty")
+                if k in gen
+            },  # fmt: skip
+            chat_template=getattr(self.tokenizer, "chat_template", None),
+            is_demo=is_demo,
         )
 
     def _start_workers(self, path: Path, max_positions: int) -> None:
