@@ -176,12 +176,15 @@ def _message(item: dict[str, Any], i: int) -> ChatMessage:
         raise bad_request(
             f"input[{i}].role must be one of {', '.join(_MESSAGE_ROLES)}, got {role!r}.", param=f"input[{i}].role"
         )
-    content = item.get("content")
-    if not isinstance(content, str | list):
-        raise bad_request(
-            f"input[{i}].content must be a string or a list of content parts.", param=f"input[{i}].content"
-        )
-    return ChatMessage(role=role, content=content_to_text(content, f"input[{i}].content"))
+    return ChatMessage(role=role, content=_item_text(item, "content", i))
+
+
+def _item_text(item: dict[str, Any], key: str, i: int) -> str:
+    """item[key] (a string or a list of content parts) as the text chat history holds."""
+    value = item.get(key)
+    if not isinstance(value, str | list):
+        raise bad_request(f"input[{i}].{key} must be a string or a list of content parts.", param=f"input[{i}].{key}")
+    return content_to_text(value, f"input[{i}].{key}")
 
 
 def _add_call(messages: list[ChatMessage], item: dict[str, Any], i: int, call_ids: set[str]) -> None:
@@ -209,12 +212,7 @@ def _call_output(item: dict[str, Any], i: int, call_ids: set[str]) -> ChatMessag
         raise bad_request(
             f"No function_call item before input[{i}] has call_id {call_id!r}.", param=f"input[{i}].call_id"
         )
-    output = item.get("output")
-    if not isinstance(output, str | list):
-        raise bad_request(
-            f"input[{i}].output must be a string or a list of content parts.", param=f"input[{i}].output"
-        )
-    return ChatMessage(role="tool", tool_call_id=call_id, content=content_to_text(output, f"input[{i}].output"))
+    return ChatMessage(role="tool", tool_call_id=call_id, content=_item_text(item, "output", i))
 
 
 # ---- tools ----

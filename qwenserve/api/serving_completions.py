@@ -3,30 +3,26 @@ fill-in-the-middle through `suffix` with Qwen's FIM tokens."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from qwenserve.api.errors import APIError, aborted, bad_request
 from qwenserve.api.logprobs import completion_logprobs, shown_logprobs
 from qwenserve.api.protocol import CompletionRequest
 from qwenserve.api.request_log import RequestTracker, log_request_body
 from qwenserve.api.sampling import build_sampling_params
-from qwenserve.api.serving_chat import wait_or_disconnect
 from qwenserve.api.state import ServerState, new_id
 from qwenserve.api.streaming import (
     SSE_DONE,
-    SSEResponse,
-    guarded,
     heartbeat_without_choices,
     merge_streams,
+    respond,
     sse,
-    with_heartbeat,
 )
 from qwenserve.engine.outputs import RequestOutput, TokenLogprob
 
@@ -138,15 +134,7 @@ class Completions:
             _abort_all(state, subs)
             raise
         ctx = _CompletionContext(state, req, base_id, subs, prompt_only)
-        if req.stream:
-            body = guarded(ctx.stream(), base_id, ctx.stream_error, ctx.close_if_unfinished)
-            return SSEResponse(with_heartbeat(body, ctx.heartbeat), on_close=ctx.close_if_unfinished)
-        work = asyncio.ensure_future(ctx.collect())
-        try:
-            body = await wait_or_disconnect(raw, work, base_id, state)
-        finally:
-            ctx.close_if_unfinished()
-        return JSONResponse(body)
+        return await respond(raw, base_id, ctx, req.stream, ctx.stream, ctx.collect)
 
 
 def _abort_all(state: ServerState, subs: list[_Sub]) -> None:

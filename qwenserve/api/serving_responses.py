@@ -9,7 +9,6 @@ through the same tool-call parser, and its chat deltas are turned into Responses
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -17,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from qwenserve.api.errors import APIError
 from qwenserve.api.protocol_responses import ResponsesRequest, refuse_unsupported, to_chat_request
@@ -27,10 +26,9 @@ from qwenserve.api.serving_chat import (
     PreparedChat,
     final_finish_reason,
     parse_deltas,
-    wait_or_disconnect,
 )
 from qwenserve.api.state import ServerState
-from qwenserve.api.streaming import SSEResponse, guarded, with_heartbeat
+from qwenserve.api.streaming import respond
 from qwenserve.engine.outputs import RequestOutput
 
 Event = tuple[str, dict[str, Any]]  # (event type, payload without type and sequence_number)
@@ -178,15 +176,9 @@ class Responses:
         tracker = RequestTracker(request_id, state.metrics, len(prepared.prompt_ids))
         ctx = _ResponseContext(state, req, prepared, request_id, tracker, self.chat.parser(prepared.plan))
         outputs = state.add_request(request_id, prepared.prompt_ids, prepared.params, prompt_param="input")
-        if req.stream:
-            body = guarded(ctx.stream(outputs), request_id, ctx.stream_error, ctx.close_if_unfinished)
-            return SSEResponse(with_heartbeat(body, ctx.heartbeat), on_close=ctx.close_if_unfinished)
-        work = asyncio.ensure_future(ctx.collect(outputs))
-        try:
-            body = await wait_or_disconnect(raw, work, request_id, state)
-        finally:
-            ctx.close_if_unfinished()
-        return JSONResponse(body)
+        return await respond(
+            raw, request_id, ctx, req.stream, lambda: ctx.stream(outputs), lambda: ctx.collect(outputs)
+        )
 
 
 class _ResponseContext:
