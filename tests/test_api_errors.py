@@ -282,6 +282,15 @@ def test_base_url_without_v1_gets_the_fix_in_its_404(server: ServerProcess) -> N
     assert "Did you mean" not in assert_openai_error(server.post("/v1/nothing", json={}), 404)["message"]
 
 
+def test_route_with_a_trailing_slash_is_served_not_redirected(server: ServerProcess) -> None:
+    """A base URL ending in '/' joined naively gives `/v1/chat/completions/`: served, no 307."""
+    r = server.post(CHAT + "/", json={"messages": HI, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "chat.completion"
+    assert server.get("/v1/models/").json()["object"] == "list"
+    assert_openai_error(server.post("/v1/nothing/", json={}), 404)
+
+
 def test_refused_requests_are_logged_with_their_reason(server: ServerProcess) -> None:
     """A request refused before it reaches the engine still leaves one line in the server log."""
     assert_openai_error(server.post(CHAT, json={"messages": HI, "max_tokens": "5"}), 400, "max_tokens")

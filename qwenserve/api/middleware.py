@@ -36,6 +36,23 @@ KNOWN_ROUTES = frozenset(
 )
 
 
+class TrailingSlashMiddleware:
+    """Serve a known route asked for with trailing slashes (`/v1/chat/completions/`, as some clients
+    build URLs from a base ending in '/') as the route itself. Starlette would answer a 307 redirect,
+    which clients that do not follow redirects on POST (httpx's default) report as a failure."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            stripped = path.rstrip("/")
+            if stripped in KNOWN_ROUTES:
+                scope = dict(scope, path=stripped, raw_path=stripped.encode())
+        await self.app(scope, receive, send)
+
+
 class LoadingGateMiddleware:
     """503 + Retry-After on every route but /health until `is_ready()` turns true."""
 

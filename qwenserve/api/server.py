@@ -30,6 +30,7 @@ from qwenserve.api.middleware import (
     JSONBodyMiddleware,
     LoadingGateMiddleware,
     StatusCountMiddleware,
+    TrailingSlashMiddleware,
 )
 from qwenserve.api.protocol import (
     MAX_JSON_DEPTH,
@@ -139,6 +140,7 @@ def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     app.add_middleware(StatusCountMiddleware, metrics=ctx.metrics)
+    app.add_middleware(TrailingSlashMiddleware)  # outermost: every layer sees the route's own path
     _add_routes(app, ctx)
     return app
 
