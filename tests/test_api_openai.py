@@ -342,6 +342,22 @@ def test_completions_echo_logprobs_token_ids_and_stream(client: openai.OpenAI) -
     assert text == choice.text[len("Hello there") :]
 
 
+def test_completion_text_offsets_streamed_equal_whole(client: openai.OpenAI) -> None:
+    """Hot seeded sampling writes tokens that cut characters short (the demo model's seed 20 writes
+    ' \ufffd' + ' include'): a stream's offsets, chunk by chunk, are the whole answer's, and each
+    token starts where the text before it ends."""
+    for seed in (20, 81, 7):
+        body = dict(model="m", prompt="Emoji 😀🎉", max_tokens=6, temperature=3.0, seed=seed, logprobs=0,
+                    extra_body={"top_k": -1})  # fmt: skip
+        whole = client.completions.create(**body).choices[0]
+        chunks = [c.choices[0] for c in client.completions.create(**body, stream=True) if c.choices]
+        streamed = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+        assert streamed == whole.logprobs.text_offset, seed
+        assert "".join(c.text for c in chunks) == whole.text
+        assert whole.logprobs.text_offset == sorted(whole.logprobs.text_offset)
+        assert all(o <= len(whole.text) for o in whole.logprobs.text_offset)
+
+
 def test_echoed_prompt_logprobs_are_the_models(client: openai.OpenAI, server: ServerProcess) -> None:
     """echo + logprobs scores every prompt token (all but the first), as generation would: the
     logprobs of three greedy tokens equal their prompt logprobs once appended to the prompt.

@@ -17,7 +17,7 @@ from qwenserve.api.chat import (
     render_chat,
 )
 from qwenserve.api.errors import APIError, format_loc
-from qwenserve.api.logprobs import byte_level_token_bytes, chat_logprobs, completion_logprobs
+from qwenserve.api.logprobs import TextOffsets, byte_level_token_bytes, chat_logprobs, completion_logprobs
 from qwenserve.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from qwenserve.api.sampling import build_sampling_params
 from qwenserve.api.serving_chat import first_call_only
@@ -330,3 +330,16 @@ def test_api_key_compares_the_raw_header_bytes() -> None:
 
     assert status_for("Bearer clé-secrète".encode()) == 200
     assert status_for(b"Bearer cle-secrete") == 401
+
+
+def test_text_offsets_place_a_character_cut_short_before_the_next_token() -> None:
+    """' ' + half an emoji, then ' include': the text reads ' \ufffd include', so ' include' starts at 2,
+    and a stream fed token by token gets the offsets the whole text gets."""
+    cut = [list(b" \xf0\x9f"), list(b" include")]
+    whole = [list(b"a"), list(b" \xf0\x9f"), list(b"\x98\x80"), list(b" b")]  # 'a 😀 b'
+    assert TextOffsets().take(cut) == [0, 2]
+    assert TextOffsets().take(whole) == [0, 1, 2, 3]
+    for tokens in (cut, whole):
+        streamed = TextOffsets(5)
+        assert [o for t in tokens for o in streamed.take([t])] == TextOffsets(5).take(tokens)
+    assert TextOffsets().take([list(b"\xf0"), list(b"A")]) == [0, 1]  # a lone lead byte is its own U+FFFD

@@ -78,30 +78,49 @@ def chat_logprobs(items: list[TokenLogprob], token_bytes: TokenBytes = utf8_byte
     return {"content": content}
 
 
+class TextOffsets:
+    """OpenAI's `text_offset` of consecutive tokens: the index, in the text their bytes decode to, of
+    the character that holds each token's first byte. A character split over tokens counts once; bytes
+    that never complete a character read as U+FFFD, as the text shows them, and count before the next
+    token. Fed chunk by chunk, a stream gets the offsets the whole text gets."""
+
+    def __init__(self, start: int = 0):
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._chars = start  # characters decoded so far; the pending bytes of a cut character excluded
+
+    def take(self, token_bytes: list[list[int]]) -> list[int]:
+        """The offsets of the next tokens, given their bytes."""
+        offsets = []
+        for data in map(bytes, token_bytes):
+            pending, _ = self._decoder.getstate()
+            # The last character of the pending bytes + this token's first byte is the one that holds it.
+            head = len((pending + data[:1]).decode("utf-8", errors="replace")) - 1 if data else 0
+            offsets.append(self._chars + head)
+            self._chars += len(self._decoder.decode(data))
+        return offsets
+
+
 def completion_logprobs(
     items: list[TokenLogprob | None],
     tokens: list[str],
-    text_offset_start: int = 0,
+    offsets: TextOffsets | int = 0,
     token_ids: list[int] | None = None,
     token_bytes: TokenBytes | None = None,
 ) -> dict[str, Any]:
     """`choices[].logprobs` for /v1/completions: parallel token / logprob / top / offset lists.
 
-    A None item (the first prompt token) has no logprob. With the tokens' ids and raw bytes, a
-    token's text offset counts the characters the text holds before it, also when characters span
-    tokens (their pieces read as U+FFFD, one character each, in `tokens`); without them, token lengths.
+    A None item (the first prompt token) has no logprob. `offsets` continues the text the tokens
+    follow (a stream's TextOffsets, or the number of characters before them); with the tokens' ids
+    and raw bytes their offsets count characters that span tokens once, else their texts are their bytes.
     """
     token_logprobs: list[float | None] = []
     top: list[dict[str, float] | None] = []
-    widths = [len(tok) for tok in tokens]
-    if token_ids is not None and token_bytes is not None:
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        widths = [len(utf8.decode(bytes(token_bytes(i, tok)))) for i, tok in zip(token_ids, tokens, strict=True)]
-    offsets = []
-    offset = text_offset_start
-    for lp, width in zip(items, widths, strict=True):
-        offsets.append(offset)
-        offset += width
+    if isinstance(offsets, int):
+        offsets = TextOffsets(offsets)
+    if token_ids is None or token_bytes is None:
+        token_ids, token_bytes = [0] * len(tokens), utf8_bytes
+    text_offset = offsets.take([token_bytes(i, tok) for i, tok in zip(token_ids, tokens, strict=True)])
+    for lp in items:
         if lp is None:
             token_logprobs.append(None)
             top.append(None)
@@ -111,4 +130,4 @@ def completion_logprobs(
             alternatives = {t: _finite(v) for _, t, v in lp.top_logprobs}
             alternatives.setdefault(lp.token, _finite(lp.logprob))
             top.append(alternatives)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": text_offset}

@@ -12,7 +12,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from qwenserve.api.errors import APIError, aborted, bad_request
-from qwenserve.api.logprobs import completion_logprobs, shown_logprobs
+from qwenserve.api.logprobs import TextOffsets, completion_logprobs, shown_logprobs
 from qwenserve.api.protocol import CompletionRequest
 from qwenserve.api.request_log import RequestTracker, log_request_body
 from qwenserve.api.sampling import build_sampling_params
@@ -56,7 +56,7 @@ class _Sub:
     tracker: RequestTracker
     stream: AsyncIterator[RequestOutput] | None = None
     finished: bool = False
-    offsets: dict[int, int] = field(default_factory=dict)
+    offsets: dict[int, TextOffsets] = field(default_factory=dict)  # per choice, continued chunk by chunk
     echoed: bool = False  # the echo chunks were sent (streaming)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # from the engine, with echo + logprobs
 
@@ -221,19 +221,19 @@ class _CompletionContext:
         text, lp = self._echo(sub)
         chunks = []
         for k in range(self.req.n):
-            sub.offsets[k] = len(text)
+            sub.offsets[k] = TextOffsets(len(text))
             if text:
                 chunks.append(self._chunk(self._index(sub, k), text, lp))
         return chunks
 
-    def _logprobs(self, sub: _Sub, out: RequestOutput, start: int) -> Any:
+    def _logprobs(self, out: RequestOutput, offsets: TextOffsets) -> Any:
         if self.req.logprobs is None or not out.logprobs:
             return None
-        return self._generated_logprobs(out.logprobs, start)
+        return self._generated_logprobs(out.logprobs, offsets)
 
-    def _generated_logprobs(self, lps: list[TokenLogprob], start: int) -> dict[str, Any]:
+    def _generated_logprobs(self, lps: list[TokenLogprob], offsets: TextOffsets | int) -> dict[str, Any]:
         tokens, ids = [lp.token for lp in lps], [lp.token_id for lp in lps]
-        return completion_logprobs(lps, tokens, start, ids, self.state.token_bytes)
+        return completion_logprobs(lps, tokens, offsets, ids, self.state.token_bytes)
 
     def usage(self) -> dict[str, Any]:
         usages = [s.tracker.usage() for s in self.subs]
@@ -260,9 +260,7 @@ class _CompletionContext:
             out = self._observe(sub, out)
             for chunk in self._echo_chunks(sub):
                 yield chunk
-            start = sub.offsets.get(out.index, 0)
-            sub.offsets[out.index] = start + len(out.text)
-            lp = self._logprobs(sub, out, start)
+            lp = self._logprobs(out, sub.offsets.setdefault(out.index, TextOffsets()))
             finish = _finish(out.finish_reason)
             if out.text or lp or finish:
                 yield self._chunk(self._index(sub, out.index), out.text, lp, finish)
