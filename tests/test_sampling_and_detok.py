@@ -169,6 +169,25 @@ def test_stop_matcher_holds_back_only_possible_prefixes() -> None:
     assert hit == "</stop>" and out.endswith("</stop>")
 
 
+def test_a_burst_fills_free_running_slots_before_the_queue_limit(tiny_moe_dir: Path) -> None:
+    """Four running slots and one queue place: five requests added back to back (before the engine
+    thread takes any in) are all accepted; they are not all 'waiting'."""
+
+    async def main() -> None:
+        cfg = EngineConfig(model=str(tiny_moe_dir), device="cpu", dtype="float32", num_kv_blocks=64,
+                           max_num_seqs=4, max_queued_requests=1)  # fmt: skip
+        engine = AsyncEngine(cfg)
+        await engine.start()
+        try:
+            params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+            for i in range(5):
+                engine.add_request(f"r{i}", [1, 2, 3], params)
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
+
+
 def test_async_engine_streams_and_aborts(tiny_moe_dir: Path) -> None:
     async def main() -> None:
         cfg = EngineConfig(model=str(tiny_moe_dir), device="cpu", dtype="float32", num_kv_blocks=64)

@@ -172,7 +172,10 @@ class AsyncEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
         # Validate here, on the caller's thread, so errors surface at once; the engine thread applies it.
         engine.check_request(prompt_token_ids, params)
-        if self._stats.num_waiting + self._commands.qsize() >= self.config.max_queued_requests:
+        # Requests the running batch still has room for do not wait: a burst at an idle server is
+        # not refused for the slots it is about to fill (the stats may be a step old; so may this).
+        free_slots = max(0, self.config.max_num_seqs - self._stats.num_running)
+        if self._stats.num_waiting + self._commands.qsize() - free_slots >= self.config.max_queued_requests:
             # The count races with the engine thread: name the bound, not a number that may read 0.
             raise QueueFullError(
                 f"the queue is full ({self.config.max_queued_requests} requests waiting at most); retry shortly"
