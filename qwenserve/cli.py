@@ -100,7 +100,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--max-queued-requests",
         type=int,
         default=_default("max_queued_requests"),
-        help="waiting requests before 503",
+        help="requests waiting beyond the running batch before new ones get 503",
     )
     p.add_argument(
         "--block-size", type=int, default=_default("block_size"), help="KV cache block size in tokens"
