@@ -143,6 +143,39 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+# vLLM's tool-call parsers for Qwen models; the chat template says which format the model writes.
+VLLM_TOOL_PARSERS = ("qwen3_coder", "qwen3_xml", "hermes")
+
+
+def add_vllm_compat_args(p: argparse.ArgumentParser) -> None:
+    """Flags a vLLM command line for these models carries, accepted so it runs unchanged: what they
+    turn on is always on here."""
+    g = p.add_argument_group("accepted from vLLM command lines (always on here: nothing to set)")
+    g.add_argument("--enable-auto-tool-choice", action="store_true", help="tool calls are always parsed")
+    g.add_argument(
+        "--tool-call-parser",
+        choices=VLLM_TOOL_PARSERS,
+        help="the format comes from the chat template (Qwen3-Coder XML or Qwen3 JSON calls)",
+    )
+    g.add_argument("--trust-remote-code", action="store_true", help="Qwen3 models need no remote code")
+    g.add_argument(
+        "--disable-log-requests", action="store_true", help="request bodies are logged only with --log-requests"
+    )
+
+
+def _note_vllm_flags(args: argparse.Namespace, log: logging.Logger) -> None:
+    given = [flag for flag, value in (("--enable-auto-tool-choice", args.enable_auto_tool_choice),
+                                      ("--tool-call-parser", args.tool_call_parser),
+                                      ("--trust-remote-code", args.trust_remote_code),
+                                      ("--disable-log-requests", args.disable_log_requests)) if value]  # fmt: skip
+    if given:
+        log.info(
+            "%s: accepted as in vLLM, nothing to set (tool calls are always parsed, in the format the chat "
+            "template writes)",
+            ", ".join(given),
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with its subcommands."""
     parser = argparse.ArgumentParser(
@@ -156,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_serve_args(serve)
+    add_vllm_compat_args(serve)
     sub.add_parser(
         "bench", help="benchmark the engine on a GPU against Transformers (qwenserve bench --help)", add_help=False
     )
@@ -193,6 +227,7 @@ def serve(args: argparse.Namespace) -> int:
         log.error("give the model once: positional %r and --model %r differ", args.model_tag, args.model)
         return 2
     args.model = args.model or args.model_tag
+    _note_vllm_flags(args, log)
     env_key = os.environ.get("QWENSERVE_API_KEY")
     # `--api-key "$KEY"` (or QWENSERVE_API_KEY=$KEY) with KEY unset would otherwise serve with no key at all.
     if args.api_key is not None and not args.api_key.strip():

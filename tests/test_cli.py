@@ -56,6 +56,19 @@ def test_vllm_flag_names_map_to_engine_config() -> None:
     assert config.async_scheduling and not cli.engine_config(parse("--no-async-scheduling")).async_scheduling
 
 
+def test_a_vllm_command_line_runs_unchanged(capsys: pytest.CaptureFixture[str]) -> None:
+    """`vllm serve MODEL --enable-auto-tool-choice --tool-call-parser qwen3_coder ...` parses, and its
+    tool flags change nothing; an unknown parser name is refused with the choices."""
+    vllm = ("Qwen/Qwen3-Coder-30B-A3B-Instruct", "--enable-auto-tool-choice", "--tool-call-parser", "qwen3_coder",
+            "--trust-remote-code", "--disable-log-requests", "--max-model-len", "65536")  # fmt: skip
+    config = cli.engine_config(parse(*vllm))
+    plain = cli.engine_config(parse("Qwen/Qwen3-Coder-30B-A3B-Instruct", "--max-model-len", "65536"))
+    assert config == plain
+    with pytest.raises(SystemExit):
+        parse("--tool-call-parser", "mistral")
+    assert "qwen3_coder" in capsys.readouterr().err
+
+
 def test_memory_flags_are_exclusive_and_validated(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse("--gpu-memory-utilization", "0.5", "--kv-cache-memory", "1GiB")
