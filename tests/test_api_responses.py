@@ -236,6 +236,22 @@ def test_streamed_incomplete(client: openai.OpenAI) -> None:
     assert folded["texts"] == {0: "The capital of"} and final.output[0].status == "incomplete"
 
 
+def test_bodies_and_events_validate_strictly_against_the_sdk_types(server: ServerProcess) -> None:
+    """The SDK builds its objects without validating them; a stricter client validates: every field the
+    SDK's types require is there (usage's cache_write_tokens was missing), in the body and every event."""
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    for body in ({"input": FRANCE, "temperature": 0}, {"input": LIST_FILES, "tools": [SHELL], "temperature": 0},
+                 {"input": FRANCE, "temperature": 0, "max_output_tokens": 3}):  # fmt: skip
+        r = httpx.post(f"{server.base_url}/v1/responses", json={"model": "m", **body}, timeout=120)
+        Response.model_validate(r.json(), strict=False)
+        events = TypeAdapter(ResponseStreamEvent)
+        lines = raw_stream_lines(server, {"model": "m", **body})
+        for data in (line[len("data: "):] for line in lines if line.startswith("data: ")):
+            events.validate_python(json.loads(data))
+
+
 def raw_stream_lines(server: ServerProcess, body: dict[str, Any]) -> Iterator[str]:
     with httpx.stream("POST", f"{server.base_url}/v1/responses", json={**body, "stream": True}, timeout=120) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")

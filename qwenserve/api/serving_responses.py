@@ -275,7 +275,12 @@ class _ResponseContext:
         usage = self.tracker.usage()
         return {
             "input_tokens": usage["prompt_tokens"],
-            "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]},
+            # cache_write_tokens: what OpenAI bills as writes to its prompt cache; the prefix cache here
+            # fills itself as prompts are computed, at no charge (newer SDKs require the field).
+            "input_tokens_details": {
+                "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+                "cache_write_tokens": 0,
+            },
             "output_tokens": usage["completion_tokens"],
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": usage["total_tokens"],
