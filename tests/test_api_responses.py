@@ -298,6 +298,7 @@ BAD_REQUESTS = [
     ({"input": []}, "input", None),
     ({"input": "hi", "previous_response_id": "resp_123"}, "previous_response_id", "unsupported_parameter"),
     ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0].type", "unsupported_parameter"),
+    ({"input": "hi", "tools": [{"name": "f"}]}, "tools[0].type", None),
     ({"input": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools[0].name", None),
     ({"input": "hi", "text": {"format": {"type": "json_object"}}}, "text.format", "unsupported_parameter"),
     ({"input": "hi", "tool_choice": {"type": "function", "name": "nope"}, "tools": [SHELL]}, "tool_choice", None),

@@ -232,6 +232,8 @@ def _chat_tool(tool: Any, j: int) -> Tool:
     if not isinstance(tool, dict):
         raise bad_request(f"tools[{j}] must be an object.", param=f"tools[{j}]")
     kind = tool.get("type")
+    if kind is None:
+        raise bad_request(f"tools[{j}].type is required: 'function' for a function tool.", param=f"tools[{j}].type")
     if kind != "function":
         raise _unsupported(
             f"Tools of type {kind!r} are not supported: this server has no built-in tools; "
