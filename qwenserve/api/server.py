@@ -96,6 +96,10 @@ class AppContext:
         self.state = state
         info = state.model_info
         logger.info("model %s loaded in %.1fs", info.name, time.monotonic() - started)
+        logger.info(
+            "tool calls: parsed in %s, the format its chat template writes",
+            "Qwen3-Coder's XML (<function=...>)" if state.xml_tools else "Qwen3's JSON (<tool_call>{...})",
+        )
         banner = ready_banner(
             self.settings.host,
             self.settings.port,
