@@ -238,6 +238,28 @@ def test_concurrent_streams_each_get_their_answer(server: ServerProcess) -> None
     assert len(set(texts[0::2])) == 1 and texts[0]
 
 
+def test_logit_bias(client: openai.OpenAI, server: ServerProcess) -> None:
+    """OpenAI's logit_bias: -100 bans the greedy answer's first token, +100 makes a token win every
+    step; chat and completions, streamed or not, greedy or sampled, and the next request is unbiased."""
+    plain = client.chat.completions.create(model="m", messages=FRANCE, temperature=0, max_tokens=8, logprobs=True)
+    first = plain.choices[0].logprobs.content[0].token
+    first_id = server.post("/tokenize", json={"prompt": first, "add_special_tokens": False}).json()["tokens"][0]
+    banned = client.chat.completions.create(model="m", messages=FRANCE, temperature=0, max_tokens=8,
+                                            logprobs=True, logit_bias={str(first_id): -100})  # fmt: skip
+    assert banned.choices[0].logprobs.content[0].token != first
+    forced_id = server.post("/tokenize", json={"prompt": " banana", "add_special_tokens": False}).json()["tokens"]
+    assert len(forced_id) == 1
+    for temperature in (0, 1.0):
+        forced = client.completions.create(model="m", prompt="Hello", max_tokens=4, temperature=temperature,
+                                           logit_bias={str(forced_id[0]): 100})  # fmt: skip
+        assert forced.choices[0].text == " banana" * 4
+    chunks = client.chat.completions.create(model="m", messages=FRANCE, temperature=0, max_tokens=3, stream=True,
+                                            logit_bias={str(forced_id[0]): 100})  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == " banana" * 3
+    again = client.chat.completions.create(model="m", messages=FRANCE, temperature=0, max_tokens=8)
+    assert again.choices[0].message.content == plain.choices[0].message.content
+
+
 def test_stop_string(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
         model="m", messages=FRANCE, temperature=0, stop=[" Paris"], max_tokens=32

@@ -126,7 +126,7 @@ class SamplingFields(SharedSamplingFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None  # accepted only empty: see api.sampling
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -70,12 +70,6 @@ def build_sampling_params(
         raise bad_request(
             "'stream_options' is only allowed when 'stream' is true.", param="stream_options"
         )
-    if req.logit_bias:
-        raise bad_request(
-            "'logit_bias' is not supported by this server; remove it (an empty object is accepted).",
-            param="logit_bias",
-            code="unsupported_parameter",
-        )
     values: dict[str, Any] = {}
     for name in GENERATION_CONFIG_FIELDS:
         value = getattr(req, name)
@@ -100,4 +94,20 @@ def build_sampling_params(
         n=req.n,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        logit_bias=_logit_bias(req.logit_bias),
     )
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias: token ids (JSON keys, so strings) -> a bias in [-100, 100] added to the logit."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            raise bad_request(
+                f"'logit_bias' keys must be token ids, got {key!r} (find ids with POST /tokenize).", param="logit_bias"
+            ) from None
+    return out

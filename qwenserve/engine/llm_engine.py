@@ -412,6 +412,11 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"stop token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="stop_token_ids"
             )
+        bad = [t for t in params.logit_bias or {} if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"logit_bias token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="logit_bias"
+            )
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, enforce_queue_limit: bool = True

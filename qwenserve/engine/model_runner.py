@@ -77,6 +77,19 @@ def min_tokens_bans(seqs: list[Sequence]) -> tuple[list[int], list[int]] | None:
     return (rows, ids) if rows else None
 
 
+def logit_biases(seqs: list[Sequence]) -> tuple[list[int], list[int], list[float]] | None:
+    """(rows, token ids, biases) to add to the logits this step (OpenAI's logit_bias), or None."""
+    rows: list[int] = []
+    ids: list[int] = []
+    biases: list[float] = []
+    for row, seq in enumerate(seqs):
+        for token_id, bias in (seq.params.logit_bias or {}).items():
+            rows.append(row)
+            ids.append(token_id)
+            biases.append(float(bias))
+    return (rows, ids, biases) if rows else None
+
+
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, world_size: int = 1) -> int:
     """Bytes of K and V for one block across all layers (on one rank: its kv heads only)."""
     elem = torch.tensor([], dtype=dtype).element_size()
@@ -297,6 +310,12 @@ class ModelRunner:
             # Rare (a request with min_tokens still short of it): mask on a copy, sample eagerly.
             rows, ids = (self._to_device(x, torch.int64) for x in banned)
             logits = logits.index_put((rows, ids), torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+            greedy_ids = graph_key = None
+        biased = logit_biases(seqs)
+        if biased is not None:
+            # Rare too: add on a copy, sample eagerly (the graphed sampler reads the graph's own logits).
+            rows, ids = (self._to_device(x, torch.int64) for x in biased[:2])
+            logits = logits.index_put((rows, ids), self._to_device(biased[2], logits.dtype), accumulate=True)
             greedy_ids = graph_key = None
         if all(s.params.greedy and not s.params.needs_penalties and s.params.logprobs is None for s in seqs):
             out = SamplerOutput(token_ids=greedy_ids if greedy_ids is not None else logits.argmax(dim=-1))

@@ -58,6 +58,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token (its prefill skips the prefix cache)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI's)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -95,6 +96,11 @@ class SamplingParams:
                 f"must be in [0, {MAX_TOP_LOGPROBS}]",
             ),
         ]
+        bias = self.logit_bias or {}
+        checks.append((
+            all(isinstance(v, int | float) and math.isfinite(v) and -100 <= v <= 100 for v in bias.values()),
+            "logit_bias", "values must be numbers in [-100, 100]",
+        ))  # fmt: skip
         for ok, name, why in checks:
             if not ok:
                 value = self.logprobs if name == "top_logprobs" else getattr(self, name)

@@ -169,3 +169,21 @@ def test_profiling_probe_pool_is_freed_before_the_pool_is_sized(tiny_moe_dir: Pa
     eng._profile_activations()  # what sizing the pool runs (it leaves the model's layers unbound)
     assert torch.cuda.memory_allocated() - before < probe_bytes // 2
     assert eng.model.layers[0].self_attn.k_cache is None
+
+
+def test_logit_bias_on_the_graphed_fast_path(tiny_moe_dir: Path) -> None:
+    """A biased request beside unbiased ones on the decode graphs (overlapped steps): +100 makes its
+    token win every step, greedy or sampled, and the unbiased row decodes what it decodes in the same
+    batch without any bias."""
+    rng = random.Random(3)
+    prompts = [[rng.randrange(1, 250) for _ in range(n)] for n in (30, 300, 12)]
+
+    def params(bias: dict[int, float] | None) -> list[SamplingParams]:
+        return [SamplingParams(temperature=t, seed=5, max_tokens=12, ignore_eos=True, logit_bias=b)
+                for t, b in ((0, None), (0, bias), (0.9, bias))]  # fmt: skip
+
+    eng = _engine(tiny_moe_dir)
+    unbiased = eng.generate(prompts, params(None))
+    outs = eng.generate(prompts, params({77: 100.0}))
+    assert outs[0][0].token_ids == unbiased[0][0].token_ids
+    assert outs[1][0].token_ids == [77] * 12 and outs[2][0].token_ids == [77] * 12
