@@ -161,17 +161,25 @@ def add_vllm_compat_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--disable-log-requests", action="store_true", help="request bodies are logged only with --log-requests"
     )
+    g.add_argument("--enable-chunked-prefill", action="store_true", help="long prompts are always prefilled in chunks")
+    g.add_argument(
+        "--enable-expert-parallel", action="store_true", help="with -tp the MoE experts are always split across GPUs"
+    )
+    g.add_argument("--kv-cache-dtype", choices=["auto"], help="the KV cache takes the model's dtype")
 
 
 def _note_vllm_flags(args: argparse.Namespace, log: logging.Logger) -> None:
     given = [flag for flag, value in (("--enable-auto-tool-choice", args.enable_auto_tool_choice),
                                       ("--tool-call-parser", args.tool_call_parser),
                                       ("--trust-remote-code", args.trust_remote_code),
-                                      ("--disable-log-requests", args.disable_log_requests)) if value]  # fmt: skip
+                                      ("--disable-log-requests", args.disable_log_requests),
+                                      ("--enable-chunked-prefill", args.enable_chunked_prefill),
+                                      ("--enable-expert-parallel", args.enable_expert_parallel),
+                                      ("--kv-cache-dtype", args.kv_cache_dtype)) if value]  # fmt: skip
     if given:
         log.info(
             "%s: accepted as in vLLM, nothing to set (tool calls are always parsed, in the format the chat "
-            "template writes)",
+            "template writes; chunked prefill is always on; -tp always splits the experts)",
             ", ".join(given),
         )
 

@@ -60,7 +60,8 @@ def test_a_vllm_command_line_runs_unchanged(capsys: pytest.CaptureFixture[str]) 
     """`vllm serve MODEL --enable-auto-tool-choice --tool-call-parser qwen3_coder ...` parses, and its
     tool flags change nothing; an unknown parser name is refused with the choices."""
     vllm = ("Qwen/Qwen3-Coder-30B-A3B-Instruct", "--enable-auto-tool-choice", "--tool-call-parser", "qwen3_coder",
-            "--trust-remote-code", "--disable-log-requests", "--max-model-len", "65536")  # fmt: skip
+            "--trust-remote-code", "--disable-log-requests", "--enable-chunked-prefill", "--kv-cache-dtype", "auto",
+            "--max-model-len", "65536")  # fmt: skip
     config = cli.engine_config(parse(*vllm))
     plain = cli.engine_config(parse("Qwen/Qwen3-Coder-30B-A3B-Instruct", "--max-model-len", "65536"))
     assert config == plain

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qwenserve.config import EngineConfig
-from qwenserve.engine.async_engine import AsyncEngine, EngineDeadError, GenerationFailedError
+from qwenserve.engine.async_engine import AsyncEngine, EngineDeadError, GenerationFailedError, QueueFullError
 from qwenserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from qwenserve.engine.sampler import SamplingBatch, gumbel_noise, num_candidates_for, sample
 from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
@@ -182,6 +182,19 @@ def test_a_burst_fills_free_running_slots_before_the_queue_limit(tiny_moe_dir: P
             params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
             for i in range(5):
                 engine.add_request(f"r{i}", [1, 2, 3], params)
+            while engine.stats().num_running_seqs < 4:
+                await asyncio.sleep(0.01)
+            for i in range(5):
+                engine.abort(f"r{i}")
+            while engine.stats().num_running_seqs or engine.stats().num_waiting:
+                await asyncio.sleep(0.01)
+            # An n = 4 request fills the four slots: then the queue's one place is all that is left.
+            engine.add_request("wide", [1, 2, 3], SamplingParams(temperature=1, n=4, max_tokens=10_000, ignore_eos=True))
+            while engine.stats().num_running_seqs < 4:
+                await asyncio.sleep(0.01)
+            engine.add_request("waits", [1, 2, 3], params)
+            with pytest.raises(QueueFullError):
+                engine.add_request("refused", [1, 2, 3], params)
         finally:
             await engine.shutdown()
 

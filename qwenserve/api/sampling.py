@@ -3,6 +3,7 @@ generation_config.json defaults, then SamplingParams' own defaults."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from qwenserve.api.errors import bad_request
@@ -104,10 +105,10 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
         return None
     out = {}
     for key, value in bias.items():
-        try:
-            out[int(key)] = value
-        except ValueError:
+        # Canonical decimal only: '01' next to '1' would otherwise name one token twice, one value lost.
+        if not re.fullmatch(r"-?(0|[1-9][0-9]*)", key):
             raise bad_request(
                 f"'logit_bias' keys must be token ids, got {key!r} (find ids with POST /tokenize).", param="logit_bias"
-            ) from None
+            )
+        out[int(key)] = value
     return out

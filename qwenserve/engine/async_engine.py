@@ -82,6 +82,10 @@ class AsyncEngine:
         self.config = config
         self.engine: LLMEngine | None = None
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        # Requests queued as commands and not yet in the engine: sent (event loop) minus taken (engine
+        # thread), one writer each; the queue's size would count aborts too.
+        self._adds_sent = 0
+        self._adds_taken = 0
         self._streams: dict[str, RequestStream] = {}
         self._stats = EngineStats(0, 0, 0, 0, 0.0, 0)
         self._thread: threading.Thread | None = None
@@ -174,14 +178,16 @@ class AsyncEngine:
         engine.check_request(prompt_token_ids, params)
         # Requests the running batch still has room for do not wait: a burst at an idle server is
         # not refused for the slots it is about to fill (the stats may be a step old; so may this).
-        free_slots = max(0, self.config.max_num_seqs - self._stats.num_running)
-        if self._stats.num_waiting + self._commands.qsize() - free_slots >= self.config.max_queued_requests:
+        free_slots = max(0, self.config.max_num_seqs - self._stats.num_running_seqs)
+        not_taken = self._adds_sent - self._adds_taken
+        if self._stats.num_waiting + not_taken - free_slots >= self.config.max_queued_requests:
             # The count races with the engine thread: name the bound, not a number that may read 0.
             raise QueueFullError(
                 f"the queue is full ({self.config.max_queued_requests} requests waiting at most); retry shortly"
             )
         stream = RequestStream(request_id, params.n)
         self._streams[request_id] = stream
+        self._adds_sent += 1
         self._commands.put(("add", (request_id, prompt_token_ids, params)))
         return stream
 
@@ -248,6 +254,7 @@ class AsyncEngine:
             except queue.Empty:
                 continue
             stream = self._streams.pop(arg[0], None) if kind == "add" else None
+            self._adds_taken += kind == "add"
             if stream is not None and self._loop is not None:
                 self._loop.call_soon_threadsafe(_put_all, [(stream, EngineDeadError(self.dead_reason))])
 
@@ -281,6 +288,15 @@ class AsyncEngine:
         self._streams.pop(request_id, None)
 
     def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        try:
+            self._add_to_engine(request_id, prompt_token_ids, params)
+        finally:
+            # Counted in the stats first, then no longer as queued: the admission check may count the
+            # request twice for a moment, never zero times.
+            self._stats = self._require().stats()
+            self._adds_taken += 1
+
+    def _add_to_engine(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         stream = self._streams.get(request_id)
         if stream is None:
             return  # aborted before it was queued

@@ -64,6 +64,7 @@ class EngineStats:
     num_free_blocks: int
     kv_cache_usage: float
     num_cached_blocks: int
+    num_running_seqs: int = 0  # sequences (n > 1 counts n): what --max-num-seqs bounds
 
 
 @dataclass
@@ -483,6 +484,7 @@ class LLMEngine:
             num_free_blocks=bm.num_free_blocks,
             kv_cache_usage=bm.usage(),
             num_cached_blocks=bm.num_cached_blocks,
+            num_running_seqs=len(self.scheduler.running),
         )
 
     # -- stepping ----------------------------------------------------------------

@@ -83,10 +83,10 @@ def logit_biases(seqs: list[Sequence]) -> tuple[list[int], list[int], list[float
     ids: list[int] = []
     biases: list[float] = []
     for row, seq in enumerate(seqs):
-        for token_id, bias in (seq.params.logit_bias or {}).items():
-            rows.append(row)
-            ids.append(token_id)
-            biases.append(float(bias))
+        if seq.params.logit_bias:  # at most MAX_LOGIT_BIAS entries (SamplingParams checks)
+            rows += [row] * len(seq.params.logit_bias)
+            ids += seq.params.logit_bias.keys()
+            biases += seq.params.logit_bias.values()
     return (rows, ids, biases) if rows else None
 
 
@@ -313,9 +313,11 @@ class ModelRunner:
             greedy_ids = graph_key = None
         biased = logit_biases(seqs)
         if biased is not None:
-            # Rare too: add on a copy, sample eagerly (the graphed sampler reads the graph's own logits).
+            # Rare too: add on a copy, sample eagerly (the graphed sampler reads the graph's own logits). In
+            # float32: bf16 is 0.5 apart near 100, so +100 on a set of tokens would tie them.
             rows, ids = (self._to_device(x, torch.int64) for x in biased[:2])
-            logits = logits.index_put((rows, ids), self._to_device(biased[2], logits.dtype), accumulate=True)
+            bias = self._to_device(biased[2], torch.float32)
+            logits = logits.float().index_put((rows, ids), bias, accumulate=True)
             greedy_ids = graph_key = None
         if all(s.params.greedy and not s.params.needs_penalties and s.params.logprobs is None for s in seqs):
             out = SamplerOutput(token_ids=greedy_ids if greedy_ids is not None else logits.argmax(dim=-1))

@@ -32,6 +32,10 @@ class InvalidRequestError(ValueError):
         self.code = code
 
 
+# OpenAI caps logit_bias at a few hundred entries; each biased step adds them on the host's word.
+MAX_LOGIT_BIAS = 1024
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens for one sequence and when to stop.
@@ -96,15 +100,24 @@ class SamplingParams:
                 f"must be in [0, {MAX_TOP_LOGPROBS}]",
             ),
         ]
-        bias = self.logit_bias or {}
-        checks.append((
-            all(isinstance(v, int | float) and math.isfinite(v) and -100 <= v <= 100 for v in bias.values()),
-            "logit_bias", "values must be numbers in [-100, 100]",
-        ))  # fmt: skip
+        self._validate_logit_bias()
         for ok, name, why in checks:
             if not ok:
                 value = self.logprobs if name == "top_logprobs" else getattr(self, name)
                 raise InvalidRequestError(f"'{name}' {why}, got {value!r}", param=name)
+
+    def _validate_logit_bias(self) -> None:
+        bias = self.logit_bias or {}
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError(
+                f"'logit_bias' holds {len(bias)} token ids; at most {MAX_LOGIT_BIAS} are accepted", param="logit_bias"
+            )
+        for token_id, value in bias.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not -100 <= value <= 100:
+                raise InvalidRequestError(
+                    f"'logit_bias' values must be numbers in [-100, 100], got {value!r} for token {token_id}",
+                    param="logit_bias",
+                )
 
     @property
     def greedy(self) -> bool:

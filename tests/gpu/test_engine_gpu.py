@@ -179,8 +179,8 @@ def test_logit_bias_on_the_graphed_fast_path(tiny_moe_dir: Path) -> None:
     prompts = [[rng.randrange(1, 250) for _ in range(n)] for n in (30, 300, 12)]
 
     def params(bias: dict[int, float] | None) -> list[SamplingParams]:
-        return [SamplingParams(temperature=t, seed=5, max_tokens=12, ignore_eos=True, logit_bias=b)
-                for t, b in ((0, None), (0, bias), (0.9, bias))]  # fmt: skip
+        return [SamplingParams(temperature=t, top_k=k, seed=5, max_tokens=12, ignore_eos=True, logit_bias=b)
+                for t, k, b in ((0, 0, None), (0, 0, bias), (0.9, 20, bias))]  # fmt: skip
 
     eng = _engine(tiny_moe_dir)
     unbiased = eng.generate(prompts, params(None))
