@@ -147,6 +147,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 VLLM_TOOL_PARSERS = ("qwen3_coder", "qwen3_xml", "hermes")
 
 
+# The flags add_vllm_compat_args accepts (each logged at start when given).
+VLLM_NOOP_FLAGS = (
+    "--enable-auto-tool-choice", "--tool-call-parser", "--trust-remote-code", "--disable-log-requests",
+    "--enable-chunked-prefill", "--enable-expert-parallel", "--kv-cache-dtype",
+)  # fmt: skip
+
+
 def add_vllm_compat_args(p: argparse.ArgumentParser) -> None:
     """Flags a vLLM command line for these models carries, accepted so it runs unchanged: what they
     turn on is always on here."""
@@ -169,13 +176,7 @@ def add_vllm_compat_args(p: argparse.ArgumentParser) -> None:
 
 
 def _note_vllm_flags(args: argparse.Namespace, log: logging.Logger) -> None:
-    given = [flag for flag, value in (("--enable-auto-tool-choice", args.enable_auto_tool_choice),
-                                      ("--tool-call-parser", args.tool_call_parser),
-                                      ("--trust-remote-code", args.trust_remote_code),
-                                      ("--disable-log-requests", args.disable_log_requests),
-                                      ("--enable-chunked-prefill", args.enable_chunked_prefill),
-                                      ("--enable-expert-parallel", args.enable_expert_parallel),
-                                      ("--kv-cache-dtype", args.kv_cache_dtype)) if value]  # fmt: skip
+    given = [flag for flag in VLLM_NOOP_FLAGS if getattr(args, flag[2:].replace("-", "_"))]
     if given:
         log.info(
             "%s: accepted as in vLLM, nothing to set (tool calls are always parsed, in the format the chat "

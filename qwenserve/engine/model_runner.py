@@ -12,6 +12,7 @@ N+1 consumes is read straight from the device (the host only knows it as PENDING
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -65,29 +66,23 @@ def short_context_len() -> int:
     return DECODE_SHORT_CONTEXT
 
 
-def min_tokens_bans(seqs: list[Sequence]) -> tuple[list[int], list[int]] | None:
-    """(rows, token ids) of the logits to mask this step: the stop tokens of every row whose output
-    is still shorter than its min_tokens (vLLM's semantics), or None when no row has one."""
+def logit_edits(seqs: list[Sequence]) -> tuple[list[int], list[int], list[float]] | None:
+    """(rows, token ids, values) to add to this step's logits, or None when no row has any: OpenAI's
+    logit_bias, and -inf on the stop tokens of every row whose output is still shorter than its
+    min_tokens (vLLM's semantics: they cannot be sampled yet)."""
     rows: list[int] = []
     ids: list[int] = []
+    values: list[float] = []
     for row, seq in enumerate(seqs):
+        if bias := seq.params.logit_bias:  # at most MAX_LOGIT_BIAS entries (SamplingParams checks)
+            rows += [row] * len(bias)
+            ids += bias.keys()
+            values += bias.values()
         if seq.min_tokens_banned and seq.num_output_tokens < seq.params.min_tokens:
             rows += [row] * len(seq.min_tokens_banned)
             ids += seq.min_tokens_banned
-    return (rows, ids) if rows else None
-
-
-def logit_biases(seqs: list[Sequence]) -> tuple[list[int], list[int], list[float]] | None:
-    """(rows, token ids, biases) to add to the logits this step (OpenAI's logit_bias), or None."""
-    rows: list[int] = []
-    ids: list[int] = []
-    biases: list[float] = []
-    for row, seq in enumerate(seqs):
-        if seq.params.logit_bias:  # at most MAX_LOGIT_BIAS entries (SamplingParams checks)
-            rows += [row] * len(seq.params.logit_bias)
-            ids += seq.params.logit_bias.keys()
-            biases += seq.params.logit_bias.values()
-    return (rows, ids, biases) if rows else None
+            values += [-math.inf] * len(seq.min_tokens_banned)
+    return (rows, ids, values) if rows else None
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, world_size: int = 1) -> int:
@@ -305,19 +300,13 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[rows])
         seqs = inp.sample_seqs
         out = None
-        banned = min_tokens_bans(seqs)
-        if banned is not None:
-            # Rare (a request with min_tokens still short of it): mask on a copy, sample eagerly.
-            rows, ids = (self._to_device(x, torch.int64) for x in banned)
-            logits = logits.index_put((rows, ids), torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
-            greedy_ids = graph_key = None
-        biased = logit_biases(seqs)
-        if biased is not None:
-            # Rare too: add on a copy, sample eagerly (the graphed sampler reads the graph's own logits). In
-            # float32: bf16 is 0.5 apart near 100, so +100 on a set of tokens would tie them.
-            rows, ids = (self._to_device(x, torch.int64) for x in biased[:2])
-            bias = self._to_device(biased[2], torch.float32)
-            logits = logits.float().index_put((rows, ids), bias, accumulate=True)
+        edits = logit_edits(seqs)
+        if edits is not None:
+            # Rare (a logit_bias, or min_tokens not reached yet): add on a copy and sample eagerly, since the
+            # graphed sampler reads the graph's own logits. In float32: bf16 is 0.5 apart near 100, so +100 on
+            # a set of tokens would tie them.
+            rows, ids = (self._to_device(x, torch.int64) for x in edits[:2])
+            logits = logits.float().index_put((rows, ids), self._to_device(edits[2], torch.float32), accumulate=True)
             greedy_ids = graph_key = None
         if all(s.params.greedy and not s.params.needs_penalties and s.params.logprobs is None for s in seqs):
             out = SamplerOutput(token_ids=greedy_ids if greedy_ids is not None else logits.argmax(dim=-1))
