@@ -68,10 +68,19 @@ def main() -> int:
                 return 1
             time.sleep(2)
         print("ready after", round(400 - (deadline - time.time())), "s")
-        with cf.ThreadPoolExecutor(16) as pool:
+        schema = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Lyon"]},
+                  "ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+                  "required": ["city", "ok", "n"], "additionalProperties": False}
+        with cf.ThreadPoolExecutor(17) as pool:
+            guided = pool.submit(httpx.post, f"{base}/chat/completions", timeout=300, json={
+                "model": "x", "max_tokens": 64, "messages": [{"role": "user", "content": "Answer in JSON."}],
+                "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}})
             results = list(pool.map(lambda i: stream_chat(base, f"Write a story number {i}.", 64, i % 2 == 0), range(16)))
         print("16 concurrent streams, half greedy, half the model's sampling (chunks, ttft_s, finish):", results)
         assert all(r[0] > 10 and r[2] == "length" for r in results), results
+        choice = guided.result().json()["choices"][0]
+        print("json_schema beside them:", choice["finish_reason"], choice["message"]["content"])
+        assert choice["finish_reason"] == "stop" and set(json.loads(choice["message"]["content"])) == {"city", "ok", "n"}
         tools = [{"type": "function", "function": {"name": "run_shell_command", "parameters": {
             "type": "object", "properties": {"command": {"type": "string"}}}}}]
         r = httpx.post(f"{base}/chat/completions", timeout=300, json={

@@ -300,7 +300,9 @@ BAD_REQUESTS = [
     ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0].type", "unsupported_parameter"),
     ({"input": "hi", "tools": [{"name": "f"}]}, "tools[0].type", None),
     ({"input": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools[0].name", None),
-    ({"input": "hi", "text": {"format": {"type": "json_object"}}}, "text.format", "unsupported_parameter"),
+    ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format.type", "invalid_value"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "schema": {"type": "nonsense"}}}},
+     "text.format.schema", None),  # fmt: skip
     ({"input": "hi", "tool_choice": {"type": "function", "name": "nope"}, "tools": [SHELL]}, "tool_choice", None),
     ({"input": [{"role": "user", "content": "hi"}, {**CALL, "call_id": ""}]}, "input[1].call_id", None),
     ({"input": [{"role": "user", "content": "hi"}, CALL, {"type": "function_call_output", "call_id": "call_2",
@@ -314,7 +316,8 @@ BAD_REQUESTS = [
     ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens", None),
     ({"input": "hi", "temperature": "0"}, "temperature", "invalid_value"),
     ({"input": "hi", "background": True}, "background", "unsupported_parameter"),
-    ({"input": "hi", "guided_json": {"type": "object"}}, "guided_json", "unsupported_parameter"),
+    ({"input": "hi", "guided_regex": "(a"}, "guided_regex", None),
+    ({"input": "hi", "guided_regex": "a", "text": {"format": {"type": "json_object"}}}, "guided_regex", None),
     ({"input": "hi", "stop_token_ids": [10**9]}, "stop_token_ids", None),
 ]
 

@@ -89,6 +89,7 @@ class StreamOptions(StrictScalars):
 
 class ResponseFormat(Lenient):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None  # {"name", "schema", "strict", "description"}
 
 
 class SharedSamplingFields(StrictScalars):
@@ -107,13 +108,14 @@ class SharedSamplingFields(StrictScalars):
     min_tokens: int = 0
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False  # vLLM's: keep the matched stop string
-    # vLLM extensions this server does not implement, declared only so that a request setting one is
-    # refused (api.sampling) instead of answered as if it had been applied.
+    # vLLM's structured output (api.structured_output).
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
     structured_outputs: Any = None
+    # vLLM's, not implemented: declared only so that a request setting it is refused (api.sampling)
+    # instead of answered as if it had been applied.
     prompt_logprobs: Any = None
 
 
@@ -140,7 +142,7 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    response_format: ResponseFormat | None = None  # only "text": see serving_chat
+    response_format: ResponseFormat | None = None
     functions: list[Any] | None = None  # the legacy function-calling fields: refused, see serving_chat
     function_call: Any = None
     chat_template: Any = None  # vLLM's per-request template: refused (api.sampling)
@@ -153,6 +155,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     best_of: int | None = None
+    response_format: ResponseFormat | None = None
 
 
 class TokenizeRequest(Lenient):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from pydantic import ConfigDict
+
 from qwenserve.api.chat import checked_arguments, content_to_text
 from qwenserve.api.errors import APIError, bad_request
 from qwenserve.api.protocol import (
@@ -31,7 +33,11 @@ _TOOL_CHOICE_MODES = ("auto", "none", "required")
 
 
 class ResponsesTextFormat(Lenient):
-    type: str
+    """{"type": "text" | "json_object"} or {"type": "json_schema", "name", "schema", "strict"}: the
+    extra fields are kept, to compile and to echo in the response."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
 
 
 class ResponsesText(Lenient):
@@ -88,12 +94,6 @@ def refuse_unsupported(req: ResponsesRequest) -> None:
         raise _unsupported("Stored prompt templates ('prompt') are not supported; send 'input'.", "prompt")
     if req.background:
         raise _unsupported("'background' responses are not supported (nothing is stored to poll).", "background")
-    if req.text is not None and req.text.format is not None and req.text.format.type != "text":
-        raise _unsupported(
-            f"text.format {req.text.format.type!r} is not supported by this server (no constrained decoding); "
-            "ask for JSON in the prompt instead, or send {'type': 'text'}.",
-            "text.format",
-        )
     if req.top_logprobs or "message.output_text.logprobs" in (req.include or []):
         param = "top_logprobs" if req.top_logprobs else "include"
         raise _unsupported("Logprobs are not supported on /v1/responses; use /v1/chat/completions.", param)

@@ -8,6 +8,7 @@ from typing import Any
 
 from qwenserve.api.errors import bad_request
 from qwenserve.api.protocol import ChatCompletionRequest, SamplingFields
+from qwenserve.engine.guided import Guide
 from qwenserve.engine.sampling_params import GENERATION_CONFIG_FIELDS, SamplingParams
 
 
@@ -19,11 +20,6 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
 
 # vLLM request extensions declared in api.protocol but not implemented here -> what to do instead.
 _UNIMPLEMENTED = {
-    "guided_json": "there is no constrained decoding; describe the format in the prompt",
-    "guided_regex": "there is no constrained decoding",
-    "guided_choice": "there is no constrained decoding",
-    "guided_grammar": "there is no constrained decoding",
-    "structured_outputs": "there is no constrained decoding",
     "prompt_logprobs": "score a prompt with /v1/completions, 'echo' and 'logprobs'",
 }
 _CHAT_UNIMPLEMENTED = {
@@ -60,6 +56,7 @@ def build_sampling_params(
     logprobs: int | None,
     extra_stop_token_ids: list[int] | None = None,
     prompt_logprobs: int | None = None,
+    guide: Guide | None = None,
 ) -> SamplingParams:
     """SamplingParams for one request; raises InvalidRequestError on out-of-range values.
 
@@ -96,6 +93,7 @@ def build_sampling_params(
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         logit_bias=_logit_bias(req.logit_bias),
+        guide=guide,
     )
 
 

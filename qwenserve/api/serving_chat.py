@@ -24,6 +24,8 @@ from qwenserve.api.streaming import (
     respond,
     sse,
 )
+from qwenserve.api.structured_output import request_guide, response_format_guide
+from qwenserve.engine.guided import Guide
 from qwenserve.engine.outputs import RequestOutput
 from qwenserve.engine.sampling_params import SamplingParams
 
@@ -71,20 +73,27 @@ class ChatCompletions:
             return None
         return self.state.tool_parser_cls(plan.tools)
 
-    async def prepare(self, req: ChatCompletionRequest) -> PreparedChat:
+    async def prepare(self, req: ChatCompletionRequest, text_format: Guide | None = None) -> PreparedChat:
         """Validate, map the sampling fields, plan the tools and render the prompt.
 
         Cheap validation first, then the render; nothing may fail after add_request without an
-        abort, so callers build their parsers and context before submitting.
+        abort, so callers build their parsers and context before submitting. `text_format`: the
+        structured output a Responses request's text.format asks for (chat's is response_format).
         """
         check_chat_fields(req)
+        if text_format is None and req.response_format is not None:
+            text_format = response_format_guide(req.response_format.model_dump())
         params = build_sampling_params(
             req,
             self.state.generation_defaults,
             max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            guide=request_guide(req, text_format),
         )
         plan = plan_tools(req, self.state.xml_tools)
+        if params.guide is not None:
+            plan = guided_tool_plan(plan, params.guide)
+            await self.state.run_cpu(self.state.engine.compile_guide, params.guide)
         prompt_ids = await self.state.run_cpu(self._prompt, req, plan)
         return PreparedChat(params, plan, prompt_ids)
 
@@ -112,13 +121,6 @@ def check_chat_fields(req: ChatCompletionRequest) -> None:
         )
     if req.top_logprobs and not req.logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise bad_request(
-            f"response_format {req.response_format.type!r} is not supported by this server (no constrained "
-            "decoding); ask for JSON in the prompt instead, or send {'type': 'text'}.",
-            param="response_format",
-            code="unsupported_parameter",
-        )
     if req.functions is not None or req.function_call is not None:
         param = "functions" if req.functions is not None else "function_call"
         raise bad_request(
@@ -126,6 +128,18 @@ def check_chat_fields(req: ChatCompletionRequest) -> None:
             param=param,
             code="unsupported_parameter",
         )
+
+
+def guided_tool_plan(plan: ToolPlan, guide: Guide) -> ToolPlan:
+    """The tool plan of a request whose output a grammar shapes: the model still sees the tools, but
+    the grammar leaves no room for a call, so none is parsed; forcing one contradicts the grammar."""
+    if plan.forced_prefix:
+        raise bad_request(
+            f"tool_choice 'required' or a named function cannot be combined with structured output "
+            f"('{guide.param}'): the call would have to match both.",
+            param="tool_choice",
+        )
+    return ToolPlan(tools=plan.tools, parse=False)
 
 
 def first_call_only(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:

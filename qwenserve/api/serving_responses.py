@@ -29,6 +29,7 @@ from qwenserve.api.serving_chat import (
 )
 from qwenserve.api.state import ServerState
 from qwenserve.api.streaming import respond
+from qwenserve.api.structured_output import responses_format_guide
 from qwenserve.engine.outputs import RequestOutput
 
 Event = tuple[str, dict[str, Any]]  # (event type, payload without type and sequence_number)
@@ -160,7 +161,9 @@ class Responses:
         `messages` (the template, the context length) point at `input` here."""
         refuse_unsupported(req)
         try:
-            return await self.chat.prepare(to_chat_request(req))
+            fmt = req.text.format if req.text is not None else None
+            text_format = responses_format_guide(fmt.model_dump()) if fmt is not None else None
+            return await self.chat.prepare(to_chat_request(req), text_format)
         except APIError as exc:
             if exc.param and exc.param.startswith("messages"):
                 exc.param = "input"
@@ -213,6 +216,11 @@ class _ResponseContext:
             self.state.abort(self.request_id)
             self.tracker.done(finish="abort")
 
+    def _text_format(self) -> dict[str, Any]:
+        """The request's text.format as given (OpenAI echoes it), {"type": "text"} by default."""
+        fmt = self.req.text.format if self.req.text is not None else None
+        return fmt.model_dump(exclude_none=True) if fmt is not None else {"type": "text"}
+
     def heartbeat(self) -> str:
         return KEEP_ALIVE
 
@@ -262,7 +270,7 @@ class _ResponseContext:
             "reasoning": {"effort": None, "summary": None},
             "store": False,  # nothing is stored, whatever the request asked
             "temperature": params.temperature,
-            "text": {"format": {"type": "text"}},
+            "text": {"format": self._text_format()},
             "tool_choice": self.req.tool_choice or "auto",
             "tools": self.req.tools or [],
             "top_p": params.top_p,

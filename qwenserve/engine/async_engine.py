@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from qwenserve.config import EngineConfig
+from qwenserve.engine.guided import Guide
 from qwenserve.engine.llm_engine import EngineStats, LLMEngine, ModelInfo, QueueFullError
 from qwenserve.engine.outputs import RequestOutput
 from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
@@ -164,6 +165,10 @@ class AsyncEngine:
         return self.engine
 
     # -- requests ----------------------------------------------------------------
+
+    def compile_guide(self, guide: Guide) -> Guide:
+        """Compile a structured-output spec on the caller's thread (InvalidRequestError when it cannot be)."""
+        return self._require().compile_guide(guide)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
         """Queue a request and return its output stream; raises InvalidRequestError / QueueFullError."""

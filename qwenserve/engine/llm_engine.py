@@ -23,6 +23,7 @@ import torch
 from qwenserve.config import EngineConfig, ModelConfig
 from qwenserve.engine.block_manager import BlockManager
 from qwenserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from qwenserve.engine.guided import Guide, GuideCompiler
 from qwenserve.engine.model_runner import ModelRunner, PendingStep, StepResult, kv_bytes_per_block, select_ops
 from qwenserve.engine.outputs import RequestOutput, TokenLogprob
 from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
@@ -84,6 +85,7 @@ class _Request:
     request_id: str
     seqs: list[Sequence]
     held_siblings: list[Sequence]  # n > 1: admitted once the first has its prompt cached
+    guided: bool = False
 
 
 def _pick_device(name: str) -> torch.device:
@@ -168,6 +170,7 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.seq_states: dict[int, _SeqState] = {}
         self._in_flight: PendingStep | None = None  # launched, its tokens not yet processed
+        self._num_guided_requests = 0  # steps do not overlap while any is unfinished
         try:
             self._load()
         except BaseException:
@@ -208,6 +211,7 @@ class LLMEngine:
         if self.device.type == "cuda" and self.uses_kernels and not cfg.enforce_eager and self.workers is None:
             self.runner.capture_graphs(cfg.max_num_seqs, max_len)
         self.model_info = self._model_info(path, name, is_demo)
+        self.guides = GuideCompiler(self.tokenizer, self.model_config.vocab_size, self.model_info.eos_token_ids)
         if self.device.type == "cuda":
             self._warmup()
         logger.info(
@@ -419,6 +423,11 @@ class LLMEngine:
                 f"logit_bias token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="logit_bias"
             )
 
+    def compile_guide(self, guide: Guide) -> Guide:
+        """Compile a structured-output spec (InvalidRequestError when it cannot be): the server does it
+        off the engine thread, before add_request, which otherwise compiles it itself."""
+        return self.guides.compile(guide)
+
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, enforce_queue_limit: bool = True
     ) -> None:
@@ -434,6 +443,8 @@ class LLMEngine:
             raise QueueFullError(
                 f"the queue is full ({self.config.max_queued_requests} requests waiting at most); retry shortly"
             )
+        if params.guide is not None:
+            self.guides.compile(params.guide)
         room = self.max_model_len - len(prompt_token_ids)
         base_seed = params.seed if params.seed is not None else random.getrandbits(32)
         seqs = []
@@ -443,17 +454,20 @@ class LLMEngine:
             if params.min_tokens:
                 eos = () if params.ignore_eos else tuple(self.model_info.eos_token_ids)
                 seq.min_tokens_banned = tuple(dict.fromkeys((*eos, *params.stop_token_ids)))
+            if params.guide is not None:
+                seq.matcher = self.guides.matcher(params.guide)
             self.seq_states[seq.seq_id] = _SeqState(
                 detok=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
                 stop=StopStringMatcher(params.stop, params.include_stop_str_in_output),
             )
             seqs.append(seq)
-        self.requests[request_id] = _Request(request_id, seqs, held_siblings=seqs[1:])
+        self.requests[request_id] = _Request(request_id, seqs, held_siblings=seqs[1:], guided=params.guide is not None)
+        self._num_guided_requests += params.guide is not None
         self.scheduler.add(seqs[0])
 
     def abort(self, request_id: str) -> list[RequestOutput]:
         """Drop a request now and free its blocks; returns its final 'abort' outputs."""
-        req = self.requests.pop(request_id, None)
+        req = self._pop_request(request_id)
         if req is None:
             return []
         outputs = []
@@ -467,6 +481,12 @@ class LLMEngine:
         for seq in req.seqs:
             self.seq_states.pop(seq.seq_id, None)
         return outputs
+
+    def _pop_request(self, request_id: str) -> _Request | None:
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            self._num_guided_requests -= req.guided
+        return req
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -493,15 +513,22 @@ class LLMEngine:
         """Launch the next step, then return the outputs of the one before it (or of this one
         when steps do not overlap). `on_scheduled` runs once the step's batch is chosen, before
         any model work: what stats() says then holds for the whole step."""
+        outputs = []
+        overlap = self.overlap_steps and not self._num_guided_requests
+        if not overlap and self._in_flight is not None:
+            # A guided request arrived: its grammar needs every earlier token on the host before it
+            # can mask the next one, so finish the step in flight first.
+            outputs = self._process_samples(self.runner.collect(self._in_flight))
+            self._in_flight = None
         batch = self.scheduler.schedule()
         if on_scheduled is not None:
             on_scheduled()
         launched = self._launch(batch) if batch else None
-        if self.overlap_steps:
+        if overlap:
             done, self._in_flight = self._in_flight, launched
         else:
             done = launched
-        return self._process_samples(self.runner.collect(done)) if done is not None else []
+        return outputs + (self._process_samples(self.runner.collect(done)) if done is not None else [])
 
     def _launch(self, batch: ScheduledBatch) -> PendingStep:
         step = self.runner.launch(batch)
@@ -542,7 +569,7 @@ class LLMEngine:
             state.new_ids.append(token_id)
             if seq.params.logprobs is not None and result.logprobs is not None:
                 state.new_logprobs.append(self._token_logprob(result, row, token_id, seq.params.logprobs))
-            self._check_stop(seq, token_id, state)
+            self._check_stop(seq, token_id, state, grammar_ended=self._advance_grammar(seq, token_id))
             if seq.finish_reason is not None:
                 del seq.token_ids[index + 1 :]  # the token already launched after this one
                 seq.num_pending_tokens = 0
@@ -577,7 +604,17 @@ class LLMEngine:
             ]
         return TokenLogprob(token_id, decode([token_id]), result.logprobs[row], top)
 
-    def _check_stop(self, seq: Sequence, token_id: int, state: _SeqState) -> None:
+    @staticmethod
+    def _advance_grammar(seq: Sequence, token_id: int) -> bool:
+        """Feed a guided sequence's new token to its matcher; True when the grammar allows nothing more."""
+        if seq.matcher is None:
+            return False
+        if not seq.matcher.accept_token(token_id):  # the mask allowed no token at all (all -inf)
+            logger.warning("request %s: token %d is outside its grammar; ending it", seq.request_id, token_id)
+            return True
+        return seq.matcher.is_terminated()
+
+    def _check_stop(self, seq: Sequence, token_id: int, state: _SeqState, grammar_ended: bool = False) -> None:
         params = seq.params
         is_stop_token = token_id in params.stop_token_ids or (
             not params.ignore_eos and token_id in self.model_info.eos_token_ids
@@ -592,7 +629,9 @@ class LLMEngine:
             if matched is not None:
                 seq.finish_reason, seq.stop_reason = "stop", matched
                 return
-            if seq.num_known_output_tokens >= seq.max_tokens or seq.num_known_tokens >= self.max_model_len:
+            if grammar_ended:
+                seq.finish_reason, seq.stop_reason = "stop", token_id
+            elif seq.num_known_output_tokens >= seq.max_tokens or seq.num_known_tokens >= self.max_model_len:
                 seq.finish_reason = "length"
         if seq.finish_reason is not None:
             # Release what was held back: a partial character, or a prefix of a stop string.
@@ -606,7 +645,7 @@ class LLMEngine:
         self.runner.release(seq)
         req = self.requests.get(seq.request_id)
         if req is not None and all(s.is_finished for s in req.seqs):
-            del self.requests[seq.request_id]
+            self._pop_request(seq.request_id)
             for s in req.seqs:
                 self.seq_states.pop(s.seq_id, None)
 

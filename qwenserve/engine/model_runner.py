@@ -21,6 +21,7 @@ import torch
 from qwenserve.config import ModelConfig
 from qwenserve.distributed.sharding import kv_heads_per_rank
 from qwenserve.engine.block_manager import NULL_BLOCK
+from qwenserve.engine.guided import apply_bitmask, fill_bitmask
 from qwenserve.engine.penalty_state import PenaltyState
 from qwenserve.engine.sampler import SamplerOutput, SamplingBatch, num_candidates_for, sample
 from qwenserve.engine.sampler_graphs import SamplerGraphs, param_rows
@@ -301,12 +302,11 @@ class ModelRunner:
         seqs = inp.sample_seqs
         out = None
         edits = logit_edits(seqs)
-        if edits is not None:
-            # Rare (a logit_bias, or min_tokens not reached yet): add on a copy and sample eagerly, since the
-            # graphed sampler reads the graph's own logits. In float32: bf16 is 0.5 apart near 100, so +100 on
-            # a set of tokens would tie them.
-            rows, ids = (self._to_device(x, torch.int64) for x in edits[:2])
-            logits = logits.float().index_put((rows, ids), self._to_device(edits[2], torch.float32), accumulate=True)
+        guided = [row for row, s in enumerate(seqs) if s.matcher is not None]
+        if edits is not None or guided:
+            # Rare (a logit_bias, min_tokens not reached yet, structured output): edit a copy and sample
+            # eagerly, since the graphed sampler reads the graph's own logits.
+            logits = self._edit_logits(logits, seqs, edits, guided)
             greedy_ids = graph_key = None
         if all(s.params.greedy and not s.params.needs_penalties and s.params.logprobs is None for s in seqs):
             out = SamplerOutput(token_ids=greedy_ids if greedy_ids is not None else logits.argmax(dim=-1))
@@ -319,6 +319,27 @@ class ModelRunner:
                 self.penalties.record(seqs, sampling.penalty_rows, out.token_ids)
         self._prev_tokens, self._prev_rows = out.token_ids, {s.seq_id: i for i, s in enumerate(seqs)}
         return self._start_copy_to_host(seqs, out, prompt_lps)
+
+    def _edit_logits(
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        edits: tuple[list[int], list[int], list[float]] | None,
+        guided: list[int],
+    ) -> torch.Tensor:
+        """A float32 copy of `logits` with the edits added and, in each guided row, -inf on every token
+        its grammar does not allow. float32: bf16 is 0.5 apart near 100, so +100 on a set of tokens
+        would tie them."""
+        logits = logits.to(torch.float32, copy=True)
+        if edits is not None:
+            rows, ids = (self._to_device(x, torch.int64) for x in edits[:2])
+            logits.index_put_((rows, ids), self._to_device(edits[2], torch.float32), accumulate=True)
+        if guided:
+            bitmask = fill_bitmask([seqs[row].matcher for row in guided], logits.shape[-1])
+            if self.pin:
+                bitmask = bitmask.pin_memory()
+            apply_bitmask(logits, self._to_device(guided, torch.int64), bitmask.to(self.device, non_blocking=True))
+        return logits
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inp: StepInputs) -> list[PromptLogprobs]:
         """Log-softmax of the logits at the prompt positions that asked, in slices of PROMPT_LOGPROB_ROWS rows."""

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qwenserve.engine.guided import Guide
 
 MAX_TOP_LOGPROBS = 20
 
@@ -63,6 +67,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI's)
+    guide: Guide | None = None  # structured output: what the text must match (engine.guided)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -101,6 +106,11 @@ class SamplingParams:
             ),
         ]
         self._validate_logit_bias()
+        if self.guide is not None and self.min_tokens:
+            # The grammar may allow nothing but the end of the text, which min_tokens would forbid.
+            raise InvalidRequestError(
+                f"'min_tokens' cannot be combined with structured output ('{self.guide.param}')", param="min_tokens"
+            )
         for ok, name, why in checks:
             if not ok:
                 value = self.logprobs if name == "top_logprobs" else getattr(self, name)

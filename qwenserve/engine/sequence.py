@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from enum import Enum, auto
+from typing import Any
 
 from qwenserve.engine.outputs import TokenLogprob
 from qwenserve.engine.sampling_params import SamplingParams
@@ -45,6 +46,8 @@ class Sequence:
         # Token ids that end the output (EOS unless ignore_eos, stop_token_ids): the sampler may not pick
         # them while fewer than params.min_tokens tokens exist. Set by the engine, which knows the EOS ids.
         self.min_tokens_banned: tuple[int, ...] = ()
+        # Structured output: an xgrammar matcher that has accepted every known output token (engine.guided).
+        self.matcher: Any = None
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks computed so far

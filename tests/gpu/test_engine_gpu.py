@@ -5,6 +5,7 @@ Run on the device with `python3 -m pytest -q tests/gpu`; skipped on machines wit
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -187,3 +188,37 @@ def test_logit_bias_on_the_graphed_fast_path(tiny_moe_dir: Path) -> None:
     outs = eng.generate(prompts, params({77: 100.0}))
     assert outs[0][0].token_ids == unbiased[0][0].token_ids
     assert outs[1][0].token_ids == [77] * 12 and outs[2][0].token_ids == [77] * 12
+
+
+def test_structured_output_on_the_graphed_fast_path() -> None:
+    """Guided requests (schema, choice; greedy and with qwen-code's sampling through the sampler kernels)
+    beside unguided ones: every guided answer parses, and the unguided rows decode what they decode alone
+    although the steps stop overlapping while a guided request runs."""
+    import json
+
+    from qwenserve.demo import DEMO_MODEL_DIR
+    from qwenserve.engine.guided import Guide
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99}},
+              "required": ["ok", "n"], "additionalProperties": False}  # fmt: skip
+    eng = _engine(DEMO_MODEL_DIR)
+    assert eng.runner.graphs is not None and eng.overlap_steps
+    prompts = [eng.tokenizer.encode(t) for t in ("What is the capital of France?", "List the files", "hi")]
+    plain = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+             SamplingParams(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, seed=4, max_tokens=20,
+                            ignore_eos=True)]  # fmt: skip
+    alone = [eng.generate([prompts[i]], plain[i])[0][0].token_ids for i in range(2)]
+    qwen_code = dict(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, seed=9)
+    guided = [
+        SamplingParams(temperature=0, max_tokens=40, guide=Guide("json_schema", json.dumps(schema))),
+        SamplingParams(**qwen_code, max_tokens=40, logprobs=2, guide=Guide("json_schema", json.dumps(schema))),
+        SamplingParams(**qwen_code, n=2, max_tokens=10, guide=Guide("choice", json.dumps(["yes", "no"]))),
+    ]
+    outs = eng.generate([prompts[0], prompts[1], prompts[2], prompts[2], prompts[0]], [*plain, *guided])
+    assert [outs[0][0].token_ids, outs[1][0].token_ids] == alone
+    for choice in (outs[2][0], outs[3][0]):
+        value = json.loads(choice.text)
+        assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and choice.finish_reason == "stop"
+    assert all(math.isfinite(lp.logprob) for lp in outs[3][0].logprobs)
+    assert sorted(c.text for c in outs[4]) in (["no", "no"], ["no", "yes"], ["yes", "yes"])
+    assert eng._num_guided_requests == 0 and eng.block_manager.usage() == 0

@@ -1,0 +1,134 @@
+"""Structured output: a grammar per sequence that allows only the tokens which keep the output
+valid (OpenAI's response_format json_object / json_schema, vLLM's guided_* and structured_outputs).
+
+xgrammar compiles a JSON schema, regex or EBNF grammar against the tokenizer's vocabulary once per
+distinct spec; each sequence then walks it with a matcher that writes a bitmask of the allowed
+tokens before every sample and accepts the sampled token after it. The masks need the previous
+token on the host, so while a guided request runs the engine does not overlap its steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from qwenserve.engine.sampling_params import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+GuideKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
+
+# JSON is written compactly (", " and ": " between items, no newlines): a model free to add whitespace
+# can get stuck emitting it (Qwen models are known to) and run to max_tokens without a value.
+JSON_OPTIONS = {"any_whitespace": False}
+
+
+@dataclass
+class Guide:
+    """What a request's output must match: `value` is the schema (JSON text), regex, EBNF grammar or
+    a JSON list of choices; `param` is the request field it came from, for errors."""
+
+    kind: GuideKind
+    value: str = ""
+    param: str = "response_format"
+    compiled: Any = field(default=None, compare=False, repr=False)  # xgrammar.CompiledGrammar
+
+
+class GuideCompiler:
+    """Compiles guides against one tokenizer (xgrammar is imported and its vocabulary view built on
+    first use: ~3 s, paid by the first guided request, never by servers that see none)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]):
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._stop_token_ids = list(stop_token_ids)
+        self._compiler: Any = None
+        self._lock = threading.Lock()
+
+    def _get_compiler(self, param: str) -> Any:
+        with self._lock:
+            if self._compiler is None:
+                try:
+                    import xgrammar
+                except ImportError as err:  # a dependency of the project: only a broken install lacks it
+                    raise InvalidRequestError(
+                        f"'{param}' needs the xgrammar package, which this installation lacks "
+                        "(pip install xgrammar, or rerun scripts/setup.sh)",
+                        param=param,
+                        code="unsupported_parameter",
+                    ) from err
+
+                info = xgrammar.TokenizerInfo.from_huggingface(
+                    self._tokenizer, vocab_size=self._vocab_size, stop_token_ids=self._stop_token_ids
+                )
+                self._compiler = xgrammar.GrammarCompiler(info, max_threads=2)
+            return self._compiler
+
+    def compile(self, guide: Guide) -> Guide:
+        """Fill `guide.compiled` (xgrammar caches identical specs); raise InvalidRequestError naming
+        `guide.param` when the schema, regex or grammar cannot be compiled."""
+        if guide.compiled is not None:
+            return guide
+        compiler = self._get_compiler(guide.param)
+        try:
+            guide.compiled = _compile(compiler, guide)
+        except (RuntimeError, ValueError, TypeError) as err:
+            raise InvalidRequestError(
+                f"'{guide.param}' cannot be used for structured output: {_clean_error(err)}", param=guide.param
+            ) from err
+        return guide
+
+    def matcher(self, guide: Guide) -> Any:
+        """A fresh matcher (one per sequence) at the start of `guide`'s grammar."""
+        import xgrammar
+
+        return xgrammar.GrammarMatcher(self.compile(guide).compiled)
+
+
+def _compile(compiler: Any, guide: Guide) -> Any:
+    kind = guide.kind
+    if kind == "json_object":
+        # Any object (OpenAI's JSON mode answers with an object), properties unconstrained.
+        return compiler.compile_json_schema('{"type": "object"}', strict_mode=False, **JSON_OPTIONS)
+    if kind == "json_schema":
+        return compiler.compile_json_schema(guide.value, **JSON_OPTIONS)
+    if kind == "regex":
+        return compiler.compile_regex(guide.value)
+    if kind == "choice":
+        choices = json.loads(guide.value)
+        # EBNF string literals take JSON's escapes.
+        return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in choices))
+    return compiler.compile_grammar(guide.value)
+
+
+def _clean_error(err: BaseException) -> str:
+    """xgrammar's message without its timestamp and C++ source location."""
+    text = str(err).strip()
+    text = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", text)
+    return text.removeprefix("Check failed: (error.empty()) is false: ") or type(err).__name__
+
+
+def fill_bitmask(matchers: list[Any], vocab_size: int) -> torch.Tensor:
+    """int32 [len(matchers), ceil(vocab / 32)]: bit t of row r set when matcher r allows token t."""
+    import xgrammar
+
+    bitmask = xgrammar.allocate_token_bitmask(len(matchers), vocab_size)
+    for row, matcher in enumerate(matchers):
+        matcher.fill_next_token_bitmask(bitmask, row)
+    return bitmask
+
+
+def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """`logits` with -inf at every token the bitmask of its row disallows (rows: the logits rows the
+    bitmask's rows belong to, on the logits' device; bitmask there too)."""
+    vocab = logits.shape[-1]
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab]
+    logits[rows] = logits[rows].masked_fill(~allowed, -torch.inf)
+    return logits

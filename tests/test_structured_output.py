@@ -1,0 +1,175 @@
+"""Structured output (response_format, text.format, vLLM's guided_* / structured_outputs) through
+a real server on the demo model, and the engine's guided sequences beside unguided ones.
+
+The demo model knows nothing about JSON, so what it writes under a grammar is the grammar's doing:
+a tight schema leaves it one shape, and logit_bias pushes it toward text the grammar must refuse.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from server_utils import ServerProcess, start_server
+
+from qwenserve.config import EngineConfig
+from qwenserve.engine.guided import Guide
+from qwenserve.engine.llm_engine import LLMEngine
+from qwenserve.engine.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+CHAT = "/v1/chat/completions"
+ASK = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Lyon", "Nice"]},
+        "capital": {"type": "boolean"},
+        "rank": {"type": "integer", "minimum": 1, "maximum": 9},
+    },
+    "required": ["city", "capital", "rank"],
+    "additionalProperties": False,
+}
+
+
+def assert_matches_schema(text: str) -> None:
+    value = json.loads(text)
+    assert set(value) == {"city", "capital", "rank"}, value
+    assert value["city"] in ("Paris", "Lyon", "Nice") and isinstance(value["capital"], bool), value
+    assert isinstance(value["rank"], int) and 1 <= value["rank"] <= 9, value
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = start_server(tmp_path_factory.mktemp("structured"), "--max-model-len", "2048")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=300)
+
+
+def token_id(server: ServerProcess, text: str) -> int:
+    (tid,) = server.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
+    return tid
+
+
+def test_json_schema_output_validates_streamed_or_not(client: openai.OpenAI) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
+    for temperature in (0.0, 1.0):
+        r = client.chat.completions.create(
+            model="m", messages=ASK, response_format=fmt, max_tokens=64, temperature=temperature, seed=7
+        )
+        assert r.choices[0].finish_reason == "stop", r
+        assert_matches_schema(r.choices[0].message.content)
+        stream = client.chat.completions.create(
+            model="m", messages=ASK, response_format=fmt, max_tokens=64, temperature=temperature, seed=7, stream=True
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert streamed == r.choices[0].message.content
+
+
+def test_json_object_holds_against_a_bias_toward_braces(server: ServerProcess, client: openai.OpenAI) -> None:
+    """Biased to '{' and '}' the model alone writes five braces; JSON mode makes that '{}' and then the end."""
+    bias = {str(token_id(server, "{")): 100, str(token_id(server, "}")): 100}
+    free = client.chat.completions.create(model="m", messages=ASK, max_tokens=5, temperature=0, logit_bias=bias)
+    assert re.fullmatch(r"[{}]{5}", free.choices[0].message.content), free
+    r = client.chat.completions.create(
+        model="m", messages=ASK, max_tokens=20, temperature=0, logit_bias=bias, response_format={"type": "json_object"}
+    )
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("{}", "stop")
+
+
+def test_choice_regex_and_grammar(server: ServerProcess, client: openai.OpenAI) -> None:
+    choices = ["Paris", "Lyon, France", 'say "Nice"']
+    for seed in range(4):
+        r = client.chat.completions.create(
+            model="m", messages=ASK, max_tokens=20, temperature=1.0, seed=seed, n=2, extra_body={"guided_choice": choices}
+        )
+        assert all(c.message.content in choices and c.finish_reason == "stop" for c in r.choices), r
+    r = client.chat.completions.create(
+        model="m", messages=ASK, max_tokens=30, temperature=0.8, seed=1,
+        extra_body={"structured_outputs": {"regex": r"[0-9]{3}-[a-z]{2,4}"}},
+    )  # fmt: skip
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", r.choices[0].message.content), r
+    r = client.completions.create(
+        model="m", prompt="The answer:", max_tokens=30, temperature=0,
+        extra_body={"guided_grammar": 'root ::= "yes" | "no" | ("maybe " [0-9])'},
+    )  # fmt: skip
+    assert re.fullmatch(r"yes|no|maybe [0-9]", r.choices[0].text), r
+
+
+def test_completions_and_responses_take_a_schema(client: openai.OpenAI) -> None:
+    r = client.completions.create(
+        model="m", prompt="France:", max_tokens=64, temperature=0,
+        extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}},
+    )  # fmt: skip
+    assert r.choices[0].finish_reason == "stop"
+    assert_matches_schema(r.choices[0].text)
+    fmt = {"type": "json_schema", "name": "answer", "schema": SCHEMA, "strict": True}
+    resp = client.responses.create(model="m", input="France?", max_output_tokens=64, text={"format": fmt})
+    assert resp.status == "completed"
+    assert_matches_schema(resp.output_text)
+    assert resp.text.format.type == "json_schema" and resp.text.format.name == "answer"
+
+
+BAD = [
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "nonsense"}}}},
+     "response_format.json_schema.schema"),  # fmt: skip
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": [1]}}},
+     "response_format.json_schema.schema"),  # fmt: skip
+    ({"guided_regex": "(unclosed"}, "guided_regex"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_grammar": 'root ::= undefined_rule'}, "guided_grammar"),
+    ({"guided_json": "{not json"}, "guided_json"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex"),
+    ({"response_format": {"type": "json_object"}, "min_tokens": 2}, "min_tokens"),
+    ({"response_format": {"type": "json_object"}, "tool_choice": "required",
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize(("extra", "param"), BAD, ids=[p for _, p in BAD])
+def test_bad_specs_are_400_naming_the_field(server: ServerProcess, extra: dict[str, Any], param: str) -> None:
+    r = server.post(CHAT, json={"messages": ASK, "max_tokens": 5, **extra})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error", err
+    assert "[" not in err["message"][:3] and ".cc:" not in err["message"], err  # no C++ source locations
+    assert server.post(CHAT, json={"messages": ASK, "max_tokens": 2}).status_code == 200
+
+
+def test_guided_requests_leave_other_outputs_unchanged() -> None:
+    """While a guided request runs the engine stops overlapping its steps: the other requests'
+    greedy and seeded outputs must be exactly what they are alone."""
+    engine = LLMEngine(EngineConfig())
+    prompts = [engine.tokenizer.encode(t) for t in ("What is the capital of France?", "List the files", "hello")]
+    plain = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+             SamplingParams(temperature=0.9, seed=11, max_tokens=12, ignore_eos=True)]  # fmt: skip
+    alone = [engine.generate([p], plain[i % 2])[0][0].token_ids for i, p in enumerate(prompts)]
+    guide = Guide("json_schema", json.dumps(SCHEMA))
+    mixed = engine.generate(
+        [*prompts, prompts[0]], [plain[0], plain[1], plain[0], SamplingParams(temperature=0, max_tokens=64, guide=guide)]
+    )
+    assert [m[0].token_ids for m in mixed[:3]] == alone
+    assert_matches_schema(mixed[3][0].text)
+    # A guided request that arrives while an unguided step is in flight.
+    engine.add_request("plain", prompts[1], plain[1])
+    outputs = engine.step() + engine.step() + engine.step()
+    engine.add_request("guided", prompts[2], SamplingParams(temperature=0.7, seed=3, max_tokens=64, guide=guide))
+    while engine.has_unfinished():
+        outputs += engine.step()
+    tokens = {rid: [t for o in outputs if o.request_id == rid for t in o.token_ids] for rid in ("plain", "guided")}
+    assert tokens["plain"] == alone[1]
+    assert_matches_schema(engine.tokenizer.decode(tokens["guided"], skip_special_tokens=True))
+    assert engine._num_guided_requests == 0 and engine.block_manager.usage() == 0
