@@ -199,7 +199,7 @@ def test_structured_output_on_the_graphed_fast_path() -> None:
     from qwenserve.demo import DEMO_MODEL_DIR
     from qwenserve.engine.guided import Guide
 
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99}},
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
               "required": ["ok", "n"], "additionalProperties": False}  # fmt: skip
     eng = _engine(DEMO_MODEL_DIR)
     assert eng.runner.graphs is not None and eng.overlap_steps
