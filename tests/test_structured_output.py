@@ -150,19 +150,27 @@ def test_bad_specs_are_400_naming_the_field(server: ServerProcess, extra: dict[s
 
 
 def test_guided_requests_leave_other_outputs_unchanged() -> None:
-    """While a guided request runs the engine stops overlapping its steps: the other requests'
-    greedy and seeded outputs must be exactly what they are alone."""
+    """While a guided request runs, each step samples only after the previous step's tokens are processed
+    (its forward already launched): the other requests' greedy, seeded and penalised outputs must be exactly
+    what they are alone, also when a guided sequence with penalties ends while the next step is running."""
     engine = LLMEngine(EngineConfig())
+    assert engine.overlap_steps
     prompts = [engine.tokenizer.encode(t) for t in ("What is the capital of France?", "List the files", "hello")]
     plain = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
-             SamplingParams(temperature=0.9, seed=11, max_tokens=12, ignore_eos=True)]  # fmt: skip
-    alone = [engine.generate([p], plain[i % 2])[0][0].token_ids for i, p in enumerate(prompts)]
+             SamplingParams(temperature=0.9, seed=11, max_tokens=12, ignore_eos=True),
+             SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=12, ignore_eos=True)]  # fmt: skip
+    alone = [engine.generate([p], plain[i])[0][0].token_ids for i, p in enumerate(prompts)]
     guide = Guide("json_schema", json.dumps(SCHEMA))
+    choice = Guide("choice", json.dumps(["yes", "no"]))
     mixed = engine.generate(
-        [*prompts, prompts[0]], [plain[0], plain[1], plain[0], SamplingParams(temperature=0, max_tokens=64, guide=guide)]
-    )
+        [*prompts, prompts[0], prompts[1]],
+        [*plain, SamplingParams(temperature=0, max_tokens=64, guide=guide),
+         SamplingParams(temperature=0.8, seed=2, n=2, repetition_penalty=1.3, max_tokens=8, guide=choice)],
+    )  # fmt: skip
     assert [m[0].token_ids for m in mixed[:3]] == alone
     assert_matches_schema(mixed[3][0].text)
+    assert {c.text for c in mixed[4]} <= {"yes", "no"} and all(c.finish_reason == "stop" for c in mixed[4])
+    assert not engine.runner.penalties.row_of  # every penalised sequence gave its row back
     # A guided request that arrives while an unguided step is in flight.
     engine.add_request("plain", prompts[1], plain[1])
     outputs = engine.step() + engine.step() + engine.step()

@@ -24,7 +24,7 @@ import torch
 
 from qwenserve.config import ModelConfig
 from qwenserve.distributed import parallel
-from qwenserve.engine.model_runner import ModelRunner, PendingStep, StepInputs, select_ops
+from qwenserve.engine.model_runner import ForwardStep, ModelRunner, StepInputs, select_ops
 from qwenserve.engine.scheduler import ScheduledBatch
 from qwenserve.model.loader import build_model
 from qwenserve.model.ops import AttentionMetadata
@@ -212,13 +212,13 @@ class DistributedModelRunner(ModelRunner):
     def _forward_done(self, *_: object) -> None:
         self._in_flight = False
 
-    def launch(self, batch: ScheduledBatch) -> PendingStep:
+    def forward(self, batch: ScheduledBatch) -> ForwardStep:
         # Hooked per step: a hook left on the model would keep this runner (and its KV pool) alive.
         hook = self.model.register_forward_hook(self._forward_done)
         try:
-            return super().launch(batch)
+            return super().forward(batch)
         except Exception as err:
-            # Failing after the forward (sampling) leaves the ranks in step; failing inside it
+            # Failing after the model's forward (logits, sampling) leaves the ranks in step; failing inside it
             # leaves the workers in a collective that rank 0 will never join.
             if self._in_flight:
                 self.workers.broken = f"rank 0 failed during a forward: {type(err).__name__}: {err}"

@@ -513,36 +513,51 @@ class LLMEngine:
         """Launch the next step, then return the outputs of the one before it (or of this one
         when steps do not overlap). `on_scheduled` runs once the step's batch is chosen, before
         any model work: what stats() says then holds for the whole step."""
-        outputs = []
-        overlap = self.overlap_steps and not self._num_guided_requests
-        if not overlap and self._in_flight is not None:
-            # A guided request arrived: its grammar needs every earlier token on the host before it
-            # can mask the next one, so finish the step in flight first.
-            outputs = self._process_samples(self.runner.collect(self._in_flight))
-            self._in_flight = None
         batch = self.scheduler.schedule()
         if on_scheduled is not None:
             on_scheduled()
-        launched = self._launch(batch) if batch else None
-        if overlap:
-            done, self._in_flight = self._in_flight, launched
-        else:
-            done = launched
-        return outputs + (self._process_samples(self.runner.collect(done)) if done is not None else [])
+        if not self.overlap_steps:
+            return self._process(self._launch(batch) if batch else None)
+        done = self._in_flight
+        if self._num_guided_requests and batch:
+            # Structured output: a matcher masks this step's sample only once it has accepted the previous
+            # step's token, so the sampling is enqueued after those tokens are processed, while this
+            # step's forward runs.
+            fwd = self.runner.forward(batch)
+            self._account_computed(batch)
+            outputs = self._process(done)
+            self._in_flight = self.runner.sample(fwd)
+            self._account_samples(self._in_flight)
+            return outputs
+        self._in_flight = self._launch(batch) if batch else None
+        return self._process(done)
+
+    def _process(self, step: PendingStep | None) -> list[RequestOutput]:
+        return self._process_samples(self.runner.collect(step)) if step is not None else []
 
     def _launch(self, batch: ScheduledBatch) -> PendingStep:
         step = self.runner.launch(batch)
+        self._account_computed(batch)
+        self._account_samples(step)
+        return step
+
+    def _account_computed(self, batch: ScheduledBatch) -> None:
+        """The batch's tokens have KV now (its forward is enqueued): count them, cache full blocks."""
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += num_new
             self.block_manager.commit_full_blocks(seq)
+        self._release_siblings(batch.seqs)
+
+    def _account_samples(self, step: PendingStep) -> None:
+        """A PENDING_TOKEN at the end of each sequence that samples in `step`, where its id will go."""
         for seq in step.seqs:
             step.token_indices.append(seq.num_tokens)
+            if seq.is_finished:  # since the forward (structured output's late sampling): its token is dropped
+                continue
             seq.token_ids.append(PENDING_TOKEN)
             seq.num_pending_tokens += 1
             # Certain to stop on this token whatever it is: give it no further step.
             seq.draining = seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len
-        self._release_siblings(batch.seqs)
-        return step
 
     def _release_siblings(self, seqs: list[Sequence]) -> None:
         for seq in seqs:

@@ -126,6 +126,18 @@ class PromptLogprobs:
 
 
 @dataclass
+class ForwardStep:
+    """A step whose forward is enqueued: the logits of the rows that sample (None when none does)
+    and, on a decode graph, its greedy ids and key."""
+
+    inp: StepInputs
+    logits: torch.Tensor | None
+    greedy_ids: torch.Tensor | None = None
+    graph_key: tuple[int, bool] | None = None
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
+
+
+@dataclass
 class PendingStep:
     """A launched step: its sampled ids are on the device and on their way to `host`."""
 
@@ -276,33 +288,55 @@ class ModelRunner:
         """Forget a finished sequence's per-sequence sampling state."""
         self.penalties.release(seq)
 
-    @torch.inference_mode()
     def launch(self, batch: ScheduledBatch) -> PendingStep:
         """Enqueue the step's forward and sampling; returns without waiting for the GPU."""
-        greedy_ids = graph_key = None
-        prompt_lps: list[PromptLogprobs] = []
+        return self.sample(self.forward(batch))
+
+    @torch.inference_mode()
+    def forward(self, batch: ScheduledBatch) -> ForwardStep:
+        """Enqueue the step's forward up to the logits of the rows that sample (`sample` follows)."""
         wants_prompt_logprobs = any(s.num_prompt_logprobs_missing for s in batch.seqs)
         if self.graphs is not None and self.graphs.can_run(batch) and not wants_prompt_logprobs:
             inp = self._host_inputs(batch)
             self.graphs.load(inp)
             self._fill_pending(self.graphs.input_ids, inp)
             logits, greedy_ids = self.graphs.replay(inp)
-            graph_key = self.graphs.last_key
-        else:
-            inp, ids, pos, meta = self.prepare(batch)
-            self._fill_pending(ids, inp)
-            hidden = self.model(ids, pos, meta)
-            prompt_lps = self._prompt_logprobs(hidden, inp)
-            if not inp.sample_seqs:
-                self._prev_tokens, self._prev_rows = None, {}
-                # Nothing to wait for unless prompt logprobs are on their way to the host.
-                return self._start_copy_to_host([], None, prompt_lps) if prompt_lps else PendingStep(seqs=[])
-            rows = self._to_device(inp.logits_indices, torch.int64)
-            logits = self.model.compute_logits(hidden[rows])
-        seqs = inp.sample_seqs
+            return ForwardStep(inp, logits, greedy_ids, self.graphs.last_key)
+        inp, ids, pos, meta = self.prepare(batch)
+        self._fill_pending(ids, inp)
+        hidden = self.model(ids, pos, meta)
+        prompt_lps = self._prompt_logprobs(hidden, inp)
+        if not inp.sample_seqs:
+            return ForwardStep(inp, None, prompt_logprobs=prompt_lps)
+        rows = self._to_device(inp.logits_indices, torch.int64)
+        return ForwardStep(inp, self.model.compute_logits(hidden[rows]), prompt_logprobs=prompt_lps)
+
+    @torch.inference_mode()
+    def sample(self, fwd: ForwardStep) -> PendingStep:
+        """Enqueue the sampling of a step whose forward is enqueued; the ids start their copy to the host.
+
+        Structured output runs it only once the previous step's tokens are processed (the matchers
+        need them), so a row may belong to a sequence that has finished since: it samples on, and
+        the engine drops its token."""
+        logits, greedy_ids, graph_key, prompt_lps = fwd.logits, fwd.greedy_ids, fwd.graph_key, fwd.prompt_logprobs
+        seqs = fwd.inp.sample_seqs
+        if logits is None:
+            self._prev_tokens, self._prev_rows = None, {}
+            # Nothing to wait for unless prompt logprobs are on their way to the host.
+            return self._start_copy_to_host([], None, prompt_lps) if prompt_lps else PendingStep(seqs=[])
+        return self._sample_rows(seqs, logits, greedy_ids, graph_key, prompt_lps)
+
+    def _sample_rows(
+        self,
+        seqs: list[Sequence],
+        logits: torch.Tensor,
+        greedy_ids: torch.Tensor | None,
+        graph_key: tuple[int, bool] | None,
+        prompt_lps: list[PromptLogprobs],
+    ) -> PendingStep:
         out = None
         edits = logit_edits(seqs)
-        guided = [row for row, s in enumerate(seqs) if s.matcher is not None]
+        guided = [row for row, s in enumerate(seqs) if s.matcher is not None and not s.is_finished]
         if edits is not None or guided:
             # Rare (a logit_bias, min_tokens not reached yet, structured output): edit a copy and sample
             # eagerly, since the graphed sampler reads the graph's own logits.

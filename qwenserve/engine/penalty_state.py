@@ -57,7 +57,7 @@ class PenaltyState:
         """Row index of each sequence, bringing every row up to date with its tokens."""
         rows = []
         for seq in seqs:
-            if not seq.params.needs_penalties:
+            if not seq.params.needs_penalties or seq.is_finished:  # finished: a row whose token is dropped
                 rows.append(SHARED_ROW)
                 continue
             row = self.row_of.get(seq.seq_id)
