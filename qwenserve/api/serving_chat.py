@@ -93,7 +93,7 @@ class ChatCompletions:
         plan = plan_tools(req, self.state.xml_tools)
         if params.guide is not None:
             plan = guided_tool_plan(plan, params.guide)
-            await self.state.run_cpu(self.state.engine.compile_guide, params.guide)
+            await self.state.compile_guide(params.guide)
         prompt_ids = await self.state.run_cpu(self._prompt, req, plan)
         return PreparedChat(params, plan, prompt_ids)
 

@@ -125,7 +125,7 @@ class Completions:
                 param="prompt",
             )
         if params.guide is not None:
-            await state.run_cpu(state.engine.compile_guide, params.guide)
+            await state.compile_guide(params.guide)
         encoded = await state.run_cpu(self._tokenize, req, prompts)
         subs = []
         try:

@@ -16,6 +16,7 @@ from qwenserve.api.chat import is_xml_tool_format
 from qwenserve.api.errors import APIError, aborted, from_invalid_request, unavailable
 from qwenserve.api.logprobs import byte_level_token_bytes
 from qwenserve.api.metrics import Metrics
+from qwenserve.engine.guided import Guide
 from qwenserve.engine.outputs import RequestOutput
 from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from qwenserve.tool_parser import get_tool_parser_class
@@ -71,6 +72,9 @@ class ServerState:
         # One thread: keeps template rendering and tokenization off the event loop while
         # never using the (not thread-safe for mutation) HF tokenizer from two threads at once.
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwenserve-tokenize")
+        # Structured-output compiles on a thread of their own: the first one also loads xgrammar and its
+        # view of the vocabulary (~3 s), which on the tokenization thread would hold up every other request.
+        self._grammar = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwenserve-grammar")
         self.fim_stop_ids = self._token_ids(
             [
                 "<|fim_prefix|>",
@@ -102,6 +106,10 @@ class ServerState:
     async def run_cpu(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a CPU-bound step (render, tokenize) on the tokenization thread."""
         return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, *args)
+
+    async def compile_guide(self, guide: Guide) -> Guide:
+        """Compile a structured-output spec off the event loop (InvalidRequestError -> 400 naming its field)."""
+        return await asyncio.get_running_loop().run_in_executor(self._grammar, self.engine.compile_guide, guide)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; special-token text such as <|fim_prefix|> maps to its id."""
@@ -158,6 +166,7 @@ class ServerState:
 
     def close(self) -> None:
         self._cpu.shutdown(wait=False, cancel_futures=True)
+        self._grammar.shutdown(wait=False, cancel_futures=True)
 
 
 async def _with_api_errors(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
