@@ -84,6 +84,14 @@ class GuideCompiler:
             ) from err
         return guide
 
+    def warm(self) -> None:
+        """Load xgrammar and its view of the vocabulary now: done while a GPU server starts, since ~2 s of
+        Python work inside a running server would slow every stream's steps (they share the GIL)."""
+        try:
+            self._get_compiler("response_format")
+        except InvalidRequestError as err:
+            logger.warning("structured output is unavailable: %s", err.message)
+
     def matcher(self, guide: Guide) -> Any:
         """A fresh matcher (one per sequence) at the start of `guide`'s grammar."""
         import xgrammar

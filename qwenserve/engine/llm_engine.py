@@ -389,8 +389,11 @@ class LLMEngine:
                                      seed=0, max_tokens=3, ignore_eos=True)
             self.generate([[1, 2, 3]], sampled)
         self.generate([[1, 2, 3]], SamplingParams(temperature=0.0, repetition_penalty=1.05, max_tokens=3, ignore_eos=True))
+        self.guides.warm()
         self.block_manager.reset_prefix_cache()
-        logger.info("warmed up %d prefill shapes and the sampler in %.1fs", len(lengths), time.perf_counter() - start)
+        logger.info(
+            "warmed up %d prefill shapes, the sampler and structured output in %.1fs", len(lengths), time.perf_counter() - start
+        )
 
     # -- requests ----------------------------------------------------------------
 
