@@ -301,7 +301,7 @@ BAD_REQUESTS = [
     ({"input": "hi", "tools": [{"name": "f"}]}, "tools[0].type", None),
     ({"input": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools[0].name", None),
     ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format.type", "invalid_value"),
-    ({"input": "hi", "text": {"format": {"type": "json_schema", "schema": {"type": "nonsense"}}}},
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": "nonsense"}}}},
      "text.format.schema", None),  # fmt: skip
     ({"input": "hi", "tool_choice": {"type": "function", "name": "nope"}, "tools": [SHELL]}, "tool_choice", None),
     ({"input": [{"role": "user", "content": "hi"}, {**CALL, "call_id": ""}]}, "input[1].call_id", None),

@@ -117,6 +117,7 @@ class SharedSamplingFields(StrictScalars):
     # vLLM's, not implemented: declared only so that a request setting it is refused (api.sampling)
     # instead of answered as if it had been applied.
     prompt_logprobs: Any = None
+    guided_whitespace_pattern: Any = None
 
 
 class SamplingFields(SharedSamplingFields):

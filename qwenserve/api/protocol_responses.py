@@ -41,6 +41,7 @@ class ResponsesTextFormat(Lenient):
 
 
 class ResponsesText(Lenient):
+    model_config = ConfigDict(extra="allow")  # e.g. verbosity: echoed, no effect
     format: ResponsesTextFormat | None = None
 
 

@@ -21,6 +21,7 @@ def _stop_list(stop: str | list[str] | None) -> list[str]:
 # vLLM request extensions declared in api.protocol but not implemented here -> what to do instead.
 _UNIMPLEMENTED = {
     "prompt_logprobs": "score a prompt with /v1/completions, 'echo' and 'logprobs'",
+    "guided_whitespace_pattern": "JSON is written compactly, without a choice of whitespace",
 }
 _CHAT_UNIMPLEMENTED = {
     "chat_template": "prompts are rendered with the model's own chat template",

@@ -216,10 +216,10 @@ class _ResponseContext:
             self.state.abort(self.request_id)
             self.tracker.done(finish="abort")
 
-    def _text_format(self) -> dict[str, Any]:
-        """The request's text.format as given (OpenAI echoes it), {"type": "text"} by default."""
-        fmt = self.req.text.format if self.req.text is not None else None
-        return fmt.model_dump(exclude_none=True) if fmt is not None else {"type": "text"}
+    def _text(self) -> dict[str, Any]:
+        """The request's `text` as given (OpenAI echoes it), its format {"type": "text"} by default."""
+        text = self.req.text.model_dump(exclude_none=True) if self.req.text is not None else {}
+        return {**text, "format": text.get("format") or {"type": "text"}}
 
     def heartbeat(self) -> str:
         return KEEP_ALIVE
@@ -270,7 +270,7 @@ class _ResponseContext:
             "reasoning": {"effort": None, "summary": None},
             "store": False,  # nothing is stored, whatever the request asked
             "temperature": params.temperature,
-            "text": {"format": self._text_format()},
+            "text": self._text(),
             "tool_choice": self.req.tool_choice or "auto",
             "tools": self.req.tools or [],
             "top_p": params.top_p,

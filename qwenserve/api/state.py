@@ -74,7 +74,8 @@ class ServerState:
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwenserve-tokenize")
         # Structured-output compiles on a thread of their own: the first one also loads xgrammar and its
         # view of the vocabulary (~3 s), which on the tokenization thread would hold up every other request.
-        self._grammar = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwenserve-grammar")
+        # Two: a spec that compiles slowly (a huge schema) leaves the other for the rest.
+        self._grammar = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qwenserve-grammar")
         self.fim_stop_ids = self._token_ids(
             [
                 "<|fim_prefix|>",

@@ -12,10 +12,14 @@ import json
 from typing import Any
 
 from qwenserve.api.errors import bad_request
+from qwenserve.api.protocol import bad_text_path
 from qwenserve.engine.guided import Guide
 
 # vLLM's structured_outputs keys -> the Guide kind each asks for.
 _STRUCTURED_OUTPUT_KINDS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
+# vLLM's structured_outputs options that change nothing here: JSON is always compact, properties the
+# schema does not list are never written, and there is one backend, with nothing to fall back to.
+_VLLM_NO_OP_OPTIONS = ("disable_any_whitespace", "disable_additional_properties", "disable_fallback")
 _GUIDED_FIELDS = {
     "guided_json": "json_schema",
     "guided_regex": "regex",
@@ -34,9 +38,10 @@ def response_format_guide(fmt: dict[str, Any] | None, param: str = "response_for
     spec = fmt.get("json_schema")
     if not isinstance(spec, dict):
         raise bad_request(
-            "'response_format' of type 'json_schema' needs a 'json_schema' object holding the 'schema'.",
+            "'response_format' of type 'json_schema' needs a 'json_schema' object holding the 'name' and 'schema'.",
             param=f"{param}.json_schema",
         )
+    _check_schema_fields(spec, f"{param}.json_schema")
     return _schema_guide(spec.get("schema"), f"{param}.json_schema.schema")
 
 
@@ -45,7 +50,19 @@ def responses_format_guide(fmt: dict[str, Any] | None) -> Guide | None:
     "type": {"type": "json_schema", "name", "schema", "strict"}."""
     if fmt is None or fmt.get("type") != "json_schema":
         return response_format_guide(fmt, "text.format")
-    return _schema_guide(fmt.get("schema"), "text.format.schema")
+    _check_schema_fields(fmt, "text.format")
+    if fmt.get("schema") is None:
+        # The chat form ({"json_schema": {...}}) sent here would otherwise lose its schema silently.
+        raise bad_request("'text.format' of type 'json_schema' needs a 'schema'.", param="text.format.schema")
+    return _schema_guide(fmt["schema"], "text.format.schema")
+
+
+def _check_schema_fields(spec: dict[str, Any], param: str) -> None:
+    """OpenAI's json_schema fields: a string `name` (required, as OpenAI and vLLM have it), `strict` a boolean."""
+    if not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise bad_request(f"'{param}.name' is required: a name for the schema.", param=f"{param}.name")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise bad_request(f"'{param}.strict' must be a boolean.", param=f"{param}.strict")
 
 
 def _schema_guide(schema: Any, param: str) -> Guide:
@@ -55,11 +72,69 @@ def _schema_guide(schema: Any, param: str) -> Guide:
     if isinstance(schema, str):  # vLLM's guided_json takes the schema as JSON text too
         try:
             schema = json.loads(schema)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             raise bad_request(f"'{param}' is not valid JSON: {err}", param=param) from err
     if not isinstance(schema, dict):
         raise bad_request(f"'{param}' must be a JSON schema object, got {type(schema).__name__}.", param=param)
+    if (bad := bad_text_path(schema)) is not None:  # a schema given as a string skipped the request's check
+        what = "is nested too deeply" if bad[1] == "depth" else "holds a lone UTF-16 surrogate"
+        raise bad_request(f"'{param}' {what} (at {bad[0] or 'its top'}).", param=param)
+    if (found := unenforced_keyword(schema)) is not None:
+        path, keyword = found
+        raise bad_request(
+            f"'{param}' uses '{keyword}'{f' (at {path})' if path else ''}, which structured output cannot enforce "
+            "here: the answer could break it. Remove it, or check that part of the answer yourself.",
+            param=param,
+            code="unsupported_parameter",
+        )
     return Guide("json_schema", json.dumps(schema), param=param)
+
+
+# JSON-schema keywords xgrammar (0.2) compiles as if absent, and what holds subschemas. A schema using one
+# is refused rather than answered with JSON that may break it.
+_UNENFORCED = ("not", "if", "then", "else", "contains", "minContains", "maxContains", "patternProperties",
+               "propertyNames", "dependentSchemas", "dependentRequired", "dependencies")  # fmt: skip
+_SCHEMA_MAPS = ("properties", "$defs", "definitions")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SCHEMA_VALUES = ("items", "additionalProperties", "unevaluatedItems", "unevaluatedProperties")
+
+
+def unenforced_keyword(schema: dict[str, Any]) -> tuple[str, str] | None:
+    """(where, keyword) of the first constraint in `schema` that the grammar would not enforce, or None.
+    Iterative, so any depth is safe."""
+    stack: list[tuple[Any, str]] = [(schema, "")]
+    while stack:
+        node, path = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        for keyword in _UNENFORCED:
+            if keyword in node:
+                return path, keyword
+        if node.get("uniqueItems") is True:
+            return path, "uniqueItems"
+        if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
+            return path, "allOf"  # one entry is compiled as itself; an intersection is not
+        if ("pattern" in node or "format" in node) and ("minLength" in node or "maxLength" in node):
+            return path, "minLength" if "minLength" in node else "maxLength"  # lengths are dropped beside these
+        ref = node.get("$ref")
+        if isinstance(ref, str) and not ref.startswith("#"):
+            return path, "$ref"  # only references inside the schema resolve; nothing is fetched
+        stack.extend(_subschemas(node, path))
+    return None
+
+
+def _subschemas(node: dict[str, Any], path: str) -> list[tuple[Any, str]]:
+    children = []
+    for key in _SCHEMA_MAPS:
+        if isinstance(node.get(key), dict):
+            children += [(sub, f"{path}.{key}.{name}".lstrip(".")) for name, sub in node[key].items()]
+    for key in _SCHEMA_LISTS:
+        if isinstance(node.get(key), list):
+            children += [(sub, f"{path}.{key}[{i}]".lstrip(".")) for i, sub in enumerate(node[key])]
+    for key in _SCHEMA_VALUES:
+        if isinstance(node.get(key), dict):
+            children.append((node[key], f"{path}.{key}".lstrip(".")))
+    return children
 
 
 def _vllm_guide(req: Any) -> Guide | None:
@@ -73,7 +148,8 @@ def _vllm_guide(req: Any) -> Guide | None:
     if not isinstance(so, dict):
         raise bad_request("'structured_outputs' must be an object such as {\"json\": {...}}.", param="structured_outputs")
     given = [k for k, v in so.items() if k in (*_STRUCTURED_OUTPUT_KINDS, "json_object") and v not in (None, False)]
-    unknown = [k for k, v in so.items() if k not in (*_STRUCTURED_OUTPUT_KINDS, "json_object") and v is not None]
+    unknown = [k for k, v in so.items()
+               if k not in (*_STRUCTURED_OUTPUT_KINDS, "json_object", *_VLLM_NO_OP_OPTIONS) and v not in (None, False)]
     if unknown:
         raise bad_request(
             f"'structured_outputs.{unknown[0]}' is not supported by this server (json, json_object, regex, choice "
@@ -109,6 +185,8 @@ def request_guide(req: Any, response_format: Guide | None) -> Guide | None:
     one its response_format (or text.format) gave, or vLLM's; a 400 when it asks for two."""
     vllm = [name for name in (*_GUIDED_FIELDS, "structured_outputs") if getattr(req, name) is not None]
     if len(vllm) + (response_format is not None) > 1:
-        names = ([response_format.param.split(".")[0]] if response_format is not None else []) + vllm
+        names = vllm
+        if response_format is not None:
+            names = ["text.format" if response_format.param.startswith("text") else "response_format", *vllm]
         raise bad_request(f"Only one structured-output field may be set; got {', '.join(names)}.", param=names[1])
     return response_format if response_format is not None else _vllm_guide(req)

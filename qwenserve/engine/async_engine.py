@@ -312,6 +312,11 @@ class AsyncEngine:
         except (InvalidRequestError, QueueFullError) as err:
             self._streams.pop(request_id, None)
             self._loop.call_soon_threadsafe(_put_all, [(stream, err)])
+        except Exception as err:  # noqa: BLE001 - a bug adding one request must not stop the engine thread
+            logger.exception("adding request %s failed", request_id)
+            self._require().abort(request_id)
+            self._streams.pop(request_id, None)
+            self._loop.call_soon_threadsafe(_put_all, [(stream, GenerationFailedError(str(err)))])
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         pairs = []

@@ -3,8 +3,9 @@ valid (OpenAI's response_format json_object / json_schema, vLLM's guided_* and s
 
 xgrammar compiles a JSON schema, regex or EBNF grammar against the tokenizer's vocabulary once per
 distinct spec; each sequence then walks it with a matcher that writes a bitmask of the allowed
-tokens before every sample and accepts the sampled token after it. The masks need the previous
-token on the host, so while a guided request runs the engine does not overlap its steps.
+tokens before every sample and accepts the sampled token after it. A mask needs the previous
+token on the host, so a step holding a guided sequence is sampled only after the previous step's
+tokens are processed (its forward already running; see LLMEngine.step).
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from qwenserve.engine.sampling_params import InvalidRequestError
 logger = logging.getLogger(__name__)
 
 GuideKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
+
+# Compiled grammars kept for reuse: a client that builds a schema per request (an enum of ids) would
+# otherwise grow the cache by megabytes per schema for as long as the server runs. vLLM's default.
+GRAMMAR_CACHE_BYTES = 512 << 20
 
 # JSON is written compactly (", " and ": " between items, no newlines): a model free to add whitespace
 # can get stuck emitting it (Qwen models are known to) and run to max_tokens without a value.
@@ -67,7 +72,7 @@ class GuideCompiler:
                 info = xgrammar.TokenizerInfo.from_huggingface(
                     self._tokenizer, vocab_size=self._vocab_size, stop_token_ids=self._stop_token_ids
                 )
-                self._compiler = xgrammar.GrammarCompiler(info, max_threads=2)
+                self._compiler = xgrammar.GrammarCompiler(info, max_threads=2, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
             return self._compiler
 
     def compile(self, guide: Guide) -> Guide:
@@ -77,11 +82,16 @@ class GuideCompiler:
             return guide
         compiler = self._get_compiler(guide.param)
         try:
-            guide.compiled = _compile(compiler, guide)
+            compiled = _compile(compiler, guide)
         except (RuntimeError, ValueError, TypeError) as err:
             raise InvalidRequestError(
                 f"'{guide.param}' cannot be used for structured output: {_clean_error(err)}", param=guide.param
             ) from err
+        if not _allows_any_start(compiled):
+            raise InvalidRequestError(
+                f"'{guide.param}' matches no text at all: no answer could satisfy it", param=guide.param
+            )
+        guide.compiled = compiled
         return guide
 
     def warm(self) -> None:
@@ -111,8 +121,20 @@ def _compile(compiler: Any, guide: Guide) -> Any:
     if kind == "choice":
         choices = json.loads(guide.value)
         # EBNF string literals take JSON's escapes.
-        return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in choices))
+        # ensure_ascii off: JSON writes a character past U+FFFF as two \u surrogates, which xgrammar
+        # would read as two code points.
+        return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices))
     return compiler.compile_grammar(guide.value)
+
+
+def _allows_any_start(compiled: Any) -> bool:
+    r"""Whether the grammar allows some first token (a regex such as [^\s\S] allows none)."""
+    import xgrammar
+
+    matcher = xgrammar.GrammarMatcher(compiled)
+    bitmask = xgrammar.allocate_token_bitmask(1, compiled.tokenizer_info.vocab_size)
+    matcher.fill_next_token_bitmask(bitmask, 0)
+    return bool(bitmask.any())
 
 
 def _clean_error(err: BaseException) -> str:

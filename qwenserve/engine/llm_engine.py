@@ -522,7 +522,7 @@ class LLMEngine:
         if not self.overlap_steps:
             return self._process(self._launch(batch) if batch else None)
         done = self._in_flight
-        if self._num_guided_requests and batch:
+        if self._num_guided_requests and any(seq.matcher is not None for seq in batch.seqs):
             # Structured output: a matcher masks this step's sample only once it has accepted the previous
             # step's token, so the sampling is enqueued after those tokens are processed, while this
             # step's forward runs.
