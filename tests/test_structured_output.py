@@ -213,3 +213,41 @@ def test_guided_requests_leave_other_outputs_unchanged() -> None:
     assert tokens["plain"] == alone[1]
     assert_matches_schema(engine.tokenizer.decode(tokens["guided"], skip_special_tokens=True))
     assert engine._num_guided_requests == 0 and engine.block_manager.usage() == 0
+
+
+COUNT_TOOL = {"type": "function", "function": {"name": "set_count", "parameters": {
+    "type": "object", "required": ["count", "unit"],
+    "properties": {"count": {"type": "integer", "minimum": 1, "maximum": 9}, "unit": {"type": "string", "enum": ["kg", "lb"]}},
+}}}  # fmt: skip
+NOTE_TOOL = {"type": "function", "function": {"name": "note", "parameters": {
+    "type": "object", "properties": {"text": {"type": "string", "maxLength": 12}}, "required": ["text"]}}}  # fmt: skip
+
+
+def test_forced_tool_calls_follow_their_schemas(client: openai.OpenAI) -> None:
+    """tool_choice named or required: the demo model knows neither tool, yet every answer is calls of
+    the allowed functions whose arguments hold the schema's required, typed values."""
+    for seed in range(3):
+        for choice in ({"type": "function", "function": {"name": "set_count"}}, "required"):
+            for stream in (False, True):
+                kwargs = dict(model="m", messages=ASK, max_tokens=120, temperature=1.0, seed=seed, tools=[COUNT_TOOL, NOTE_TOOL],
+                              tool_choice=choice, parallel_tool_calls=False)  # fmt: skip
+                if stream:
+                    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+                    calls: dict[int, dict[str, str]] = {}
+                    for c in chunks:
+                        for tc in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+                            call = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+                            call["name"] += tc.function.name or ""
+                            call["arguments"] += tc.function.arguments or ""
+                    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+                    got = list(calls.values())
+                else:
+                    r = client.chat.completions.create(**kwargs)
+                    finish = [r.choices[0].finish_reason]
+                    got = [{"name": t.function.name, "arguments": t.function.arguments} for t in r.choices[0].message.tool_calls]
+                assert finish == ["tool_calls"] and len(got) == 1, (choice, stream, got)
+                args = json.loads(got[0]["arguments"])
+                if got[0]["name"] == "set_count":
+                    assert set(args) == {"count", "unit"} and 1 <= args["count"] <= 9 and args["unit"] in ("kg", "lb"), args
+                else:
+                    assert choice == "required" and got[0]["name"] == "note" and isinstance(args["text"], str), got

@@ -141,6 +141,7 @@ class ToolPlan:
     tools: list[dict[str, Any]] | None
     parse: bool
     forced_prefix: str = ""
+    must_call: tuple[str, ...] = ()  # tool_choice required / named: the functions one of which must be called
 
 
 def is_xml_tool_format(chat_template: str | None) -> bool:
@@ -175,11 +176,12 @@ def plan_tools(request: ChatCompletionRequest, xml: bool) -> ToolPlan:
             raise bad_request(
                 f"tool_choice names {choice.function.name!r}, which is not in 'tools'.", param="tool_choice"
             )
-        return ToolPlan(tools=tools, parse=True, forced_prefix=_call_prefix(xml, choice.function.name))
+        return ToolPlan(tools=tools, parse=True, forced_prefix=_call_prefix(xml, choice.function.name),
+                        must_call=(choice.function.name,))
     if choice == "required":
         # With one tool, "required" can only mean that tool: force its name as well.
         name = names[0] if len(names) == 1 else None
-        return ToolPlan(tools=tools, parse=True, forced_prefix=_call_prefix(xml, name))
+        return ToolPlan(tools=tools, parse=True, forced_prefix=_call_prefix(xml, name), must_call=tuple(names))
     return ToolPlan(tools=tools, parse=True)
 
 

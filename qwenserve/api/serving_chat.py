@@ -3,9 +3,10 @@ with incremental content and tool-call deltas."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import Request
@@ -24,10 +25,12 @@ from qwenserve.api.streaming import (
     respond,
     sse,
 )
-from qwenserve.api.structured_output import request_guide, response_format_guide
+from qwenserve.api.structured_output import forced_call_guide, request_guide, response_format_guide
 from qwenserve.engine.guided import Guide
 from qwenserve.engine.outputs import RequestOutput
-from qwenserve.engine.sampling_params import SamplingParams
+from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
+
+logger = logging.getLogger("qwenserve.api")
 
 
 def final_finish_reason(engine_reason: str, made_tool_call: bool) -> str:
@@ -67,6 +70,20 @@ class ChatCompletions:
         )
         return self.state.encode_prompt(text + plan.forced_prefix, "messages")
 
+    async def _constrain_forced_call(self, plan: ToolPlan, params: SamplingParams, one_call: bool) -> ToolPlan:
+        """tool_choice required / named: a grammar makes the answer calls of the allowed functions with
+        parameters valid against their schemas (the grammar writes the call's opening, so the prompt no
+        longer ends with it). Where it cannot be built, the prompt's forced opening alone stays."""
+        guide = forced_call_guide(plan.tools or [], plan.must_call, one_call)
+        if guide is None:
+            return plan
+        try:
+            params.guide = await self.state.compile_guide(guide)
+        except InvalidRequestError as err:
+            logger.info("tool_choice: the tools' schemas give no grammar (%s); the call is forced unconstrained", err)
+            return plan
+        return replace(plan, forced_prefix="")
+
     def parser(self, plan: ToolPlan) -> Any | None:
         """A fresh tool-call parser for one output, or None when the output is plain text."""
         if not plan.parse or self.state.tool_parser_cls is None:
@@ -94,6 +111,8 @@ class ChatCompletions:
         if params.guide is not None:
             plan = guided_tool_plan(plan, params.guide)
             await self.state.compile_guide(params.guide)
+        elif plan.must_call and self.state.xml_tools and not params.min_tokens:
+            plan = await self._constrain_forced_call(plan, params, one_call=req.parallel_tool_calls is False)
         prompt_ids = await self.state.run_cpu(self._prompt, req, plan)
         return PreparedChat(params, plan, prompt_ids)
 

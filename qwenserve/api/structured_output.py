@@ -168,6 +168,32 @@ def _vllm_guide(req: Any) -> Guide | None:
     return _spec_guide(_STRUCTURED_OUTPUT_KINDS[key], so[key], f"structured_outputs.{key}")
 
 
+def forced_call_guide(tools: list[dict[str, Any]], names: tuple[str, ...], one_call: bool) -> Guide | None:
+    """A grammar for an answer that is nothing but calls of `names`, in Qwen3-Coder's XML, each call's
+    parameters valid against its tool's schema (tool_choice required / named); None when a schema uses
+    keywords the grammar would not enforce (the call is then forced by its prompt prefix alone)."""
+    tags = []
+    for tool in tools:
+        fn = tool["function"]
+        if fn["name"] not in names:
+            continue
+        schema = fn.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(schema, dict) or unenforced_keyword(schema) is not None:
+            return None
+        tags.append({
+            "type": "tag", "begin": f"<tool_call>\n<function={fn['name']}>\n",
+            # One whitespace character around a value at most: the newline the format puts there; a model
+            # free to add more may pad a value with it, which then reaches the parsed arguments.
+            "content": {"type": "json_schema", "json_schema": schema, "style": "qwen_xml", "max_whitespace_cnt": 1},
+            "end": "\n</function>\n</tool_call>",
+        })  # fmt: skip
+    spec = {"type": "structural_tag", "format": {
+        "type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
+        "stop_after_first": one_call,
+    }}  # fmt: skip
+    return Guide("structural_tag", json.dumps(spec), param="tools")
+
+
 def _spec_guide(kind: str, value: Any, param: str) -> Guide:
     if kind == "json_schema":
         return _schema_guide(value, param)

@@ -23,7 +23,7 @@ from qwenserve.engine.sampling_params import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
-GuideKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
+GuideKind = Literal["json_object", "json_schema", "regex", "choice", "grammar", "structural_tag"]
 
 # Compiled grammars kept for reuse: a client that builds a schema per request (an enum of ids) would
 # otherwise grow the cache by megabytes per schema for as long as the server runs. vLLM's default.
@@ -118,6 +118,8 @@ def _compile(compiler: Any, guide: Guide) -> Any:
         return compiler.compile_json_schema(guide.value, **JSON_OPTIONS)
     if kind == "regex":
         return compiler.compile_regex(guide.value)
+    if kind == "structural_tag":
+        return compiler.compile_structural_tag(guide.value)
     if kind == "choice":
         choices = json.loads(guide.value)
         # EBNF string literals take JSON's escapes.
