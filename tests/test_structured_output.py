@@ -251,3 +251,26 @@ def test_forced_tool_calls_follow_their_schemas(client: openai.OpenAI) -> None:
                     assert set(args) == {"count", "unit"} and 1 <= args["count"] <= 9 and args["unit"] in ("kg", "lb"), args
                 else:
                     assert choice == "required" and got[0]["name"] == "note" and isinstance(args["text"], str), got
+
+
+def test_forced_calls_keep_call_markup_out_of_values(server: ServerProcess, client: openai.OpenAI) -> None:
+    """Pushed hard toward '<tool_call>', a string value still cannot hold it (the parser would read a
+    second call there); a tool whose schema the grammar cannot enforce is still called by its own name."""
+    bias = {str(token_id(server, "<tool_call>")): 100}
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model="m", messages=ASK, max_tokens=60, temperature=1.0, seed=seed, tools=[NOTE_TOOL], logit_bias=bias,
+            tool_choice={"type": "function", "function": {"name": "note"}}, parallel_tool_calls=False,
+        )  # fmt: skip
+        (call,) = r.choices[0].message.tool_calls
+        assert call.function.name == "note" and "<tool_call>" not in json.loads(call.function.arguments)["text"]
+    loose = {"type": "function", "function": {"name": "loose", "parameters": {
+        "type": "object", "properties": {"a": {"not": {"type": "string"}}}}}}  # fmt: skip
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model="m", messages=ASK, max_tokens=60, temperature=1.0, seed=seed, tools=[COUNT_TOOL, loose],
+            tool_choice="required",
+        )  # fmt: skip
+        calls = r.choices[0].message.tool_calls or []
+        assert r.choices[0].finish_reason in ("tool_calls", "length"), r
+        assert calls and all(c.function.name in ("set_count", "loose") for c in calls), r

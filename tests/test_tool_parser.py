@@ -846,3 +846,21 @@ def test_text_between_function_end_and_tool_call_end_is_dropped() -> None:
     assert parse_both(TOOLS, unclosed) == ("\nThat is all.", [("get_current_weather", {})])
     two = unclosed + "\n<tool_call>\n<function=calculate_area>\n</function>\n</tool_call>"
     assert parse_both(TOOLS, two) == ("\nThat is all.\n", [("get_current_weather", {}), ("calculate_area", {})])
+
+
+def test_parameter_types_follow_refs_and_unions() -> None:
+    """A local $ref is the type it points to; a union of non-string types takes the value's own JSON type."""
+    from qwenserve.tool_parser.schema import convert_value, resolve_type
+
+    root = {"$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer"}}}}}
+    cases = [
+        ({"$ref": "#/$defs/point"}, '{"x": 3}', {"x": 3}),
+        ({"anyOf": [{"type": "boolean"}, {"type": "integer"}]}, "53", 53),
+        ({"type": ["number", "boolean"]}, "true", True),
+        ({"anyOf": [{"type": "integer"}, {"type": "object"}]}, '{"q": 1}', {"q": 1}),
+        ({"type": ["string", "integer"]}, "53", "53"),  # with a string in the union, text stays text
+        ({"anyOf": [{"type": "integer"}, {"type": "null"}]}, "null", None),
+        ({"$ref": "#/$defs/missing"}, "x", "x"),
+    ]
+    for schema, raw, expected in cases:
+        assert convert_value(raw, resolve_type(schema, root)) == expected, schema

@@ -14,6 +14,7 @@ from typing import Any
 from qwenserve.api.errors import bad_request
 from qwenserve.api.protocol import bad_text_path
 from qwenserve.engine.guided import Guide
+from qwenserve.tool_parser.schema import is_valid_name
 
 # vLLM's structured_outputs keys -> the Guide kind each asks for.
 _STRUCTURED_OUTPUT_KINDS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
@@ -168,23 +169,35 @@ def _vllm_guide(req: Any) -> Guide | None:
     return _spec_guide(_STRUCTURED_OUTPUT_KINDS[key], so[key], f"structured_outputs.{key}")
 
 
+# The markup of a Qwen3-Coder call: a value holding any of it would be read back differently by the
+# tool parser than the grammar wrote it (the value would end early, or a call appear inside it).
+_CALL_MARKUP = ["<tool_call>", "</tool_call>", "<function=", "</function>", "<parameter=", "</parameter>"]
+# What a call of a tool whose schema the grammar cannot enforce may hold: any parameters.
+_ANY_PARAMETERS = {"type": "object", "additionalProperties": True}
+
+
 def forced_call_guide(tools: list[dict[str, Any]], names: tuple[str, ...], one_call: bool) -> Guide | None:
-    """A grammar for an answer that is nothing but calls of `names`, in Qwen3-Coder's XML, each call's
-    parameters valid against its tool's schema (tool_choice required / named); None when a schema uses
-    keywords the grammar would not enforce (the call is then forced by its prompt prefix alone)."""
+    """A grammar for an answer that is nothing but calls of `names` in Qwen3-Coder's XML (tool_choice
+    required / named), each call's parameters valid against its tool's schema; a tool whose schema
+    the grammar would not enforce (keywords it drops, no object at the top) may be called with any
+    parameters. None when a name the parser could not read back is among them (the call is then forced
+    by its prompt prefix alone)."""
     tags = []
     for tool in tools:
         fn = tool["function"]
         if fn["name"] not in names:
             continue
         schema = fn.get("parameters") or {"type": "object", "properties": {}}
-        if not isinstance(schema, dict) or unenforced_keyword(schema) is not None:
+        if not _readable_names(fn["name"], schema):
             return None
+        if not isinstance(schema, dict) or schema.get("type", "object") != "object" or unenforced_keyword(schema):
+            schema = _ANY_PARAMETERS
         tags.append({
             "type": "tag", "begin": f"<tool_call>\n<function={fn['name']}>\n",
             # One whitespace character around a value at most: the newline the format puts there; a model
             # free to add more may pad a value with it, which then reaches the parsed arguments.
-            "content": {"type": "json_schema", "json_schema": schema, "style": "qwen_xml", "max_whitespace_cnt": 1},
+            "content": {"type": "json_schema", "json_schema": schema, "style": "qwen_xml", "max_whitespace_cnt": 1,
+                        "excludes": _CALL_MARKUP},
             "end": "\n</function>\n</tool_call>",
         })  # fmt: skip
     spec = {"type": "structural_tag", "format": {
@@ -192,6 +205,13 @@ def forced_call_guide(tools: list[dict[str, Any]], names: tuple[str, ...], one_c
         "stop_after_first": one_call,
     }}  # fmt: skip
     return Guide("structural_tag", json.dumps(spec), param="tools")
+
+
+def _readable_names(function: str, schema: Any) -> bool:
+    """Whether the tool parser reads back the function's name and its parameters' names as written."""
+    props = schema.get("properties") if isinstance(schema, dict) else None
+    params = list(props) if isinstance(props, dict) else []
+    return all(is_valid_name(name) for name in [function, *params])
 
 
 def _spec_guide(kind: str, value: Any, param: str) -> Guide:

@@ -56,36 +56,59 @@ class ParamType:
 RAW = ParamType(None)
 
 
-def _resolve(schema: Any) -> tuple[str | None, bool]:
-    """(primary type or None, nullable) of a schema fragment."""
-    if not isinstance(schema, Mapping):
+def _resolve(schema: Any, root: Any = None, depth: int = 0) -> tuple[str | None, bool]:
+    """(primary type or None, nullable) of a schema fragment; `root` is the tool's parameters schema,
+    which local `$ref`s ("#/$defs/point") point into. A union of several non-string types (anyOf
+    boolean / integer, type [number, boolean]) is "any": the value's own JSON type decides."""
+    if not isinstance(schema, Mapping) or depth > 32:
         return None, False
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        target = _pointer(root, ref)
+        if target is not None and target is not schema:
+            return _resolve(target, root, depth + 1)
     nullable = schema.get("nullable") is True
     declared = schema.get("type")
     names = [declared] if isinstance(declared, str) else declared if isinstance(declared, list) else []
-    primary: str | None = None
+    types: list[str] = []
     for raw_name in names:
         if not isinstance(raw_name, str):
             continue
         lowered = raw_name.strip().lower()
         if lowered == "null":
             nullable = True
-        elif primary is None:
-            primary = lowered
+        else:
+            types.append(lowered)
     for key in ("anyOf", "oneOf", "allOf"):
         subs = schema.get(key)
         if not isinstance(subs, list):
             continue
         for sub in subs:
-            sub_type, sub_nullable = _resolve(sub)
+            sub_type, sub_nullable = _resolve(sub, root, depth + 1)
             nullable = nullable or sub_nullable
-            if primary is None and sub_type is not None:
-                primary = sub_type
-    if primary is None:
+            if sub_type is not None and (key != "allOf" or not types):
+                types.append(sub_type)
+    distinct = list(dict.fromkeys(types))
+    if not distinct:
         primary = _infer_untyped(schema)
         if isinstance(schema.get("enum"), list) and None in schema["enum"]:
             nullable = True
+    elif len(distinct) == 1 or any(t in _STRING_TYPES for t in distinct):
+        primary = distinct[0]  # with a string among them, text that looks like a number may be one
+    else:
+        primary = "any"
     return primary, nullable
+
+
+def _pointer(root: Any, ref: str) -> Any:
+    """The fragment of `root` a local JSON pointer ("#/$defs/point") names, or None."""
+    node = root
+    for part in ref[1:].split("/")[1:] if ref != "#" else []:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node if isinstance(node, Mapping) else None
 
 
 def _infer_untyped(schema: Mapping[str, Any]) -> str | None:
@@ -102,7 +125,7 @@ def _infer_untyped(schema: Mapping[str, Any]) -> str | None:
     return None
 
 
-def resolve_type(schema: Any) -> ParamType:
+def resolve_type(schema: Any, root: Any = None) -> ParamType:
     """Resolve a property's JSON schema to a :class:`ParamType`.
 
     Handles ``type`` strings and lists, ``anyOf``/``oneOf``/``allOf`` (first
@@ -110,7 +133,7 @@ def resolve_type(schema: Any) -> ParamType:
     parameter whose type cannot be determined is treated as a string, which
     is the safe choice for raw text.
     """
-    primary, nullable = _resolve(schema)
+    primary, nullable = _resolve(schema, root)
     return ParamType(primary or "string", nullable)
 
 
@@ -131,7 +154,7 @@ def _properties(parameters: Any) -> dict[str, ParamType] | None:
     props = parameters.get("properties")
     if not isinstance(props, Mapping) or not props:
         return None
-    return {name: resolve_type(spec) for name, spec in props.items() if isinstance(name, str)}
+    return {name: resolve_type(spec, parameters) for name, spec in props.items() if isinstance(name, str)}
 
 
 class ToolSchemas:
