@@ -861,6 +861,20 @@ def test_parameter_types_follow_refs_and_unions() -> None:
         ({"type": ["string", "integer"]}, "53", "53"),  # with a string in the union, text stays text
         ({"anyOf": [{"type": "integer"}, {"type": "null"}]}, "null", None),
         ({"$ref": "#/$defs/missing"}, "x", "x"),
+        ({"$ref": "#/$defs/point", "nullable": True}, "null", None),
     ]
     for schema, raw, expected in cases:
         assert convert_value(raw, resolve_type(schema, root)) == expected, schema
+
+
+def test_self_referencing_unions_resolve_at_once() -> None:
+    """A type that refers to itself through a union (or unions nested many levels) is resolved in bounded
+    work: building the parser's schema index for such a tool once took exponential time."""
+    from qwenserve.tool_parser.schema import ToolSchemas
+
+    loop = {"type": "object", "$defs": {"T": {"anyOf": [{"$ref": "#/$defs/T"}] * 4}},
+            "properties": {"x": {"$ref": "#/$defs/T"}}}  # fmt: skip
+    chain = {f"T{i}": {"anyOf": [{"$ref": f"#/$defs/T{i + 1}"}] * 3} for i in range(40)} | {"T40": {"type": "integer"}}
+    deep = {"type": "object", "$defs": chain, "properties": {"x": {"$ref": "#/$defs/T0"}}}
+    tools = ToolSchemas([{"type": "function", "function": {"name": n, "parameters": p}} for n, p in (("l", loop), ("d", deep))])
+    assert tools.param_type("l", "x").name == "string" and tools.param_type("d", "x").name == "integer"

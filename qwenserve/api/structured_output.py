@@ -172,16 +172,15 @@ def _vllm_guide(req: Any) -> Guide | None:
 # The markup of a Qwen3-Coder call: a value holding any of it would be read back differently by the
 # tool parser than the grammar wrote it (the value would end early, or a call appear inside it).
 _CALL_MARKUP = ["<tool_call>", "</tool_call>", "<function=", "</function>", "<parameter=", "</parameter>"]
-# What a call of a tool whose schema the grammar cannot enforce may hold: any parameters.
-_ANY_PARAMETERS = {"type": "object", "additionalProperties": True}
 
 
 def forced_call_guide(tools: list[dict[str, Any]], names: tuple[str, ...], one_call: bool) -> Guide | None:
     """A grammar for an answer that is nothing but calls of `names` in Qwen3-Coder's XML (tool_choice
-    required / named), each call's parameters valid against its tool's schema; a tool whose schema
-    the grammar would not enforce (keywords it drops, no object at the top) may be called with any
-    parameters. None when a name the parser could not read back is among them (the call is then forced
-    by its prompt prefix alone)."""
+    required / named), each call's parameters valid against its tool's schema (string lengths and
+    patterns aside, see _call_schema); a tool whose schema the grammar would not enforce (keywords it
+    drops, no object at the top) may be called with its declared parameters holding any values. None
+    when a name the parser could not read back is among them (the call is then forced by its prompt
+    prefix alone)."""
     tags = []
     for tool in tools:
         fn = tool["function"]
@@ -190,13 +189,12 @@ def forced_call_guide(tools: list[dict[str, Any]], names: tuple[str, ...], one_c
         schema = fn.get("parameters") or {"type": "object", "properties": {}}
         if not _readable_names(fn["name"], schema):
             return None
-        if not isinstance(schema, dict) or schema.get("type", "object") != "object" or unenforced_keyword(schema):
-            schema = _ANY_PARAMETERS
         tags.append({
             "type": "tag", "begin": f"<tool_call>\n<function={fn['name']}>\n",
             # One whitespace character around a value at most: the newline the format puts there; a model
             # free to add more may pad a value with it, which then reaches the parsed arguments.
-            "content": {"type": "json_schema", "json_schema": schema, "style": "qwen_xml", "max_whitespace_cnt": 1,
+            "content": {"type": "json_schema", "json_schema": _call_schema(schema), "style": "qwen_xml",
+                        "max_whitespace_cnt": 1,
                         "excludes": _CALL_MARKUP},
             "end": "\n</function>\n</tool_call>",
         })  # fmt: skip
@@ -205,6 +203,42 @@ def forced_call_guide(tools: list[dict[str, Any]], names: tuple[str, ...], one_c
         "stop_after_first": one_call,
     }}  # fmt: skip
     return Guide("structural_tag", json.dumps(spec), param="tools")
+
+
+def _call_schema(schema: Any) -> dict[str, Any]:
+    """The schema a forced call's parameters are held to. Only declared names may appear when there are
+    any (the parser reads an undeclared `<parameter=` inside a value as text); a `pattern` is dropped,
+    since a string held to one is exempt from keeping the call markup out (xgrammar ignores lengths beside
+    that rule as well). A schema the grammar would not enforce keeps only its parameter names."""
+    props = schema.get("properties") if isinstance(schema, dict) else None
+    names = [name for name in props if isinstance(name, str)] if isinstance(props, dict) else []
+    if not isinstance(schema, dict) or schema.get("type", "object") != "object" or unenforced_keyword(schema):
+        if not names:
+            return {"type": "object", "additionalProperties": True}  # the parser takes any name then
+        required = [r for r in schema.get("required", []) if r in names] if isinstance(schema.get("required"), list) else []
+        return {"type": "object", "properties": {name: {} for name in names}, "required": required,
+                "additionalProperties": False}  # fmt: skip
+    out = _without_patterns(schema)
+    if names:
+        out["additionalProperties"] = False
+    return out
+
+
+def _without_patterns(node: Any) -> Any:
+    """A copy of a schema with no `pattern` in any of its (sub)schemas."""
+    if not isinstance(node, dict):
+        return node
+    out = {key: value for key, value in node.items() if key != "pattern"}
+    for key in _SCHEMA_MAPS:
+        if isinstance(node.get(key), dict):
+            out[key] = {name: _without_patterns(sub) for name, sub in node[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(node.get(key), list):
+            out[key] = [_without_patterns(sub) for sub in node[key]]
+    for key in _SCHEMA_VALUES:
+        if isinstance(node.get(key), dict):
+            out[key] = _without_patterns(node[key])
+    return out
 
 
 def _readable_names(function: str, schema: Any) -> bool:

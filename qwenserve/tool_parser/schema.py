@@ -56,18 +56,28 @@ class ParamType:
 RAW = ParamType(None)
 
 
-def _resolve(schema: Any, root: Any = None, depth: int = 0) -> tuple[str | None, bool]:
+# Schema fragments one parameter's type may visit: refs and unions can nest (or loop) without bound,
+# and this runs for every tool of every request.
+_MAX_VISITS = 256
+
+
+def _resolve(schema: Any, root: Any = None, budget: list[int] | None = None, refs: frozenset[str] = frozenset()
+             ) -> tuple[str | None, bool]:  # fmt: skip
     """(primary type or None, nullable) of a schema fragment; `root` is the tool's parameters schema,
-    which local `$ref`s ("#/$defs/point") point into. A union of several non-string types (anyOf
-    boolean / integer, type [number, boolean]) is "any": the value's own JSON type decides."""
-    if not isinstance(schema, Mapping) or depth > 32:
+    which local `$ref`s ("#/$defs/point") point into (a ref already being resolved counts as untyped).
+    A union of several non-string types (anyOf boolean / integer, type [number, boolean]) is "any":
+    the value's own JSON type decides."""
+    budget = [_MAX_VISITS] if budget is None else budget
+    budget[0] -= 1
+    if not isinstance(schema, Mapping) or budget[0] < 0:
         return None, False
+    nullable = schema.get("nullable") is True or schema.get("type") == "null"
     ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#"):
-        target = _pointer(root, ref)
-        if target is not None and target is not schema:
-            return _resolve(target, root, depth + 1)
-    nullable = schema.get("nullable") is True
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+        if ref in refs:
+            return None, nullable
+        primary, ref_nullable = _resolve(_pointer(root, ref), root, budget, refs | {ref})
+        return primary, nullable or ref_nullable
     declared = schema.get("type")
     names = [declared] if isinstance(declared, str) else declared if isinstance(declared, list) else []
     types: list[str] = []
@@ -84,7 +94,7 @@ def _resolve(schema: Any, root: Any = None, depth: int = 0) -> tuple[str | None,
         if not isinstance(subs, list):
             continue
         for sub in subs:
-            sub_type, sub_nullable = _resolve(sub, root, depth + 1)
+            sub_type, sub_nullable = _resolve(sub, root, budget, refs)
             nullable = nullable or sub_nullable
             if sub_type is not None and (key != "allOf" or not types):
                 types.append(sub_type)
@@ -103,7 +113,7 @@ def _resolve(schema: Any, root: Any = None, depth: int = 0) -> tuple[str | None,
 def _pointer(root: Any, ref: str) -> Any:
     """The fragment of `root` a local JSON pointer ("#/$defs/point") names, or None."""
     node = root
-    for part in ref[1:].split("/")[1:] if ref != "#" else []:
+    for part in ref[2:].split("/") if ref != "#" else []:
         part = part.replace("~1", "/").replace("~0", "~")
         if not isinstance(node, Mapping) or part not in node:
             return None
