@@ -130,6 +130,7 @@ BAD = [
     ({"guided_json": {"type": "object", "properties": {"a": {"not": {"const": 3}}}}}, "guided_json"),
     ({"guided_json": {"type": "string", "pattern": "^a+$", "maxLength": 3}}, "guided_json"),
     ({"guided_json": {"$ref": "https://example.com/schema.json"}}, "guided_json"),
+    ({"guided_json": {"type": "integer", "minimum": 1, "multipleOf": 2}}, "guided_json"),
     ({"guided_regex": "[^\\s\\S]"}, "guided_regex"),  # matches nothing
     ({"guided_whitespace_pattern": " *"}, "guided_whitespace_pattern"),
     # A schema sent as a string is parsed here: too deep for the request's own check, or for Python's parser.

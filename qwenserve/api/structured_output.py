@@ -95,6 +95,7 @@ def _schema_guide(schema: Any, param: str) -> Guide:
 # is refused rather than answered with JSON that may break it.
 _UNENFORCED = ("not", "if", "then", "else", "contains", "minContains", "maxContains", "patternProperties",
                "propertyNames", "dependentSchemas", "dependentRequired", "dependencies")  # fmt: skip
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _SCHEMA_MAPS = ("properties", "$defs", "definitions")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
 _SCHEMA_VALUES = ("items", "additionalProperties", "unevaluatedItems", "unevaluatedProperties")
@@ -115,6 +116,8 @@ def unenforced_keyword(schema: dict[str, Any]) -> tuple[str, str] | None:
             return path, "uniqueItems"
         if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
             return path, "allOf"  # one entry is compiled as itself; an intersection is not
+        if "multipleOf" in node and (node.get("type") != "integer" or any(k in node for k in _BOUNDS)):
+            return path, "multipleOf"  # enforced only on an integer without bounds
         if ("pattern" in node or "format" in node) and ("minLength" in node or "maxLength" in node):
             return path, "minLength" if "minLength" in node else "maxLength"  # lengths are dropped beside these
         ref = node.get("$ref")
