@@ -862,6 +862,9 @@ def test_parameter_types_follow_refs_and_unions() -> None:
         ({"anyOf": [{"type": "integer"}, {"type": "null"}]}, "null", None),
         ({"$ref": "#/$defs/missing"}, "x", "x"),
         ({"$ref": "#/$defs/point", "nullable": True}, "null", None),
+        ({"type": "string", "enum": ["kg", "lb"]}, " kg\t", "kg"),  # whitespace around an enum value
+        ({"type": "string", "enum": ["kg", " lb"]}, " lb", " lb"),  # ... unless it is part of the value
+        ({"type": "string"}, " kg ", " kg "),
     ]
     for schema, raw, expected in cases:
         assert convert_value(raw, resolve_type(schema, root)) == expected, schema

@@ -46,11 +46,12 @@ class ParamType:
 
     name: str | None
     nullable: bool = False
+    choices: tuple[str, ...] = ()  # a string enum's (or const's) values
 
     @property
     def is_raw_string(self) -> bool:
         """True when any value text is returned unchanged (so it may be streamed as it arrives)."""
-        return self.name is None or (self.name in _STRING_TYPES and not self.nullable)
+        return self.name is None or (self.name in _STRING_TYPES and not self.nullable and not self.choices)
 
 
 RAW = ParamType(None)
@@ -144,7 +145,19 @@ def resolve_type(schema: Any, root: Any = None) -> ParamType:
     is the safe choice for raw text.
     """
     primary, nullable = _resolve(schema, root)
-    return ParamType(primary or "string", nullable)
+    primary = primary or "string"
+    return ParamType(primary, nullable, _string_choices(schema, root) if primary in _STRING_TYPES else ())
+
+
+def _string_choices(schema: Any, root: Any) -> tuple[str, ...]:
+    """The values of a string enum or const (through one local $ref), else ()."""
+    if isinstance(schema, Mapping) and isinstance(ref := schema.get("$ref"), str) and ref.startswith("#/"):
+        schema = _pointer(root, ref)
+    if not isinstance(schema, Mapping):
+        return ()
+    values = schema.get("enum") if isinstance(schema.get("enum"), list) else [schema["const"]] if "const" in schema else []
+    values = [v for v in values if v is not None]
+    return tuple(values) if values and all(isinstance(v, str) for v in values) else ()
 
 
 def _function_spec(tool: Any) -> Mapping[str, Any] | None:
@@ -276,7 +289,8 @@ def convert_value(raw: str, ptype: ParamType) -> Any:
     if ptype.nullable and word.lower() in _NULL_WORDS:
         return None
     if kind in _STRING_TYPES:
-        return raw
+        # A space or tab the writer put around one of an enum's values is not part of it.
+        return word if ptype.choices and raw not in ptype.choices and word in ptype.choices else raw
     if word.lower() in _NULL_WORDS:
         return None
     if kind in _BOOL_TYPES:
