@@ -25,7 +25,7 @@ from qwenserve.api.streaming import (
     respond,
     sse,
 )
-from qwenserve.api.structured_output import forced_call_guide, request_guide, response_format_guide
+from qwenserve.api.structured_output import forced_call_guide, request_guide
 from qwenserve.engine.guided import Guide
 from qwenserve.engine.outputs import RequestOutput
 from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
@@ -98,8 +98,6 @@ class ChatCompletions:
         structured output a Responses request's text.format asks for (chat's is response_format).
         """
         check_chat_fields(req)
-        if text_format is None and req.response_format is not None:
-            text_format = response_format_guide(req.response_format.model_dump())
         params = build_sampling_params(
             req,
             self.state.generation_defaults,

@@ -24,7 +24,7 @@ from qwenserve.api.streaming import (
     respond,
     sse,
 )
-from qwenserve.api.structured_output import request_guide, response_format_guide
+from qwenserve.api.structured_output import request_guide
 from qwenserve.engine.outputs import RequestOutput, TokenLogprob
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -114,7 +114,7 @@ class Completions:
             extra_stop_token_ids=state.fim_stop_ids if req.suffix is not None else None,
             # The echoed prompt's logprobs; with `suffix` the model reads a FIM-wrapped prompt instead.
             prompt_logprobs=req.logprobs if req.echo and req.suffix is None else None,
-            guide=request_guide(req, response_format_guide(req.response_format.model_dump()) if req.response_format else None),
+            guide=request_guide(req),
         )
         prompts = split_prompts(req.prompt)
         queue = state.engine.config.max_queued_requests

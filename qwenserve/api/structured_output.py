@@ -263,9 +263,12 @@ def _spec_guide(kind: str, value: Any, param: str) -> Guide:
     return Guide(kind, value, param=param)  # type: ignore[arg-type]
 
 
-def request_guide(req: Any, response_format: Guide | None) -> Guide | None:
-    """The one guide a request (its sampling fields, api.protocol.SharedSamplingFields) asks for: the
-    one its response_format (or text.format) gave, or vLLM's; a 400 when it asks for two."""
+def request_guide(req: Any, text_format: Guide | None = None) -> Guide | None:
+    """The one guide a request (its sampling fields, api.protocol.SharedSamplingFields) asks for: its
+    response_format's (or the Responses API's text.format, given as `text_format`), or vLLM's; a 400
+    when it asks for two."""
+    fmt = getattr(req, "response_format", None)
+    response_format = text_format if text_format is not None else response_format_guide(fmt.model_dump()) if fmt else None
     vllm = [name for name in (*_GUIDED_FIELDS, "structured_outputs") if getattr(req, name) is not None]
     if len(vllm) + (response_format is not None) > 1:
         names = vllm

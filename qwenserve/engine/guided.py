@@ -46,8 +46,8 @@ class Guide:
 
 
 class GuideCompiler:
-    """Compiles guides against one tokenizer (xgrammar is imported and its vocabulary view built on
-    first use: ~3 s, paid by the first guided request, never by servers that see none)."""
+    """Compiles guides against one tokenizer. xgrammar is imported and its view of the vocabulary built
+    once (~3 s): by `warm` while a GPU server starts, else by the first guided request."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]):
         self._tokenizer = tokenizer
@@ -122,9 +122,8 @@ def _compile(compiler: Any, guide: Guide) -> Any:
         return compiler.compile_structural_tag(guide.value)
     if kind == "choice":
         choices = json.loads(guide.value)
-        # EBNF string literals take JSON's escapes.
-        # ensure_ascii off: JSON writes a character past U+FFFF as two \u surrogates, which xgrammar
-        # would read as two code points.
+        # EBNF string literals take JSON's escapes; ensure_ascii off, since JSON writes a character past
+        # U+FFFF as two \u surrogates, which xgrammar would read as two code points.
         return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices))
     return compiler.compile_grammar(guide.value)
 
@@ -146,11 +145,10 @@ def _clean_error(err: BaseException) -> str:
     return text.removeprefix("Check failed: (error.empty()) is false: ") or type(err).__name__
 
 
-def fill_bitmask(matchers: list[Any], vocab_size: int) -> torch.Tensor:
-    """int32 [len(matchers), ceil(vocab / 32)]: bit t of row r set when matcher r allows token t."""
-    import xgrammar
-
-    bitmask = xgrammar.allocate_token_bitmask(len(matchers), vocab_size)
+def fill_bitmask(matchers: list[Any], vocab_size: int, pin: bool) -> torch.Tensor:
+    """int32 [len(matchers), ceil(vocab / 32)] on the host (pinned when `pin`, so it can be copied to the
+    device without waiting): bit t of row r set when matcher r allows token t."""
+    bitmask = torch.full((len(matchers), -(-vocab_size // 32)), -1, dtype=torch.int32, pin_memory=pin)
     for row, matcher in enumerate(matchers):
         matcher.fill_next_token_bitmask(bitmask, row)
     return bitmask

@@ -170,7 +170,8 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.seq_states: dict[int, _SeqState] = {}
         self._in_flight: PendingStep | None = None  # launched, its tokens not yet processed
-        self._num_guided_requests = 0  # steps do not overlap while any is unfinished
+        # Unfinished requests with a grammar: only while there are any does a step look for guided rows.
+        self._num_guided_requests = 0
         try:
             self._load()
         except BaseException:

@@ -324,16 +324,6 @@ class ModelRunner:
             self._prev_tokens, self._prev_rows = None, {}
             # Nothing to wait for unless prompt logprobs are on their way to the host.
             return self._start_copy_to_host([], None, prompt_lps) if prompt_lps else PendingStep(seqs=[])
-        return self._sample_rows(seqs, logits, greedy_ids, graph_key, prompt_lps)
-
-    def _sample_rows(
-        self,
-        seqs: list[Sequence],
-        logits: torch.Tensor,
-        greedy_ids: torch.Tensor | None,
-        graph_key: tuple[int, bool] | None,
-        prompt_lps: list[PromptLogprobs],
-    ) -> PendingStep:
         out = None
         edits = logit_edits(seqs)
         guided = [row for row, s in enumerate(seqs) if s.matcher is not None and not s.is_finished]
@@ -369,9 +359,7 @@ class ModelRunner:
             rows, ids = (self._to_device(x, torch.int64) for x in edits[:2])
             logits.index_put_((rows, ids), self._to_device(edits[2], torch.float32), accumulate=True)
         if guided:
-            bitmask = fill_bitmask([seqs[row].matcher for row in guided], logits.shape[-1])
-            if self.pin:
-                bitmask = bitmask.pin_memory()
+            bitmask = fill_bitmask([seqs[row].matcher for row in guided], logits.shape[-1], self.pin)
             apply_bitmask(logits, self._to_device(guided, torch.int64), bitmask.to(self.device, non_blocking=True))
         return logits
 
