@@ -132,6 +132,8 @@ BAD = [
     ({"guided_json": {"$ref": "https://example.com/schema.json"}}, "guided_json"),
     ({"guided_json": {"type": "integer", "minimum": 1, "multipleOf": 2}}, "guided_json"),
     ({"guided_regex": "[^\\s\\S]"}, "guided_regex"),  # matches nothing
+    ({"guided_json": {"anyOf": []}}, "guided_json"),  # xgrammar reads it as the empty text
+    ({"guided_json": {"type": "array", "items": {"oneOf": []}, "minItems": 1}}, "guided_json"),
     ({"guided_whitespace_pattern": " *"}, "guided_whitespace_pattern"),
     # A schema sent as a string is parsed here: too deep for the request's own check, or for Python's parser.
     ({"guided_json": '{"type": "array", "items": ' * 100 + "{}" + "}" * 100}, "guided_json"),
@@ -160,6 +162,24 @@ def test_bad_specs_are_400_naming_the_field(server: ServerProcess, extra: dict[s
     err = r.json()["error"]
     assert err["param"] == param and err["type"] == "invalid_request_error", err
     assert "[" not in err["message"][:3] and ".cc:" not in err["message"], err  # no C++ source locations
+    assert server.post(CHAT, json={"messages": ASK, "max_tokens": 2}).status_code == 200
+
+
+def test_a_schema_part_that_matches_nothing_ends_in_an_error(server: ServerProcess) -> None:
+    """The string may start (a quote is allowed) but its pattern admits no character: no valid answer
+    exists, so the answer is a 400 naming the field (mid-stream: an error event), never a "stop" with
+    broken JSON."""
+    impossible = {"type": "object", "properties": {"a": {"type": "string", "pattern": "[^\\s\\S]"}},
+                  "required": ["a"]}  # fmt: skip
+    body = {"messages": ASK, "max_tokens": 20, "guided_json": impossible}
+    r = server.post(CHAT, json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "guided_json" and err["code"] == "grammar_dead_end", err
+    streamed = server.post(CHAT, json={**body, "stream": True})
+    events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "grammar_dead_end", events
+    assert not any('"finish_reason": "stop"' in e or '"finish_reason":"stop"' in e for e in events), events
     assert server.post(CHAT, json={"messages": ASK, "max_tokens": 2}).status_code == 200
 
 

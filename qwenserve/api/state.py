@@ -17,7 +17,7 @@ from qwenserve.api.errors import APIError, aborted, from_invalid_request, unavai
 from qwenserve.api.logprobs import byte_level_token_bytes
 from qwenserve.api.metrics import Metrics
 from qwenserve.engine.guided import Guide
-from qwenserve.engine.outputs import RequestOutput
+from qwenserve.engine.outputs import FINISH_GRAMMAR_DEAD_END, RequestOutput
 from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from qwenserve.tool_parser import get_tool_parser_class
 
@@ -151,7 +151,7 @@ class ServerState:
         if not prompt_ids:
             raise APIError(400, "The prompt is empty.", param=prompt_param)
         try:
-            return _with_api_errors(self.engine.add_request(request_id, prompt_ids, params))
+            return _with_api_errors(self.engine.add_request(request_id, prompt_ids, params), params)
         except InvalidRequestError as exc:
             err = from_invalid_request(exc)
             if err.param in ("prompt", "messages"):
@@ -170,13 +170,24 @@ class ServerState:
         self._grammar.shutdown(wait=False, cancel_futures=True)
 
 
-async def _with_api_errors(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+async def _with_api_errors(stream: AsyncIterator[RequestOutput], params: SamplingParams) -> AsyncIterator[RequestOutput]:
     """The engine's stream, its failures raised as API errors: the shutdown abort as the 503 `aborted`,
-    a failed step as a 500 and a GPU fault as a 503 naming what happened."""
+    a failed step as a 500, a GPU fault as a 503 naming what happened, and a guided answer that its
+    grammar let run into a dead end as a 400 naming the field that asked for it."""
     from qwenserve.engine.async_engine import EngineDeadError, GenerationFailedError, RequestAbortedError
 
     try:
         async for out in stream:
+            if out.finish_reason == FINISH_GRAMMAR_DEAD_END:
+                param = params.guide.param if params.guide is not None else None
+                raise APIError(
+                    400,
+                    f"The answer reached a point after which '{param}' allows no text at all, so no answer can "
+                    "satisfy it: some part of it matches nothing (an impossible 'pattern', an empty 'anyOf', "
+                    "...). Fix that part.",
+                    param=param,
+                    code="grammar_dead_end",
+                )
             yield out
     except RequestAbortedError as exc:
         raise aborted() from exc

@@ -9,6 +9,7 @@ the engine's check (engine.guided).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from qwenserve.api.errors import bad_request
@@ -80,6 +81,13 @@ def _schema_guide(schema: Any, param: str) -> Guide:
     if (bad := bad_text_path(schema)) is not None:  # a schema given as a string skipped the request's check
         what = "is nested too deeply" if bad[1] == "depth" else "holds a lone UTF-16 surrogate"
         raise bad_request(f"'{param}' {what} (at {bad[0] or 'its top'}).", param=param)
+    if (found := empty_combinator(schema)) is not None:
+        path, keyword = found
+        raise bad_request(
+            f"'{param}' has an empty '{keyword}'{f' (at {path})' if path else ''}: nothing can match it (JSON "
+            "Schema requires at least one entry).",
+            param=param,
+        )
     if (found := unenforced_keyword(schema)) is not None:
         path, keyword = found
         raise bad_request(
@@ -102,28 +110,48 @@ _SCHEMA_VALUES = ("items", "additionalProperties", "unevaluatedItems", "unevalua
 
 
 def unenforced_keyword(schema: dict[str, Any]) -> tuple[str, str] | None:
-    """(where, keyword) of the first constraint in `schema` that the grammar would not enforce, or None.
-    Iterative, so any depth is safe."""
+    """(where, keyword) of the first constraint in `schema` that the grammar would not enforce, or None."""
+    return _find(schema, lambda node: _empty_combinator(node) or _unenforced_in(node))
+
+
+def empty_combinator(schema: dict[str, Any]) -> tuple[str, str] | None:
+    """(where, keyword) of the first anyOf / oneOf / allOf in `schema` given as an empty list, or None:
+    JSON Schema forbids one, and xgrammar reads it as the empty text (an answer such as `[,`)."""
+    return _find(schema, _empty_combinator)
+
+
+def _find(schema: dict[str, Any], test: Callable[[dict[str, Any]], str | None]) -> tuple[str, str] | None:
+    """(where, what) for the first subschema on which `test` names something. Iterative: any depth is safe."""
     stack: list[tuple[Any, str]] = [(schema, "")]
     while stack:
         node, path = stack.pop()
         if not isinstance(node, dict):
             continue
-        for keyword in _UNENFORCED:
-            if keyword in node:
-                return path, keyword
-        if node.get("uniqueItems") is True:
-            return path, "uniqueItems"
-        if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
-            return path, "allOf"  # one entry is compiled as itself; an intersection is not
-        if "multipleOf" in node and (node.get("type") != "integer" or any(k in node for k in _BOUNDS)):
-            return path, "multipleOf"  # enforced only on an integer without bounds
-        if ("pattern" in node or "format" in node) and ("minLength" in node or "maxLength" in node):
-            return path, "minLength" if "minLength" in node else "maxLength"  # lengths are dropped beside these
-        ref = node.get("$ref")
-        if isinstance(ref, str) and not ref.startswith("#"):
-            return path, "$ref"  # only references inside the schema resolve; nothing is fetched
+        if (found := test(node)) is not None:
+            return path, found
         stack.extend(_subschemas(node, path))
+    return None
+
+
+def _empty_combinator(node: dict[str, Any]) -> str | None:
+    return next((key for key in ("anyOf", "oneOf", "allOf") if node.get(key) == []), None)
+
+
+def _unenforced_in(node: dict[str, Any]) -> str | None:
+    for keyword in _UNENFORCED:
+        if keyword in node:
+            return keyword
+    if node.get("uniqueItems") is True:
+        return "uniqueItems"
+    if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
+        return "allOf"  # one entry is compiled as itself; an intersection is not
+    if "multipleOf" in node and (node.get("type") != "integer" or any(k in node for k in _BOUNDS)):
+        return "multipleOf"  # enforced only on an integer without bounds
+    if ("pattern" in node or "format" in node) and ("minLength" in node or "maxLength" in node):
+        return "minLength" if "minLength" in node else "maxLength"  # lengths are dropped beside these
+    ref = node.get("$ref")
+    if isinstance(ref, str) and not ref.startswith("#"):
+        return "$ref"  # only references inside the schema resolve; nothing is fetched
     return None
 
 

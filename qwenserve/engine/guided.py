@@ -87,7 +87,7 @@ class GuideCompiler:
             raise InvalidRequestError(
                 f"'{guide.param}' cannot be used for structured output: {_clean_error(err)}", param=guide.param
             ) from err
-        if not _allows_any_start(compiled):
+        if not _allows_some_text(compiled, self._stop_token_ids):
             raise InvalidRequestError(
                 f"'{guide.param}' matches no text at all: no answer could satisfy it", param=guide.param
             )
@@ -128,13 +128,17 @@ def _compile(compiler: Any, guide: Guide) -> Any:
     return compiler.compile_grammar(guide.value)
 
 
-def _allows_any_start(compiled: Any) -> bool:
-    r"""Whether the grammar allows some first token (a regex such as [^\s\S] allows none)."""
+def _allows_some_text(compiled: Any, stop_token_ids: list[int]) -> bool:
+    r"""Whether the grammar allows some first token besides ending at once (a regex such as [^\s\S]
+    allows nothing; xgrammar reads a schema's empty anyOf as the empty text)."""
     import xgrammar
 
     matcher = xgrammar.GrammarMatcher(compiled)
     bitmask = xgrammar.allocate_token_bitmask(1, compiled.tokenizer_info.vocab_size)
     matcher.fill_next_token_bitmask(bitmask, 0)
+    for token_id in stop_token_ids:
+        bit = torch.tensor(1 << (token_id % 32), dtype=torch.int64).to(torch.int32)  # bit 31 wraps to int32
+        bitmask[0, token_id // 32] &= ~bit
     return bool(bitmask.any())
 
 

@@ -25,7 +25,7 @@ from qwenserve.engine.block_manager import BlockManager
 from qwenserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from qwenserve.engine.guided import Guide, GuideCompiler
 from qwenserve.engine.model_runner import ModelRunner, PendingStep, StepResult, kv_bytes_per_block, select_ops
-from qwenserve.engine.outputs import RequestOutput, TokenLogprob
+from qwenserve.engine.outputs import FINISH_GRAMMAR_DEAD_END, RequestOutput, TokenLogprob
 from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from qwenserve.engine.scheduler import ScheduledBatch, Scheduler
 from qwenserve.engine.sequence import PENDING_TOKEN, Sequence
@@ -588,7 +588,11 @@ class LLMEngine:
             state.new_ids.append(token_id)
             if seq.params.logprobs is not None and result.logprobs is not None:
                 state.new_logprobs.append(self._token_logprob(result, row, token_id, seq.params.logprobs))
-            self._check_stop(seq, token_id, state, grammar_ended=self._advance_grammar(seq, token_id))
+            grammar = self._advance_grammar(seq, token_id)
+            if grammar == "dead_end":
+                seq.finish_reason = FINISH_GRAMMAR_DEAD_END
+            else:
+                self._check_stop(seq, token_id, state, grammar_ended=grammar == "terminated")
             if seq.finish_reason is not None:
                 del seq.token_ids[index + 1 :]  # the token already launched after this one
                 seq.num_pending_tokens = 0
@@ -624,14 +628,17 @@ class LLMEngine:
         return TokenLogprob(token_id, decode([token_id]), result.logprobs[row], top)
 
     @staticmethod
-    def _advance_grammar(seq: Sequence, token_id: int) -> bool:
-        """Feed a guided sequence's new token to its matcher; True when the grammar allows nothing more."""
+    def _advance_grammar(seq: Sequence, token_id: int) -> str | None:
+        """Feed a guided sequence's new token to its matcher: "terminated" when the grammar is complete,
+        "dead_end" when the token is outside it, else None (unguided sequences too)."""
         if seq.matcher is None:
-            return False
-        if not seq.matcher.accept_token(token_id):  # the mask allowed no token at all (all -inf)
-            logger.warning("request %s: token %d is outside its grammar; ending it", seq.request_id, token_id)
-            return True
-        return seq.matcher.is_terminated()
+            return None
+        if not seq.matcher.accept_token(token_id):
+            # Only when the mask allowed no token at all: the text so far leads nowhere the grammar allows
+            # (a part of the schema no text can match), so no valid answer can follow.
+            logger.warning("request %s: its grammar allows no token after this text; ending it", seq.request_id)
+            return "dead_end"
+        return "terminated" if seq.matcher.is_terminated() else None
 
     def _check_stop(self, seq: Sequence, token_id: int, state: _SeqState, grammar_ended: bool = False) -> None:
         params = seq.params

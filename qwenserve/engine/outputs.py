@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# A guided sequence reached text after which its grammar allows no token at all (a schema part no text
+# can match, such as an impossible pattern): no valid answer can follow, so it ends there, and the
+# server answers it as an error.
+FINISH_GRAMMAR_DEAD_END = "grammar_dead_end"
+
 
 @dataclass
 class TokenLogprob:
@@ -21,7 +26,8 @@ class RequestOutput:
 
     `text` and `token_ids` hold only what is new since the previous output for this
     `index`. `finish_reason` is None until the last output: then "stop" (EOS, stop
-    token or stop string), "length" (max_tokens or context full) or "abort".
+    token or stop string), "length" (max_tokens or context full), "abort", or
+    FINISH_GRAMMAR_DEAD_END (a guided sequence whose grammar allows no next token).
     """
 
     request_id: str
