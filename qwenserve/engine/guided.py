@@ -155,6 +155,10 @@ def fill_bitmask(matchers: list[Any], vocab_size: int, pin: bool) -> torch.Tenso
     bitmask = torch.full((len(matchers), -(-vocab_size // 32)), -1, dtype=torch.int32, pin_memory=pin)
     for row, matcher in enumerate(matchers):
         matcher.fill_next_token_bitmask(bitmask, row)
+        if not bitmask[row].any():
+            # A dead end (text no continuation of the grammar allows): an all -inf row would sample NaN
+            # probabilities, so it samples token 0, which the matcher then rejects, ending the sequence.
+            bitmask[row, 0] = 1
     return bitmask
 
 

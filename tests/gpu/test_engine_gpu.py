@@ -222,3 +222,11 @@ def test_structured_output_on_the_graphed_fast_path() -> None:
     assert all(math.isfinite(lp.logprob) for lp in outs[3][0].logprobs)
     assert sorted(c.text for c in outs[4]) in (["no", "no"], ["no", "yes"], ["yes", "yes"])
     assert eng._num_guided_requests == 0 and eng.block_manager.usage() == 0
+    # A dead end (the string may open, but its pattern admits no character), sampled through the kernels
+    # beside an unguided row: the guided one ends as a dead end, the other decodes what it decodes alone.
+    impossible = {"type": "object", "properties": {"a": {"type": "string", "pattern": "[^\\s\\S]"}},
+                  "required": ["a"]}  # fmt: skip
+    dead = SamplingParams(**qwen_code, max_tokens=20, guide=Guide("json_schema", json.dumps(impossible)))
+    outs = eng.generate([prompts[1], prompts[0]], [plain[1], dead])
+    assert outs[0][0].token_ids == alone[1] and outs[1][0].finish_reason == "grammar_dead_end"
+    assert eng._num_guided_requests == 0 and eng.block_manager.usage() == 0
