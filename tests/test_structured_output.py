@@ -295,3 +295,19 @@ def test_forced_calls_keep_call_markup_out_of_values(server: ServerProcess, clie
         calls = r.choices[0].message.tool_calls or []
         assert r.choices[0].finish_reason in ("tool_calls", "length"), r
         assert calls and all(c.function.name in ("set_count", "loose") for c in calls), r
+
+
+def test_a_forced_answer_cut_short_holds_no_markup(server: ServerProcess) -> None:
+    """Under a forced call's grammar the answer is nothing but calls, whose opening tag the grammar may
+    spell in several tokens: cut by max_tokens inside a second call's opening, no '<tool_ca' reaches
+    the content (streamed or not)."""
+    now = {"type": "function", "function": {"name": "now"}}
+    body = {"messages": [{"role": "user", "content": "List the files in this directory"}], "tools": [now],
+            "tool_choice": {"type": "function", "function": {"name": "now"}}, "temperature": 0}  # fmt: skip
+    for max_tokens in range(10, 40, 2):
+        r = server.post(CHAT, json={**body, "max_tokens": max_tokens})
+        assert r.status_code == 200, r.text
+        message = r.json()["choices"][0]["message"]
+        assert message["content"] is None, (max_tokens, message)
+        streamed = server.post(CHAT, json={**body, "max_tokens": max_tokens, "stream": True}).text
+        assert '"content": "' not in streamed.replace('"content": ""', ""), (max_tokens, streamed)

@@ -142,6 +142,7 @@ class ToolPlan:
     parse: bool
     forced_prefix: str = ""
     must_call: tuple[str, ...] = ()  # tool_choice required / named: the functions one of which must be called
+    calls_only: bool = False  # a grammar makes the answer nothing but calls: text outside them is markup
 
 
 def is_xml_tool_format(chat_template: str | None) -> bool:

@@ -82,13 +82,13 @@ class ChatCompletions:
         except InvalidRequestError as err:
             logger.info("tool_choice: the tools' schemas give no grammar (%s); the call is forced unconstrained", err)
             return plan
-        return replace(plan, forced_prefix="")
+        return replace(plan, forced_prefix="", calls_only=True)
 
     def parser(self, plan: ToolPlan) -> Any | None:
         """A fresh tool-call parser for one output, or None when the output is plain text."""
         if not plan.parse or self.state.tool_parser_cls is None:
             return None
-        return self.state.tool_parser_cls(plan.tools)
+        return self.state.tool_parser_cls(plan.tools, calls_only=plan.calls_only)
 
     async def prepare(self, req: ChatCompletionRequest, text_format: Guide | None = None) -> PreparedChat:
         """Validate, map the sampling fields, plan the tools and render the prompt.

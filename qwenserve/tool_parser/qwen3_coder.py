@@ -125,9 +125,15 @@ class ToolParserBase:
     (so the newlines around and between calls never reach the client).
     """
 
-    def __init__(self, tools: Sequence[Any] | None = None) -> None:
-        """Create a parser for one request's ``tools`` (OpenAI tool dicts; may be None/empty)."""
+    def __init__(self, tools: Sequence[Any] | None = None, calls_only: bool = False) -> None:
+        """Create a parser for one request's ``tools`` (OpenAI tool dicts; may be None/empty).
+
+        ``calls_only``: the output is known to hold nothing but calls (a grammar wrote it), so any text
+        outside them is dropped, such as a call's opening tag cut short by max_tokens, which a grammar
+        may spell in several tokens.
+        """
         self._schemas = ToolSchemas(tools)
+        self._calls_only = calls_only
         self._reset()
 
     # ------------------------------------------------------------------ public API
@@ -140,7 +146,7 @@ class ToolParserBase:
         with ``arguments`` a JSON object string. Does not touch the streaming state.
         """
         worker = type(self).__new__(type(self))
-        worker._schemas = self._schemas
+        worker._schemas, worker._calls_only = self._schemas, self._calls_only
         worker._reset()
         return assemble(worker.feed(text) + worker.finish())
 
@@ -238,7 +244,7 @@ class ToolParserBase:
     # ------------------------------------------------------------------ emission helpers
 
     def _emit_content(self, text: str) -> None:
-        if not text:
+        if not text or self._calls_only:
             return
         if not self._seg_started:
             if text.isspace():
