@@ -347,6 +347,7 @@ def test_accepted_and_ignored_fields(client: openai.OpenAI) -> None:
     )  # fmt: skip
     assert resp.output_text == "The capital of France is Paris." and resp.user == "u"
     assert resp.top_p == pytest.approx(0.9) and resp.parallel_tool_calls is False
+    assert (resp.reasoning.effort, resp.reasoning.summary) == ("high", "auto")  # echoed, as OpenAI does
 
 
 # ---- unit tests of the mapping (no server) ----
