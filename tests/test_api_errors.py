@@ -153,6 +153,10 @@ BAD_INPUTS: list[tuple[str, Any, str | None]] = [
      "stream_options.continuous_usage_stats"),
     (CHAT, {"messages": HI, "functions": [{"name": "f", "parameters": {}}]}, "functions"),
     (CHAT, {"messages": HI, "function_call": "auto"}, "function_call"),
+    # OpenAI features this server has no part of: refused rather than answered in text without them
+    (CHAT, {"messages": HI, "modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "modalities"),
+    (CHAT, {"messages": HI, "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    (CHAT, {"messages": HI, "web_search_options": {}}, "web_search_options"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"-1": 5}}, "logit_bias"),
     ("/v1/completions", {"prompt": "x", "echo": "no"}, "echo"),
     ("/v1/completions", {"prompt": "x", "best_of": 0}, "best_of"),
@@ -307,7 +311,8 @@ def test_accepted_no_op_fields(server: ServerProcess) -> None:
     """The forms of unsupported fields that ask for nothing (text format, an empty bias) are fine."""
     body = {"messages": HI, "max_tokens": 3, "response_format": {"type": "text"}, "logit_bias": {},
             "top_logprobs": 0, "temperature": 0, "max_completion_tokens": 2, "echo": False,
-            "guided_json": None, "prompt_logprobs": None}  # fmt: skip
+            "guided_json": None, "prompt_logprobs": None, "modalities": ["text"], "audio": None,
+            "web_search_options": None}  # fmt: skip
     r = server.post(CHAT, json=body)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 2  # max_completion_tokens wins over max_tokens

@@ -148,6 +148,9 @@ class ChatCompletionRequest(SamplingFields):
     function_call: Any = None
     chat_template: Any = None  # vLLM's per-request template: refused (api.sampling)
     echo: Any = None  # vLLM's chat echo: refused (api.sampling)
+    modalities: Any = None  # OpenAI's audio output and web search: refused unless text only (serving_chat)
+    audio: Any = None
+    web_search_options: Any = None
 
 
 class CompletionRequest(SamplingFields):

@@ -138,6 +138,13 @@ def check_chat_fields(req: ChatCompletionRequest) -> None:
         )
     if req.top_logprobs and not req.logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
+    if req.modalities not in (None, ["text"]) or req.audio is not None or req.web_search_options is not None:
+        param = next(p for p in ("modalities", "audio", "web_search_options") if getattr(req, p) not in (None, ["text"]))
+        raise bad_request(
+            f"'{param}' is not supported: this server answers in text and has no web search.",
+            param=param,
+            code="unsupported_parameter",
+        )
     if req.functions is not None or req.function_call is not None:
         param = "functions" if req.functions is not None else "function_call"
         raise bad_request(
