@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -35,6 +36,26 @@ def _length(text: str) -> int:
         return int(float(t[:-1]) * scale) if scale > 1 else int(t)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not a token count: {text!r} (use e.g. 32768, 32k or 1m)") from exc
+
+
+def _origins(text: str) -> list[str]:
+    """Origins as vLLM takes them (a JSON list: '["*"]') or comma-separated."""
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not a JSON list of origins: {text!r} ({exc.msg})") from exc
+        if not isinstance(value, list) or not all(isinstance(o, str) for o in value):
+            raise argparse.ArgumentTypeError(f"not a JSON list of origin strings: {text!r}")
+        origins = value
+    else:
+        origins = stripped.split(",")
+    origins = [o.strip().rstrip("/") for o in origins if o.strip()]
+    bad = [o for o in origins if o != "*" and "://" not in o]
+    if bad:
+        raise argparse.ArgumentTypeError(f"an origin is a scheme and host, such as https://app.example: got {bad[0]!r}")
+    return origins
 
 
 def _port(text: str) -> int:
@@ -71,6 +92,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--api-key",
         default=None,
         help="require 'Authorization: Bearer KEY' on every route but /health (env QWENSERVE_API_KEY)",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        type=_origins,
+        metavar="ORIGINS",
+        help="web pages (origins) whose scripts may call the API (CORS): a JSON list as in vLLM ('[\"*\"]' for "
+        "any) or comma-separated; default: pages served from this machine (localhost, 127.0.0.1, [::1])",
     )
     p.add_argument("--max-model-len", type=_length, help="context length; none: the model's")
     mem = p.add_mutually_exclusive_group()
@@ -269,6 +297,7 @@ def serve(args: argparse.Namespace) -> int:
         # From the environment rather than an argparse default, so --help never shows it.
         api_key=args.api_key or env_key or None,
         log_requests=args.log_requests,
+        allowed_origins=args.allowed_origins,
     )
     if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(

@@ -83,6 +83,26 @@ def test_api_key_required_everywhere_but_health(server: ServerProcess) -> None:
     assert good.models.list().data[0].id == "qwen3-coder-demo"
 
 
+def test_browsers_on_this_machine_may_call_the_api(server: ServerProcess) -> None:
+    """CORS: a page served from this machine passes the preflight (which carries no key) and reads the
+    answer; a page from elsewhere does not. Every response carries an x-request-id, the client's if sent."""
+    base = server.base_url
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
+    for origin in ("http://localhost:3000", "http://127.0.0.1:5173", "http://[::1]:8080"):
+        r = httpx.options(f"{base}/v1/chat/completions", headers={"Origin": origin, **preflight})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin, r.headers
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    r = httpx.options(f"{base}/v1/chat/completions", headers={"Origin": "https://elsewhere.example", **preflight})
+    assert "access-control-allow-origin" not in r.headers
+    r = httpx.get(f"{base}/v1/models", headers={"Origin": "http://localhost:3000", "x-request-id": "trace-7", **server.headers})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert r.headers["x-request-id"] == "trace-7" and "x-request-id" in r.headers["access-control-expose-headers"]
+    good = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+    completion = good.chat.completions.create(model="m", messages=HI, max_tokens=1)
+    assert completion._request_id and completion._request_id.startswith("req_")
+    assert httpx.get(f"{base}/nope").headers["x-request-id"].startswith("req_")  # errors too
+
+
 CHAT = "/v1/chat/completions"
 BAD_INPUTS: list[tuple[str, Any, str | None]] = [
     (CHAT, b"{not json", None),

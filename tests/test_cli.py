@@ -193,3 +193,17 @@ def test_token_counts_take_k_and_m() -> None:
     assert parse("--max-model-len", "40960").max_model_len == 40960
     with pytest.raises(SystemExit):
         parse("--max-model-len", "lots")
+
+
+def test_allowed_origins_take_vllms_json_list_or_commas(capsys: pytest.CaptureFixture[str]) -> None:
+    from qwenserve.api.server import LOCAL_ORIGINS, cors_options
+
+    assert parse().allowed_origins is None and cors_options(None)["allow_origin_regex"] == LOCAL_ORIGINS
+    assert parse("--allowed-origins", '["*"]').allowed_origins == ["*"]
+    assert cors_options(["https://a.example", "*"])["allow_origins"] == ["*"]
+    both = parse("--allowed-origins", "https://a.example, http://b.example:8080/").allowed_origins
+    assert both == ["https://a.example", "http://b.example:8080"] and cors_options(both)["allow_origins"] == both
+    for bad in ('["*"', "[1]", "a.example"):
+        with pytest.raises(SystemExit):
+            parse("--allowed-origins", bad)
+        assert "origin" in capsys.readouterr().err

@@ -1,11 +1,13 @@
 """ASGI middlewares: answer 503 while the model loads, count responses by route and status (and log
-the refused ones), read every POST body as JSON, and refuse bodies too large to be a prompt."""
+the refused ones), read every POST body as JSON, refuse bodies too large to be a prompt, and tag every
+response with a request id."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import uuid
 from collections.abc import Callable
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -74,6 +76,29 @@ class LoadingGateMiddleware:
 # Routes polled by monitors: their refusals (503 while loading) would flood the log.
 _QUIET_ROUTES = frozenset({"/health", "/metrics"})
 _MAX_LOGGED_BODY = 4096
+
+
+class RequestIdMiddleware:
+    """Every response carries `x-request-id`, as OpenAI's do (the SDK shows it as `_request_id`): the one
+    the client sent when it is a short printable token, else a new one."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"")
+        request_id = given if 0 < len(given) <= 128 and given.isascii() and given.decode().isprintable() else None
+        header = (b"x-request-id", request_id or f"req_{uuid.uuid4().hex}".encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class StatusCountMiddleware:

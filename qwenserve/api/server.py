@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -29,6 +30,7 @@ from qwenserve.api.middleware import (
     InternalErrorMiddleware,
     JSONBodyMiddleware,
     LoadingGateMiddleware,
+    RequestIdMiddleware,
     StatusCountMiddleware,
     TrailingSlashMiddleware,
 )
@@ -144,9 +146,25 @@ def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     app.add_middleware(StatusCountMiddleware, metrics=ctx.metrics)
+    # Outside the key check: a browser's preflight carries no credentials.
+    app.add_middleware(CORSMiddleware, **cors_options(settings.allowed_origins))
+    app.add_middleware(RequestIdMiddleware)
     app.add_middleware(TrailingSlashMiddleware)  # outermost: every layer sees the route's own path
     _add_routes(app, ctx)
     return app
+
+
+# Pages served from this machine, on any port: a local web UI may call the API, while any other site the
+# user's browser opens may not (it would use the GPU, and read the answers).
+LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+
+
+def cors_options(allowed_origins: list[str] | None) -> dict[str, Any]:
+    """CORSMiddleware's settings: the given origins ("*": any), else pages served from this machine."""
+    where: dict[str, Any] = {"allow_origin_regex": LOCAL_ORIGINS}
+    if allowed_origins is not None:
+        where = {"allow_origins": ["*"] if "*" in allowed_origins else allowed_origins}
+    return {**where, "allow_methods": ["*"], "allow_headers": ["*"], "expose_headers": ["x-request-id"]}
 
 
 def _add_routes(app: FastAPI, ctx: AppContext) -> None:

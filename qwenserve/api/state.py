@@ -52,6 +52,7 @@ class ServerSettings:
     served_model_names: list[str] = field(default_factory=list)
     api_key: str | None = None
     log_requests: bool = False
+    allowed_origins: list[str] | None = None  # CORS; None: pages served from this machine only
 
 
 class ServerState:
