@@ -201,10 +201,20 @@ def test_min_tokens_masks_stop_tokens(engine: LLMEngine) -> None:
 def test_n_choices_share_the_prompt(engine: LLMEngine) -> None:
     p = prompts(1, seed=31, lo=70, hi=71)[0]
     params = SamplingParams(temperature=1.0, n=3, seed=7, max_tokens=6, ignore_eos=True)
+    engine.add_request("share", p, params)
+    seqs = engine.requests["share"].seqs
+    while not all(s.num_computed_tokens >= len(p) for s in seqs):
+        engine.step()
+    assert all(s.block_table[:4] == seqs[0].block_table[:4] for s in seqs[1:])  # the prompt's 4 full blocks
+    while engine.has_unfinished():
+        engine.step()
     outs = engine.generate([p], params)[0]
     assert [o.index for o in outs] == [0, 1, 2]
     assert len({tuple(o.token_ids) for o in outs}) > 1
-    assert all(o.num_cached_tokens >= 64 for o in outs[1:])  # siblings reuse the first choice's blocks
+    # Sharing choice 0's blocks is no cache hit: a new prompt reports none, a repeated one its cached prefix.
+    fresh = engine.generate([prompts(1, seed=32, lo=70, hi=71)[0]], params)[0]
+    assert [o.num_cached_tokens for o in fresh] == [0, 0, 0]
+    assert outs[0].num_cached_tokens == 64 and max(o.num_cached_tokens for o in outs) == 64
 
 
 def test_prompt_that_can_never_fit_is_refused(tiny_moe_dir: Path) -> None:

@@ -90,7 +90,9 @@ class Scheduler:
             seq = self.waiting[0]
             num_cached = bm.allocate_cached_prefix(seq)
             if not seq.admitted:
-                seq.num_cached_tokens = num_cached
+                # A sibling (n > 1) finds the prompt choice 0 just computed: for the request that is no
+                # cache hit, so only choice 0 reports one (usage takes the largest).
+                seq.num_cached_tokens = num_cached if seq.index == 0 else 0
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not bm.ensure_capacity(seq, seq.num_computed_tokens + num_new):
                 bm.free(seq)
