@@ -273,6 +273,16 @@ def test_stop_string(client: openai.OpenAI) -> None:
     assert kept.choices[0].message.content == "The capital of France is Paris"
 
 
+def test_stop_strings_do_not_cut_inside_the_call_tag(client: openai.OpenAI) -> None:
+    """'<tool_call>' is one token: a stop string matching a piece of its text ('a', '<') does not cut
+    it and leave '<tool_c' in the content; a stop string can still cut the call itself."""
+    for stop in ("a", "<", "_c"):
+        r = client.chat.completions.create(model="m", messages=LIST_FILES, tools=[SHELL_TOOL], temperature=0,
+                                           max_tokens=48, stop=[stop])  # fmt: skip
+        content = r.choices[0].message.content or ""
+        assert "<tool" not in content and not content.startswith("<"), (stop, r)
+
+
 def test_min_tokens_holds_back_stop_tokens_and_strings(client: openai.OpenAI) -> None:
     """min_tokens as vLLM means it: the EOS cannot be sampled and stop strings do not match before
     it (the answer ends after 8 tokens; an EOS sampled and hidden would be fed back to the model)."""

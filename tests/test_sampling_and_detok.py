@@ -169,6 +169,22 @@ def test_stop_matcher_holds_back_only_possible_prefixes() -> None:
     assert hit == "</stop>" and out.endswith("</stop>")
 
 
+def test_stop_strings_never_match_inside_a_control_token() -> None:
+    """`<tool_call>` is one token: a stop string matches it only whole (or ending with it), never a
+    piece of it, and a prefix held back before it is released with it."""
+    m = StopStringMatcher(["a", "<"])
+    assert m.add_control("<tool_call>") == ("<tool_call>", None)
+    assert m.add("\nab")[1] == "a"
+    held = StopStringMatcher(["<tool"])
+    assert held.add("x <to") == ("x", None)  # " <to" may begin the stop string: held back
+    assert held.add_control("<tool_call>") == (" <to<tool_call>", None)
+    whole = StopStringMatcher(["\n<tool_call>", "<|im_end|>"], include_stop=True)
+    assert whole.add("Done.\n") == ("", None)
+    assert whole.add_control("<tool_call>") == ("Done.\n<tool_call>", "\n<tool_call>")
+    assert StopStringMatcher(["<|im_end|>"]).add_control("<|im_end|>") == ("", "<|im_end|>")
+    assert StopStringMatcher(["<tool_call>"]).add_control("<tool_call>", active=False) == ("<tool_call>", None)
+
+
 def test_a_burst_fills_free_running_slots_before_the_queue_limit(tiny_moe_dir: Path) -> None:
     """Four running slots and one queue place: five requests added back to back (before the engine
     thread takes any in) are all accepted; they are not all 'waiting'."""

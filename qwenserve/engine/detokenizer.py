@@ -83,6 +83,21 @@ class StopStringMatcher:
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out, None
 
+    def add_control(self, text: str, active: bool = True) -> tuple[str, str | None]:
+        """Feed a control token's text (Qwen's `<tool_call>`, ...): a stop string may end with it whole
+        but never match a piece of it (stop "a" inside `<tool_call>` left the client '<tool_c'), so no
+        match can continue past it and what was held back is released with it."""
+        if not self.stop:
+            return text, None
+        for s in self.stop if active else ():
+            head = s[: len(s) - len(text)]
+            if s.endswith(text) and self.pending.endswith(head):
+                kept = self.pending[: len(self.pending) - len(head)]
+                self.pending = ""
+                return (kept + s if self.include_stop else kept), s
+        out, self.pending = self.pending + text, ""
+        return out, None
+
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out

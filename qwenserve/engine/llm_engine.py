@@ -186,6 +186,8 @@ class LLMEngine:
         path, name, is_demo = self._model_source()
         self.model_config: ModelConfig = load_model_config(path)
         self.tokenizer = _load_tokenizer(path)
+        # Tokens whose text is markup (<tool_call>, <|im_end|>, ...): stop strings never match inside them.
+        self.control_token_ids = frozenset(getattr(self.tokenizer, "added_tokens_decoder", None) or ())
         max_len = self._context_length()
         if self.device.type == "cpu":
             _limit_cpu_threads(self.model_config)
@@ -650,7 +652,8 @@ class LLMEngine:
         if is_stop_token and seq.num_known_output_tokens > params.min_tokens:
             seq.finish_reason, seq.stop_reason = "stop", token_id
         else:
-            text, matched = state.stop.add(state.detok.add(token_id), active)
+            add = state.stop.add_control if token_id in self.control_token_ids else state.stop.add
+            text, matched = add(state.detok.add(token_id), active)
             state.new_text.append(text)
             if matched is not None:
                 seq.finish_reason, seq.stop_reason = "stop", matched
