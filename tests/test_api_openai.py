@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -470,6 +472,21 @@ def test_metrics_and_request_log(server: ServerProcess) -> None:
         r"request chatcmpl-\w+: prompt=\d+ cached=\d+ generated=\d+ ttft=[\d.]+s [\d.]+ tok/s .* finish=\w+"
     )
     assert line.search(server.log()), "one log line per request"
+
+
+def test_a_client_gone_before_its_body_arrived_is_no_bad_request(server: ServerProcess) -> None:
+    """Headers promising 1,000 bytes, 6 sent, then the connection closed: counted as 499 (nginx's
+    'client closed request'), not as a 400 and a log line about invalid JSON."""
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"mess")  # fmt: skip
+            time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while 'status="499"} 2.0' not in server.get("/metrics").text and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert 'qwenserve_requests_total{route="/v1/chat/completions",status="499"} 2.0' in server.get("/metrics").text
+    assert "could not be read as JSON" not in server.log()
 
 
 def test_docs_and_health(server: ServerProcess) -> None:

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from qwenserve.engine.sampling_params import InvalidRequestError
 
@@ -171,6 +172,10 @@ def install_error_handlers(app: FastAPI) -> None:
             message = unknown_route_message(request.method, request.url.path, {r.path for r in app.routes})
         elif exc.status_code == 405:
             message = f"Method {request.method} is not allowed on {request.url.path}"
+        elif exc.status_code == 400 and isinstance(exc.__cause__, ClientDisconnect):
+            # Nobody reads this answer; its status (nginx's 499) keeps the log and metrics from calling it a 400.
+            return APIError(499, "The client closed the connection before its request body arrived.",
+                            code="client_closed_request").response()  # fmt: skip
         elif exc.status_code == 400 and exc.__cause__ is not None:
             # FastAPI's body reader turns any failure but a JSON syntax error into a bare "error parsing the body".
             return unreadable_body(exc.__cause__).response()
