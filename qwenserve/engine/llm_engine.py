@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,6 +142,13 @@ def _limit_cpu_threads(cfg: ModelConfig) -> None:
         torch.set_num_threads(1)
 
 
+def _control_token_ids(tokenizer: Any) -> frozenset[int]:
+    """The added tokens whose text is markup (<tool_call>, <|im_end|>, <|fim_middle|>, ...): stop strings
+    never match a piece of them. Not every added token: a tokenizer may add plain words too."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return frozenset(i for i, tok in added.items() if re.fullmatch(r"<.+>", str(getattr(tok, "content", tok))))
+
+
 def _load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
@@ -186,8 +194,7 @@ class LLMEngine:
         path, name, is_demo = self._model_source()
         self.model_config: ModelConfig = load_model_config(path)
         self.tokenizer = _load_tokenizer(path)
-        # Tokens whose text is markup (<tool_call>, <|im_end|>, ...): stop strings never match inside them.
-        self.control_token_ids = frozenset(getattr(self.tokenizer, "added_tokens_decoder", None) or ())
+        self.control_token_ids = _control_token_ids(self.tokenizer)
         max_len = self._context_length()
         if self.device.type == "cpu":
             _limit_cpu_threads(self.model_config)
