@@ -474,6 +474,20 @@ def test_metrics_and_request_log(server: ServerProcess) -> None:
     assert line.search(server.log()), "one log line per request"
 
 
+def test_a_prompt_far_over_the_context_is_refused_from_a_partial_count(server: ServerProcess) -> None:
+    """Over a million characters (and 16 per context token) the prompt is counted slice by slice and
+    refused once certainly too long: the tokenizer thread, which serves every request, is not held for
+    all of it."""
+    for path, body, param in [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello " * 200_000}]}, "messages"),
+        ("/v1/completions", {"prompt": "hello " * 200_000}, "prompt"),
+    ]:
+        r = server.post(path, json={"model": "m", **body})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == param and err["code"] == "context_length_exceeded", err
+        assert "more than" in err["message"] and "32768" in err["message"], err
+
+
 def test_a_client_gone_before_its_body_arrived_is_no_bad_request(server: ServerProcess) -> None:
     """Headers promising 1,000 bytes, 6 sent, then the connection closed: counted as 499 (nginx's
     'client closed request'), not as a 400 and a log line about invalid JSON."""

@@ -343,3 +343,11 @@ def test_text_offsets_place_a_character_cut_short_before_the_next_token() -> Non
         streamed = TextOffsets(5)
         assert [o for t in tokens for o in streamed.take([t])] == TextOffsets(5).take(tokens)
     assert TextOffsets().take([list(b"\xf0"), list(b"A")]) == [0, 1]  # a lone lead byte is its own U+FFFD
+
+
+def test_banner_warns_when_the_context_cannot_hold_qwen_codes_first_turn() -> None:
+    from qwenserve.api.banner import ready_banner
+
+    small = ready_banner("127.0.0.1", 8000, "m", 4096, None, False, "/models/m")
+    assert "WARNING" in small and "--max-model-len" in small and '"contextWindowSize": 4096' in small
+    assert "WARNING" not in ready_banner("127.0.0.1", 8000, "m", 32768, None, False, "/models/m")

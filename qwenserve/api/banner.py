@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 
+# qwen-code's first request carries ~17-19k tokens (system prompt and tool schemas, 0.24.4) before the
+# conversation grows: a context below this cannot serve it at all.
+QWEN_CODE_MIN_CONTEXT = 24_576
+
 
 def client_host(host: str) -> str:
     """The address a local client should dial: wildcard binds become loopback."""
@@ -63,4 +67,12 @@ def ready_banner(
         settings,
         "",
     ]
+    if context < QWEN_CODE_MIN_CONTEXT:
+        lines += [
+            f"WARNING: qwen-code's first request alone is ~18k tokens (its system prompt and tools), more than "
+            f"this {context}-token context:",
+            f"  every qwen-code request will be refused. Serve a context of at least {QWEN_CODE_MIN_CONTEXT} "
+            "(--max-model-len, and KV cache memory to hold it).",
+            "",
+        ]
     return "\n".join(lines)

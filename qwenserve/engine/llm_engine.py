@@ -414,8 +414,9 @@ class LLMEngine:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         if n_prompt >= self.max_model_len:
             raise InvalidRequestError(
-                f"the prompt is {n_prompt} tokens long but this model's context is {self.max_model_len} tokens "
-                f"(the prompt must leave room for at least one generated token)",
+                f"the prompt is {n_prompt} tokens long but this server's context is {self.max_model_len} tokens "
+                f"(the prompt must leave room for at least one generated token; the server's --max-model-len, "
+                f"and the KV cache memory, set the context)",
                 param="messages",
                 code="context_length_exceeded",
             )
