@@ -94,12 +94,20 @@ def test_browsers_on_this_machine_may_call_the_api(server: ServerProcess) -> Non
         assert "authorization" in r.headers["access-control-allow-headers"].lower()
     r = httpx.options(f"{base}/v1/chat/completions", headers={"Origin": "https://elsewhere.example", **preflight})
     assert "access-control-allow-origin" not in r.headers
+    # A plain-text POST needs no preflight: refused outright, or the model would run for that page.
+    body = json.dumps({"messages": HI, "max_tokens": 1})
+    r = httpx.post(f"{base}/v1/chat/completions", content=body,
+                   headers={"Origin": "https://elsewhere.example", "Content-Type": "text/plain", **server.headers})  # fmt: skip
+    err = assert_openai_error(r, 403)
+    assert err["code"] == "origin_not_allowed" and "--allowed-origins" in err["message"]
     r = httpx.get(f"{base}/v1/models", headers={"Origin": "http://localhost:3000", "x-request-id": "trace-7", **server.headers})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
     assert r.headers["x-request-id"] == "trace-7" and "x-request-id" in r.headers["access-control-expose-headers"]
     good = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
     completion = good.chat.completions.create(model="m", messages=HI, max_tokens=1)
     assert completion._request_id and completion._request_id.startswith("req_")
+    good.chat.completions.create(model="m", messages=HI, max_tokens=1, extra_headers={"x-request-id": "trace-8"})
+    assert re.search(r"request chatcmpl-\w+: .* x-request-id=trace-8", server.log())  # findable in the log
     assert httpx.get(f"{base}/nope").headers["x-request-id"].startswith("req_")  # errors too
 
 
@@ -177,6 +185,7 @@ BAD_INPUTS: list[tuple[str, Any, str | None]] = [
     (CHAT, {"messages": HI, "modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "modalities"),
     (CHAT, {"messages": HI, "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     (CHAT, {"messages": HI, "web_search_options": {}}, "web_search_options"),
+    (CHAT, {"messages": HI, "audio": ["text"]}, "audio"),  # once a 500: the field's value passed for modalities'
     ("/v1/completions", {"prompt": "x", "logit_bias": {"-1": 5}}, "logit_bias"),
     ("/v1/completions", {"prompt": "x", "echo": "no"}, "echo"),
     ("/v1/completions", {"prompt": "x", "best_of": 0}, "best_of"),
@@ -348,9 +357,9 @@ def test_prompt_longer_than_context_names_both_counts(server: ServerProcess) -> 
 
 
 def test_a_long_prompt_is_refused_with_its_size(server: ServerProcess) -> None:
-    """A text under a million characters is counted whole, so the error gives its size (qwen-code's
+    """A text under 256k characters is counted whole, so the error gives its size (qwen-code's
     ~70k-character first turn against a small context), however many characters a token; one long in
-    characters but short in tokens (a run of spaces) is served. (Over a million: test_api_openai.)"""
+    characters but short in tokens (a run of spaces) is served. (Over that: test_api_openai.)"""
     for path, body, param in [
         (CHAT, {"messages": [{"role": "user", "content": "hello " * 5000}]}, "messages"),
         ("/v1/completions", {"prompt": "hello " * 5000}, "prompt"),

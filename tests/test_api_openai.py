@@ -475,7 +475,7 @@ def test_metrics_and_request_log(server: ServerProcess) -> None:
 
 
 def test_a_prompt_far_over_the_context_is_refused_from_a_partial_count(server: ServerProcess) -> None:
-    """Over a million characters (and 16 per context token) the prompt is counted slice by slice and
+    """Over 256k characters (and 16 per context token) the prompt is counted slice by slice and
     refused once certainly too long: the tokenizer thread, which serves every request, is not held for
     all of it."""
     for path, body, param in [

@@ -196,7 +196,10 @@ def test_token_counts_take_k_and_m() -> None:
 
 
 def test_allowed_origins_take_vllms_json_list_or_commas(capsys: pytest.CaptureFixture[str]) -> None:
-    from qwenserve.api.server import LOCAL_ORIGINS, cors_options
+    from qwenserve.api.server import LOCAL_ORIGINS, cors_options, origin_allowed
+
+    assert origin_allowed("http://localhost:5173", None) and not origin_allowed("http://localhost.evil.example", None)
+    assert origin_allowed("https://a.example", ["*"]) and not origin_allowed("https://b.example", ["https://a.example"])
 
     assert parse().allowed_origins is None and cors_options(None)["allow_origin_regex"] == LOCAL_ORIGINS
     assert parse("--allowed-origins", '["*"]').allowed_origins == ["*"]

@@ -183,6 +183,11 @@ def test_stop_strings_never_match_inside_a_control_token() -> None:
     assert whole.add_control("<tool_call>") == ("Done.\n<tool_call>", "\n<tool_call>")
     assert StopStringMatcher(["<|im_end|>"]).add_control("<|im_end|>") == ("", "<|im_end|>")
     assert StopStringMatcher(["<tool_call>"]).add_control("<tool_call>", active=False) == ("<tool_call>", None)
+    both = StopStringMatcher(["<tool_call>", "\n<tool_call>"])  # the earliest start wins, as in add
+    assert both.add("x\n") == ("", None) and both.add_control("<tool_call>") == ("x", "\n<tool_call>")
+    skipped = StopStringMatcher(["abc"])  # a special token the detokenizer skips (empty text) is no boundary
+    assert skipped.add("ab") == ("", None) and skipped.add_control("") == ("", None)
+    assert skipped.add("c") == ("", "abc")
 
 
 def test_a_burst_fills_free_running_slots_before_the_queue_limit(tiny_moe_dir: Path) -> None:

@@ -69,9 +69,9 @@ def ready_banner(
     ]
     if context < QWEN_CODE_MIN_CONTEXT:
         lines += [
-            f"WARNING: qwen-code's first request alone is ~18k tokens (its system prompt and tools), more than "
-            f"this {context}-token context:",
-            f"  every qwen-code request will be refused. Serve a context of at least {QWEN_CODE_MIN_CONTEXT} "
+            f"WARNING: qwen-code's first request alone is ~18k tokens (its system prompt and tools): a {context}-token "
+            "context leaves it little or no room,",
+            f"  so its requests will soon or at once be refused. Serve a context of at least {QWEN_CODE_MIN_CONTEXT} "
             "(--max-model-len, and KV cache memory to hold it).",
             "",
         ]

@@ -175,7 +175,7 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 400 and isinstance(exc.__cause__, ClientDisconnect):
             # Nobody reads this answer; its status (nginx's 499) keeps the log and metrics from calling it a 400.
             return APIError(499, "The client closed the connection before its request body arrived.",
-                            code="client_closed_request").response()  # fmt: skip
+                            code="client_disconnected").response()  # fmt: skip
         elif exc.status_code == 400 and exc.__cause__ is not None:
             # FastAPI's body reader turns any failure but a JSON syntax error into a bare "error parsing the body".
             return unreadable_body(exc.__cause__).response()

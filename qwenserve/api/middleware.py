@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwenserve.api.errors import APIError, internal_error, unavailable
 from qwenserve.api.metrics import Metrics
+from qwenserve.api.request_log import HTTP_REQUEST_ID
 
 logger = logging.getLogger("qwenserve.api")
 
@@ -78,9 +79,31 @@ _QUIET_ROUTES = frozenset({"/health", "/metrics"})
 _MAX_LOGGED_BODY = 4096
 
 
+class ForeignOriginMiddleware:
+    """403 for a request from a web page whose origin may not call the API. CORS alone only keeps such a
+    page from reading the answer: a plain-text POST needs no preflight, and the model would still run."""
+
+    def __init__(self, app: ASGIApp, allowed: Callable[[str], bool]):
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        origin = dict(scope.get("headers") or []).get(b"origin") if scope["type"] == "http" else None
+        if origin is not None and not self.allowed(origin.decode("latin-1")):
+            err = APIError(
+                403,
+                f"Requests from web pages at {origin.decode('latin-1')!r} are not allowed: start the server with "
+                "--allowed-origins naming that origin.",
+                code="origin_not_allowed",
+            )
+            await err.response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class RequestIdMiddleware:
     """Every response carries `x-request-id`, as OpenAI's do (the SDK shows it as `_request_id`): the one
-    the client sent when it is a short printable token, else a new one."""
+    the client sent when it is a short printable token, else a new one; the request's log line names it."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -98,7 +121,11 @@ class RequestIdMiddleware:
                 message = {**message, "headers": [*message.get("headers", []), header]}
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        token = HTTP_REQUEST_ID.set(header[1].decode())
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            HTTP_REQUEST_ID.reset(token)
 
 
 class StatusCountMiddleware:

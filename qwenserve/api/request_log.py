@@ -6,12 +6,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextvars import ContextVar
 from typing import Any
 
 from qwenserve.api.metrics import Metrics
 from qwenserve.engine.outputs import RequestOutput
 
 logger = logging.getLogger("qwenserve.api")
+
+# The x-request-id of the HTTP request being handled (RequestIdMiddleware sets it): the log line names it,
+# so a client's id can be found in the server's log.
+HTTP_REQUEST_ID: ContextVar[str | None] = ContextVar("http_request_id", default=None)
 
 
 def log_request_body(request_id: str, body: Any) -> None:
@@ -36,6 +41,7 @@ class RequestTracker:
         self.generated: dict[int, int] = {}
         self.finish_reasons: dict[int, str] = {}
         self.tool_calls = 0
+        self.http_request_id = HTTP_REQUEST_ID.get()
         self._logged = False
 
     def observe(self, out: RequestOutput) -> None:
@@ -93,8 +99,9 @@ class RequestTracker:
         rate = (self.completion_tokens - len(self.generated)) / decode_time if decode_time > 0 else 0.0
         tools = f" tool_calls={self.tool_calls}" if self.tool_calls else ""
         err = f" error={error!r}" if error else ""
+        http_id = f" x-request-id={self.http_request_id}" if self.http_request_id else ""
         logger.info(
-            "request %s: prompt=%d cached=%d generated=%d ttft=%s %.1f tok/s total=%.3fs finish=%s%s%s",
+            "request %s: prompt=%d cached=%d generated=%d ttft=%s %.1f tok/s total=%.3fs finish=%s%s%s%s",
             self.request_id,
             self.prompt_tokens,
             self.cached_tokens,
@@ -105,4 +112,5 @@ class RequestTracker:
             finish,
             tools,
             err,
+            http_id,
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from qwenserve.api.errors import APIError, bad_request, install_error_handlers, 
 from qwenserve.api.metrics import Metrics
 from qwenserve.api.middleware import (
     BodyLimitMiddleware,
+    ForeignOriginMiddleware,
     InternalErrorMiddleware,
     JSONBodyMiddleware,
     LoadingGateMiddleware,
@@ -145,6 +147,7 @@ def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
     app.add_middleware(LoadingGateMiddleware, is_ready=lambda: ctx.ready)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(ForeignOriginMiddleware, allowed=lambda origin: origin_allowed(origin, settings.allowed_origins))
     app.add_middleware(StatusCountMiddleware, metrics=ctx.metrics)
     # Outside the key check: a browser's preflight carries no credentials.
     app.add_middleware(CORSMiddleware, **cors_options(settings.allowed_origins))
@@ -157,6 +160,13 @@ def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
 # Pages served from this machine, on any port: a local web UI may call the API, while any other site the
 # user's browser opens may not (it would use the GPU, and read the answers).
 LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+
+
+def origin_allowed(origin: str, allowed_origins: list[str] | None) -> bool:
+    """Whether a web page at `origin` may call the API (the same rule as cors_options)."""
+    if allowed_origins is None:
+        return re.fullmatch(LOCAL_ORIGINS, origin) is not None
+    return "*" in allowed_origins or origin in allowed_origins
 
 
 def cors_options(allowed_origins: list[str] | None) -> dict[str, Any]:

@@ -138,8 +138,10 @@ def check_chat_fields(req: ChatCompletionRequest) -> None:
         )
     if req.top_logprobs and not req.logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
-    if req.modalities not in (None, ["text"]) or req.audio is not None or req.web_search_options is not None:
-        param = next(p for p in ("modalities", "audio", "web_search_options") if getattr(req, p) not in (None, ["text"]))
+    unsupported = {"modalities": req.modalities not in (None, ["text"]), "audio": req.audio is not None,
+                   "web_search_options": req.web_search_options is not None}  # fmt: skip
+    if any(unsupported.values()):
+        param = next(p for p, given in unsupported.items() if given)
         raise bad_request(
             f"'{param}' is not supported: this server answers in text and has no web search.",
             param=param,

@@ -267,7 +267,7 @@ class _ResponseContext:
             "output": list(self.output.items) if done else [],
             "parallel_tool_calls": self.req.parallel_tool_calls,
             "previous_response_id": None,
-            "reasoning": {"effort": None, "summary": None, **(self.req.reasoning or {})},  # echoed, no effect
+            "reasoning": {key: (self.req.reasoning or {}).get(key) for key in ("effort", "summary")},  # echoed
             "store": False,  # nothing is stored, whatever the request asked
             "temperature": params.temperature,
             "text": self._text(),

@@ -110,7 +110,8 @@ _SCHEMA_VALUES = ("items", "additionalProperties", "unevaluatedItems", "unevalua
 
 
 def unenforced_keyword(schema: dict[str, Any]) -> tuple[str, str] | None:
-    """(where, keyword) of the first constraint in `schema` that the grammar would not enforce, or None."""
+    """(where, keyword) of the first constraint in `schema` that the grammar would not enforce (an empty
+    anyOf / oneOf / allOf among them), or None."""
     return _find(schema, lambda node: _empty_combinator(node) or _unenforced_in(node))
 
 

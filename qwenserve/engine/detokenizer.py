@@ -87,14 +87,15 @@ class StopStringMatcher:
         """Feed a control token's text (Qwen's `<tool_call>`, ...): a stop string may end with it whole
         but never match a piece of it (stop "a" inside `<tool_call>` left the client '<tool_c'), so no
         match can continue past it and what was held back is released with it."""
-        if not self.stop:
-            return text, None
-        for s in self.stop if active else ():
-            head = s[: len(s) - len(text)]
-            if s.endswith(text) and self.pending.endswith(head):
-                kept = self.pending[: len(self.pending) - len(head)]
-                self.pending = ""
-                return (kept + s if self.include_stop else kept), s
+        if not self.stop or not text:  # a special token the detokenizer skips is invisible: no boundary
+            return self.add(text, active)
+        # The stop string ending with the token that starts earliest, as `add` picks the earliest match.
+        ending = [s for s in self.stop if s.endswith(text) and self.pending.endswith(s[: len(s) - len(text)])]
+        if active and ending:
+            s = max(ending, key=len)
+            kept = self.pending[: len(self.pending) - (len(s) - len(text))]
+            self.pending = ""
+            return (kept + s if self.include_stop else kept), s
         out, self.pending = self.pending + text, ""
         return out, None
 

@@ -27,7 +27,7 @@ from qwenserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatch
 from qwenserve.engine.guided import Guide, GuideCompiler
 from qwenserve.engine.model_runner import ModelRunner, PendingStep, StepResult, kv_bytes_per_block, select_ops
 from qwenserve.engine.outputs import FINISH_GRAMMAR_DEAD_END, RequestOutput, TokenLogprob
-from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
+from qwenserve.engine.sampling_params import CONTEXT_HINT, InvalidRequestError, SamplingParams
 from qwenserve.engine.scheduler import ScheduledBatch, Scheduler
 from qwenserve.engine.sequence import PENDING_TOKEN, Sequence
 from qwenserve.model.loader import build_model, load_model_config, read_generation_config, resolve_model_path
@@ -415,8 +415,7 @@ class LLMEngine:
         if n_prompt >= self.max_model_len:
             raise InvalidRequestError(
                 f"the prompt is {n_prompt} tokens long but this server's context is {self.max_model_len} tokens "
-                f"(the prompt must leave room for at least one generated token; the server's --max-model-len, "
-                f"and the KV cache memory, set the context)",
+                f"(the prompt must leave room for at least one generated token; {CONTEXT_HINT})",
                 param="messages",
                 code="context_length_exceeded",
             )

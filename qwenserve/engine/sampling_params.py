@@ -23,6 +23,10 @@ GENERATION_CONFIG_FIELDS = (
 )
 
 
+# Ends every "prompt too long" message: what sets the context, for whoever runs the server.
+CONTEXT_HINT = "the server's --max-model-len, and the KV cache memory, set the context"
+
+
 class InvalidRequestError(ValueError):
     """A request that can never run as given (the HTTP layer answers 400).
 
