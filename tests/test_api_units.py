@@ -350,4 +350,4 @@ def test_banner_warns_when_the_context_cannot_hold_qwen_codes_first_turn() -> No
 
     small = ready_banner("127.0.0.1", 8000, "m", 4096, None, False, "/models/m")
     assert "WARNING" in small and "--max-model-len" in small and '"contextWindowSize": 4096' in small
-    assert "WARNING" not in ready_banner("127.0.0.1", 8000, "m", 32768, None, False, "/models/m")
+    assert "WARNING" not in ready_banner("127.0.0.1", 8000, "m", 24560, None, False, "/models/m")  # serves 17.5k turns

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 # qwen-code's first request carries ~17-19k tokens (system prompt and tool schemas, 0.24.4) before the
-# conversation grows: a context below this cannot serve it at all.
-QWEN_CODE_MIN_CONTEXT = 24_576
+# conversation grows: a context below this cannot hold it, or leaves it no room to answer.
+QWEN_CODE_MIN_CONTEXT = 20_480
 
 
 def client_host(host: str) -> str:
@@ -70,9 +70,9 @@ def ready_banner(
     if context < QWEN_CODE_MIN_CONTEXT:
         lines += [
             f"WARNING: qwen-code's first request alone is ~18k tokens (its system prompt and tools): a {context}-token "
-            "context leaves it little or no room,",
-            f"  so its requests will soon or at once be refused. Serve a context of at least {QWEN_CODE_MIN_CONTEXT} "
-            "(--max-model-len, and KV cache memory to hold it).",
+            "context cannot hold it or leaves it no room to answer.",
+            f"  Serve a context of at least {QWEN_CODE_MIN_CONTEXT} (--max-model-len, and KV cache memory to hold it); "
+            "more, for long sessions.",
             "",
         ]
     return "\n".join(lines)
