@@ -88,11 +88,12 @@ class ForeignOriginMiddleware:
         self.allowed = allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        origin = dict(scope.get("headers") or []).get(b"origin") if scope["type"] == "http" else None
-        if origin is not None and not self.allowed(origin.decode("latin-1")):
+        raw = dict(scope.get("headers") or []).get(b"origin") if scope["type"] == "http" else None
+        origin = raw.decode("latin-1") if raw is not None else None
+        if origin is not None and not self.allowed(origin):
             err = APIError(
                 403,
-                f"Requests from web pages at {origin.decode('latin-1')!r} are not allowed: start the server with "
+                f"Requests from web pages at {origin!r} are not allowed: start the server with "
                 "--allowed-origins naming that origin.",
                 code="origin_not_allowed",
             )
