@@ -404,3 +404,17 @@ def test_prompt_logprobs_are_transformers_and_survive_chunks_cache_and_preemptio
     for result in (out, chunked, preempted):
         assert [lp.token_id for lp in result.prompt_logprobs[1:]] == prompt[1:]
         assert [lp.logprob for lp in result.prompt_logprobs[1:]] == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("budget", [512, 7])
+def test_concurrent_requests_compute_a_shared_prefix_once(tiny_moe_dir: Path, budget: int) -> None:
+    """Two prompts sharing 96 tokens arrive together: the second waits for the first's blocks and reads
+    them from the cache (in one step with room for both, or chunk by chunk), and generates the same."""
+    eng = make_engine(tiny_moe_dir, max_num_batched_tokens=budget)
+    shared = prompts(1, seed=41, lo=100, hi=101)[0]
+    batch = [shared + [1, 2, 3], shared + [4, 5, 6, 7], prompts(1, seed=42, lo=50, hi=51)[0]]
+    outs = [o[0] for o in eng.generate(batch, GREEDY)]
+    assert [o.num_cached_tokens for o in outs] == [0, 96, 0]
+    fresh = make_engine(tiny_moe_dir, enable_prefix_caching=False)
+    assert [o.token_ids for o in outs] == tokens_of(fresh, batch)
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_usable_blocks

@@ -66,23 +66,37 @@ class BlockManager:
 
     # -- prefix cache ---------------------------------------------------------
 
+    def can_share(self, seq: Sequence) -> bool:
+        """Whether `seq` may read cached blocks. A sequence that wants its prompt's logprobs computes
+        every prompt token: cached blocks carry no logits."""
+        return self.enable_prefix_caching and seq.prompt_logprobs is None
+
+    def block_hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
+        """`seq`'s chained block hashes, extended to its first `num_blocks` full blocks (which must hold
+        known tokens). Each block is hashed once in the sequence's life: its tokens never change."""
+        hashes, size = seq.block_hashes, self.block_size
+        for i in range(len(hashes), num_blocks):
+            parent = hashes[-1] if hashes else None
+            hashes.append(chain_hash(parent, tuple(seq.token_ids[i * size : (i + 1) * size])))
+        return hashes
+
+    def num_shareable_blocks(self, seq: Sequence) -> int:
+        """Full blocks of `seq` that a cache hit may cover: never its last token (at least one token must
+        be computed to produce logits), never a token still in flight."""
+        if not self.can_share(seq):
+            return 0
+        return min(seq.num_tokens - 1, seq.num_known_tokens) // self.block_size
+
     def _lookup(self, seq: Sequence) -> list[int]:
-        """Cached blocks for the longest prefix of `seq`, never covering its last token
-        (at least one token must be computed to produce logits). A sequence that wants its prompt's
-        logprobs computes every prompt token: cached blocks carry no logits."""
-        if not self.enable_prefix_caching or seq.prompt_logprobs is not None:
-            return []
+        """Cached blocks for the longest prefix of `seq`."""
+        num_blocks = self.num_shareable_blocks(seq)
+        hashes, size = self.block_hashes(seq, num_blocks), self.block_size
         hits: list[int] = []
-        parent: int | None = None
-        max_blocks = (seq.num_tokens - 1) // self.block_size
-        for i in range(max_blocks):
-            ids = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
-            h = chain_hash(parent, ids)
-            block_id = self.hash_to_block.get(h)
-            if block_id is None or self.blocks[block_id].token_ids != ids:
+        for i in range(num_blocks):
+            block_id = self.hash_to_block.get(hashes[i])
+            if block_id is None or self.blocks[block_id].token_ids != tuple(seq.token_ids[i * size : (i + 1) * size]):
                 break
             hits.append(block_id)
-            parent = h
         return hits
 
     def allocate_cached_prefix(self, seq: Sequence) -> int:
@@ -94,28 +108,27 @@ class BlockManager:
                 del self.free_blocks[block_id]
             block.ref_count += 1
         seq.block_table = hits
+        seq.num_committed_blocks = len(hits)
         seq.num_computed_tokens = len(hits) * self.block_size
         return seq.num_computed_tokens
 
     def commit_full_blocks(self, seq: Sequence) -> None:
-        """Hash the blocks that this step filled so later requests can reuse them.
+        """Enter the blocks that this step filled in the prefix cache so later requests can reuse them.
 
-        Hashes live on the sequence too, so each block is hashed once in its life and a
-        block whose content another block already caches still extends the chain.
+        A block whose content another block already caches is left out; its hash still extends
+        the sequence's chain.
         """
         if not self.enable_prefix_caching:
             return
-        # A block holding a token still in flight is hashed once that token is known.
+        # A block holding a token still in flight is entered once that token is known.
         num_full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
-        for i in range(len(seq.block_hashes), num_full):
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
-            ids = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
-            h = chain_hash(parent, ids)
-            seq.block_hashes.append(h)
+        hashes, size = self.block_hashes(seq, num_full), self.block_size
+        for i in range(seq.num_committed_blocks, num_full):
             block = self.blocks[seq.block_table[i]]
-            if block.hash is None and h not in self.hash_to_block:
-                block.hash, block.token_ids = h, ids
-                self.hash_to_block[h] = block.block_id
+            if block.hash is None and hashes[i] not in self.hash_to_block:
+                block.hash, block.token_ids = hashes[i], tuple(seq.token_ids[i * size : (i + 1) * size])
+                self.hash_to_block[hashes[i]] = block.block_id
+        seq.num_committed_blocks = max(seq.num_committed_blocks, num_full)
 
     # -- allocation -------------------------------------------------------------
 
@@ -152,8 +165,8 @@ class BlockManager:
                     self.free_blocks.move_to_end(block_id, last=False)
         seq.block_table = []
         seq.num_computed_tokens = 0
-        # A preempted sequence recomputes into new blocks: they must be hashed (and cached) again.
-        seq.block_hashes = []
+        # A preempted sequence recomputes into new blocks: they must be entered in the cache again.
+        seq.num_committed_blocks = 0
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block that no sequence holds (after warm-up, or on request)."""

@@ -5,7 +5,8 @@ an unfinished prefill continues with its next chunk), then waiting sequences are
 admitted while budget, sequence slots and blocks last. A 20k-token prompt is thus cut
 into chunks that share steps with the decodes of other streams. When the pool runs
 dry the newest running sequence is preempted: its blocks are freed and it re-enters
-the front of the queue, to be recomputed (mostly from the prefix cache) later.
+the front of the queue, to be recomputed (mostly from the prefix cache) later. A new
+sequence whose next block another one is computing waits for it to land in the cache.
 """
 
 from __future__ import annotations
@@ -86,9 +87,14 @@ class Scheduler:
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         bm = self.block_manager
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self.waiting.popleft()
             num_cached = bm.allocate_cached_prefix(seq)
+            if self._next_block_in_flight(seq):
+                bm.free(seq)
+                deferred.append(seq)
+                continue
             if not seq.admitted:
                 # A sibling (n > 1) finds the prompt choice 0 just computed: for the request that is no
                 # cache hit, so only choice 0 reports one (usage takes the largest).
@@ -96,13 +102,31 @@ class Scheduler:
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not bm.ensure_capacity(seq, seq.num_computed_tokens + num_new):
                 bm.free(seq)
+                self.waiting.appendleft(seq)
                 break
-            self.waiting.popleft()
             seq.admitted = True
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.add(seq, num_new)
             budget -= num_new
+        self.waiting.extendleft(reversed(deferred))
+
+    def _next_block_in_flight(self, seq: Sequence) -> bool:
+        """Whether the next block `seq` would compute is one a running sequence is still computing
+        (the same tokens after the same prefix). Then `seq` waits: once that block is done it is a
+        cache hit, where admitting `seq` now would compute the shared prefix twice (agents sending
+        one system prompt at once, a retried request)."""
+        bm = self.block_manager
+        index = seq.num_computed_tokens // bm.block_size
+        if index >= bm.num_shareable_blocks(seq):
+            return False
+        block_hash = bm.block_hashes(seq, index + 1)[index]
+        end = (index + 1) * bm.block_size
+        return any(
+            other.num_computed_tokens < end <= other.num_known_tokens
+            and bm.block_hashes(other, index + 1)[index] == block_hash
+            for other in self.running
+        )
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
