@@ -172,10 +172,12 @@ def test_a_schema_part_that_matches_nothing_ends_in_an_error(server: ServerProce
     impossible = {"type": "object", "properties": {"a": {"type": "string", "pattern": "[^\\s\\S]"}},
                   "required": ["a"]}  # fmt: skip
     body = {"messages": ASK, "max_tokens": 20, "guided_json": impossible}
-    r = server.post(CHAT, json=body)
+    r = server.post(CHAT, json=body, headers={"x-request-id": "dead-end-1"})
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == "guided_json" and err["code"] == "grammar_dead_end", err
+    logged = [line for line in server.log().splitlines() if "x-request-id=dead-end-1" in line]
+    assert len(logged) == 1 and 'error="The answer reached' in logged[0] and "finish=abort" not in logged[0], logged
     streamed = server.post(CHAT, json={**body, "stream": True})
     events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "grammar_dead_end", events

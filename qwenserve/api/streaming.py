@@ -184,6 +184,10 @@ async def respond(
     work = asyncio.ensure_future(collect())
     try:
         return JSONResponse(await wait_or_disconnect(raw, work))
+    except APIError as exc:
+        if exc.status != 499:  # a client gone away is an abort; anything else is logged as its error
+            ctx.stream_error(exc)  # writes the request's log line; the JSON error is answered upstream
+        raise
     finally:
         ctx.close_if_unfinished()
 
