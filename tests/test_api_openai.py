@@ -187,6 +187,25 @@ def test_tool_choice_none_required_named(client: openai.OpenAI) -> None:
         assert isinstance(json.loads(calls[0].function.arguments), dict)
 
 
+def test_a_function_name_with_a_space_is_called_and_one_that_cannot_be_written_is_refused(
+    client: openai.OpenAI,
+) -> None:
+    spaced = {"type": "function", "function": {**SHELL_TOOL["function"], "name": "run shell command"}}
+    r = client.chat.completions.create(
+        model="m", messages=LIST_FILES, tools=[spaced], tool_choice="required", temperature=0, max_tokens=48
+    )
+    calls = r.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "run shell command", r
+    for name in ("run>shell", " run", "run\nshell"):
+        bad = {"type": "function", "function": {**SHELL_TOOL["function"], "name": name}}
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="m", messages=LIST_FILES, tools=[bad], max_tokens=4)
+        assert err.value.body["param"] == "tools[0].function.name" and "<function=NAME>" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="m", input="hi", tools=[{"type": "function", "name": "a<b"}], max_output_tokens=4)
+    assert err.value.body["param"] == "tools[0].name", err.value.body
+
+
 @pytest.mark.parametrize("n", [2, 4])
 def test_n_choices(client: openai.OpenAI, n: int) -> None:
     """n choices, each finished; greedy ones finish in the same engine step and all must arrive."""

@@ -439,6 +439,16 @@ def test_phantom_jinja_call_is_rejected() -> None:
     assert parse_both(WRITE_FILE, text) == (None, [("write_file", {"path": "out.txt", "content": "hello"})])
 
 
+def test_declared_names_are_read_whatever_they_hold() -> None:
+    """A declared function or parameter name with a space or a quote is read back as written (a phantom
+    call's `{{ ... }}` name is still dropped: it is declared by no tool)."""
+    tools = [_tool("my tool", {"a \"b": {"type": "integer"}})]
+    text = "<tool_call>\n<function=my tool>\n<parameter=a \"b>\n3\n</parameter>\n</function>\n</tool_call>"
+    assert parse_both(tools, text) == (None, [("my tool", {'a "b': 3})])
+    phantom = "<tool_call>\n<function={{ tc.name }}>\n</function>\n</tool_call>"
+    assert parse_both(tools, phantom) == (None, [])
+
+
 def test_inline_empty_tool_call_keeps_surrounding_content() -> None:
     tools = [_tool("log", {"msg": {"type": "string"}})]
     text = "I'll show: <tool_call>example</tool_call>. Now real:\n" + xml_call("log", msg="hi")

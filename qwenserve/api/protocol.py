@@ -11,8 +11,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_core import PydanticUndefined
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError, PydanticUndefined
+
+from qwenserve.tool_parser.schema import is_writable_name
+
+# Why a function name is refused: the model could never call it so that the parser reads it back.
+UNWRITABLE_NAME = (
+    "a function name may not hold '<', '>' or a line break, nor begin or end with a space: "
+    "Qwen3-Coder writes each call as <function=NAME>"
+)
 
 
 class Lenient(BaseModel):
@@ -61,6 +69,13 @@ class FunctionDefinition(Lenient):
     description: str | None = None
     # Missing, null, {"type": "object"} without properties: all valid (parameterless tools).
     parameters: dict[str, Any] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _writable(cls, name: str) -> str:
+        if name and not is_writable_name(name):
+            raise PydanticCustomError("unwritable_name", UNWRITABLE_NAME)
+        return name
 
 
 class Tool(Lenient):

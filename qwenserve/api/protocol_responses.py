@@ -16,6 +16,7 @@ from pydantic import ConfigDict
 from qwenserve.api.chat import checked_arguments, content_to_text
 from qwenserve.api.errors import APIError, bad_request
 from qwenserve.api.protocol import (
+    UNWRITABLE_NAME,
     ChatCompletionRequest,
     ChatMessage,
     FunctionCall,
@@ -27,6 +28,7 @@ from qwenserve.api.protocol import (
     Tool,
     ToolCall,
 )
+from qwenserve.tool_parser.schema import is_writable_name
 
 _MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 _TOOL_CHOICE_MODES = ("auto", "none", "required")
@@ -248,6 +250,8 @@ def _chat_tool(tool: Any, j: int) -> Tool:
             f"tools[{j}].name must be a non-empty string{hint if 'function' in tool else ''}.",
             param=f"tools[{j}].name",
         )
+    if not is_writable_name(name):
+        raise bad_request(f"tools[{j}].name: {UNWRITABLE_NAME}.", param=f"tools[{j}].name")
     description, parameters = tool.get("description"), tool.get("parameters")
     if description is not None and not isinstance(description, str):
         raise bad_request(f"tools[{j}].description must be a string.", param=f"tools[{j}].description")

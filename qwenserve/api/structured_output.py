@@ -15,7 +15,7 @@ from typing import Any
 from qwenserve.api.errors import bad_request
 from qwenserve.api.protocol import bad_text_path
 from qwenserve.engine.guided import Guide
-from qwenserve.tool_parser.schema import is_valid_name
+from qwenserve.tool_parser.schema import is_writable_name
 
 # vLLM's structured_outputs keys -> the Guide kind each asks for.
 _STRUCTURED_OUTPUT_KINDS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
@@ -277,7 +277,7 @@ def _readable_names(function: str, schema: Any) -> bool:
     """Whether the tool parser reads back the function's name and its parameters' names as written."""
     props = schema.get("properties") if isinstance(schema, dict) else None
     params = list(props) if isinstance(props, dict) else []
-    return all(is_valid_name(name) for name in [function, *params])
+    return all(is_writable_name(name) for name in [function, *params])
 
 
 def _spec_guide(kind: str, value: Any, param: str) -> Guide:

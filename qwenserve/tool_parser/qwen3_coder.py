@@ -400,7 +400,7 @@ class Qwen3CoderToolParser(ToolParserBase):
         status, name, end = read_name(self._buf, start)
         if status is _WAIT and not final:
             return False
-        if status is None and is_valid_name(name):
+        if status is None and self._schemas.is_function(name):
             self._call = self._open_call(name)
             self._pos = end
             self._state = _FUNC
@@ -484,7 +484,10 @@ class Qwen3CoderToolParser(ToolParserBase):
         if status is _WAIT and not final:
             self._pos = lt
             return False
-        if status is not None or not is_valid_name(name):
+        call = self._call
+        assert call is not None
+        # Any name that can be one opens a parameter (an undeclared one too); a declared one whatever it holds.
+        if status is not None or not (is_valid_name(name) or self._schemas.is_param(call.name, name)):
             self._pos = start
             return True
         self._enter_value(name, end)

@@ -36,6 +36,12 @@ def is_valid_name(name: str) -> bool:
     return bool(name) and not any(c in _PHANTOM_CHARS or c.isspace() for c in name)
 
 
+def is_writable_name(name: str) -> bool:
+    """Whether a declared function/parameter ``name`` reads back as written from ``<function=NAME>``:
+    the name ends at the first ``>`` (``<`` or a line break end it as a slip) and is stripped."""
+    return bool(name) and name == name.strip() and not any(c in "<>\n" for c in name)
+
+
 @dataclass(frozen=True)
 class ParamType:
     """The resolved type of one parameter.
@@ -199,6 +205,11 @@ class ToolSchemas:
             return RAW
         return props.get(param, RAW)
 
+    def is_function(self, name: str) -> bool:
+        """Whether ``name`` read from ``<function=NAME>`` opens a call: a declared name, whatever it
+        holds (``my tool``), or any name that can be one (a call of an undeclared function is still one)."""
+        return name in self._tools or is_valid_name(name)
+
     def is_param(self, tool: str, param: str) -> bool:
         """Whether ``param`` may structurally be a parameter of ``tool``.
 
@@ -206,10 +217,8 @@ class ToolSchemas:
         ``<parameter=other>`` text inside a value stays text; without them
         (unknown tool, no ``properties``) any valid name counts.
         """
-        if not is_valid_name(param):
-            return False
         props = self._tools.get(tool)
-        return param in props if props else True
+        return param in props if props else is_valid_name(param)
 
 
 def decode_literal(text: str) -> Any:
