@@ -94,6 +94,7 @@ def test_browsers_on_this_machine_may_call_the_api(server: ServerProcess) -> Non
         assert "authorization" in r.headers["access-control-allow-headers"].lower()
     r = httpx.options(f"{base}/v1/chat/completions", headers={"Origin": "https://elsewhere.example", **preflight})
     assert "access-control-allow-origin" not in r.headers
+    assert assert_openai_error(r, 403)["code"] == "origin_not_allowed"
     # A plain-text POST needs no preflight: refused outright, or the model would run for that page.
     body = json.dumps({"messages": HI, "max_tokens": 1})
     r = httpx.post(f"{base}/v1/chat/completions", content=body,

@@ -146,10 +146,11 @@ def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
     app.add_middleware(LoadingGateMiddleware, is_ready=lambda: ctx.ready)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
-    app.add_middleware(ForeignOriginMiddleware, allowed=lambda origin: origin_allowed(origin, settings.allowed_origins))
-    app.add_middleware(StatusCountMiddleware, metrics=ctx.metrics)
     # Outside the key check: a browser's preflight carries no credentials.
     app.add_middleware(CORSMiddleware, **cors_options(settings.allowed_origins))
+    # Outside CORS: a foreign page's preflight gets the same JSON 403 as its request, not CORS's plain 400.
+    app.add_middleware(ForeignOriginMiddleware, allowed=lambda origin: origin_allowed(origin, settings.allowed_origins))
+    app.add_middleware(StatusCountMiddleware, metrics=ctx.metrics)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(TrailingSlashMiddleware)  # outermost: every layer sees the route's own path
     _add_routes(app, ctx)
