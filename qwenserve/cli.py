@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_serve_args(serve)
     add_vllm_compat_args(serve)
+    serve.set_defaults(subparser=serve)
     sub.add_parser(
         "bench", help="benchmark the engine on a GPU against Transformers (qwenserve bench --help)", add_help=False
     )
@@ -320,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "bench":
             return run_bench(argv[1:])
-        args = build_parser().parse_args(argv)
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:  # refused by the subcommand, whose usage lists its flags (the top level's lists none)
+            args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
         if args.command == "serve":
             return serve(args)
     except KeyboardInterrupt:  # Ctrl-C before the server took over the signal: no traceback

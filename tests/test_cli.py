@@ -68,6 +68,12 @@ def test_a_vllm_command_line_runs_unchanged(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         parse("--tool-call-parser", "mistral")
     assert "qwen3_coder" in capsys.readouterr().err
+    # A flag this server lacks is refused with the serve usage, which lists the flags it has.
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", "--reasoning-parser", "qwen3"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "usage: qwenserve serve" in err and "--max-model-len" in err, err
+    assert "unrecognized arguments: --reasoning-parser" in err
 
 
 def test_memory_flags_are_exclusive_and_validated(capsys: pytest.CaptureFixture[str]) -> None:
