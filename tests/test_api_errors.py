@@ -168,6 +168,8 @@ BAD_INPUTS: list[tuple[str, Any, str | None]] = [
     (CHAT, {"messages": HI, "logit_bias": {"785": "big"}}, "logit_bias"),
     (CHAT, {"messages": HI, "logit_bias": {"Paris": 5}}, "logit_bias"),
     (CHAT, {"messages": HI, "logit_bias": {"999999": 5}}, "logit_bias"),
+    (CHAT, {"messages": HI, "logit_bias": {"151700": 5}}, "logit_bias"),  # a padding row of the model, no token
+    (CHAT, {"messages": HI, "stop_token_ids": [151700]}, "stop_token_ids"),
     (CHAT, {"messages": HI, "logit_bias": {"01": 5, "1": -5}}, "logit_bias"),
     (CHAT, {"messages": HI, "logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
     # a stop id past the vocabulary indexes the logits when min_tokens bans it: once a crash of the step

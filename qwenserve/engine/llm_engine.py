@@ -194,6 +194,8 @@ class LLMEngine:
         path, name, is_demo = self._model_source()
         self.model_config: ModelConfig = load_model_config(path)
         self.tokenizer = _load_tokenizer(path)
+        # Ids a request may name: those that are tokens (the model's rows past the tokenizer's are padding).
+        self.num_token_ids = min(self.model_config.vocab_size, len(self.tokenizer))
         self.control_token_ids = _control_token_ids(self.tokenizer)
         max_len = self._context_length()
         if self.device.type == "cpu":
@@ -419,10 +421,10 @@ class LLMEngine:
                 param="messages",
                 code="context_length_exceeded",
             )
-        vocab = self.model_config.vocab_size
+        vocab = self.num_token_ids
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is out of range", param="prompt")
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt")
         # Stop ids index the logits (min_tokens bans them there): one past the vocabulary would fail the
         # whole step on a CPU, and assert on the device, killing the process, on a GPU.
         bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
