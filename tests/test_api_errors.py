@@ -224,6 +224,7 @@ BAD_INPUTS: list[tuple[str, Any, str | None]] = [
     # More prompts than the queue (1 here) could ever hold: a 400, not a 503 that no retry cures.
     ("/v1/completions", {"prompt": ["a", "b"], "max_tokens": 1}, "prompt"),
     ("/tokenize", {}, "prompt"),
+    ("/tokenize", {"prompt": "a", "messages": HI}, "prompt"),
     ("/detokenize", {"tokens": [-1]}, "tokens"),
     ("/detokenize", {"tokens": "abc"}, "tokens"),
 ]

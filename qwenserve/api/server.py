@@ -215,13 +215,9 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
 
     @app.get("/v1/models/{name:path}", tags=["openai"])
     async def model(name: str) -> dict[str, Any]:
-        """One served model (what `client.models.retrieve` asks for)."""
-        state = ctx.require()
-        if name not in state.served_names:
-            raise APIError(
-                404, f"The model {name!r} is not served here.", param="model", code="model_not_found"
-            )
-        return model_card(state, name)
+        """The served model under the name asked for (what `client.models.retrieve` asks): requests may use
+        any name, so a client that checks its name before using it must find it."""
+        return model_card(ctx.require(), name)
 
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
@@ -287,6 +283,8 @@ def _refuse_bad_text(req: Any) -> None:
 
 
 def _tokenize(state: ServerState, req: TokenizeRequest) -> list[int]:
+    if req.messages is not None and req.prompt is not None:
+        raise bad_request("Send either 'prompt' or 'messages', not both.", param="prompt")
     if req.messages is not None:
         if not req.messages:
             raise bad_request("'messages' must not be empty.", param="messages")

@@ -138,15 +138,12 @@ def check_chat_fields(req: ChatCompletionRequest) -> None:
         )
     if req.top_logprobs and not req.logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
-    unsupported = {"modalities": req.modalities not in (None, ["text"]), "audio": req.audio is not None,
-                   "web_search_options": req.web_search_options is not None}  # fmt: skip
-    if any(unsupported.values()):
-        param = next(p for p, given in unsupported.items() if given)
-        raise bad_request(
-            f"'{param}' is not supported: this server answers in text and has no web search.",
-            param=param,
-            code="unsupported_parameter",
-        )
+    unsupported = {"modalities": (req.modalities not in (None, ["text"]), "this server answers in text only"),
+                   "audio": (req.audio is not None, "this server answers in text only"),
+                   "web_search_options": (req.web_search_options is not None, "this server has no web search")}  # fmt: skip
+    for param, (given, why) in unsupported.items():
+        if given:
+            raise bad_request(f"'{param}' is not supported: {why}.", param=param, code="unsupported_parameter")
     if req.functions is not None or req.function_call is not None:
         param = "functions" if req.functions is not None else "function_call"
         raise bad_request(

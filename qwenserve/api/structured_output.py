@@ -75,7 +75,10 @@ def _schema_guide(schema: Any, param: str) -> Guide:
         try:
             schema = json.loads(schema)
         except (ValueError, RecursionError) as err:
-            raise bad_request(f"'{param}' is not valid JSON: {err}", param=param) from err
+            raise bad_request(
+                f"'{param}' must be a JSON schema object, or a string holding one; this string is not JSON ({err}).",
+                param=param,
+            ) from err
     if not isinstance(schema, dict):
         raise bad_request(f"'{param}' must be a JSON schema object, got {type(schema).__name__}.", param=param)
     if (bad := bad_text_path(schema)) is not None:  # a schema given as a string skipped the request's check

@@ -89,7 +89,7 @@ class GuideCompiler:
             ) from err
         if not _allows_some_text(compiled, self._stop_token_ids):
             raise InvalidRequestError(
-                f"'{guide.param}' matches no text but the empty one: no answer could satisfy it", param=guide.param
+                f"'{guide.param}' matches no text (at most the empty one): no answer could satisfy it", param=guide.param
             )
         guide.compiled = compiled
         return guide
