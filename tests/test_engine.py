@@ -418,3 +418,25 @@ def test_concurrent_requests_compute_a_shared_prefix_once(tiny_moe_dir: Path, bu
     fresh = make_engine(tiny_moe_dir, enable_prefix_caching=False)
     assert [o.token_ids for o in outs] == tokens_of(fresh, batch)
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_usable_blocks
+
+
+def test_a_follower_waiting_on_an_aborted_leader_still_completes(tiny_moe_dir: Path) -> None:
+    """The follower waits one step for the leader's prefix; the leader is aborted right after computing it:
+    the follower reads what was computed from the cache and generates what it would alone."""
+    eng = make_engine(tiny_moe_dir)
+    shared = prompts(1, seed=43, lo=100, hi=101)[0]
+    eng.add_request("leader", shared + [1], GREEDY)
+    eng.add_request("follower", shared + [2], GREEDY)
+    eng.step()
+    follower = eng.requests["follower"].seqs[0]
+    assert not follower.admitted and follower.awaited_block == (0, follower.block_hashes[0])
+    eng.abort("leader")
+    token_ids, cached = [], None
+    while eng.has_unfinished():
+        for out in eng.step():
+            token_ids += out.token_ids
+            cached = out.num_cached_tokens
+    fresh = make_engine(tiny_moe_dir, enable_prefix_caching=False)
+    assert [token_ids] == tokens_of(fresh, [shared + [2]])
+    assert cached == 96
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_usable_blocks

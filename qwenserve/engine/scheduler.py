@@ -90,11 +90,11 @@ class Scheduler:
         deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
-            num_cached = bm.allocate_cached_prefix(seq)
-            if self._next_block_in_flight(seq):
-                bm.free(seq)
+            seq.awaited_block = self._awaited_block(seq)
+            if seq.awaited_block is not None:
                 deferred.append(seq)
                 continue
+            num_cached = bm.allocate_cached_prefix(seq)
             if not seq.admitted:
                 # A sibling (n > 1) finds the prompt choice 0 just computed: for the request that is no
                 # cache hit, so only choice 0 reports one (usage takes the largest).
@@ -111,16 +111,30 @@ class Scheduler:
             budget -= num_new
         self.waiting.extendleft(reversed(deferred))
 
-    def _next_block_in_flight(self, seq: Sequence) -> bool:
-        """Whether the next block `seq` would compute is one a running sequence is still computing
-        (the same tokens after the same prefix). Then `seq` waits: once that block is done it is a
-        cache hit, where admitting `seq` now would compute the shared prefix twice (agents sending
-        one system prompt at once, a retried request)."""
+    def _awaited_block(self, seq: Sequence) -> tuple[int, int] | None:
+        """The first block of `seq` missing from the prefix cache (its index and hash) when a running
+        sequence is computing it now (the same tokens after the same prefix). Then `seq` waits: once that
+        block is done it is a cache hit, where admitting `seq` now would compute the shared prefix twice
+        (agents sending one system prompt at once, a retried request).
+
+        Only hashes are looked at, from the block it waited for before: a burst of agents sharing a
+        17k-token prompt asks this for each of them at every step. Admission then looks up for real.
+        """
         bm = self.block_manager
-        index = seq.num_computed_tokens // bm.block_size
-        if index >= bm.num_shareable_blocks(seq):
-            return False
-        block_hash = bm.block_hashes(seq, index + 1)[index]
+        num_blocks = bm.num_shareable_blocks(seq)
+        hashes = bm.block_hashes(seq, num_blocks)
+        index = seq.awaited_block[0] if seq.awaited_block is not None else 0
+        while index < num_blocks and hashes[index] in bm.hash_to_block:
+            index += 1
+        if index >= num_blocks:
+            return None
+        block = (index, hashes[index])
+        return block if self._being_computed(block) else None
+
+    def _being_computed(self, block: tuple[int, int]) -> bool:
+        """Whether a running sequence has yet to compute this (index, hash) block."""
+        index, block_hash = block
+        bm = self.block_manager
         end = (index + 1) * bm.block_size
         return any(
             other.num_computed_tokens < end <= other.num_known_tokens
