@@ -88,10 +88,15 @@ def test_browsers_on_this_machine_may_call_the_api(server: ServerProcess) -> Non
     answer; a page from elsewhere does not. Every response carries an x-request-id, the client's if sent."""
     base = server.base_url
     preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
+    before = server.get("/metrics").text
     for origin in ("http://localhost:3000", "http://127.0.0.1:5173", "http://[::1]:8080"):
         r = httpx.options(f"{base}/v1/chat/completions", headers={"Origin": origin, **preflight})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin, r.headers
         assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    counted = 'qwenserve_requests_total{route="/v1/chat/completions",status="200"}'
+    assert [line for line in server.get("/metrics").text.splitlines() if line.startswith(counted)] == [
+        line for line in before.splitlines() if line.startswith(counted)
+    ], "a granted preflight is no API request"
     r = httpx.options(f"{base}/v1/chat/completions", headers={"Origin": "https://elsewhere.example", **preflight})
     assert "access-control-allow-origin" not in r.headers
     assert assert_openai_error(r, 403)["code"] == "origin_not_allowed"

@@ -111,6 +111,11 @@ def test_wrong_shape_is_dropped(bad: str) -> None:
     assert parse_both(bad + "\nok" + PARIS) == ("\nok", [("get_weather", {"city": "Paris"})])
 
 
+def test_a_declared_name_with_a_space_is_a_call() -> None:
+    tools = [{"type": "function", "function": {"name": "my tool", "parameters": {"type": "object"}}}]
+    assert parse_both(block("my tool", {"a": 1}), tools) == (None, [("my tool", {"a": 1})])
+
+
 def test_literal_tool_call_in_prose_is_content() -> None:
     text = "I show <tool_call>example</tool_call> here."
     assert parse_both(text) == ("I show example here.", [])  # the text stays, the stray tags go

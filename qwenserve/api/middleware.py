@@ -129,6 +129,12 @@ class RequestIdMiddleware:
             HTTP_REQUEST_ID.reset(token)
 
 
+def _is_preflight(scope: Scope) -> bool:
+    """A browser's CORS preflight: an OPTIONS asking whether the real request may follow."""
+    headers = dict(scope.get("headers") or [])
+    return scope["method"] == "OPTIONS" and b"access-control-request-method" in headers
+
+
 class StatusCountMiddleware:
     """Feeds qwenserve_requests_total{route, status}; unknown paths share one label. Outermost, so it
     also logs one line for every request refused with a 4xx or 503 (whichever layer refused it): a
@@ -163,7 +169,9 @@ class StatusCountMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.metrics.requests.labels(route=route, status=str(status["code"])).inc()
+            # A preflight CORS granted is no API request; a refused one (a foreign page) is counted.
+            if not (status["code"] < 400 and _is_preflight(scope)):
+                self.metrics.requests.labels(route=route, status=str(status["code"])).inc()
         if _is_refusal(status["code"]) and path not in _QUIET_ROUTES:
             logger.info("refused %s %s: %d %s", scope.get("method"), path, status["code"], _error_summary(bytes(body)))
 

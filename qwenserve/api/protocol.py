@@ -18,8 +18,8 @@ from qwenserve.tool_parser.schema import is_writable_name
 
 # Why a function name is refused: the model could never call it so that the parser reads it back.
 UNWRITABLE_NAME = (
-    "a function name may not hold '<', '>' or a line break, nor begin or end with a space: "
-    "Qwen3-Coder writes each call as <function=NAME>"
+    "a function name may not hold '<', '>' or a line break, begin or end with a space, or pass 255 "
+    "characters: the model writes it inside a call's markup (<function=NAME>)"
 )
 
 

@@ -215,9 +215,18 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
 
     @app.get("/v1/models/{name:path}", tags=["openai"])
     async def model(name: str) -> dict[str, Any]:
-        """The served model under the name asked for (what `client.models.retrieve` asks): requests may use
-        any name, so a client that checks its name before using it must find it."""
-        return model_card(ctx.require(), name)
+        """One served model (what `client.models.retrieve` asks for). Requests may name any model, but
+        a client choosing among names learns here which ones this server lists (as vLLM answers)."""
+        state = ctx.require()
+        if name not in state.served_names:
+            raise APIError(
+                404,
+                f"The model {name!r} is not served here (served: {', '.join(state.served_names)}); "
+                "requests may use any name.",
+                param="model",
+                code="model_not_found",
+            )
+        return model_card(state, name)
 
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:

@@ -281,10 +281,14 @@ class _ChatContext:
         self.tracker.done()
         yield SSE_DONE
 
+    def log_error(self, exc: APIError) -> None:
+        self.tracker.done(error=exc.message)
+
     def stream_error(self, exc: APIError) -> str:
         """A failure after the stream started: the error event (OpenAI SDKs raise on a chunk with a
         top-level `error`), then [DONE]."""
-        return from_error(self, exc) + SSE_DONE
+        self.log_error(exc)
+        return sse(exc.body()) + SSE_DONE
 
     def _count_calls(self, delta: dict[str, Any]) -> bool:
         """Count new calls (their first delta has an id); True if the delta has tool calls."""
@@ -357,8 +361,3 @@ class _ChatContext:
             "finish_reason": finish,
         }
 
-
-def from_error(ctx: _ChatContext, exc: APIError) -> str:
-    """A mid-stream failure: the OpenAI SDKs raise APIError on a chunk with top-level `error`."""
-    ctx.tracker.done(error=exc.message)
-    return sse(exc.body())

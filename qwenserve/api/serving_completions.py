@@ -285,10 +285,13 @@ class _CompletionContext:
         yield SSE_DONE
 
 
-    def stream_error(self, exc: APIError) -> str:
-        """A mid-stream failure, logged once per prompt: the error event, then [DONE]."""
-        for sub in self.subs:
+    def log_error(self, exc: APIError) -> None:
+        for sub in self.subs:  # one line per prompt
             sub.tracker.done(error=exc.message)
+
+    def stream_error(self, exc: APIError) -> str:
+        """A mid-stream failure: the error event, then [DONE]."""
+        self.log_error(exc)
         return sse(exc.body()) + SSE_DONE
 
     async def collect(self) -> dict[str, Any]:

@@ -320,9 +320,12 @@ class _ResponseContext:
         self.tracker.done()
 
 
+    def log_error(self, exc: APIError) -> None:
+        self.tracker.done(error=exc.message)
+
     def stream_error(self, exc: APIError) -> str:
         """A failure after the stream started: an `error` event, which ends the stream."""
-        self.tracker.done(error=exc.message)
+        self.log_error(exc)
         return self._event("error", {"code": exc.code, "message": exc.message, "param": exc.param})
 
     # ---- non-streaming ----

@@ -162,7 +162,13 @@ class AnswerContext(Protocol):
 
     def heartbeat(self) -> str: ...
 
-    def stream_error(self, exc: APIError) -> str: ...
+    def log_error(self, exc: APIError) -> None:
+        """Write the request's log line with the error it ended in."""
+        ...
+
+    def stream_error(self, exc: APIError) -> str:
+        """log_error, then the event that tells a stream's client."""
+        ...
 
     def close_if_unfinished(self) -> None: ...
 
@@ -186,7 +192,7 @@ async def respond(
         return JSONResponse(await wait_or_disconnect(raw, work))
     except APIError as exc:
         if exc.status != 499:  # a client gone away is an abort; anything else is logged as its error
-            ctx.stream_error(exc)  # writes the request's log line; the JSON error is answered upstream
+            ctx.log_error(exc)
         raise
     finally:
         ctx.close_if_unfinished()

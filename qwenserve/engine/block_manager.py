@@ -66,42 +66,42 @@ class BlockManager:
 
     # -- prefix cache ---------------------------------------------------------
 
-    def can_share(self, seq: Sequence) -> bool:
-        """Whether `seq` may read cached blocks. A sequence that wants its prompt's logprobs computes
-        every prompt token: cached blocks carry no logits."""
-        return self.enable_prefix_caching and seq.prompt_logprobs is None
-
-    def block_hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
-        """`seq`'s chained block hashes, extended to its first `num_blocks` full blocks (which must hold
-        known tokens). Each block is hashed once in the sequence's life: its tokens never change."""
+    def block_hash(self, seq: Sequence, index: int) -> int:
+        """The chained hash of `seq`'s full block `index` (its tokens must be known). Kept on the sequence,
+        so each block is hashed once in its life: its tokens never change."""
         hashes, size = seq.block_hashes, self.block_size
-        for i in range(len(hashes), num_blocks):
-            parent = hashes[-1] if hashes else None
-            hashes.append(chain_hash(parent, tuple(seq.token_ids[i * size : (i + 1) * size])))
-        return hashes
+        while len(hashes) <= index:
+            i = len(hashes)
+            hashes.append(chain_hash(hashes[-1] if hashes else None, tuple(seq.token_ids[i * size : (i + 1) * size])))
+        return hashes[index]
 
     def num_shareable_blocks(self, seq: Sequence) -> int:
         """Full blocks of `seq` that a cache hit may cover: never its last token (at least one token must
-        be computed to produce logits), never a token still in flight."""
-        if not self.can_share(seq):
+        be computed to produce logits), never a token still in flight, none for a sequence that wants its
+        prompt's logprobs (cached blocks carry no logits)."""
+        if not self.enable_prefix_caching or seq.prompt_logprobs is not None:
             return 0
         return min(seq.num_tokens - 1, seq.num_known_tokens) // self.block_size
 
-    def _lookup(self, seq: Sequence) -> list[int]:
-        """Cached blocks for the longest prefix of `seq`."""
-        num_blocks = self.num_shareable_blocks(seq)
-        hashes, size = self.block_hashes(seq, num_blocks), self.block_size
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks for the longest prefix of `seq` (hashes matched, then token ids compared);
+        its blocks are hashed as far as the first one missing."""
+        hashes, size = seq.block_hashes, self.block_size
         hits: list[int] = []
-        for i in range(num_blocks):
+        for i in range(self.num_shareable_blocks(seq)):
+            ids = tuple(seq.token_ids[i * size : (i + 1) * size])
+            if i == len(hashes):  # inline block_hash: this loop runs for every block of a 20k-token prompt
+                hashes.append(chain_hash(hashes[-1] if hashes else None, ids))
             block_id = self.hash_to_block.get(hashes[i])
-            if block_id is None or self.blocks[block_id].token_ids != tuple(seq.token_ids[i * size : (i + 1) * size]):
+            if block_id is None or self.blocks[block_id].token_ids != ids:
                 break
             hits.append(block_id)
         return hits
 
-    def allocate_cached_prefix(self, seq: Sequence) -> int:
-        """Give a newly admitted sequence its cached prefix blocks; returns the tokens covered."""
-        hits = self._lookup(seq)
+    def allocate_cached_prefix(self, seq: Sequence, hits: list[int] | None = None) -> int:
+        """Give a newly admitted sequence its cached prefix blocks (`hits`, else looked up); returns the
+        tokens covered."""
+        hits = self.cached_prefix(seq) if hits is None else hits
         for block_id in hits:
             block = self.blocks[block_id]
             if block.ref_count == 0:
@@ -122,12 +122,12 @@ class BlockManager:
             return
         # A block holding a token still in flight is entered once that token is known.
         num_full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
-        hashes, size = self.block_hashes(seq, num_full), self.block_size
+        size = self.block_size
         for i in range(seq.num_committed_blocks, num_full):
-            block = self.blocks[seq.block_table[i]]
-            if block.hash is None and hashes[i] not in self.hash_to_block:
-                block.hash, block.token_ids = hashes[i], tuple(seq.token_ids[i * size : (i + 1) * size])
-                self.hash_to_block[hashes[i]] = block.block_id
+            block, block_hash = self.blocks[seq.block_table[i]], self.block_hash(seq, i)
+            if block.hash is None and block_hash not in self.hash_to_block:
+                block.hash, block.token_ids = block_hash, tuple(seq.token_ids[i * size : (i + 1) * size])
+                self.hash_to_block[block_hash] = block.block_id
         seq.num_committed_blocks = max(seq.num_committed_blocks, num_full)
 
     # -- allocation -------------------------------------------------------------

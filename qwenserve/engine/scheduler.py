@@ -5,8 +5,8 @@ an unfinished prefill continues with its next chunk), then waiting sequences are
 admitted while budget, sequence slots and blocks last. A 20k-token prompt is thus cut
 into chunks that share steps with the decodes of other streams. When the pool runs
 dry the newest running sequence is preempted: its blocks are freed and it re-enters
-the front of the queue, to be recomputed (mostly from the prefix cache) later. A new
-sequence whose next block another one is computing waits for it to land in the cache.
+the front of the queue, to be recomputed (mostly from the prefix cache) later. A waiting
+sequence whose next block a running one is computing waits for it to land in the cache.
 """
 
 from __future__ import annotations
@@ -87,14 +87,14 @@ class Scheduler:
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         bm = self.block_manager
-        deferred: list[Sequence] = []
+        in_flight = {h for seq in self.running if (h := self._next_block_hash(seq)) is not None}
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting.popleft()
-            seq.awaited_block = self._awaited_block(seq)
-            if seq.awaited_block is not None:
-                deferred.append(seq)
-                continue
-            num_cached = bm.allocate_cached_prefix(seq)
+            seq = self.waiting[0]
+            hits = bm.cached_prefix(seq)
+            if self._awaits_block(seq, len(hits), in_flight):
+                break  # first come, first served: one admitted behind it would take the budget before it
+            self.waiting.popleft()
+            num_cached = bm.allocate_cached_prefix(seq, hits)
             if not seq.admitted:
                 # A sibling (n > 1) finds the prompt choice 0 just computed: for the request that is no
                 # cache hit, so only choice 0 reports one (usage takes the largest).
@@ -109,38 +109,22 @@ class Scheduler:
             self.running.append(seq)
             batch.add(seq, num_new)
             budget -= num_new
-        self.waiting.extendleft(reversed(deferred))
+            if (block_hash := self._next_block_hash(seq)) is not None:
+                in_flight.add(block_hash)
 
-    def _awaited_block(self, seq: Sequence) -> tuple[int, int] | None:
-        """The first block of `seq` missing from the prefix cache (its index and hash) when a running
-        sequence is computing it now (the same tokens after the same prefix). Then `seq` waits: once that
-        block is done it is a cache hit, where admitting `seq` now would compute the shared prefix twice
-        (agents sending one system prompt at once, a retried request).
-
-        Only hashes are looked at, from the block it waited for before: a burst of agents sharing a
-        17k-token prompt asks this for each of them at every step. Admission then looks up for real.
-        """
+    def _next_block_hash(self, seq: Sequence) -> int | None:
+        """The hash of the block a running `seq` computes next (None: not a full block of known tokens)."""
         bm = self.block_manager
-        num_blocks = bm.num_shareable_blocks(seq)
-        hashes = bm.block_hashes(seq, num_blocks)
-        index = seq.awaited_block[0] if seq.awaited_block is not None else 0
-        while index < num_blocks and hashes[index] in bm.hash_to_block:
-            index += 1
-        if index >= num_blocks:
-            return None
-        block = (index, hashes[index])
-        return block if self._being_computed(block) else None
+        index = seq.num_computed_tokens // bm.block_size
+        return bm.block_hash(seq, index) if (index + 1) * bm.block_size <= seq.num_known_tokens else None
 
-    def _being_computed(self, block: tuple[int, int]) -> bool:
-        """Whether a running sequence has yet to compute this (index, hash) block."""
-        index, block_hash = block
+    def _awaits_block(self, seq: Sequence, index: int, in_flight: set[int]) -> bool:
+        """Whether block `index` of `seq`, the first missing from the prefix cache, is one a running
+        sequence computes next (the same tokens after the same prefix: the hash says both). Then `seq`
+        waits: once that block is done it is a cache hit, where admitting `seq` now would compute the
+        shared prefix twice (agents sending one system prompt at once, a retried request)."""
         bm = self.block_manager
-        end = (index + 1) * bm.block_size
-        return any(
-            other.num_computed_tokens < end <= other.num_known_tokens
-            and bm.block_hashes(other, index + 1)[index] == block_hash
-            for other in self.running
-        )
+        return index < bm.num_shareable_blocks(seq) and bm.block_hash(seq, index) in in_flight
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -52,8 +52,6 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of its full blocks, computed as needed (block_manager)
         self.num_committed_blocks = 0  # leading blocks of block_table already offered to the prefix cache
-        # (index, hash) of a prefix block another sequence is computing, which this one waits for (scheduler).
-        self.awaited_block: tuple[int, int] | None = None
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
         self.admitted = False

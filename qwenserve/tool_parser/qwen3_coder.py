@@ -45,7 +45,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwenserve.tool_parser.schema import ParamType, ToolSchemas, convert_value, is_valid_name
+from qwenserve.tool_parser.schema import MAX_NAME_CHARS, ParamType, ToolSchemas, convert_value, is_valid_name
 
 Delta = dict[str, Any]
 ToolCall = dict[str, Any]
@@ -58,7 +58,6 @@ PARAM = "<parameter="
 PARAM_END = "</parameter>"
 _ALL_TAGS = (TOOL_CALL, TOOL_CALL_END, FUNCTION, FUNCTION_END, PARAM, PARAM_END)
 _CLOSERS = (PARAM_END, FUNCTION_END, TOOL_CALL_END)
-_MAX_NAME = 256
 _WS = re.compile(r"\s*")
 _NAME_STOP = re.compile(r"[>\n<]")
 
@@ -90,9 +89,9 @@ def read_name(buf: str, start: int) -> tuple[Any, str, int]:
     name may still be arriving, or ``(_BAD, "", start)`` when a newline or
     ``<`` comes first (a slip such as ``<function=NAME`` without ``>``).
     """
-    m = _NAME_STOP.search(buf, start, start + _MAX_NAME)
+    m = _NAME_STOP.search(buf, start, start + MAX_NAME_CHARS + 1)
     if m is None:
-        status = _BAD if len(buf) - start >= _MAX_NAME else _WAIT
+        status = _BAD if len(buf) - start > MAX_NAME_CHARS else _WAIT
         return status, "", start
     if m.group() != ">":
         return _BAD, "", start

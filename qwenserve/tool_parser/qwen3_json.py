@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from qwenserve.tool_parser.qwen3_coder import (
@@ -31,7 +31,7 @@ from qwenserve.tool_parser.qwen3_coder import (
     is_partial,
     skip_ws,
 )
-from qwenserve.tool_parser.schema import NOT_DECODED, decode_literal, is_valid_name
+from qwenserve.tool_parser.schema import NOT_DECODED, decode_literal
 
 _IN_STRING = re.compile(r'[\\"]')
 _OUTSIDE = re.compile(r'["{}\[\],<]')
@@ -188,10 +188,10 @@ class Qwen3JsonToolParser(ToolParserBase):
         return True
 
     def _end_block(self, text: str, block_end: int) -> None:
-        call = _interpret(text) if text else _NOT_A_CALL
+        call = _interpret(text, self._schemas.is_function) if text else _NOT_A_CALL
         if self._cut_back and text and (call is None or call is _NOT_A_CALL):
             # Cut off inside a key ('{"name": "f", "argu'): the call with its complete members.
-            trimmed = _interpret(self._cut_back)
+            trimmed = _interpret(self._cut_back, self._schemas.is_function)
             call = call if trimmed is None or trimmed is _NOT_A_CALL else trimmed
         if call is None:
             # Unparseable: keep what the model wrote rather than lose it.
@@ -204,8 +204,9 @@ class Qwen3JsonToolParser(ToolParserBase):
         self._pos = block_end
 
 
-def _interpret(text: str) -> Any:
-    """(name, arguments dict), None if unparseable, or _NOT_A_CALL for a wrong shape."""
+def _interpret(text: str, is_function: Callable[[str], bool]) -> Any:
+    """(name, arguments dict), None if unparseable, or _NOT_A_CALL for a wrong shape or a name that
+    `is_function` does not take."""
     obj = decode_literal(text)
     if obj is None or obj is NOT_DECODED:
         return None
@@ -217,7 +218,7 @@ def _interpret(text: str) -> Any:
         arguments = decode_literal(arguments) if arguments.strip() else {}
     if arguments is None or arguments is NOT_DECODED:
         arguments = {}
-    if not isinstance(name, str) or not is_valid_name(name) or not isinstance(arguments, dict):
+    if not isinstance(name, str) or not is_function(name) or not isinstance(arguments, dict):
         return _NOT_A_CALL
     try:
         json.dumps(arguments, allow_nan=False)

@@ -36,10 +36,14 @@ def is_valid_name(name: str) -> bool:
     return bool(name) and not any(c in _PHANTOM_CHARS or c.isspace() for c in name)
 
 
+# The longest name the XML parser waits for before it takes ``<function=`` for a slip.
+MAX_NAME_CHARS = 255
+
+
 def is_writable_name(name: str) -> bool:
     """Whether a declared function/parameter ``name`` reads back as written from ``<function=NAME>``:
     the name ends at the first ``>`` (``<`` or a line break end it as a slip) and is stripped."""
-    return bool(name) and name == name.strip() and not any(c in "<>\n" for c in name)
+    return 0 < len(name) <= MAX_NAME_CHARS and name == name.strip() and not any(c in "<>\n" for c in name)
 
 
 @dataclass(frozen=True)
