@@ -86,6 +86,8 @@ class Scheduler:
         return True
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        if not self.waiting:
+            return
         bm = self.block_manager
         in_flight = {h for seq in self.running if (h := self._next_block_hash(seq)) is not None}
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
