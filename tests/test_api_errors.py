@@ -379,6 +379,11 @@ def test_a_long_prompt_is_refused_with_its_size(server: ServerProcess) -> None:
     spaces = " " * 20000 + "x"  # 158 tokens
     r = server.post("/v1/completions", json={"prompt": spaces, "max_tokens": 1})
     assert r.status_code == 200, r.text
+    # Past the tokenizer's own model_max_length (the demo's 32,768): refused as well, and Transformers'
+    # warning about "indexing errors" (nothing is run) stays out of the log.
+    err = assert_openai_error(server.post(CHAT, json={"messages": [{"role": "user", "content": "hello " * 40000}]}), 400)
+    assert re.search(r"is 400\d\d tokens long", err["message"]), err
+    assert "indexing errors" not in server.log()
 
 
 def test_max_tokens_beyond_context_is_clamped(server: ServerProcess) -> None:

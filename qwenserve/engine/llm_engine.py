@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -159,7 +160,11 @@ def _load_tokenizer(path: Path) -> Any:
 
         logger.warning("%s has no tokenizer; using the built-in Qwen tokenizer and chat template", path)
         path = DEMO_MODEL_DIR
-    return AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    # The context limit is the engine's (--max-model-len); the tokenizer's own would only log "indexing
+    # errors" for a prompt the engine then refuses with a clear 400.
+    tokenizer.model_max_length = sys.maxsize
+    return tokenizer
 
 
 class LLMEngine:
