@@ -33,6 +33,7 @@ import triton.language as tl
 
 from qwenserve.kernels import moe_configs
 from qwenserve.kernels.fused import (
+    FIXED_POINT_BITS,
     FIXED_POINT_CLAMP,
     FIXED_POINT_SCALE,
     add_rms_norm,
@@ -1004,6 +1005,13 @@ def fused_decode_accumulator(num_tokens: int, top_k: int, hidden: int, device: t
     rows = top_k if FUSED_ACC_PER_PAIR else 1
     dtype = torch.int64 if FUSED_FIXED_POINT else torch.float32
     return torch.empty(num_tokens, rows, hidden, dtype=dtype, device=device)
+
+
+def terms_to_float(terms: torch.Tensor) -> torch.Tensor:
+    """A MoE's unreduced terms as float32, whatever their format (fixed point from the fused decode launch)."""
+    if terms.dtype == torch.int64:
+        return terms.double().div_(2**FIXED_POINT_BITS).float()
+    return terms.float()
 
 
 def _route_fused_moe(

@@ -109,7 +109,7 @@ def test_route_align_equals_route_then_align(tokens: int, experts: int, top_k: i
 @pytest.mark.parametrize("tokens", [1, 16, 17, 300])
 def test_routed_moe(tokens: int) -> None:
     from qwenserve.kernels.fused import route
-    from qwenserve.kernels.moe import routed_moe
+    from qwenserve.kernels.moe import routed_moe, terms_to_float
 
     h = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
     gate = torch.randn(128, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -118,8 +118,10 @@ def test_routed_moe(tokens: int) -> None:
     out = routed_moe(h, gate, w13, w2, 8, True)
     weights, ids = route(h, gate, 8, True)  # the kernel's own tie-breaking; checked against torch in test_route
     ref = ops.fused_moe(h.float(), w13.float(), w2.float(), weights.float(), ids, reduce=False)
-    assert out.shape == (tokens, 8, 2048)
-    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=5e-2)
+    assert out.shape[0] == tokens and out.shape[2] == 2048
+    if out.shape[1] == 8:
+        torch.testing.assert_close(terms_to_float(out), ref, atol=3e-2, rtol=5e-2)
+    torch.testing.assert_close(terms_to_float(out).sum(1), ref.sum(1), atol=5e-2, rtol=5e-2)
 
 
 @pytest.mark.parametrize("tokens,block_e", [(1, 4), (3, 8), (16, 4), (16, 2)])
@@ -153,7 +155,7 @@ def test_norm_route_align_equals_norm_then_route_then_align(tokens: int, block_e
 @pytest.mark.parametrize("tokens", [1, 5, 16, 17])
 def test_norm_routed_moe(tokens: int) -> None:
     from qwenserve.kernels.fused import add_rms_norm, route
-    from qwenserve.kernels.moe import norm_route_align, norm_routed_moe
+    from qwenserve.kernels.moe import norm_route_align, norm_routed_moe, terms_to_float
 
     x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
     r = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
@@ -170,8 +172,10 @@ def test_norm_routed_moe(tokens: int) -> None:
     else:
         weights, ids = route(h, gate, 8, True)
     ref = ops.fused_moe(h.float(), w13.float(), w2.float(), weights.float(), ids, reduce=False)
-    assert out.shape == (tokens, 8, 2048)
-    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=5e-2)
+    assert out.shape[0] == tokens and out.shape[2] == 2048
+    if out.shape[1] == 8:
+        torch.testing.assert_close(terms_to_float(out), ref, atol=3e-2, rtol=5e-2)
+    torch.testing.assert_close(terms_to_float(out).sum(1), ref.sum(1), atol=5e-2, rtol=5e-2)
 
 
 @pytest.mark.parametrize("pdl_mode", [1, 2])  # 2: GEMM2 routes after its wait
@@ -240,8 +244,8 @@ def test_fused_decode_moe_adds_what_the_two_gemms_compute(
     def check(got: torch.Tensor, terms: torch.Tensor) -> None:
         want, want_terms = run(False)
         assert terms.dtype == (torch.int64 if fixed_point else torch.float32)
-        summed = terms.double().sum(1) / (2**24 if fixed_point else 1)
-        torch.testing.assert_close(summed.float(), want_terms.float().sum(1), atol=2e-2, rtol=2e-2)
+        summed = moe.terms_to_float(terms).sum(1)
+        torch.testing.assert_close(summed, want_terms.float().sum(1), atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
 
     first = run(True)
