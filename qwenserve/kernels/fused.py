@@ -123,12 +123,6 @@ def qk_norm_rope_cache(
 
 
 ADD_RMS_NORM_WARPS: int | None = None  # None: 4 up to 2048 columns, else 8
-# int64 terms (the fused decode MoE's accumulator, qwenserve.kernels.moe) are fixed point with this
-# many fraction bits: integer atomic adds give the same sum in any order. Each added term is clamped
-# to +-2^28 (far beyond any activation), so up to 2^11 adders per value cannot overflow the int64.
-FIXED_POINT_BITS = 24
-FIXED_POINT_SCALE: tl.constexpr = tl.constexpr(float(2**FIXED_POINT_BITS))
-FIXED_POINT_CLAMP: tl.constexpr = tl.constexpr(float(2**52))
 
 
 @triton.jit
@@ -143,15 +137,9 @@ def _add_rms_norm_kernel(
     dt = res_ptr.dtype.element_ty
     w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
     pdl_wait(PDL_MODE)
-    if x_ptr.dtype.element_ty == tl.int64:  # fixed point (see FIXED_POINT_BITS): summed exactly
-        xi = tl.zeros([N_P2], dtype=tl.int64)
-        for k in tl.static_range(TERMS):
-            xi += tl.load(x_ptr + row * stride_x + k * stride_xk + c, mask=mask, other=0)
-        x = xi.to(tl.float32) / FIXED_POINT_SCALE  # a power of two: exact
-    else:
-        x = tl.zeros([N_P2], dtype=tl.float32)
-        for k in tl.static_range(TERMS):
-            x += tl.load(x_ptr + row * stride_x + k * stride_xk + c, mask=mask, other=0.0).to(tl.float32)
+    x = tl.zeros([N_P2], dtype=tl.float32)
+    for k in tl.static_range(TERMS):
+        x += tl.load(x_ptr + row * stride_x + k * stride_xk + c, mask=mask, other=0.0).to(tl.float32)
     x = x.to(dt).to(tl.float32)  # summed terms (MoE or split-K) are an activation, as in the reference
     r = tl.load(res_ptr + row * stride_r + c, mask=mask, other=0.0).to(tl.float32)
     s = (x + r).to(dt)  # the residual stream lives in the activation dtype, as in the reference

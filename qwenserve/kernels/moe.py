@@ -32,15 +32,7 @@ import triton
 import triton.language as tl
 
 from qwenserve.kernels import moe_configs
-from qwenserve.kernels.fused import (
-    FIXED_POINT_BITS,
-    FIXED_POINT_CLAMP,
-    FIXED_POINT_SCALE,
-    add_rms_norm,
-    route,
-    row_topk,
-    softmax_topk,
-)
+from qwenserve.kernels.fused import add_rms_norm, route, row_topk, softmax_topk
 from qwenserve.kernels.moe_configs import MoEConfig, get_moe_config
 from qwenserve.kernels.pdl import pdl_launch, pdl_start, pdl_wait
 
@@ -266,9 +258,6 @@ def _norm_route_align_kernel(
     RENORM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     ROUTE: tl.constexpr,
-    zero_ptr=None,
-    zero_numel=0,
-    ZERO_CHUNK: tl.constexpr = 0,
     PDL_MODE: tl.constexpr = 0,
 ):
     pdl_start(PDL_MODE)
@@ -302,10 +291,6 @@ def _norm_route_align_kernel(
     logit = tl.sum(gate.to(tl.float32) * y.to(tl.float32)[None, :], 1)
     # Rounded to the activation dtype, as the reference's F.linear returns them.
     tl.store(logits_ptr + row * NUM_EXPERTS + e_blk, logit.to(logits_ptr.dtype.element_ty), mask=e_blk_ok)
-    if ZERO_CHUNK > 0:  # the fused MoE's accumulator of this token, a slice per program
-        z = eb * ZERO_CHUNK + tl.arange(0, ZERO_CHUNK)
-        zeros = tl.zeros([ZERO_CHUNK], zero_ptr.dtype.element_ty)
-        tl.store(zero_ptr + row * zero_numel + z, zeros, mask=z < zero_numel)
 
     if ROUTE:
         _route_align_last(
@@ -383,7 +368,6 @@ def norm_route_align(
     renormalize: bool,
     block_m: int,
     route: bool = True,
-    zero: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """add_rms_norm, the router GEMV and route_align in one launch, for at most ROUTE_ALIGN_MAX_TOKENS tokens
     (x [T, H], or unreduced terms [T, S, H] that the norm sums first).
@@ -391,7 +375,7 @@ def norm_route_align(
     Returns (normed [T, H], new residual [T, H], routing weights [T, k] in the residual's dtype, expert ids
     [T, k] int32, sorted_ids, expert_ids, num_rows) with the contracts of add_rms_norm, router_topk and
     moe_align; with route=False only (normed, new residual, router logits [T, E] in the residual's dtype):
-    the norm and the GEMV. `zero` (contiguous [T, ...], route=False only) is zeroed in the same launch.
+    the norm and the GEMV.
     """
     num_tokens, hidden = residual.shape
     terms = x.shape[1] if x.dim() == 3 else 1
@@ -412,20 +396,13 @@ def norm_route_align(
     # Sized by the token bucket, not the count, so each bucket compiles once.
     max_blocks = triton.cdiv(max_sorted_rows(t_p2 * top_k, num_experts, block_m), block_m)
     grid = (num_tokens, triton.cdiv(num_experts, NORM_ROUTE_BLOCK_E))
-    zeroing = {}
-    if zero is not None:
-        assert not route and zero.is_contiguous() and zero.shape[0] == num_tokens
-        zero_numel = zero[0].numel()
-        chunk = triton.next_power_of_2(triton.cdiv(zero_numel, grid[1]))
-        zeroing = dict(zero_ptr=zero, zero_numel=zero_numel, ZERO_CHUNK=chunk)
     _norm_route_align_kernel[grid](
         x, residual, norm_weight, gate_weight, out, res_out, logits, _launch_counter(device), weights, ids, sorted_ids,
         expert_ids, num_rows, num_tokens, x.stride(0), x.stride(1) if terms > 1 else 0, residual.stride(0),
         gate_weight.stride(0), eps, TERMS=terms, N=hidden, N_P2=triton.next_power_of_2(hidden), NUM_EXPERTS=num_experts,
         E_P2=triton.next_power_of_2(num_experts), BLOCK_E=NORM_ROUTE_BLOCK_E, TOP_K=top_k, T_P2=t_p2,
         NB_P2=triton.next_power_of_2(max_blocks), RENORM=renormalize, BLOCK_M=block_m, ROUTE=route,
-        num_warps=NORM_ROUTE_NUM_WARPS if route else NORM_ONLY_NUM_WARPS, **zeroing,
-        **pdl_launch(device, "norm_route"),
+        num_warps=NORM_ROUTE_NUM_WARPS if route else NORM_ONLY_NUM_WARPS, **pdl_launch(device, "norm_route"),
     )  # fmt: skip
     if not route:
         return out, res_out, logits
@@ -521,26 +498,8 @@ def _gemm1_tile(
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """GEMM1 of one tile: rows offs_m of act (their pairs `pair`, real where m_mask) x columns pid_n of expert."""
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    act = _gemm1_act(
-        a_ptr, w_ptr, pair, m_mask, expert, offs_n, N, K, stride_am, stride_we, stride_wn, TOP_K, BLOCK_M, BLOCK_N,
-        BLOCK_K,
-    )  # fmt: skip
-    tl.store(
-        act_ptr + offs_m[:, None].to(tl.int64) * stride_actm + offs_n[None, :],
-        act.to(act_ptr.dtype.element_ty),
-        mask=m_mask[:, None] & n_mask[None, :],
-    )
-
-
-@triton.jit
-def _gemm1_act(
-    a_ptr, w_ptr, pair, m_mask, expert, offs_n, N, K, stride_am, stride_we, stride_wn,
-    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """silu(x . gate) * (x . up) in float32 for the rows of pairs `pair` (real where m_mask), columns offs_n."""
     tok = (pair // TOP_K).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + tok[:, None] * stride_am + offs_k[None, :]
@@ -559,7 +518,12 @@ def _gemm1_act(
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
-    return acc_g * tl.sigmoid(acc_g) * acc_u
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(
+        act_ptr + offs_m[:, None].to(tl.int64) * stride_actm + offs_n[None, :],
+        act.to(act_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & n_mask[None, :],
+    )
 
 
 @triton.jit
@@ -634,52 +598,6 @@ def _route_gemm2_kernel(
         acc.to(out_ptr.dtype.element_ty),
         mask=(r == 0)[:, None] & (offs_n < N)[None, :],
     )
-
-
-@triton.jit(do_not_specialize=["numel"])
-def _route_fused_moe_kernel(
-    logits_ptr, a_ptr, w13_ptr, w2_ptr, acc_ptr, numel, INTER, H, stride_am, stride_w13e, stride_w13n,
-    stride_w2e, stride_w2h, stride_acc,
-    NUM_EXPERTS: tl.constexpr, E_P2: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr,
-    ACC_PER_PAIR: tl.constexpr, FIXED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, PDL_MODE: tl.constexpr = 0,
-):  # fmt: skip
-    """Both expert GEMMs of a token or two in one launch. Program (pair p, inter slice s) routes its
-    pair, computes act = silu(x . gate) * (x . up) over its BLOCK_I inter columns (GEMM1's tile, kept
-    in registers) and adds weight * (act . w2[expert, :, slice]) into the accumulator row of the pair
-    (ACC_PER_PAIR) or of its token, over every hidden column. The accumulator was zeroed by the
-    kernel before (norm_route_align); with FIXED it holds int64 fixed point (fused.FIXED_POINT_BITS
-    fraction bits), whose atomic sums do not depend on the order the programs add in."""
-    pdl_start(PDL_MODE)
-    pdl_wait(PDL_MODE)
-    pid = tl.program_id(0)
-    tiles_i = tl.cdiv(INTER, BLOCK_I)
-    p = pid // tiles_i
-    expert, weight = _pair_route(logits_ptr, p, NUM_EXPERTS, E_P2, TOP_K, RENORM)
-    r = tl.arange(0, BLOCK_M)
-    offs_i = (pid % tiles_i) * BLOCK_I + tl.arange(0, BLOCK_I)
-    act = _gemm1_act(
-        a_ptr, w13_ptr, tl.where(r == 0, p, numel), r == 0, expert, offs_i, INTER, H, stride_am, stride_w13e,
-        stride_w13n, TOP_K, BLOCK_M, BLOCK_I, BLOCK_K,
-    )  # fmt: skip
-    dt = a_ptr.dtype.element_ty
-    act = act.to(dt)  # rounded as GEMM1 stores it for GEMM2
-    weight = weight.to(dt).to(tl.float32)  # rounded as the sorted path stores it
-    row = p if ACC_PER_PAIR else p // TOP_K
-    offs_h = tl.arange(0, BLOCK_H)
-    w_ptrs = w2_ptr + expert * stride_w2e + offs_h[None, :] * stride_w2h + offs_i[:, None]
-    out_ptrs = acc_ptr + row.to(tl.int64) * stride_acc + offs_h
-    i_mask = offs_i < INTER
-    for h in range(0, tl.cdiv(H, BLOCK_H)):
-        h_mask = offs_h < H - h * BLOCK_H
-        w = tl.load(w_ptrs, mask=i_mask[:, None] & h_mask[None, :], other=0.0)
-        term = tl.sum(tl.where(r[:, None] == 0, tl.dot(act, w), 0.0), 0) * weight
-        if FIXED:
-            term = tl.minimum(tl.maximum(term * FIXED_POINT_SCALE, -FIXED_POINT_CLAMP), FIXED_POINT_CLAMP)
-            term = (term + tl.where(term >= 0, 0.5, -0.5)).to(tl.int64)  # to nearest
-        tl.atomic_add(out_ptrs, term, mask=h_mask, sem="relaxed")
-        w_ptrs += BLOCK_H * stride_w2h
-        out_ptrs += BLOCK_H
 
 
 @triton.jit
@@ -938,14 +856,9 @@ def norm_routed_moe(
         return routed_moe(h, gate_weight, w13, w2, top_k, renormalize), residual
     cfg = _decode_moe_config(num_tokens, w13, top_k)
     if num_tokens <= ROUTE_IN_GEMM1_MAX_TOKENS:
-        acc = None
-        if num_tokens <= FUSED_DECODE_MAX_TOKENS:
-            acc = fused_decode_accumulator(num_tokens, top_k, hidden_size, x.device)
         h, residual, logits = norm_route_align(
-            x, residual, norm_weight, eps, gate_weight, top_k, renormalize, cfg.block_m, route=False, zero=acc
+            x, residual, norm_weight, eps, gate_weight, top_k, renormalize, cfg.block_m, route=False
         )
-        if acc is not None:
-            return _route_fused_moe(h, logits, w13, w2, acc, top_k, renormalize), residual
         return _route_in_gemm1(h, logits, w13, w2, top_k, renormalize, cfg), residual
     h, residual, weights, _, sorted_ids, expert_ids, num_rows = norm_route_align(
         x, residual, norm_weight, eps, gate_weight, top_k, renormalize, cfg.block_m
@@ -988,57 +901,6 @@ def _route_in_gemm1(
         num_warps=cfg.warps2, num_stages=cfg.stages2, **pdl_launch(h.device, "gemm2"),
     )  # fmt: skip
     return pair_out.view(h.shape[0], top_k, hidden_size)
-
-
-# Decode steps of up to this many tokens (at most ROUTE_IN_GEMM1_MAX_TOKENS) run both expert GEMMs as
-# one launch (_route_fused_moe_kernel); 0: two launches (_route_in_gemm1). A/B switches below.
-FUSED_DECODE_MAX_TOKENS = 2
-FUSED_FIXED_POINT = True  # False: float32 atomics (the sum's last bits then vary run to run)
-FUSED_ACC_PER_PAIR = True  # one accumulator row per pair (48 adders per value) or per token (384)
-# (BLOCK_I, BLOCK_K, BLOCK_H, warps, stages) of the fused launch.
-FUSED_TILE: tuple[int, int, int, int, int] = (16, 64, 64, 2, 6)
-
-
-def fused_decode_accumulator(num_tokens: int, top_k: int, hidden: int, device: torch.device) -> torch.Tensor:
-    """The (not yet zeroed) accumulator _route_fused_moe adds into: [T, k or 1, H], int64 fixed point or
-    float32, as the A/B switches say."""
-    rows = top_k if FUSED_ACC_PER_PAIR else 1
-    dtype = torch.int64 if FUSED_FIXED_POINT else torch.float32
-    return torch.empty(num_tokens, rows, hidden, dtype=dtype, device=device)
-
-
-def terms_to_float(terms: torch.Tensor) -> torch.Tensor:
-    """A MoE's unreduced terms as float32, whatever their format (fixed point from the fused decode launch)."""
-    if terms.dtype == torch.int64:
-        return terms.double().div_(2**FIXED_POINT_BITS).float()
-    return terms.float()
-
-
-def _route_fused_moe(
-    h: torch.Tensor,
-    logits: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    acc: torch.Tensor,
-    top_k: int,
-    renormalize: bool,
-) -> torch.Tensor:
-    """Routing + both expert GEMMs in one launch, added into `acc` (zeroed): the tokens' terms
-    [T, rows, H] in acc's format, which add_rms_norm sums."""
-    assert h.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1 and logits.is_contiguous()
-    assert acc.is_contiguous() and acc.dtype in (torch.int64, torch.float32)
-    num_experts, two_inter, hidden_size = w13.shape
-    inter, num_pairs = two_inter // 2, h.shape[0] * top_k
-    block_i, block_k, block_h, warps, stages = FUSED_TILE
-    _route_fused_moe_kernel[(num_pairs * triton.cdiv(inter, block_i),)](
-        logits, h, w13, w2, acc, num_pairs, inter, hidden_size, h.stride(0), w13.stride(0), w13.stride(1),
-        w2.stride(0), w2.stride(1), acc.stride(1), NUM_EXPERTS=num_experts,
-        E_P2=triton.next_power_of_2(num_experts), TOP_K=top_k, RENORM=renormalize,
-        ACC_PER_PAIR=acc.shape[1] == top_k, FIXED=acc.dtype == torch.int64, BLOCK_M=16, BLOCK_I=block_i,
-        BLOCK_K=block_k, BLOCK_H=block_h, num_warps=warps, num_stages=stages,
-        **pdl_launch(h.device, "fused_moe"),
-    )  # fmt: skip
-    return acc
 
 
 @triton.jit

@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - older Triton: PDL stays off
 
 MODE = 1
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter has no griddepcontrol
-EARLY: frozenset[str] = frozenset({"add_rms_norm", "qk_norm", "decode", "merge", "gemm2", "fused_moe"})
+EARLY: frozenset[str] = frozenset({"add_rms_norm", "qk_norm", "decode", "merge", "gemm2"})
 # Kernels launched without PDL (A/B switch: a normal launch after its predecessor has finished).
 # Batch-1 graph at 512 context (H200, ninth session), against all on: GEMM2 off +187 us, GEMM1 off
 # +95 us, the norm + router off +5 us, GEMM2 triggering after its wait (not in EARLY) +62 us.
