@@ -54,6 +54,9 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     eos_token_ids: list[int] = field(default_factory=list)
+    # An FP8 checkpoint's (quantization_config.quant_method "fp8") scale block [rows, cols]; (0, 0) when
+    # each weight has one scale; None for an unquantized checkpoint. Its weights are dequantized on load.
+    fp8_weight_block: tuple[int, int] | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -100,6 +103,7 @@ class ModelConfig:
             decoder_sparse_step=raw.get("decoder_sparse_step", 1) or 1,
             mlp_only_layers=list(raw.get("mlp_only_layers") or []),
             eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+            fp8_weight_block=_fp8_block_from_dict(raw),
         )
 
     @classmethod
@@ -110,6 +114,26 @@ class ModelConfig:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path} is not valid JSON ({exc}): is the checkpoint download complete?") from exc
         return cls.from_dict(raw)
+
+
+def _fp8_block_from_dict(raw: dict[str, Any]) -> tuple[int, int] | None:
+    quant = raw.get("quantization_config")
+    if not quant:
+        return None
+    method = quant.get("quant_method")
+    if method != "fp8":
+        raise ValueError(
+            f"this checkpoint is quantized with {method!r}, which qwenserve cannot load: it serves bf16 / fp16 "
+            "checkpoints and FP8 ones (quant_method 'fp8', e.g. Qwen/Qwen3-Coder-30B-A3B-Instruct-FP8), whose "
+            "weights it dequantizes on load. Use the model's unquantized checkpoint "
+            "(e.g. Qwen/Qwen3-Coder-30B-A3B-Instruct)"
+        )
+    block = quant.get("weight_block_size")
+    if not block:
+        return (0, 0)
+    if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+        raise ValueError(f"quantization_config.weight_block_size must be two positive integers, got {block!r}")
+    return (block[0], block[1])
 
 
 def _rope_from_dict(raw: dict[str, Any]) -> RopeConfig:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tiny_models import make_tiny_checkpoint
 
-from qwenserve.model.loader import ModelNotFoundError, build_model, load_model_config, resolve_model_path
+from qwenserve.model.loader import (
+    ModelNotFoundError,
+    build_model,
+    dequantize_fp8,
+    load_model_config,
+    resolve_model_path,
+)
 
 
 def test_local_directory_is_used_as_is(tiny_moe_dir: Path) -> None:
@@ -52,3 +61,77 @@ def test_dummy_weights_are_normal_not_zero(tmp_path: Path) -> None:
     model = build_model(cfg, None, torch.device("cpu"), torch.float32, load_format="dummy")
     w13 = model.layers[0].mlp.w13
     assert w13.abs().sum() > 0 and abs(w13.std().item() - cfg.initializer_range) < 0.2 * cfg.initializer_range
+
+
+def _write_fp8_checkpoint(src: Path, dst: Path, block: int = 16) -> dict[str, torch.Tensor]:
+    """`src` as Qwen publishes its FP8 checkpoints (quant_method fp8, block scales): every projection in
+    float8_e4m3fn with a weight_scale_inv per [block x block] tile; embeddings, norms and the router as they
+    were. Returns the projections' dequantized values."""
+    shutil.copytree(src, dst)
+    out, want = {}, {}
+    for name, tensor in load_file(dst / "model.safetensors").items():
+        if not name.endswith("proj.weight"):
+            out[name] = tensor
+            continue
+        rows, cols = tensor.shape
+        tiles = tensor.reshape(rows // block, block, cols // block, block)
+        scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-8) / 448.0  # float8_e4m3fn's largest value
+        values = (tiles / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
+        out[name], out[name + "_scale_inv"] = values, scale
+        full_scale = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)
+        want[name] = values.float() * full_scale
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [block, block],
+    }
+    (dst / "config.json").write_text(json.dumps(config))
+    return want
+
+
+def test_fp8_checkpoint_loads_dequantized(tmp_path: Path, tiny_moe_dir: Path) -> None:
+    """An FP8 checkpoint (e.g. Qwen3-Coder-30B-A3B-Instruct-FP8) loads with each weight times its block's
+    scale, not as the raw FP8 values, and lands close to the unquantized weights."""
+    want = _write_fp8_checkpoint(tiny_moe_dir, tmp_path / "fp8")
+    cfg = load_model_config(tmp_path / "fp8")
+    assert cfg.fp8_weight_block == (16, 16)
+    model = build_model(cfg, tmp_path / "fp8", torch.device("cpu"), torch.float32)
+    original = build_model(load_model_config(tiny_moe_dir), tiny_moe_dir, torch.device("cpu"), torch.float32)
+    layer, inter = model.layers[1], cfg.moe_intermediate_size
+    assert torch.equal(layer.mlp.w13[3, :inter], want["model.layers.1.mlp.experts.3.gate_proj.weight"])
+    assert torch.equal(layer.mlp.w13[3, inter:], want["model.layers.1.mlp.experts.3.up_proj.weight"])
+    assert torch.equal(layer.mlp.w2[5], want["model.layers.1.mlp.experts.5.down_proj.weight"])
+    assert torch.equal(layer.self_attn.o_proj.weight, want["model.layers.1.self_attn.o_proj.weight"])
+    q_size = layer.self_attn.q_size
+    assert torch.equal(layer.self_attn.qkv_proj.weight[:q_size], want["model.layers.1.self_attn.q_proj.weight"])
+    for (name, got), ref in zip(model.state_dict().items(), original.state_dict().values(), strict=True):
+        # float8_e4m3fn keeps 3 mantissa bits: within 1/16 of each value's tile maximum
+        assert (got - ref).abs().max() <= ref.abs().max() / 16, name
+
+
+def test_fp8_dequantize_partial_tiles_and_one_scale() -> None:
+    values = torch.randn(40, 24).to(torch.float8_e4m3fn)
+    scale = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # 16 x 16 tiles; the last row and column partial
+    got = dequantize_fp8(values, scale, (16, 16))
+    assert torch.equal(got[17, 23], values[17, 23].float() * 4.0) and torch.equal(got[39, 0], values[39, 0].float() * 5)
+    assert torch.equal(dequantize_fp8(values, torch.tensor([0.5]), (16, 16)), values.float() * 0.5)
+    with pytest.raises(ValueError, match="needs scales of shape"):
+        dequantize_fp8(values, torch.ones(2, 2), (16, 16))
+
+
+def test_unsupported_quantization_and_missing_fp8_scales_say_so(tmp_path: Path, tiny_moe_dir: Path) -> None:
+    _write_fp8_checkpoint(tiny_moe_dir, tmp_path / "fp8")
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (tmp_path / "awq").mkdir()
+    (tmp_path / "awq" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quantized with 'awq'.*unquantized checkpoint"):
+        load_model_config(tmp_path / "awq")
+    tensors = load_file(tmp_path / "fp8" / "model.safetensors")
+    del tensors["model.layers.0.self_attn.k_proj.weight_scale_inv"]
+    save_file(tensors, tmp_path / "fp8" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="k_proj.weight is stored in torch.float8_e4m3fn but .* no .*_scale_inv"):
+        build_model(load_model_config(tmp_path / "fp8"), tmp_path / "fp8", torch.device("cpu"), torch.float32)

@@ -7,6 +7,7 @@ weights on the device instead, for full-size benchmarks without a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -204,6 +205,51 @@ def _target(
     return None
 
 
+_FP8_DTYPES = frozenset(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+_SCALE_SUFFIX = "_scale_inv"  # FP8 checkpoints: weight = fp8 values * weight_scale_inv, per block
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """An FP8 weight ([..., rows, cols]) as float32: each [block rows x block cols] tile times its entry of
+    scale_inv ([..., ceil(rows / block rows), ceil(cols / block cols)]), or times the one scale when
+    scale_inv holds a single value."""
+    values = weight.to(torch.float32)
+    if scale_inv.numel() == 1:
+        return values * scale_inv.to(torch.float32).reshape(())
+    rows, cols = values.shape[-2:]
+    block_rows, block_cols = block
+    if block == (0, 0):  # no block size in the config: the one that tiles the weight into scale_inv's grid
+        block_rows, block_cols = -(-rows // scale_inv.shape[-2]), -(-cols // scale_inv.shape[-1])
+    expected = (*values.shape[:-2], -(-rows // block_rows), -(-cols // block_cols))
+    if tuple(scale_inv.shape) != expected:
+        raise ValueError(
+            f"an FP8 weight of shape {tuple(values.shape)} in {block_rows}x{block_cols} blocks needs scales of "
+            f"shape {expected}, got {tuple(scale_inv.shape)}"
+        )
+    scale = scale_inv.to(torch.float32).repeat_interleave(block_rows, -2)[..., :rows, :]
+    return values * scale.repeat_interleave(block_cols, -1)[..., :cols]
+
+
+class _CheckpointReader:
+    """Reads tensors by name from open safetensors shards; FP8 weights come back dequantized (float32)."""
+
+    def __init__(self, shards: dict[str, Any], fp8_block: tuple[int, int] | None) -> None:
+        self.shards = shards  # tensor name -> the open shard that holds it
+        self.fp8_block = fp8_block
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self.shards[name].get_tensor(name)
+        if tensor.dtype not in _FP8_DTYPES:
+            return tensor
+        scale_name = name + _SCALE_SUFFIX
+        if scale_name not in self.shards:
+            raise ValueError(
+                f"{name} is stored in {tensor.dtype} but the checkpoint has no {scale_name} to dequantize it "
+                "with (qwenserve reads FP8 checkpoints with block scales, quant_method 'fp8')"
+            )
+        return dequantize_fp8(tensor, self.shards[scale_name].get_tensor(scale_name), self.fp8_block or (0, 0))
+
+
 @torch.no_grad()
 def _load_safetensors(
     model: Qwen3ForCausalLM, cfg: ModelConfig, path: Path, device: torch.device, rank: int = 0, world_size: int = 1
@@ -213,15 +259,22 @@ def _load_safetensors(
     filled: set[str] = set()
     param_names = {id(p): n for n, p in model.named_parameters()}
     params = dict(model.named_parameters(remove_duplicate=False))
+    if cfg.fp8_weight_block is not None:
+        logger.info("FP8 checkpoint: its weights are dequantized to %s as they load", str(model.embed_tokens.weight.dtype))
     # safetensors reads a tensor straight onto CUDA; on CPU it memory-maps the file.
     load_device = str(device) if device.type == "cuda" else "cpu"
-    for file in tqdm(files, desc="Loading weights", unit="shard", disable=len(files) < 2 and device.type == "cpu"):
-        with safe_open(str(file), framework="pt", device=load_device) as shard:
-            for name in shard.keys():
+    with contextlib.ExitStack() as stack:
+        # Every shard is opened up front (headers only) so an FP8 weight finds its scale in any of them.
+        opened = {file: stack.enter_context(safe_open(str(file), framework="pt", device=load_device)) for file in files}
+        reader = _CheckpointReader({n: shard for shard in opened.values() for n in shard.keys()}, cfg.fp8_weight_block)
+        for file in tqdm(files, desc="Loading weights", unit="shard", disable=len(files) < 2 and device.type == "cpu"):
+            for name in opened[file].keys():
+                if name.endswith(_SCALE_SUFFIX):
+                    continue
                 tensor = None
                 if world_size > 1:
                     # This rank's slice, with expert indices made local; None: another rank's expert.
-                    sliced = shard_checkpoint_tensor(name, lambda n=name: shard.get_tensor(n), cfg, rank, world_size)
+                    sliced = shard_checkpoint_tensor(name, lambda n=name: reader.get(n), cfg, rank, world_size)
                     if sliced is None:
                         continue
                     name, tensor = sliced
@@ -230,7 +283,7 @@ def _load_safetensors(
                     continue
                 param, index = target
                 if tensor is None:
-                    tensor = shard.get_tensor(name)
+                    tensor = reader.get(name)
                 dest = param[index] if index else param
                 if dest.shape != tensor.shape:
                     raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
