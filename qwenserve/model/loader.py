@@ -260,7 +260,8 @@ def _load_safetensors(
     param_names = {id(p): n for n, p in model.named_parameters()}
     params = dict(model.named_parameters(remove_duplicate=False))
     if cfg.fp8_weight_block is not None:
-        logger.info("FP8 checkpoint: its weights are dequantized to %s as they load", str(model.embed_tokens.weight.dtype))
+        dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+        logger.info("FP8 checkpoint: its weights are dequantized to %s as they load", dtype)
     # safetensors reads a tensor straight onto CUDA; on CPU it memory-maps the file.
     load_device = str(device) if device.type == "cuda" else "cpu"
     with contextlib.ExitStack() as stack:
