@@ -92,13 +92,17 @@ def _write_fp8_checkpoint(src: Path, dst: Path, block: int = 16) -> dict[str, to
     return want
 
 
-def test_fp8_checkpoint_loads_dequantized(tmp_path: Path, tiny_moe_dir: Path) -> None:
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))],
+)
+def test_fp8_checkpoint_loads_dequantized(tmp_path: Path, tiny_moe_dir: Path, device: str) -> None:
     """An FP8 checkpoint (e.g. Qwen3-Coder-30B-A3B-Instruct-FP8) loads with each weight times its block's
     scale, not as the raw FP8 values, and lands close to the unquantized weights."""
     want = _write_fp8_checkpoint(tiny_moe_dir, tmp_path / "fp8")
     cfg = load_model_config(tmp_path / "fp8")
     assert cfg.fp8_weight_block == (16, 16)
-    model = build_model(cfg, tmp_path / "fp8", torch.device("cpu"), torch.float32)
+    model = build_model(cfg, tmp_path / "fp8", torch.device(device), torch.float32).cpu()
     original = build_model(load_model_config(tiny_moe_dir), tiny_moe_dir, torch.device("cpu"), torch.float32)
     layer, inter = model.layers[1], cfg.moe_intermediate_size
     assert torch.equal(layer.mlp.w13[3, :inter], want["model.layers.1.mlp.experts.3.gate_proj.weight"])
