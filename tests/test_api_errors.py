@@ -226,6 +226,9 @@ BAD_INPUTS: list[tuple[str, Any, str | None]] = [
     (CHAT, {"messages": HI, "max_tokens": 2, "min_tokens": 5}, "min_tokens"),
     (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', "temperature"),
     (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1e400}', "repetition_penalty"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": '
+     b'"f", "parameters": {"type": "object", "properties": {"q": {"enum": ["a", NaN]}}}}}]}',
+     "tools[0].function.parameters.properties.q.enum[1]"),  # fmt: skip
     # More prompts than the queue (1 here) could ever hold: a 400, not a 503 that no retry cures.
     ("/v1/completions", {"prompt": ["a", "b"], "max_tokens": 1}, "prompt"),
     ("/tokenize", {}, "prompt"),
@@ -338,9 +341,12 @@ def test_refused_requests_are_logged_with_their_reason(server: ServerProcess) ->
     """A request refused before it reaches the engine still leaves one line in the server log."""
     assert_openai_error(server.post(CHAT, json={"messages": HI, "max_tokens": "5"}), 400, "max_tokens")
     assert_openai_error(server.get("/v1/refused-route-probe"), 404)
+    assert_openai_error(server.get("/v1/probe%0A2026-01-01 00:00:00,000 ERROR forged"), 404)
     # The line is written once the response has gone out: wait for it rather than read the log at once.
     wait_for(lambda: "refused GET /v1/refused-route-probe" in server.log())
+    wait_for(lambda: "refused GET /v1/probe\\n2026-01-01" in server.log())  # a path's line break stays escaped
     log = server.log()
+    assert not any(line.startswith("2026-01-01 00:00:00,000 ERROR forged") for line in log.splitlines())
     assert re.search(r"refused POST /v1/chat/completions: 400 invalid_request_error \(max_tokens\): ", log), log[-2000:]
     assert "refused GET /v1/refused-route-probe: 404 invalid_request_error: Unknown route" in log
 

@@ -319,6 +319,11 @@ BAD_REQUESTS = [
     ({"input": "hi", "guided_regex": "(a"}, "guided_regex", None),
     ({"input": "hi", "guided_regex": "a", "text": {"format": {"type": "json_object"}}}, "guided_regex", None),
     ({"input": "hi", "stop_token_ids": [10**9]}, "stop_token_ids", None),
+    # Echoed in the answer, where JSON cannot carry them (a 500 before).
+    ({"input": "hi", "tools": [{**SHELL, "parameters": {"type": "object", "default": float("inf")}}]},
+     "tools[0].parameters.default", None),  # fmt: skip
+    ({"input": [{"role": "user", "content": [1.5]}]}, "input[0].content[0]", None),
+    ({"input": [{"role": "user", "content": [None]}]}, "input[0].content[0]", None),
 ]
 
 
@@ -326,7 +331,8 @@ BAD_REQUESTS = [
 def test_bad_requests_are_400_naming_the_field(
     server: ServerProcess, body: dict[str, Any], param: str, code: str | None
 ) -> None:
-    r = server.post("/v1/responses", json=body)
+    # json.dumps writes NaN and Infinity as Python's reader takes them (httpx's json= refuses to).
+    r = server.post("/v1/responses", content=json.dumps(body), headers={"Content-Type": "application/json"})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["code"] == code and error["type"] == "invalid_request_error", error

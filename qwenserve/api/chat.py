@@ -35,6 +35,12 @@ def content_to_text(content: Any, param: str) -> str:
         if isinstance(part, str):
             texts.append(part)
             continue
+        if not isinstance(part, dict):  # Responses input items are not typed by pydantic
+            raise bad_request(
+                f"Content part {param}[{j}] must be an object with a 'type' (or a string), got "
+                f"{type(part).__name__}.",
+                param=f"{param}[{j}]",
+            )
         kind = part.get("type")
         if kind is None:
             raise bad_request(f"Content part {param}[{j}] has no 'type'.", param=f"{param}[{j}].type")
@@ -107,7 +113,8 @@ def checked_arguments(arguments: Any, param: str) -> dict[str, Any]:
     """arguments_to_dict, refusing what a JSON string decodes into that the request check could not see
     (a "\\ud800" escape inside the string, nesting too deep to render); `param` names the field."""
     value = arguments_to_dict(arguments)
-    if isinstance(arguments, str) and (found := bad_text_path(value)) is not None:
+    # A NaN in past arguments is kept: the model may have written it, and history is rendered as given.
+    if isinstance(arguments, str) and (found := bad_text_path(value, numbers=False)) is not None:
         what = "a lone UTF-16 surrogate" if found[1] == "surrogate" else "JSON nested too deeply"
         raise bad_request(f"The arguments in {param} hold {what}.", param=param)
     return value

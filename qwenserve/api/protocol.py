@@ -9,6 +9,7 @@ on sampling values live in SamplingParams so the engine and the API agree on the
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -199,16 +200,22 @@ class DetokenizeRequest(Lenient):
 MAX_JSON_DEPTH = 64
 
 
-def bad_text_path(value: Any) -> tuple[str, str] | None:
+def bad_text_path(value: Any, numbers: bool = True) -> tuple[str, str] | None:
     """(param path such as "messages[0].content", what is wrong) for the first string holding a lone
-    UTF-16 surrogate (JSON allows "\\ud800"; no tokenizer or UTF-8 response can carry it) or the first
-    value nested deeper than MAX_JSON_DEPTH; None when the request is clean. Iterative: any depth is safe."""
+    UTF-16 surrogate (JSON allows "\\ud800"; no tokenizer or UTF-8 response can carry it), the first
+    value nested deeper than MAX_JSON_DEPTH, or the first NaN or infinite number (Python's JSON reader
+    takes NaN, Infinity and 1e999; no answer echoing them could be written as JSON) unless `numbers` is
+    False; None when the request is clean. Iterative: any depth is safe."""
     stack: list[tuple[Any, str, int]] = [(value, "", 0)]
     while stack:
         item, path, depth = stack.pop()
         if isinstance(item, str):
             if not item.isascii() and _has_lone_surrogate(item):
                 return path, "surrogate"
+            continue
+        if isinstance(item, float):
+            if numbers and not math.isfinite(item):
+                return path, "number"
             continue
         if depth > MAX_JSON_DEPTH:
             return path, "depth"

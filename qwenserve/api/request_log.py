@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from contextvars import ContextVar
 from typing import Any
@@ -13,6 +14,26 @@ from qwenserve.api.metrics import Metrics
 from qwenserve.engine.outputs import RequestOutput
 
 logger = logging.getLogger("qwenserve.api")
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _escape_controls(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    return _CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode(), value)
+
+
+class _EscapeControlCharacters(logging.Filter):
+    """Escapes line breaks and other control characters in the values a log line names: a request's path or
+    a refusal's message holds what the client sent, and a raw line break there would forge log lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_escape_controls(arg) for arg in record.args)
+        return True
+
+
+logger.addFilter(_EscapeControlCharacters())
 
 # The x-request-id of the HTTP request being handled (RequestIdMiddleware sets it): the log line names it,
 # so a client's id can be found in the server's log.

@@ -275,12 +275,18 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
 
 
 def _refuse_bad_text(req: Any) -> None:
-    """400 for text no tokenizer can read and JSON too deep to render (either would otherwise fail
-    deep inside as a 500)."""
+    """400 for text no tokenizer can read, JSON too deep to render and numbers JSON cannot carry (each
+    would otherwise fail deep inside as a 500)."""
     found = bad_text_path(req)
     if found is None:
         return
     param, problem = found
+    if problem == "number":
+        raise bad_request(
+            f"'{param}' is NaN or infinite (NaN, Infinity or a number past a float's range), which is not a "
+            "JSON number: send a finite value.",
+            param=param,
+        )
     if problem == "surrogate":
         raise bad_request(
             f"'{param}' contains a lone UTF-16 surrogate escape (such as \\ud800), which is not valid "

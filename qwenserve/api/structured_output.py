@@ -82,7 +82,9 @@ def _schema_guide(schema: Any, param: str) -> Guide:
     if not isinstance(schema, dict):
         raise bad_request(f"'{param}' must be a JSON schema object, got {type(schema).__name__}.", param=param)
     if (bad := bad_text_path(schema)) is not None:  # a schema given as a string skipped the request's check
-        what = "is nested too deeply" if bad[1] == "depth" else "holds a lone UTF-16 surrogate"
+        what = {"depth": "is nested too deeply", "number": "holds NaN or an infinite number"}.get(
+            bad[1], "holds a lone UTF-16 surrogate"
+        )
         raise bad_request(f"'{param}' {what} (at {bad[0] or 'its top'}).", param=param)
     if (found := empty_combinator(schema)) is not None:
         path, keyword = found
