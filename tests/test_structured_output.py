@@ -150,6 +150,11 @@ BAD = [
     ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag"),
     ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex"),
     ({"response_format": {"type": "json_object"}, "min_tokens": 2}, "min_tokens"),
+    # Without the call's grammar the demo model went on to call a tool it was never offered.
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}, "min_tokens": 5,
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, "min_tokens"),  # fmt: skip
+    ({"tool_choice": "required", "min_tokens": 5, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "min_tokens"),  # fmt: skip
     ({"response_format": {"type": "json_object"}, "tool_choice": "required",
       "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),  # fmt: skip
 ]

@@ -109,7 +109,14 @@ class ChatCompletions:
         if params.guide is not None:
             plan = guided_tool_plan(plan, params.guide)
             await self.state.compile_guide(params.guide)
-        elif plan.must_call and self.state.xml_tools and not params.min_tokens:
+        elif plan.must_call and self.state.xml_tools:
+            if params.min_tokens:
+                # The call's grammar may allow nothing but the end once the call is written, which min_tokens
+                # forbids; without the grammar the model wrote calls of tools it was not offered.
+                raise bad_request(
+                    "'min_tokens' cannot be combined with tool_choice 'required' or a named function.",
+                    param="min_tokens",
+                )
             plan = await self._constrain_forced_call(plan, params, one_call=req.parallel_tool_calls is False)
         prompt_ids = await self.state.run_cpu(self._prompt, req, plan)
         return PreparedChat(params, plan, prompt_ids)
