@@ -76,6 +76,17 @@ def test_json_schema_output_validates_streamed_or_not(client: openai.OpenAI) -> 
         assert streamed == r.choices[0].message.content
 
 
+def test_a_ref_beside_annotations_is_enforced(client: openai.OpenAI) -> None:
+    """Pydantic writes `{"$ref": ..., "description": ...}`: an annotation beside a reference is fine (a
+    constraint there is refused: BAD), and the reference itself is followed."""
+    city = {"type": "string", "enum": ["Paris", "Lyon", "Nice"]}
+    schema = {**SCHEMA, "$defs": {"city": city}, "properties": {
+        **SCHEMA["properties"], "city": {"$ref": "#/$defs/city", "description": "a French city", "title": "City"}}}  # fmt: skip
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    r = client.chat.completions.create(model="m", messages=ASK, response_format=fmt, max_tokens=64, temperature=0)
+    assert_matches_schema(r.choices[0].message.content)
+
+
 def test_json_object_holds_against_a_bias_toward_braces(server: ServerProcess, client: openai.OpenAI) -> None:
     """Biased to '{' and '}' the model alone writes five braces; JSON mode makes that '{}' and then the end."""
     bias = {str(token_id(server, "{")): 100, str(token_id(server, "}")): 100}
@@ -130,6 +141,8 @@ BAD = [
     ({"guided_json": {"type": "object", "properties": {"a": {"not": {"const": 3}}}}}, "guided_json"),
     ({"guided_json": {"type": "string", "pattern": "^a+$", "maxLength": 3}}, "guided_json"),
     ({"guided_json": {"$ref": "https://example.com/schema.json"}}, "guided_json"),
+    # xgrammar compiles a node with a "$ref" as the reference alone: the bound was not enforced.
+    ({"guided_json": {"$defs": {"x": {"type": "integer"}}, "$ref": "#/$defs/x", "maximum": 9}}, "guided_json"),
     ({"guided_json": {"type": "integer", "minimum": 1, "multipleOf": 2}}, "guided_json"),
     ({"guided_regex": "[^\\s\\S]"}, "guided_regex"),  # matches nothing
     ({"guided_json": {"anyOf": []}}, "guided_json"),  # xgrammar reads it as the empty text
