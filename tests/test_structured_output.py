@@ -294,6 +294,25 @@ def test_forced_tool_calls_follow_their_schemas(client: openai.OpenAI) -> None:
                     assert choice == "required" and got[0]["name"] == "note" and isinstance(args["text"], str), got
 
 
+def test_a_call_forced_without_a_grammar_is_the_only_call(server: ServerProcess, client: openai.OpenAI) -> None:
+    """A tool whose schema gives no grammar (a property's schema is a list) is forced by the call's opening
+    alone; the demo model then went on to call tools it was never offered (`run_shell_command`)."""
+    tool = {"type": "function", "function": {"name": "t_15", "parameters": {
+        "type": "object", "properties": {"p": [1, 2], "q": {"type": "integer"}}}}}  # fmt: skip
+    hello = [{"role": "user", "content": "hello"}]
+    for choice in ({"type": "function", "function": {"name": "t_15"}}, "required"):
+        kwargs = dict(model="m", messages=hello, max_tokens=60, temperature=0, tools=[tool], tool_choice=choice)
+        r = client.chat.completions.create(**kwargs)
+        assert [t.function.name for t in r.choices[0].message.tool_calls] == ["t_15"], r
+        chunks = list(client.chat.completions.create(**kwargs, stream=True))
+        deltas = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+        assert {tc.index for tc in deltas} == {0} and [tc.function.name for tc in deltas if tc.id] == ["t_15"]
+        resp = server.post("/v1/responses", json={"input": "hello", "max_output_tokens": 60, "temperature": 0,
+                                                   "tools": [{"type": "function", **tool["function"]}],
+                                                   "tool_choice": "required"}).json()  # fmt: skip
+        assert [item["name"] for item in resp["output"] if item["type"] == "function_call"] == ["t_15"], resp
+
+
 def test_forced_calls_keep_call_markup_out_of_values(server: ServerProcess, client: openai.OpenAI) -> None:
     """Pushed hard toward '<tool_call>', a string value still cannot hold it (the parser would read a
     second call there); a tool whose schema the grammar cannot enforce is still called by its own name."""

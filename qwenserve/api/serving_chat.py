@@ -172,27 +172,59 @@ def guided_tool_plan(plan: ToolPlan, guide: Guide) -> ToolPlan:
     return ToolPlan(tools=plan.tools, parse=False)
 
 
-def first_call_only(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Stream deltas without the pieces of any tool call after the first (parallel_tool_calls: false)."""
-    out = []
-    for d in deltas:
-        if d.get("tool_calls"):
-            d = {**d, "tool_calls": [c for c in d["tool_calls"] if c["index"] == 0]}
-        out.append(d)
-    return out
+class CallFilter:
+    """Which of one output's tool calls reach the client: with `names` (tool_choice required / named)
+    only calls of those functions (a call forced by its opening alone, where the tools' schemas gave
+    no grammar, left the model free to go on calling tools it was never offered), with `one_call`
+    (parallel_tool_calls: false) only the first. Streamed calls are renumbered 0, 1, ... as kept."""
+
+    def __init__(self, names: tuple[str, ...] = (), one_call: bool = False):
+        self.names = frozenset(names)
+        self.one_call = one_call
+        self.kept: dict[int, int | None] = {}  # the parser's call index -> the client's, None: dropped
+        self.num_kept = 0
+
+    def _admits(self, name: Any) -> bool:
+        return (not self.names or name in self.names) and not (self.one_call and self.num_kept)
+
+    def calls(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The kept calls of a whole output."""
+        kept = []
+        for call in calls:
+            if self._admits(call["function"]["name"]):
+                kept.append(call)
+                self.num_kept += 1
+        return kept
+
+    def deltas(self, deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Stream deltas without the pieces of dropped calls (a call's first piece holds its name)."""
+        out = []
+        for d in deltas:
+            if d.get("tool_calls"):
+                d = {**d, "tool_calls": [kept for c in d["tool_calls"] if (kept := self._delta(c)) is not None]}
+            out.append(d)
+        return out
+
+    def _delta(self, call: dict[str, Any]) -> dict[str, Any] | None:
+        index = call["index"]
+        if index not in self.kept:
+            admitted = self._admits((call.get("function") or {}).get("name"))
+            self.kept[index] = self.num_kept if admitted else None
+            self.num_kept += admitted
+        new_index = self.kept[index]
+        return None if new_index is None else {**call, "index": new_index}
 
 
-def parse_deltas(parser: Any | None, text: str, final: bool, one_call: bool) -> list[dict[str, Any]]:
+def parse_deltas(parser: Any | None, text: str, final: bool, calls: CallFilter) -> list[dict[str, Any]]:
     """Chat `delta` dicts for the next piece of model output: plain content without a parser,
-    else the parser's content and tool-call deltas (flushed when `final`), empty ones dropped."""
+    else the parser's content and the tool-call deltas `calls` keeps (flushed when `final`), empty
+    ones dropped."""
     if parser is None:
         return [{"content": text}] if text else []
     deltas = list(parser.feed(text)) if text else []
     if final:
         deltas += list(parser.finish())
-    if one_call:
-        deltas = first_call_only(deltas)
-    return [d for d in deltas if d.get("content") or d.get("tool_calls")]
+    return [d for d in calls.deltas(deltas) if d.get("content") or d.get("tool_calls")]
 
 
 class _ChatContext:
@@ -218,7 +250,7 @@ class _ChatContext:
         self.want_logprobs = req.logprobs
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
         # parallel_tool_calls: false promises at most one call per turn: later calls are dropped.
-        self.one_call = req.parallel_tool_calls is False
+        self.call_filters = [CallFilter(plan.must_call, req.parallel_tool_calls is False) for _ in range(req.n)]
         self.finished = False
         self.finished_choices: set[int] = set()  # indexes whose finish_reason chunk went out
 
@@ -257,7 +289,7 @@ class _ChatContext:
         return self.chunk(index, {})
 
     def _deltas(self, index: int, text: str, final: bool) -> list[dict[str, Any]]:
-        return parse_deltas(self.parsers[index], text, final, self.one_call)
+        return parse_deltas(self.parsers[index], text, final, self.call_filters[index])
 
     async def stream(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
         """The SSE body: role, deltas as parsed, finish chunk per choice, usage, [DONE]."""
@@ -354,7 +386,7 @@ class _ChatContext:
         calls: list[dict[str, Any]] = []
         if parser is not None:
             content, calls = parser.parse(self.plan.forced_prefix + text)
-            calls = calls[:1] if self.one_call else calls
+            calls = self.call_filters[i].calls(calls)
             message["content"] = content
             if calls:
                 message["tool_calls"] = calls

@@ -22,6 +22,7 @@ from qwenserve.api.errors import APIError
 from qwenserve.api.protocol_responses import ResponsesRequest, refuse_unsupported, to_chat_request
 from qwenserve.api.request_log import RequestTracker, log_request_body
 from qwenserve.api.serving_chat import (
+    CallFilter,
     ChatCompletions,
     PreparedChat,
     final_finish_reason,
@@ -202,6 +203,7 @@ class _ResponseContext:
         self.request_id = request_id
         self.tracker = tracker
         self.parser = parser
+        self.calls = CallFilter(prepared.plan.must_call, req.parallel_tool_calls is False)
         self.model = state.model_name(req.model)
         self.created_at = int(time.time())
         self.output = OutputItems()
@@ -229,8 +231,7 @@ class _ResponseContext:
     def _feed(self, text: str, final: bool) -> list[Event]:
         """Parse the next piece of model output into output items and their events."""
         events: list[Event] = []
-        one_call = self.req.parallel_tool_calls is False
-        for delta in parse_deltas(self.parser, text, final, one_call):
+        for delta in parse_deltas(self.parser, text, final, self.calls):
             self.tracker.tool_calls += sum(1 for c in delta.get("tool_calls") or [] if c.get("id"))
             events += self.output.add(delta)
         return events
