@@ -9,6 +9,7 @@ import json
 import pytest
 
 from qwenserve.api.chat import (
+    ToolPlan,
     arguments_to_dict,
     content_to_text,
     normalize_messages,
@@ -20,7 +21,7 @@ from qwenserve.api.errors import APIError, format_loc
 from qwenserve.api.logprobs import TextOffsets, byte_level_token_bytes, chat_logprobs, completion_logprobs
 from qwenserve.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from qwenserve.api.sampling import build_sampling_params
-from qwenserve.api.serving_chat import first_call_only
+from qwenserve.api.serving_chat import CallFilter
 from qwenserve.api.serving_completions import fim_prompt, split_prompts
 from qwenserve.engine.outputs import TokenLogprob
 from qwenserve.tool_parser import Qwen3CoderToolParser, Qwen3JsonToolParser
@@ -232,10 +233,28 @@ def test_parallel_tool_calls_false_streams_only_the_first_call() -> None:
         "<tool_call>\n<function=get_weather>\n<parameter=city>\nRome\n</parameter>\n</function>\n</tool_call>"
     )
     p = Qwen3CoderToolParser([WEATHER])
-    deltas = first_call_only([d for ch in two_calls for d in p.feed(ch)] + p.finish())
+    deltas = CallFilter(one_call=True).deltas([d for ch in two_calls for d in p.feed(ch)] + p.finish())
     calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
     assert {tc["index"] for tc in calls} == {0} and sum(1 for tc in calls if tc.get("id")) == 1
     assert json.loads("".join(tc["function"].get("arguments", "") for tc in calls)) == {"city": "Paris"}
+
+
+def test_forced_calls_keep_only_the_allowed_functions_renumbered() -> None:
+    """tool_choice required / named: a call of another function is dropped whole and the next allowed
+    call streams as index 0."""
+    calls_text = (
+        "<tool_call>\n<function=run_shell_command>\n<parameter=command>\nls\n</parameter>\n</function>\n</tool_call>\n"
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nRome\n</parameter>\n</function>\n</tool_call>"
+    )
+    p = Qwen3CoderToolParser([WEATHER])
+    deltas = CallFilter(("get_weather",)).deltas([d for ch in calls_text for d in p.feed(ch)] + p.finish())
+    calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    assert {tc["index"] for tc in calls} == {0} and [tc["function"]["name"] for tc in calls if tc.get("id")] == [
+        "get_weather"
+    ]
+    assert json.loads("".join(tc["function"].get("arguments", "") for tc in calls)) == {"city": "Rome"}
+    whole = Qwen3CoderToolParser([WEATHER]).parse(calls_text)[1]
+    assert [c["function"]["name"] for c in CallFilter(("get_weather",)).calls(whole)] == ["get_weather"]
 
 
 def test_logprob_bytes_rebuild_characters_split_across_tokens(tokenizer) -> None:
@@ -292,7 +311,8 @@ def test_heartbeats_go_to_a_choice_still_running() -> None:
         return [c["index"] for c in json.loads(ctx.heartbeat().removeprefix("data: "))["choices"]]
 
     req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], n=2, stream=True)
-    chat = _ChatContext(_State(), req, None, "chatcmpl-1", RequestTracker("chatcmpl-1", None), [None, None])
+    plan = ToolPlan(tools=None, parse=False)
+    chat = _ChatContext(_State(), req, plan, "chatcmpl-1", RequestTracker("chatcmpl-1", None), [None, None])
     assert beat_indexes(chat) == [0]
     chat.chunk(0, {}, finish="stop")
     assert beat_indexes(chat) == [1]
