@@ -323,6 +323,8 @@ BAD_REQUESTS = [
     ({"input": "hi", "tools": [{**SHELL, "parameters": {"type": "object", "default": float("inf")}}]},
      "tools[0].parameters.default", None),  # fmt: skip
     ({"input": [{"role": "user", "content": [1.5]}]}, "input[0].content[0]", None),
+    ({"input": "hi", "text": {"verbosity": float("nan")}}, "text.verbosity", None),  # an extra field, echoed
+    ({"input": "hi", "text": {"verbosity": "\ud800"}}, "text.verbosity", "invalid_text"),
     ({"input": [{"role": "user", "content": [None]}]}, "input[0].content[0]", None),
 ]
 

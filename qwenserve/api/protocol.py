@@ -221,6 +221,7 @@ def bad_text_path(value: Any, numbers: bool = True) -> tuple[str, str] | None:
             return path, "depth"
         if isinstance(item, BaseModel):
             children = [(getattr(item, name), name) for name in type(item).model_fields]
+            children += [(v, str(k)) for k, v in (item.model_extra or {}).items()]  # echoed too (Responses' text)
         elif isinstance(item, dict):
             children = []
             for key, v in item.items():
