@@ -54,8 +54,9 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     eos_token_ids: list[int] = field(default_factory=list)
-    # An FP8 checkpoint's (quantization_config.quant_method "fp8") scale block [rows, cols]; (0, 0) when
-    # each weight has one scale; None for an unquantized checkpoint. Its weights are dequantized on load.
+    # An FP8 checkpoint (quantization_config.quant_method "fp8"): its weights are dequantized on load, with
+    # one scale per [rows, cols] block of fp8_weight_block, else per tensor or per output row.
+    fp8: bool = False
     fp8_weight_block: tuple[int, int] | None = None
 
     @property
@@ -103,7 +104,8 @@ class ModelConfig:
             decoder_sparse_step=raw.get("decoder_sparse_step", 1) or 1,
             mlp_only_layers=list(raw.get("mlp_only_layers") or []),
             eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
-            fp8_weight_block=_fp8_block_from_dict(raw),
+            fp8=_is_fp8(raw),
+            fp8_weight_block=_fp8_block(raw) if _is_fp8(raw) else None,
         )
 
     @classmethod
@@ -116,10 +118,13 @@ class ModelConfig:
         return cls.from_dict(raw)
 
 
-def _fp8_block_from_dict(raw: dict[str, Any]) -> tuple[int, int] | None:
+def _is_fp8(raw: dict[str, Any]) -> bool:
+    """Whether config.json describes an FP8 checkpoint; any other quantization is refused here."""
     quant = raw.get("quantization_config")
     if not quant:
-        return None
+        return False
+    if not isinstance(quant, dict):
+        raise ValueError(f"config.json: quantization_config must be an object, got {quant!r}")
     method = quant.get("quant_method")
     if method != "fp8":
         raise ValueError(
@@ -128,11 +133,15 @@ def _fp8_block_from_dict(raw: dict[str, Any]) -> tuple[int, int] | None:
             "weights it dequantizes on load. Use the model's unquantized checkpoint "
             "(e.g. Qwen/Qwen3-Coder-30B-A3B-Instruct)"
         )
-    block = quant.get("weight_block_size")
-    if not block:
-        return (0, 0)
-    if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
-        raise ValueError(f"quantization_config.weight_block_size must be two positive integers, got {block!r}")
+    return True
+
+
+def _fp8_block(raw: dict[str, Any]) -> tuple[int, int] | None:
+    block = raw["quantization_config"].get("weight_block_size")
+    if block is None:
+        return None
+    if not isinstance(block, list) or len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+        raise ValueError(f"config.json: quantization_config.weight_block_size must be two positive integers, got {block!r}")
     return (block[0], block[1])
 
 

@@ -121,9 +121,37 @@ def test_fp8_dequantize_partial_tiles_and_one_scale() -> None:
     scale = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # 16 x 16 tiles; the last row and column partial
     got = dequantize_fp8(values, scale, (16, 16))
     assert torch.equal(got[17, 23], values[17, 23].float() * 4.0) and torch.equal(got[39, 0], values[39, 0].float() * 5)
-    assert torch.equal(dequantize_fp8(values, torch.tensor([0.5]), (16, 16)), values.float() * 0.5)
+    assert torch.equal(dequantize_fp8(values, torch.tensor([0.5]), None), values.float() * 0.5)
+    rows = torch.arange(1.0, 41.0)
+    assert torch.equal(dequantize_fp8(values, rows[:, None], None), values.float() * rows[:, None])
+    assert torch.equal(dequantize_fp8(values, rows.bfloat16(), None), values.float() * rows[:, None])
     with pytest.raises(ValueError, match="needs scales of shape"):
         dequantize_fp8(values, torch.ones(2, 2), (16, 16))
+    with pytest.raises(ValueError, match="need quantization_config.weight_block_size"):
+        dequantize_fp8(values, scale, None)
+
+
+def test_fp8_checkpoint_with_one_scale_per_tensor(tmp_path: Path, tiny_moe_dir: Path) -> None:
+    """vLLM's per-tensor FP8 checkpoints: `weight_scale` (and `input_scale`, unused here), no block size."""
+    shutil.copytree(tiny_moe_dir, tmp_path / "fp8")
+    out, want = {}, {}
+    for name, tensor in load_file(tmp_path / "fp8" / "model.safetensors").items():
+        if name.endswith("proj.weight"):
+            scale = tensor.abs().max() / 448.0
+            out[name], out[name + "_scale"] = (tensor / scale).to(torch.float8_e4m3fn), scale.reshape(1)
+            out[name.removesuffix("weight") + "input_scale"] = torch.ones(1)
+            want[name] = out[name].float() * scale
+        else:
+            out[name] = tensor
+    save_file(out, tmp_path / "fp8" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static"}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    cfg = load_model_config(tmp_path / "fp8")
+    assert cfg.fp8 and cfg.fp8_weight_block is None
+    model = build_model(cfg, tmp_path / "fp8", torch.device("cpu"), torch.float32)
+    assert torch.equal(model.layers[0].mlp.w2[2], want["model.layers.0.mlp.experts.2.down_proj.weight"])
+    assert torch.equal(model.layers[0].self_attn.o_proj.weight, want["model.layers.0.self_attn.o_proj.weight"])
 
 
 def test_unsupported_quantization_and_missing_fp8_scales_say_so(tmp_path: Path, tiny_moe_dir: Path) -> None:
@@ -134,8 +162,13 @@ def test_unsupported_quantization_and_missing_fp8_scales_say_so(tmp_path: Path, 
     (tmp_path / "awq" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="quantized with 'awq'.*unquantized checkpoint"):
         load_model_config(tmp_path / "awq")
+    for bad in ("fp8", {"quant_method": "fp8", "weight_block_size": 128}):
+        config["quantization_config"] = bad
+        (tmp_path / "awq" / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match="quantization_config"):
+            load_model_config(tmp_path / "awq")
     tensors = load_file(tmp_path / "fp8" / "model.safetensors")
     del tensors["model.layers.0.self_attn.k_proj.weight_scale_inv"]
     save_file(tensors, tmp_path / "fp8" / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="k_proj.weight is stored in torch.float8_e4m3fn but .* no .*_scale_inv"):
+    with pytest.raises(ValueError, match="k_proj.weight is stored in torch.float8_e4m3fn but .* no .*_scale_inv or"):
         build_model(load_model_config(tmp_path / "fp8"), tmp_path / "fp8", torch.device("cpu"), torch.float32)

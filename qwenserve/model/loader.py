@@ -206,28 +206,36 @@ def _target(
 
 
 _FP8_DTYPES = frozenset(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
-_SCALE_SUFFIX = "_scale_inv"  # FP8 checkpoints: weight = fp8 values * weight_scale_inv, per block
+# The multiplier of an FP8 weight `x.weight`: `x.weight_scale_inv` (block scales, as Qwen and DeepSeek publish
+# them) or `x.weight_scale` (one per tensor or per output row, as vLLM's FP8 checkpoints hold it).
+_SCALE_SUFFIXES = ("_scale_inv", "_scale")
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """An FP8 weight ([..., rows, cols]) as float32: each [block rows x block cols] tile times its entry of
-    scale_inv ([..., ceil(rows / block rows), ceil(cols / block cols)]), or times the one scale when
-    scale_inv holds a single value."""
+def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
+    """An FP8 weight ([..., rows, cols]) as float32, times `scale`: one value for the whole tensor, one per
+    row ([..., rows] or [..., rows, 1]), or one per [block rows x block cols] tile ([..., ceil(rows / block
+    rows), ceil(cols / block cols)], `block` from the checkpoint's weight_block_size)."""
     values = weight.to(torch.float32)
-    if scale_inv.numel() == 1:
-        return values * scale_inv.to(torch.float32).reshape(())
+    scale = scale.to(torch.float32)
+    if scale.numel() == 1:
+        return values * scale.reshape(())
     rows, cols = values.shape[-2:]
+    if tuple(scale.shape) in (tuple(values.shape[:-1]), (*values.shape[:-1], 1)):
+        return values * scale.reshape(*values.shape[:-1], 1)
+    if block is None:
+        raise ValueError(
+            f"an FP8 weight of shape {tuple(values.shape)} has scales of shape {tuple(scale.shape)}, which need "
+            "quantization_config.weight_block_size in config.json"
+        )
     block_rows, block_cols = block
-    if block == (0, 0):  # no block size in the config: the one that tiles the weight into scale_inv's grid
-        block_rows, block_cols = -(-rows // scale_inv.shape[-2]), -(-cols // scale_inv.shape[-1])
     expected = (*values.shape[:-2], -(-rows // block_rows), -(-cols // block_cols))
-    if tuple(scale_inv.shape) != expected:
+    if tuple(scale.shape) != expected:
         raise ValueError(
             f"an FP8 weight of shape {tuple(values.shape)} in {block_rows}x{block_cols} blocks needs scales of "
-            f"shape {expected}, got {tuple(scale_inv.shape)}"
+            f"shape {expected}, got {tuple(scale.shape)}"
         )
-    scale = scale_inv.to(torch.float32).repeat_interleave(block_rows, -2)[..., :rows, :]
-    return values * scale.repeat_interleave(block_cols, -1)[..., :cols]
+    full = scale.repeat_interleave(block_rows, -2)[..., :rows, :].repeat_interleave(block_cols, -1)[..., :cols]
+    return values * full
 
 
 class _CheckpointReader:
@@ -241,13 +249,13 @@ class _CheckpointReader:
         tensor = self.shards[name].get_tensor(name)
         if tensor.dtype not in _FP8_DTYPES:
             return tensor
-        scale_name = name + _SCALE_SUFFIX
-        if scale_name not in self.shards:
+        scale_name = next((name + s for s in _SCALE_SUFFIXES if name + s in self.shards), None)
+        if scale_name is None:
             raise ValueError(
-                f"{name} is stored in {tensor.dtype} but the checkpoint has no {scale_name} to dequantize it "
-                "with (qwenserve reads FP8 checkpoints with block scales, quant_method 'fp8')"
+                f"{name} is stored in {tensor.dtype} but the checkpoint has no {name}_scale_inv or {name}_scale "
+                "to dequantize it with"
             )
-        return dequantize_fp8(tensor, self.shards[scale_name].get_tensor(scale_name), self.fp8_block or (0, 0))
+        return dequantize_fp8(tensor, self.shards[scale_name].get_tensor(scale_name), self.fp8_block)
 
 
 @torch.no_grad()
@@ -259,7 +267,7 @@ def _load_safetensors(
     filled: set[str] = set()
     param_names = {id(p): n for n, p in model.named_parameters()}
     params = dict(model.named_parameters(remove_duplicate=False))
-    if cfg.fp8_weight_block is not None:
+    if cfg.fp8:
         dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
         logger.info("FP8 checkpoint: its weights are dequantized to %s as they load", dtype)
     # safetensors reads a tensor straight onto CUDA; on CPU it memory-maps the file.
@@ -270,8 +278,8 @@ def _load_safetensors(
         reader = _CheckpointReader({n: shard for shard in opened.values() for n in shard.keys()}, cfg.fp8_weight_block)
         for file in tqdm(files, desc="Loading weights", unit="shard", disable=len(files) < 2 and device.type == "cpu"):
             for name in opened[file].keys():
-                if name.endswith(_SCALE_SUFFIX):
-                    continue
+                if name.endswith(_SCALE_SUFFIXES):
+                    continue  # read with their weights
                 tensor = None
                 if world_size > 1:
                     # This rank's slice, with expert indices made local; None: another rank's expert.
