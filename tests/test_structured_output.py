@@ -294,11 +294,14 @@ def test_forced_tool_calls_follow_their_schemas(client: openai.OpenAI) -> None:
                     assert choice == "required" and got[0]["name"] == "note" and isinstance(args["text"], str), got
 
 
-def test_a_call_forced_without_a_grammar_is_the_only_call(server: ServerProcess, client: openai.OpenAI) -> None:
-    """A tool whose schema gives no grammar (a property's schema is a list) is forced by the call's opening
-    alone; the demo model then went on to call tools it was never offered (`run_shell_command`)."""
+def test_calls_forced_where_a_schema_does_not_compile(server: ServerProcess, client: openai.OpenAI) -> None:
+    """A tool whose schema xgrammar cannot compile (a property's schema is a list) is called with its
+    parameter names holding any values. Forced by the call's opening alone, the demo model went on to call
+    tools it was never offered (`run_shell_command`), or named one first and answered nothing (required)."""
     tool = {"type": "function", "function": {"name": "t_15", "parameters": {
         "type": "object", "properties": {"p": [1, 2], "q": {"type": "integer"}}}}}  # fmt: skip
+    other = {"type": "function", "function": {"name": "other", "parameters": {
+        "type": "object", "properties": {"x": [3]}}}}  # fmt: skip
     hello = [{"role": "user", "content": "hello"}]
     for choice in ({"type": "function", "function": {"name": "t_15"}}, "required"):
         kwargs = dict(model="m", messages=hello, max_tokens=60, temperature=0, tools=[tool], tool_choice=choice)
@@ -307,10 +310,15 @@ def test_a_call_forced_without_a_grammar_is_the_only_call(server: ServerProcess,
         chunks = list(client.chat.completions.create(**kwargs, stream=True))
         deltas = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
         assert {tc.index for tc in deltas} == {0} and [tc.function.name for tc in deltas if tc.id] == ["t_15"]
-        resp = server.post("/v1/responses", json={"input": "hello", "max_output_tokens": 60, "temperature": 0,
-                                                   "tools": [{"type": "function", **tool["function"]}],
-                                                   "tool_choice": "required"}).json()  # fmt: skip
-        assert [item["name"] for item in resp["output"] if item["type"] == "function_call"] == ["t_15"], resp
+    r = client.chat.completions.create(model="m", messages=hello, max_tokens=60, temperature=1.0, seed=3, n=3,
+                                       tools=[tool, other], tool_choice="required")  # fmt: skip
+    for choice in r.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, r
+        assert {t.function.name for t in choice.message.tool_calls} <= {"t_15", "other"}, r
+    resp = server.post("/v1/responses", json={"input": "hello", "max_output_tokens": 60, "temperature": 0,
+                                               "tools": [{"type": "function", **tool["function"]}],
+                                               "tool_choice": "required"}).json()  # fmt: skip
+    assert [item["name"] for item in resp["output"] if item["type"] == "function_call"] == ["t_15"], resp
 
 
 def test_forced_calls_keep_call_markup_out_of_values(server: ServerProcess, client: openai.OpenAI) -> None:

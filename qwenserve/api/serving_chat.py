@@ -74,15 +74,17 @@ class ChatCompletions:
         """tool_choice required / named: a grammar makes the answer calls of the allowed functions with
         parameters valid against their schemas (the grammar writes the call's opening, so the prompt no
         longer ends with it). Where it cannot be built, the prompt's forced opening alone stays."""
-        guide = forced_call_guide(plan.tools or [], plan.must_call, one_call)
-        if guide is None:
-            return plan
-        try:
-            params.guide = await self.state.compile_guide(guide)
-        except InvalidRequestError as err:
-            logger.info("tool_choice: the tools' schemas give no grammar (%s); the call is forced unconstrained", err)
-            return plan
-        return replace(plan, forced_prefix="", calls_only=True)
+        for loose in (False, True):  # loose: the parameter names alone, for schemas xgrammar cannot compile
+            guide = forced_call_guide(plan.tools or [], plan.must_call, one_call, loose=loose)
+            if guide is None:
+                return plan
+            try:
+                params.guide = await self.state.compile_guide(guide)
+            except InvalidRequestError as err:
+                logger.info("tool_choice: the tools' schemas give no grammar%s (%s)", " at all" if loose else "", err)
+                continue
+            return replace(plan, forced_prefix="", calls_only=True)
+        return plan  # forced by the call's opening at the end of the prompt alone
 
     def parser(self, plan: ToolPlan) -> Any | None:
         """A fresh tool-call parser for one output, or None when the output is plain text."""

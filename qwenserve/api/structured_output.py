@@ -217,13 +217,15 @@ def _vllm_guide(req: Any) -> Guide | None:
 _CALL_MARKUP = ["<tool_call>", "</tool_call>", "<function=", "</function>", "<parameter=", "</parameter>"]
 
 
-def forced_call_guide(tools: list[dict[str, Any]], names: tuple[str, ...], one_call: bool) -> Guide | None:
+def forced_call_guide(
+    tools: list[dict[str, Any]], names: tuple[str, ...], one_call: bool, loose: bool = False
+) -> Guide | None:
     """A grammar for an answer that is nothing but calls of `names` in Qwen3-Coder's XML (tool_choice
     required / named), each call's parameters valid against its tool's schema (string lengths and
     patterns aside, see _call_schema); a tool whose schema the grammar would not enforce (keywords it
     drops, no object at the top) may be called with its declared parameters holding any values. None
     when a name the parser could not read back is among them (the call is then forced by its prompt
-    prefix alone)."""
+    prefix alone). `loose`: every tool so, for schemas xgrammar cannot compile at all."""
     tags = []
     for tool in tools:
         fn = tool["function"]
@@ -236,7 +238,8 @@ def forced_call_guide(tools: list[dict[str, Any]], names: tuple[str, ...], one_c
             "type": "tag", "begin": f"<tool_call>\n<function={fn['name']}>\n",
             # One whitespace character around a value at most: the newline the format puts there; a model
             # free to add more may pad a value with it, which then reaches the parsed arguments.
-            "content": {"type": "json_schema", "json_schema": _call_schema(schema), "style": "qwen_xml",
+            "content": {"type": "json_schema", "json_schema": _names_only(schema) if loose else _call_schema(schema),
+                        "style": "qwen_xml",
                         "max_whitespace_cnt": 1,
                         "excludes": _CALL_MARKUP},
             "end": "\n</function>\n</tool_call>",
@@ -253,18 +256,25 @@ def _call_schema(schema: Any) -> dict[str, Any]:
     any (the parser reads an undeclared `<parameter=` inside a value as text); a `pattern` is dropped,
     since a string held to one is exempt from keeping the call markup out (xgrammar ignores lengths beside
     that rule as well). A schema the grammar would not enforce keeps only its parameter names."""
-    props = schema.get("properties") if isinstance(schema, dict) else None
-    names = [name for name in props if isinstance(name, str)] if isinstance(props, dict) else []
     if not isinstance(schema, dict) or schema.get("type", "object") != "object" or unenforced_keyword(schema):
-        if not names:
-            return {"type": "object", "additionalProperties": True}  # the parser takes any name then
-        required = [r for r in schema.get("required", []) if r in names] if isinstance(schema.get("required"), list) else []
-        return {"type": "object", "properties": {name: {} for name in names}, "required": required,
-                "additionalProperties": False}  # fmt: skip
+        return _names_only(schema)
     out = _without_patterns(schema)
-    if names:
+    if isinstance(schema.get("properties"), dict) and schema["properties"]:
         out["additionalProperties"] = False
     return out
+
+
+def _names_only(schema: Any) -> dict[str, Any]:
+    """The declared (and required) parameter names of a schema, holding any values; any parameters when
+    it declares none (the parser takes any name then)."""
+    props = schema.get("properties") if isinstance(schema, dict) else None
+    names = [name for name in props if isinstance(name, str)] if isinstance(props, dict) else []
+    if not names:
+        return {"type": "object", "additionalProperties": True}
+    required = schema.get("required")
+    required = [r for r in required if r in names] if isinstance(required, list) else []
+    return {"type": "object", "properties": {name: {} for name in names}, "required": required,
+            "additionalProperties": False}  # fmt: skip
 
 
 def _without_patterns(node: Any) -> Any:
