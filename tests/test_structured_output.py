@@ -81,7 +81,7 @@ def test_a_ref_beside_annotations_is_enforced(client: openai.OpenAI) -> None:
     constraint there is refused: BAD), and the reference itself is followed."""
     city = {"type": "string", "enum": ["Paris", "Lyon", "Nice"]}
     schema = {**SCHEMA, "$defs": {"city": city}, "properties": {
-        **SCHEMA["properties"], "city": {"$ref": "#/$defs/city", "description": "a French city", "title": "City"}}}  # fmt: skip
+        **SCHEMA["properties"], "city": {"$ref": "#/$defs/city", "description": "a French city", "x-order": 1}}}  # fmt: skip
     fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
     r = client.chat.completions.create(model="m", messages=ASK, response_format=fmt, max_tokens=64, temperature=0)
     assert_matches_schema(r.choices[0].message.content)

@@ -109,10 +109,14 @@ def _schema_guide(schema: Any, param: str) -> Guide:
 _UNENFORCED = ("not", "if", "then", "else", "contains", "minContains", "maxContains", "patternProperties",
                "propertyNames", "dependentSchemas", "dependentRequired", "dependencies")  # fmt: skip
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
-# What may stand beside a "$ref": xgrammar compiles such a node as the reference alone, so any constraint
-# there (a "maximum", an "enum") would be dropped. These only describe or hold definitions.
-_REF_SIBLINGS = frozenset({"$ref", "$defs", "definitions", "$schema", "$id", "$anchor", "$comment", "title",
-                           "description", "examples", "default", "deprecated", "readOnly", "writeOnly"})  # fmt: skip
+# What may not stand beside a "$ref": xgrammar compiles such a node as the reference alone, so a constraint
+# there would be dropped. Annotations (description, title, default, x-... extensions) may.
+_CONSTRAINTS = frozenset({
+    "type", "enum", "const", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
+    "maxItems", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength",
+    "maxLength", "pattern", "format", "anyOf", "oneOf", "allOf", "minProperties", "maxProperties", "nullable",
+    "unevaluatedItems", "unevaluatedProperties", *_UNENFORCED, "uniqueItems",
+})  # fmt: skip
 _SCHEMA_MAPS = ("properties", "$defs", "definitions")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
 _SCHEMA_VALUES = ("items", "additionalProperties", "unevaluatedItems", "unevaluatedProperties")
@@ -162,7 +166,7 @@ def _unenforced_in(node: dict[str, Any]) -> str | None:
     ref = node.get("$ref")
     if isinstance(ref, str) and not ref.startswith("#"):
         return "$ref"  # only references inside the schema resolve; nothing is fetched
-    if ref is not None and (sibling := next((key for key in node if key not in _REF_SIBLINGS), None)):
+    if ref is not None and (sibling := next((key for key in node if key in _CONSTRAINTS), None)):
         return f"{sibling}' beside '$ref"
     return None
 
