@@ -18,9 +18,9 @@ _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _escape_controls(value: Any) -> Any:
-    if not isinstance(value, str):
+    if value is None or isinstance(value, int | float):  # numbers keep their type for %d / %.1f
         return value
-    return _CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode(), value)
+    return _CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode(), str(value))
 
 
 class _EscapeControlCharacters(logging.Filter):
