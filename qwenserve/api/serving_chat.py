@@ -251,7 +251,8 @@ class _ChatContext:
         self.created = int(time.time())
         self.want_logprobs = req.logprobs
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        # parallel_tool_calls: false promises at most one call per turn: later calls are dropped.
+        # Per choice: only calls of the functions tool_choice allows, and only the first one with
+        # parallel_tool_calls: false (it promises at most one call per turn).
         self.call_filters = [CallFilter(plan.must_call, req.parallel_tool_calls is False) for _ in range(req.n)]
         self.finished = False
         self.finished_choices: set[int] = set()  # indexes whose finish_reason chunk went out
