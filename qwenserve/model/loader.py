@@ -234,6 +234,10 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, 
             f"an FP8 weight of shape {tuple(values.shape)} in {block_rows}x{block_cols} blocks needs scales of "
             f"shape {expected}, got {tuple(scale.shape)}"
         )
+    if rows % block_rows == 0 and cols % block_cols == 0:  # whole tiles: no full-size scale tensor
+        lead = values.shape[:-2]
+        tiles = values.view(*lead, rows // block_rows, block_rows, cols // block_cols, block_cols)
+        return tiles.mul_(scale[..., :, None, :, None]).view(values.shape)
     full = scale.repeat_interleave(block_rows, -2)[..., :rows, :].repeat_interleave(block_cols, -1)[..., :cols]
     return values * full
 
