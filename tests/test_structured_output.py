@@ -168,6 +168,11 @@ BAD = [
       "tools": [{"type": "function", "function": {"name": "f"}}]}, "min_tokens"),  # fmt: skip
     ({"tool_choice": "required", "min_tokens": 5, "tools": [{"type": "function", "function": {"name": "f"}}]},
      "min_tokens"),  # fmt: skip
+    # The forced answer would stop at its first token with no call at all.
+    ({"tool_choice": "required", "stop": ["x", "<tool_call>"], "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "stop"),  # fmt: skip
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}, "stop": "<function=",
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, "stop"),  # fmt: skip
     ({"response_format": {"type": "json_object"}, "tool_choice": "required",
       "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),  # fmt: skip
 ]

@@ -25,7 +25,7 @@ from qwenserve.api.streaming import (
     respond,
     sse,
 )
-from qwenserve.api.structured_output import forced_call_guide, request_guide
+from qwenserve.api.structured_output import CALL_MARKUP, forced_call_guide, request_guide
 from qwenserve.engine.guided import Guide
 from qwenserve.engine.outputs import RequestOutput
 from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
@@ -118,6 +118,13 @@ class ChatCompletions:
                 raise bad_request(
                     "'min_tokens' cannot be combined with tool_choice 'required' or a named function.",
                     param="min_tokens",
+                )
+            if markup := next((s for s in params.stop if any(s in m for m in CALL_MARKUP)), None):
+                # The forced answer is nothing but calls: it would stop at once, answering no call at all.
+                raise bad_request(
+                    f"'stop' holds {markup!r}, part of the tool-call markup that tool_choice 'required' or a "
+                    "named function makes the answer write.",
+                    param="stop",
                 )
             plan = await self._constrain_forced_call(plan, params, one_call=req.parallel_tool_calls is False)
         prompt_ids = await self.state.run_cpu(self._prompt, req, plan)

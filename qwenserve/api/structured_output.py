@@ -218,7 +218,7 @@ def _vllm_guide(req: Any) -> Guide | None:
 
 # The markup of a Qwen3-Coder call: a value holding any of it would be read back differently by the
 # tool parser than the grammar wrote it (the value would end early, or a call appear inside it).
-_CALL_MARKUP = ["<tool_call>", "</tool_call>", "<function=", "</function>", "<parameter=", "</parameter>"]
+CALL_MARKUP = ["<tool_call>", "</tool_call>", "<function=", "</function>", "<parameter=", "</parameter>"]
 
 
 def forced_call_guide(
@@ -245,7 +245,7 @@ def forced_call_guide(
             "content": {"type": "json_schema", "json_schema": _names_only(schema) if loose else _call_schema(schema),
                         "style": "qwen_xml",
                         "max_whitespace_cnt": 1,
-                        "excludes": _CALL_MARKUP},
+                        "excludes": CALL_MARKUP},
             "end": "\n</function>\n</tool_call>",
         })  # fmt: skip
     spec = {"type": "structural_tag", "format": {
