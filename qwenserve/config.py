@@ -83,6 +83,7 @@ class ModelConfig:
             )
         heads = raw["num_attention_heads"]
         eos = raw.get("eos_token_id")
+        fp8 = _is_fp8(raw)
         return cls(
             architecture=arch,
             vocab_size=raw["vocab_size"],
@@ -104,8 +105,8 @@ class ModelConfig:
             decoder_sparse_step=raw.get("decoder_sparse_step", 1) or 1,
             mlp_only_layers=list(raw.get("mlp_only_layers") or []),
             eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
-            fp8=_is_fp8(raw),
-            fp8_weight_block=_fp8_block(raw) if _is_fp8(raw) else None,
+            fp8=fp8,
+            fp8_weight_block=_fp8_block(raw) if fp8 else None,
         )
 
     @classmethod

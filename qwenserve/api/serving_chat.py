@@ -112,20 +112,7 @@ class ChatCompletions:
             plan = guided_tool_plan(plan, params.guide)
             await self.state.compile_guide(params.guide)
         elif plan.must_call and self.state.xml_tools:
-            if params.min_tokens:
-                # The call's grammar may allow nothing but the end once the call is written, which min_tokens
-                # forbids; without the grammar the model wrote calls of tools it was not offered.
-                raise bad_request(
-                    "'min_tokens' cannot be combined with tool_choice 'required' or a named function.",
-                    param="min_tokens",
-                )
-            if markup := next((s for s in params.stop if any(s in m for m in CALL_MARKUP)), None):
-                # The forced answer is nothing but calls: it would stop at once, answering no call at all.
-                raise bad_request(
-                    f"'stop' holds {markup!r}, part of the tool-call markup that tool_choice 'required' or a "
-                    "named function makes the answer write.",
-                    param="stop",
-                )
+            refuse_with_forced_call(params)
             plan = await self._constrain_forced_call(plan, params, one_call=req.parallel_tool_calls is False)
         prompt_ids = await self.state.run_cpu(self._prompt, req, plan)
         return PreparedChat(params, plan, prompt_ids)
@@ -143,6 +130,24 @@ class ChatCompletions:
         stream = state.add_request(request_id, prepared.prompt_ids, prepared.params)
         return await respond(
             raw, request_id, ctx, req.stream, lambda: ctx.stream(stream), lambda: ctx.collect(stream)
+        )
+
+
+def refuse_with_forced_call(params: SamplingParams) -> None:
+    """400 for the sampling fields a forced call (tool_choice required / named, as a grammar of calls)
+    cannot honour."""
+    if params.min_tokens:
+        # The call's grammar may allow nothing but the end once the call is written, which min_tokens
+        # forbids; without the grammar the model wrote calls of tools it was not offered.
+        raise bad_request(
+            "'min_tokens' cannot be combined with tool_choice 'required' or a named function.", param="min_tokens"
+        )
+    if markup := next((s for s in params.stop if any(s in m for m in CALL_MARKUP)), None):
+        # The forced answer is nothing but calls: it would stop at once, answering no call at all.
+        raise bad_request(
+            f"'stop' holds {markup!r}, part of the tool-call markup that tool_choice 'required' or a named "
+            "function makes the answer write.",
+            param="stop",
         )
 
 
