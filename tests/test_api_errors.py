@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -306,6 +307,22 @@ def test_body_that_is_not_utf8_is_a_400_invalid_json(server: ServerProcess) -> N
     deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     err = assert_openai_error(server.post(CHAT, content=deep, headers={"Content-Type": "application/json"}), 400)
     assert err["code"] == "invalid_json", err
+
+
+def test_request_that_is_not_http_is_an_openai_shaped_400(server: ServerProcess) -> None:
+    """A request uvicorn cannot parse (here a space inside the header name) never reaches the app:
+    its 400 has the OpenAI error shape too, and the server keeps serving."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n")
+        raw = b""
+        while chunk := conn.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head.lower(), raw
+    err = json.loads(body)["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error", err
+    assert "Invalid HTTP request" in err["message"], err
+    assert server.post(CHAT, json={"messages": HI, "max_tokens": 1}).status_code == 200
 
 
 def test_json_body_without_content_type(server: ServerProcess) -> None:

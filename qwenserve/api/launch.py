@@ -3,6 +3,7 @@ port fails at once with a clear message instead of after the model has loaded.""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -10,6 +11,7 @@ from typing import Any
 
 import uvicorn
 
+from qwenserve.api.errors import bad_request
 from qwenserve.api.server import build_app, uvloop_available
 from qwenserve.api.state import ServerSettings
 
@@ -29,6 +31,29 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise
     sock.set_inheritable(True)
     return sock
+
+
+def json_error_protocol() -> type:
+    """uvicorn's HTTP protocol (httptools when installed, as its "auto" picks, else h11), answering the
+    one request it refuses itself, one it cannot parse, with an OpenAI-shaped 400 instead of plain text,
+    so a client's error handling sees the same shape as for every other error."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+
+    class JSONErrorProtocol(base):  # type: ignore[misc, valid-type]
+        def send_400_response(self, msg: str) -> None:
+            error = bad_request(f"{msg} The request line, headers or body framing is not valid HTTP/1.1.")
+            body = json.dumps(error.body()).encode()
+            head = (
+                b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+            )
+            self.transport.write(head + body)
+            self.transport.close()
+
+    return JSONErrorProtocol
 
 
 class _Server(uvicorn.Server):
@@ -63,6 +88,7 @@ def run_server(engine: Any, settings: ServerSettings, log_level: str = "info") -
     config = uvicorn.Config(
         app,
         loop="uvloop" if uvloop_available() else "asyncio",
+        http=json_error_protocol(),
         log_level=log_level,
         log_config=None,  # keep the root logging setup from the CLI
         access_log=False,  # one line per request comes from our own request log
