@@ -1,11 +1,10 @@
-"""`qwenserve` command line: `serve` runs the OpenAI-compatible server; `bench` is dispatched
-to `qwenserve.bench:main` when that module is installed."""
+"""`qwenserve` command line: `serve` runs the OpenAI-compatible server; `bench` runs
+`qwenserve.bench:main` (imported only then: it needs Transformers)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import logging
 import os

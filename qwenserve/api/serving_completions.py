@@ -76,9 +76,13 @@ class Completions:
         vocab = len(self.state.tokenizer)
         for i, p in enumerate(prompts):
             if isinstance(p, str):
-                ids = self.state.encode_prompt(p, "prompt")
-                submit = self.state.encode_prompt(fim_prompt(p, req.suffix), "prompt") if req.suffix is not None else ids
-                out.append((p, ids, submit))
+                if req.suffix is None:
+                    ids = self.state.encode_prompt(p, "prompt")
+                    out.append((p, ids, ids))
+                    continue
+                # FIM (editors send one per keystroke): the bare prompt's ids only when they are echoed.
+                submit = self.state.encode_prompt(fim_prompt(p, req.suffix), "prompt")
+                out.append((p, self.state.encode_prompt(p, "prompt") if req.echo else [], submit))
                 continue
             if req.suffix is not None:
                 raise bad_request("'suffix' needs a text prompt, not token ids.", param="suffix")

@@ -31,11 +31,6 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def _load_tool_parser_class(chat_template: str | None) -> type | None:
-    """The parser matching the template's call format (XML when it writes `<function=`)."""
-    return get_tool_parser_class(chat_template or "")
-
-
 # Prompt texts longer than this many characters per context token are pre-counted (encode_prompt):
 # real text runs 3-4 characters a token, so such a text is almost surely over the limit.
 _PRECOUNT_CHARS_PER_TOKEN = 16
@@ -69,7 +64,7 @@ class ServerState:
         self.created = int(time.time())  # /v1/models' `created`: when this model started serving
         template = self.model_info.chat_template or getattr(self.tokenizer, "chat_template", None)
         self.xml_tools = is_xml_tool_format(template)
-        self.tool_parser_cls = _load_tool_parser_class(template)
+        self.tool_parser_cls = get_tool_parser_class(template or "")  # XML when it writes `<function=`
         self.token_bytes = byte_level_token_bytes(self.tokenizer)  # for logprobs' `bytes`
         # One thread: keeps template rendering and tokenization off the event loop while
         # never using the (not thread-safe for mutation) HF tokenizer from two threads at once.

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 class GenerationFailedError(RuntimeError):
-    """An engine step failed; the requests it was running receive this, and the engine goes on."""
+    """An engine step failed; every unfinished request (queued ones too) receives this, and the engine goes on."""
 
 
 class EngineDeadError(RuntimeError):
@@ -306,10 +306,10 @@ class AsyncEngine:
         if stream is None:
             return  # aborted before it was queued
         try:
-            # Admitted at the front door: a second queue check here would race with it and could only
-            # fail the request inside its stream (a 500), not as the clean 503 add_request raises.
-            self._require().add_request(request_id, prompt_token_ids, params, enforce_queue_limit=False)
-        except (InvalidRequestError, QueueFullError) as err:
+            # Checked and admitted at the front door: a second queue check here would race with it and
+            # could only fail the request inside its stream (a 500), not as the clean 503 add_request raises.
+            self._require().add_request(request_id, prompt_token_ids, params, admitted=True)
+        except InvalidRequestError as err:  # a guide that fails to compile
             self._streams.pop(request_id, None)
             self._loop.call_soon_threadsafe(_put_all, [(stream, err)])
         except Exception as err:  # noqa: BLE001 - a bug adding one request must not stop the engine thread

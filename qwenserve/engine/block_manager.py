@@ -1,7 +1,9 @@
 """The paged KV pool's bookkeeping: block allocation and automatic prefix caching.
 
 Every full block gets a chained hash (parent hash + its token ids), so one hash names
-a whole prefix. A block whose last user finishes stays in the hash table and in the
+a whole prefix. The hash is a cryptographic digest, not Python's `hash()`: a hit compares only the
+block's own token ids, so the earlier blocks' match rests on the hash alone, and tuple hashes can be
+made to collide on purpose (one client's prompt would then reuse KV computed for another's prefix). A block whose last user finishes stays in the hash table and in the
 free list; it is reused on a hit and only evicted (least recently freed first) when
 a fresh block is needed. Block 0 is reserved as the null block that padded entries of
 block tables and padded tokens' slots point at.
@@ -9,6 +11,8 @@ block tables and padded tokens' slots point at.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -21,13 +25,13 @@ NULL_BLOCK = 0
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
+    hash: bytes | None = None
     token_ids: tuple[int, ...] | None = None
 
 
-def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
-    """Hash of a full block given its parent's hash; collisions are caught by comparing ids."""
-    return hash((parent, token_ids))
+def chain_hash(parent: bytes | None, token_ids: tuple[int, ...]) -> bytes:
+    """The digest of a full block given its parent's: names the whole prefix up to and including it."""
+    return hashlib.blake2b((parent or b"") + array("i", token_ids).tobytes(), digest_size=16).digest()
 
 
 class BlockManager:
@@ -42,7 +46,7 @@ class BlockManager:
         self.blocks[NULL_BLOCK].ref_count = 1  # never handed out
         # Insertion order = eviction order: the front is evicted first.
         self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
-        self.hash_to_block: dict[int, int] = {}
+        self.hash_to_block: dict[bytes, int] = {}
         self.num_evictions = 0
 
     @property
@@ -66,7 +70,7 @@ class BlockManager:
 
     # -- prefix cache ---------------------------------------------------------
 
-    def block_hash(self, seq: Sequence, index: int) -> int:
+    def block_hash(self, seq: Sequence, index: int) -> bytes:
         """The chained hash of `seq`'s full block `index` (its tokens must be known). Kept on the sequence,
         so each block is hashed once in its life: its tokens never change."""
         hashes, size = seq.block_hashes, self.block_size

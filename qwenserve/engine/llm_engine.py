@@ -28,7 +28,12 @@ from qwenserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatch
 from qwenserve.engine.guided import Guide, GuideCompiler
 from qwenserve.engine.model_runner import ModelRunner, PendingStep, StepResult, kv_bytes_per_block, select_ops
 from qwenserve.engine.outputs import FINISH_GRAMMAR_DEAD_END, RequestOutput, TokenLogprob
-from qwenserve.engine.sampling_params import CONTEXT_HINT, InvalidRequestError, SamplingParams
+from qwenserve.engine.sampling_params import (
+    CONTEXT_HINT,
+    GENERATION_CONFIG_FIELDS,
+    InvalidRequestError,
+    SamplingParams,
+)
 from qwenserve.engine.scheduler import ScheduledBatch, Scheduler
 from qwenserve.engine.sequence import PENDING_TOKEN, Sequence
 from qwenserve.model.loader import build_model, load_model_config, read_generation_config, resolve_model_path
@@ -281,12 +286,7 @@ class LLMEngine:
             path=path,
             max_model_len=self.max_model_len,
             eos_token_ids=self.model_config.eos_token_ids or [self.tokenizer.eos_token_id],
-            generation_defaults={
-                k: gen[k]
-                for k in ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                          "presence_penalty", "frequency_penalty")
-                if k in gen
-            },  # fmt: skip
+            generation_defaults={k: gen[k] for k in ("do_sample", *GENERATION_CONFIG_FIELDS) if k in gen},
             chat_template=getattr(self.tokenizer, "chat_template", None),
             is_demo=is_demo,
         )
@@ -449,17 +449,19 @@ class LLMEngine:
         return self.guides.compile(guide)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, enforce_queue_limit: bool = True
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, admitted: bool = False
     ) -> None:
         """Queue a request; its max_tokens is clamped to the room left in the context.
 
-        `enforce_queue_limit` False: the caller already admitted it (AsyncEngine checks the limit on
-        the caller's thread, where refusing is still a clean 503).
+        `admitted`: the caller already ran check_request and the queue limit (AsyncEngine does, on the
+        caller's thread, where refusing is still a clean 400 / 503), so the engine thread does not
+        walk a 20k-token prompt a second time between steps.
         """
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
-        self.check_request(prompt_token_ids, params)
-        if enforce_queue_limit and self.num_waiting_requests() >= self.config.max_queued_requests:
+        if not admitted:
+            self.check_request(prompt_token_ids, params)
+        if not admitted and self.num_waiting_requests() >= self.config.max_queued_requests:
             raise QueueFullError(
                 f"the queue is full ({self.config.max_queued_requests} requests waiting at most); retry shortly"
             )

@@ -179,7 +179,6 @@ class ModelRunner:
         dtype: torch.dtype,
     ):
         self.model = model
-        self.cfg = cfg
         self.block_size = block_size
         self.device = device
         self.vocab_size = cfg.vocab_size

@@ -29,10 +29,6 @@ class ScheduledBatch:
         self.seqs.append(seq)
         self.num_new_tokens.append(num_tokens)
 
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
     def __bool__(self) -> bool:
         return bool(self.seqs)
 

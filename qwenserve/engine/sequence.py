@@ -50,7 +50,7 @@ class Sequence:
         self.matcher: Any = None
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []  # chained hashes of its full blocks, computed as needed (block_manager)
+        self.block_hashes: list[bytes] = []  # chained hashes of its full blocks, computed as needed (block_manager)
         self.num_committed_blocks = 0  # leading blocks of block_table already offered to the prefix cache
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission

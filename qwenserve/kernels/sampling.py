@@ -8,11 +8,14 @@ qwenserve.engine.sampler's torch path, up to float rounding in exp / log.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
 
-from qwenserve.engine.sampler import SamplingBatch
+if TYPE_CHECKING:  # the engine's batch type, for annotations only: kernels do not import the engine
+    from qwenserve.engine.sampler import SamplingBatch
 
 PENALTY_BLOCK = 4096
 
