@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from qwenserve.config import EngineConfig
+from qwenserve.engine.decode_graphs import DecodeGraphs
 from qwenserve.engine.llm_engine import LLMEngine
-from qwenserve.engine.model_runner import DecodeGraphs
 from qwenserve.engine.sampling_params import SamplingParams
 from qwenserve.kernels import pdl
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from qwenserve.config import EngineConfig
+from qwenserve.engine.decode_graphs import DecodeGraphs
 from qwenserve.engine.llm_engine import LLMEngine
-from qwenserve.engine.model_runner import DecodeGraphs
 from qwenserve.engine.sampling_params import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parent))

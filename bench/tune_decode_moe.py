@@ -16,8 +16,8 @@ import random
 import torch
 
 from qwenserve.config import EngineConfig
+from qwenserve.engine.decode_graphs import DecodeGraphs
 from qwenserve.engine.llm_engine import LLMEngine
-from qwenserve.engine.model_runner import DecodeGraphs
 from qwenserve.engine.sampling_params import SamplingParams
 from qwenserve.kernels import moe, moe_configs
 
