@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -52,6 +53,15 @@ from qwenserve.api.state import ServerSettings, ServerState
 logger = logging.getLogger("qwenserve.api")
 
 
+@dataclass(frozen=True)
+class Endpoints:
+    """The handlers of the generation endpoints, built once the model is loaded."""
+
+    chat: ChatCompletions
+    completions: Completions
+    responses: Responses
+
+
 class AppContext:
     """Mutable per-app holder: the ServerState appears once the engine is ready."""
 
@@ -60,9 +70,7 @@ class AppContext:
         self.settings = settings
         self.metrics = Metrics(stats=self._stats)
         self.state: ServerState | None = None
-        self.chat: ChatCompletions | None = None
-        self.completions: Completions | None = None
-        self.responses: Responses | None = None
+        self._endpoints: Endpoints | None = None  # set with `state`, once the model is loaded
         self.load_error: str | None = None
         self.exit_code = 0
         self.server: Any = None  # uvicorn.Server, so a failed load can stop it
@@ -79,6 +87,12 @@ class AppContext:
             raise unavailable("The model is still loading; retry shortly.", code="model_loading")
         return self.state
 
+    def endpoints(self) -> Endpoints:
+        """The generation endpoints' handlers (a 503 while the model loads)."""
+        if self._endpoints is None:
+            raise unavailable("The model is still loading; retry shortly.", code="model_loading")
+        return self._endpoints
+
     async def load(self) -> None:
         """Load the engine; on failure log why and stop the server with exit code 1."""
         started = time.monotonic()
@@ -94,8 +108,8 @@ class AppContext:
                 self.server.should_exit = True
             return
         state = ServerState(self.engine, self.settings, self.metrics)
-        self.chat, self.completions = ChatCompletions(state), Completions(state)
-        self.responses = Responses(state, self.chat)
+        chat = ChatCompletions(state)
+        self._endpoints = Endpoints(chat=chat, completions=Completions(state), responses=Responses(state, chat))
         self.state = state
         info = state.model_info
         logger.info("model %s loaded in %.1fs", info.name, time.monotonic() - started)
@@ -231,26 +245,23 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         """Chat completion, streaming (SSE) or not, with tool calls."""
-        ctx.require()
+        endpoints = ctx.endpoints()
         _refuse_bad_text(req)
-        assert ctx.chat is not None
-        return await ctx.chat.create(req, raw)
+        return await endpoints.chat.create(req, raw)
 
     @app.post("/v1/responses", tags=["openai"])
     async def responses(req: ResponsesRequest, raw: Request) -> Response:
         """OpenAI Responses API, stateless (send the whole conversation in `input`), on the chat path."""
-        ctx.require()
+        endpoints = ctx.endpoints()
         _refuse_bad_text(req)
-        assert ctx.responses is not None
-        return await ctx.responses.create(req, raw)
+        return await endpoints.responses.create(req, raw)
 
     @app.post("/v1/completions", tags=["openai"])
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         """Text completion, with echo, logprobs and fill-in-the-middle via `suffix`."""
-        ctx.require()
+        endpoints = ctx.endpoints()
         _refuse_bad_text(req)
-        assert ctx.completions is not None
-        return await ctx.completions.create(req, raw)
+        return await endpoints.completions.create(req, raw)
 
     @app.post("/tokenize", tags=["tokens"])
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
