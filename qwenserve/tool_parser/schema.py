@@ -246,19 +246,8 @@ def _jsonable(value: Any) -> bool:
     return True
 
 
-def _to_int(word: str, raw: str) -> Any:
-    try:
-        return int(word)
-    except ValueError:
-        pass
-    try:
-        number = float(word)
-    except ValueError:
-        return raw
-    return int(number) if math.isfinite(number) and number.is_integer() else raw
-
-
 def _to_number(word: str, raw: str) -> Any:
+    """An int or finite float (an integral float as int), else the raw text."""
     try:
         return int(word)
     except ValueError:
@@ -270,6 +259,12 @@ def _to_number(word: str, raw: str) -> Any:
     if not math.isfinite(number):
         return raw
     return int(number) if number.is_integer() else number
+
+
+def _to_int(word: str, raw: str) -> Any:
+    """An int (from an integral float too), else the raw text."""
+    number = _to_number(word, raw)
+    return number if isinstance(number, int) else raw
 
 
 def _to_container(word: str, raw: str) -> Any:
