@@ -1,11 +1,12 @@
 """The paged KV pool's bookkeeping: block allocation and automatic prefix caching.
 
 Every full block gets a chained hash (parent hash + its token ids), so one hash names
-a whole prefix. The hash is a cryptographic digest, not Python's `hash()`: a hit compares only the
-block's own token ids, so the earlier blocks' match rests on the hash alone, and tuple hashes can be
-made to collide on purpose (one client's prompt would then reuse KV computed for another's prefix). A block whose last user finishes stays in the hash table and in the
-free list; it is reused on a hit and only evicted (least recently freed first) when
-a fresh block is needed. Block 0 is reserved as the null block that padded entries of
+a whole prefix. The hash is a cryptographic digest, not Python's `hash()`: a hit compares
+only the block's own token ids, so the earlier blocks' match rests on the hash alone, and
+tuple hashes can be made to collide on purpose (one client's prompt would then reuse KV
+computed for another's prefix). A block whose last user finishes stays in the hash table
+and in the free list; it is reused on a hit and only evicted (least recently freed first)
+when a fresh block is needed. Block 0 is reserved as the null block that padded entries of
 block tables and padded tokens' slots point at.
 """
 
