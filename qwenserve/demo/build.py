@@ -138,6 +138,10 @@ MODEL_CONFIG: dict[str, Any] = {
     "sliding_window": None,
     "tie_word_embeddings": True,
     "torch_dtype": "bfloat16",
+    # The real checkpoint's value, whose key names this config uses. Without one, Transformers 5.x
+    # (5.17 at least) takes the tokenizer beside it for a possible Mistral one and warns at every start
+    # of "an incorrect regex pattern" that "will lead to incorrect tokenization" (it does not).
+    "transformers_version": "4.51.0",
     "use_cache": True,
     "use_sliding_window": False,
     "vocab_size": VOCAB_SIZE,
