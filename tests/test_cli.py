@@ -174,7 +174,7 @@ def test_empty_api_key_and_impossible_kv_memory_are_refused(monkeypatch: pytest.
     """`--api-key "$KEY"` with KEY unset must not serve without a key; a KV size of 0, one under two
     blocks, or more than the machine has is refused before anything is allocated."""
     from qwenserve.config import EngineConfig
-    from qwenserve.engine.llm_engine import _check_kv_memory_fits
+    from qwenserve.engine.startup import check_kv_memory_fits
 
     assert cli.main(["serve", "--api-key", ""]) == 2
     assert cli.main(["serve", "--api-key", "  ", "--port", "0"]) == 2
@@ -186,10 +186,10 @@ def test_empty_api_key_and_impossible_kv_memory_are_refused(monkeypatch: pytest.
     with pytest.raises(ValueError, match=r"kv_cache_memory \(--kv-cache-memory\) must be more than 0"):
         EngineConfig(kv_cache_memory=0)
     with pytest.raises(ValueError, match="fewer than 2 KV blocks"):
-        _check_kv_memory_fits(1024, 65536, torch.device("cpu"))
+        check_kv_memory_fits(1024, 65536, torch.device("cpu"))
     with pytest.raises(ValueError, match="more than the .* GiB available on this machine"):
-        _check_kv_memory_fits(1 << 60, 65536, torch.device("cpu"))
-    _check_kv_memory_fits(64 << 20, 65536, torch.device("cpu"))
+        check_kv_memory_fits(1 << 60, 65536, torch.device("cpu"))
+    check_kv_memory_fits(64 << 20, 65536, torch.device("cpu"))
 
 
 def test_token_counts_take_k_and_m() -> None:

@@ -10,10 +10,7 @@ async wrapper drives the engine from its own thread.
 from __future__ import annotations
 
 import logging
-import os
 import random
-import re
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +33,14 @@ from qwenserve.engine.sampling_params import (
 )
 from qwenserve.engine.scheduler import ScheduledBatch, Scheduler
 from qwenserve.engine.sequence import PENDING_TOKEN, Sequence
+from qwenserve.engine.startup import (
+    check_kv_memory_fits,
+    control_token_ids,
+    limit_cpu_threads,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+)
 from qwenserve.model.loader import build_model, load_model_config, read_generation_config, resolve_model_path
 from qwenserve.model.qwen3 import Ops
 
@@ -95,83 +100,6 @@ class _Request:
     guided: bool = False
 
 
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
-def _available_memory(device: torch.device) -> int | None:
-    """Bytes a KV pool could still take on `device` (the GPU's free memory, the host's available
-    memory), or None where that cannot be read."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def _check_kv_memory_fits(budget: int, per_block: int, device: torch.device) -> None:
-    """Refuse a --kv-cache-memory that holds no KV block or that the device cannot give, before allocating."""
-    gib = 2**30
-    if budget < 2 * per_block:
-        raise ValueError(
-            f"--kv-cache-memory {budget} bytes holds fewer than 2 KV blocks of this model ({per_block} bytes each): "
-            f"give at least {2 * per_block} bytes, e.g. {max(1, -(-64 * per_block // 2**20))}MiB for 64 blocks"
-        )
-    available = _available_memory(device)
-    if available is not None and budget > available:
-        where = "free on the GPU after the weights" if device.type == "cuda" else "available on this machine"
-        raise ValueError(
-            f"--kv-cache-memory {budget / gib:.2f} GiB is more than the {available / gib:.2f} GiB {where}: "
-            "lower it (or leave it out: the pool then takes what --gpu-memory-utilization allows)"
-        )
-
-
-def _limit_cpu_threads(cfg: ModelConfig) -> None:
-    """Small models run one op thread on CPU: their ops are too short to split, and OpenMP workers
-    that wait on each other turn a microsecond kernel into tens of milliseconds whenever another
-    process (the HTTP client, a test) shares the cores. QWENSERVE_CPU_THREADS overrides."""
-    threads = os.environ.get("QWENSERVE_CPU_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
-    elif cfg.hidden_size * cfg.num_hidden_layers <= 4096:
-        torch.set_num_threads(1)
-
-
-def _control_token_ids(tokenizer: Any) -> frozenset[int]:
-    """The added tokens whose text is markup (<tool_call>, <|im_end|>, <|fim_middle|>, ...): stop strings
-    never match a piece of them. Not every added token: a tokenizer may add plain words too."""
-    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    return frozenset(i for i, tok in added.items() if re.fullmatch(r"<.+>", str(getattr(tok, "content", tok))))
-
-
-def _load_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    has_tokenizer = (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()
-    if not has_tokenizer:
-        # A config-only directory (dummy-weight benchmarks): borrow the demo model's Qwen tokenizer.
-        from qwenserve.demo import DEMO_MODEL_DIR
-
-        logger.warning("%s has no tokenizer; using the built-in Qwen tokenizer and chat template", path)
-        path = DEMO_MODEL_DIR
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    # The context limit is the engine's (--max-model-len); the tokenizer's own would only log "indexing
-    # errors" for a prompt the engine then refuses with a clear 400.
-    tokenizer.model_max_length = sys.maxsize
-    return tokenizer
-
-
 class LLMEngine:
     """Requests in, outputs out, one `step` at a time: loads the model and sizes the KV pool, then each
     step schedules a batch (scheduler), runs it (model runner, CUDA graphs for decode) and turns the
@@ -179,10 +107,10 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.device = _pick_device(config.device)
+        self.device = pick_device(config.device)
         if config.tensor_parallel_size > 1 and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", 0)  # rank r runs on cuda:r
-        self.dtype = _pick_dtype(config.dtype, self.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
         self.workers: Any = None  # qwenserve.distributed.worker.WorkerGroup when tensor_parallel_size > 1
         self.requests: dict[str, _Request] = {}
@@ -203,13 +131,13 @@ class LLMEngine:
         cfg = self.config
         path, name, is_demo = self._model_source()
         self.model_config: ModelConfig = load_model_config(path)
-        self.tokenizer = _load_tokenizer(path)
+        self.tokenizer = load_tokenizer(path)
         # Ids a request may name: those that are tokens (the model's rows past the tokenizer's are padding).
         self.num_token_ids = min(self.model_config.vocab_size, len(self.tokenizer))
-        self.control_token_ids = _control_token_ids(self.tokenizer)
+        self.control_token_ids = control_token_ids(self.tokenizer)
         max_len = self._context_length()
         if self.device.type == "cpu":
-            _limit_cpu_threads(self.model_config)
+            limit_cpu_threads(self.model_config)
         ops = select_ops(self.device, cfg.use_kernels)
         self.uses_kernels = ops != Ops()
         world = cfg.tensor_parallel_size
@@ -342,7 +270,7 @@ class LLMEngine:
         per_block = kv_bytes_per_block(self.model_config, cfg.block_size, self.dtype, cfg.tensor_parallel_size)
         if cfg.kv_cache_memory is not None:
             budget = cfg.kv_cache_memory
-            _check_kv_memory_fits(budget, per_block, self.device)
+            check_kv_memory_fits(budget, per_block, self.device)
         elif self.device.type == "cuda":
             activation_peak = self._profile_activations()
             free, total = torch.cuda.mem_get_info(self.device)
