@@ -16,6 +16,7 @@ from qwenserve.api.chat import is_xml_tool_format
 from qwenserve.api.errors import APIError, aborted, from_invalid_request, unavailable
 from qwenserve.api.logprobs import byte_level_token_bytes
 from qwenserve.api.metrics import Metrics
+from qwenserve.api.segment_cache import SegmentEncoder
 from qwenserve.engine.guided import Guide
 from qwenserve.engine.outputs import FINISH_GRAMMAR_DEAD_END, RequestOutput
 from qwenserve.engine.sampling_params import CONTEXT_HINT, InvalidRequestError, SamplingParams
@@ -66,6 +67,7 @@ class ServerState:
         self.xml_tools = is_xml_tool_format(template)
         self.tool_parser_cls = get_tool_parser_class(template or "")  # XML when it writes `<function=`
         self.token_bytes = byte_level_token_bytes(self.tokenizer)  # for logprobs' `bytes`
+        self.segments = SegmentEncoder(self.tokenizer)
         # One thread: keeps template rendering and tokenization off the event loop while
         # never using the (not thread-safe for mutation) HF tokenizer from two threads at once.
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwenserve-tokenize")
@@ -110,8 +112,11 @@ class ServerState:
         return await asyncio.get_running_loop().run_in_executor(self._grammar, self.engine.compile_guide, guide)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`; special-token text such as <|fim_prefix|> maps to its id."""
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        """Token ids of `text`; special-token text such as <|fim_prefix|> maps to its id. Chat prompts reuse
+        the ids of the messages earlier prompts held (segment_cache)."""
+        if add_special_tokens:
+            return list(self.tokenizer.encode(text, add_special_tokens=True))
+        return self.segments.encode(text)
 
     def encode_prompt(self, text: str, param: str) -> list[int]:
         """encode() for a prompt, refusing at once one far over the context: a text over _PRECOUNT_MIN_CHARS
