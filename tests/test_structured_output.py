@@ -349,13 +349,33 @@ def test_forced_calls_keep_call_markup_out_of_values(server: ServerProcess, clie
         assert calls and all(c.function.name in ("set_count", "loose") for c in calls), r
 
 
+def test_a_named_tool_choice_is_one_call(server: ServerProcess, client: openai.OpenAI) -> None:
+    """A named function is called once, as OpenAI and vLLM answer it (the demo model, left free, calls a
+    parameterless tool again and again: an agent would run every repeat); "required" may call several."""
+    now = {"type": "function", "function": {"name": "now"}}
+    body = {"messages": [{"role": "user", "content": "What time is it?"}], "tools": [now], "temperature": 0,
+            "max_tokens": 60}  # fmt: skip
+    several = server.post(CHAT, json={**body, "tool_choice": "required"}).json()["choices"][0]["message"]
+    assert len(several["tool_calls"]) > 1, several  # what the one-call rule has to hold back
+    named = {**body, "tool_choice": {"type": "function", "function": {"name": "now"}}}
+    r = server.post(CHAT, json=named).json()["choices"][0]
+    assert [c["function"]["name"] for c in r["message"]["tool_calls"]] == ["now"] and r["finish_reason"] == "tool_calls"
+    streamed = server.post(CHAT, json={**named, "stream": True}).text
+    indexes = {c["index"] for line in streamed.splitlines() if line.startswith("data: {")
+               for ch in json.loads(line[6:])["choices"] for c in ch["delta"].get("tool_calls") or []}  # fmt: skip
+    assert indexes == {0}, streamed
+    resp = client.responses.create(model="m", input="What time is it?", tools=[{"type": "function", "name": "now"}],
+                                   tool_choice={"type": "function", "name": "now"}, temperature=0, max_output_tokens=60)
+    assert [item.name for item in resp.output if item.type == "function_call"] == ["now"], resp.output
+
+
 def test_a_forced_answer_cut_short_holds_no_markup(server: ServerProcess) -> None:
     """Under a forced call's grammar the answer is nothing but calls, whose opening tag the grammar may
     spell in several tokens: cut by max_tokens inside a second call's opening, no '<tool_ca' reaches
     the content (streamed or not)."""
     now = {"type": "function", "function": {"name": "now"}}
     body = {"messages": [{"role": "user", "content": "List the files in this directory"}], "tools": [now],
-            "tool_choice": {"type": "function", "function": {"name": "now"}}, "temperature": 0}  # fmt: skip
+            "tool_choice": "required", "temperature": 0}  # fmt: skip
     for max_tokens in range(10, 40, 2):
         r = server.post(CHAT, json={**body, "max_tokens": max_tokens})
         assert r.status_code == 200, r.text

@@ -150,6 +150,9 @@ class ToolPlan:
     forced_prefix: str = ""
     must_call: tuple[str, ...] = ()  # tool_choice required / named: the functions one of which must be called
     calls_only: bool = False  # a grammar makes the answer nothing but calls: text outside them is markup
+    # At most one call: parallel_tool_calls false, or a named tool_choice (that function, once, as OpenAI
+    # and vLLM answer it; an agent would run every repeat).
+    one_call: bool = False
 
 
 def is_xml_tool_format(chat_template: str | None) -> bool:
@@ -172,6 +175,7 @@ def plan_tools(request: ChatCompletionRequest, xml: bool) -> ToolPlan:
     """
     tools = normalize_tools(request.tools)
     choice = request.tool_choice
+    one_call = request.parallel_tool_calls is False
     if not tools:
         if choice == "required" or isinstance(choice, NamedToolChoice):
             raise bad_request("tool_choice requires a non-empty 'tools' list.", param="tool_choice")
@@ -185,12 +189,13 @@ def plan_tools(request: ChatCompletionRequest, xml: bool) -> ToolPlan:
                 f"tool_choice names {choice.function.name!r}, which is not in 'tools'.", param="tool_choice"
             )
         return ToolPlan(tools=tools, parse=True, forced_prefix=_call_prefix(xml, choice.function.name),
-                        must_call=(choice.function.name,))
+                        must_call=(choice.function.name,), one_call=True)
     if choice == "required":
         # With one tool, "required" can only mean that tool: force its name as well.
         name = names[0] if len(names) == 1 else None
-        return ToolPlan(tools=tools, parse=True, forced_prefix=_call_prefix(xml, name), must_call=tuple(names))
-    return ToolPlan(tools=tools, parse=True)
+        return ToolPlan(tools=tools, parse=True, forced_prefix=_call_prefix(xml, name), must_call=tuple(names),
+                        one_call=one_call)
+    return ToolPlan(tools=tools, parse=True, one_call=one_call)
 
 
 def _template_kwargs(tokenizer: Any, kwargs: dict[str, Any] | None) -> dict[str, Any]:

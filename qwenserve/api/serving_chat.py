@@ -70,12 +70,12 @@ class ChatCompletions:
         )
         return self.state.encode_prompt(text + plan.forced_prefix, "messages")
 
-    async def _constrain_forced_call(self, plan: ToolPlan, params: SamplingParams, one_call: bool) -> ToolPlan:
+    async def _constrain_forced_call(self, plan: ToolPlan, params: SamplingParams) -> ToolPlan:
         """tool_choice required / named: a grammar makes the answer calls of the allowed functions with
         parameters valid against their schemas (the grammar writes the call's opening, so the prompt no
         longer ends with it). Where it cannot be built, the prompt's forced opening alone stays."""
         for loose in (False, True):  # loose: the parameter names alone, for schemas xgrammar cannot compile
-            guide = forced_call_guide(plan.tools or [], plan.must_call, one_call, loose=loose)
+            guide = forced_call_guide(plan.tools or [], plan.must_call, plan.one_call, loose=loose)
             if guide is None:
                 return plan
             try:
@@ -113,7 +113,7 @@ class ChatCompletions:
             await self.state.compile_guide(params.guide)
         elif plan.must_call and self.state.xml_tools:
             refuse_with_forced_call(params)
-            plan = await self._constrain_forced_call(plan, params, one_call=req.parallel_tool_calls is False)
+            plan = await self._constrain_forced_call(plan, params)
         prompt_ids = await self.state.run_cpu(self._prompt, req, plan)
         return PreparedChat(params, plan, prompt_ids)
 
@@ -190,7 +190,7 @@ class CallFilter:
     """Which of one output's tool calls reach the client: with `names` (tool_choice required / named)
     only calls of those functions (a call forced by its opening alone, where the tools' schemas gave
     no grammar, left the model free to go on calling tools it was never offered), with `one_call`
-    (parallel_tool_calls: false) only the first. Streamed calls are renumbered 0, 1, ... as kept."""
+    (parallel_tool_calls: false, a named tool_choice) only the first. Streamed calls are renumbered 0, 1, ... as kept."""
 
     def __init__(self, names: tuple[str, ...] = (), one_call: bool = False):
         self.names = frozenset(names)
@@ -263,9 +263,9 @@ class _ChatContext:
         self.created = int(time.time())
         self.want_logprobs = req.logprobs
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        # Per choice: only calls of the functions tool_choice allows, and only the first one with
-        # parallel_tool_calls: false (it promises at most one call per turn).
-        self.call_filters = [CallFilter(plan.must_call, req.parallel_tool_calls is False) for _ in range(req.n)]
+        # Per choice: only calls of the functions tool_choice allows, and only the first one where the
+        # plan allows one (parallel_tool_calls: false, a named tool_choice).
+        self.call_filters = [CallFilter(plan.must_call, plan.one_call) for _ in range(req.n)]
         self.finished = False
         self.finished_choices: set[int] = set()  # indexes whose finish_reason chunk went out
 

@@ -203,7 +203,7 @@ class _ResponseContext:
         self.request_id = request_id
         self.tracker = tracker
         self.parser = parser
-        self.calls = CallFilter(prepared.plan.must_call, req.parallel_tool_calls is False)
+        self.calls = CallFilter(prepared.plan.must_call, prepared.plan.one_call)
         self.model = state.model_name(req.model)
         self.created_at = int(time.time())
         self.output = OutputItems()
