@@ -316,6 +316,11 @@ BAD_REQUESTS = [
     ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens", None),
     ({"input": "hi", "temperature": "0"}, "temperature", "invalid_value"),
     ({"input": "hi", "background": True}, "background", "unsupported_parameter"),
+    # Chat's names, which a Responses request would otherwise have had ignored.
+    ({"input": "hi", "max_tokens": 5}, "max_tokens", "unsupported_parameter"),
+    ({"input": "hi", "max_completion_tokens": 5}, "max_completion_tokens", "unsupported_parameter"),
+    ({"input": "hi", "response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+    ({"input": "hi", "n": 2}, "n", "unsupported_parameter"),
     ({"input": "hi", "guided_regex": "(a"}, "guided_regex", None),
     ({"input": "hi", "guided_regex": "a", "text": {"format": {"type": "json_object"}}}, "guided_regex", None),
     ({"input": "hi", "stop_token_ids": [10**9]}, "stop_token_ids", None),
@@ -356,6 +361,13 @@ def test_accepted_and_ignored_fields(client: openai.OpenAI) -> None:
     assert resp.output_text == "The capital of France is Paris." and resp.user == "u"
     assert resp.top_p == pytest.approx(0.9) and resp.parallel_tool_calls is False
     assert (resp.reasoning.effort, resp.reasoning.summary) == ("high", "auto")  # echoed, as OpenAI does
+
+
+def test_logit_bias_applies_as_on_chat(server: ServerProcess, client: openai.OpenAI) -> None:
+    (token,) = server.post("/tokenize", json={"prompt": "Hello"}).json()["tokens"]
+    resp = client.responses.create(model="m", input=FRANCE, temperature=0, max_output_tokens=3,
+                                   extra_body={"logit_bias": {str(token): 100}})
+    assert resp.output_text.startswith("HelloHello"), resp.output_text
 
 
 # ---- unit tests of the mapping (no server) ----

@@ -124,6 +124,7 @@ class SharedSamplingFields(StrictScalars):
     min_tokens: int = 0
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False  # vLLM's: keep the matched stop string
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     # vLLM's structured output (api.structured_output).
     guided_json: Any = None
     guided_regex: Any = None
@@ -145,7 +146,6 @@ class SamplingFields(SharedSamplingFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -78,6 +78,20 @@ class ResponsesRequest(SharedSamplingFields):
     prompt: Any = None
     background: bool | None = None
     top_logprobs: int | None = None
+    # Chat's names for what Responses calls otherwise: refused, naming the field to use, rather than ignored.
+    max_tokens: Any = None
+    max_completion_tokens: Any = None
+    response_format: Any = None
+    n: Any = None
+
+
+# Chat fields a Responses request may mistake for its own -> what /v1/responses takes instead.
+_CHAT_FIELDS = {
+    "max_tokens": "/v1/responses takes 'max_output_tokens'",
+    "max_completion_tokens": "/v1/responses takes 'max_output_tokens'",
+    "response_format": "/v1/responses takes 'text.format'",
+    "n": "/v1/responses gives one output per response (send several, or use /v1/chat/completions)",
+}
 
 
 def _unsupported(message: str, param: str) -> APIError:
@@ -100,6 +114,9 @@ def refuse_unsupported(req: ResponsesRequest) -> None:
     if req.top_logprobs or "message.output_text.logprobs" in (req.include or []):
         param = "top_logprobs" if req.top_logprobs else "include"
         raise _unsupported("Logprobs are not supported on /v1/responses; use /v1/chat/completions.", param)
+    for param, instead in _CHAT_FIELDS.items():
+        if getattr(req, param) is not None and not (param == "n" and getattr(req, param) == 1):
+            raise _unsupported(f"'{param}' is a chat completions field: {instead}.", param)
     if req.max_output_tokens is not None and req.max_output_tokens < 1:
         raise bad_request(f"'max_output_tokens' must be >= 1, got {req.max_output_tokens}.", param="max_output_tokens")
 
