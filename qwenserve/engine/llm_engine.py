@@ -349,8 +349,11 @@ class LLMEngine:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         if n_prompt >= self.max_model_len:
             raise InvalidRequestError(
-                f"the prompt is {n_prompt} tokens long but this server's context is {self.max_model_len} tokens "
-                f"(the prompt must leave room for at least one generated token; {CONTEXT_HINT})",
+                # OpenAI's and vLLM's opening words: clients (litellm, aider, LangChain) recognise a full context
+                # by them and fall back or compress instead of failing.
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
+                f"{n_prompt} input tokens (the prompt must leave room for at least one generated token; "
+                f"{CONTEXT_HINT})",
                 param="messages",
                 code="context_length_exceeded",
             )
