@@ -131,8 +131,8 @@ class ServerState:
                 if counted - _SLICE_MARGIN * n > limit:  # a cut can split a token in two: never refuse on that
                     raise APIError(
                         400,
-                        f"This model's maximum context length is {limit} tokens. However, your request has more "
-                        f"than {counted - _SLICE_MARGIN * n} input tokens ({CONTEXT_HINT})",
+                        f"This model's maximum context length is {limit} tokens. However, your request resulted "
+                        f"in more than {counted - _SLICE_MARGIN * n} tokens ({CONTEXT_HINT})",
                         param=param,
                         code="context_length_exceeded",
                     )

@@ -349,10 +349,10 @@ class LLMEngine:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         if n_prompt >= self.max_model_len:
             raise InvalidRequestError(
-                # OpenAI's and vLLM's opening words: clients (litellm, aider, LangChain) recognise a full context
-                # by them and fall back or compress instead of failing.
-                f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
-                f"{n_prompt} input tokens (the prompt must leave room for at least one generated token; "
+                # OpenAI's words: clients (qwen-code, litellm, aider, LangChain) recognise a full context by
+                # them, and qwen-code reads both numbers from them, to compress or fall back instead of failing.
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your request "
+                f"resulted in {n_prompt} tokens (the prompt must leave room for at least one generated token; "
                 f"{CONTEXT_HINT})",
                 param="messages",
                 code="context_length_exceeded",
