@@ -220,7 +220,7 @@ def test_n_choices_share_the_prompt(engine: LLMEngine) -> None:
 def test_prompt_that_can_never_fit_is_refused(tiny_moe_dir: Path) -> None:
     eng = make_engine(tiny_moe_dir, num_kv_blocks=8)  # 7 usable blocks = 112 tokens
     assert eng.max_model_len == 112
-    with pytest.raises(InvalidRequestError, match="200 tokens.*112"):
+    with pytest.raises(InvalidRequestError, match="context length is 112 tokens.*resulted in 200 tokens"):
         eng.add_request("long", list(range(200)), GREEDY)
 
 
