@@ -491,10 +491,10 @@ def _metric(server: ServerProcess, name: str) -> float:
 
 
 def _stream_lines(
-    server: ServerProcess, body: dict[str, Any], sink: list[str], stop_after: int | None
+    server: ServerProcess, body: dict[str, Any], sink: list[str], stop_after: int | None, path: str = CHAT
 ) -> None:
     """POST a streaming request, appending each `data:` payload to sink; hang up after `stop_after`."""
-    with httpx.stream("POST", server.base_url + CHAT, json=body, headers=server.headers, timeout=120) as r:
+    with httpx.stream("POST", server.base_url + path, json=body, headers=server.headers, timeout=120) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
             if line.startswith("data: "):
@@ -584,8 +584,8 @@ def test_log_requests_writes_bodies(server: ServerProcess) -> None:
 
 def test_sigterm_ends_requests_in_flight_with_openai_errors(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Stopping the server with requests in flight: every client gets an OpenAI-shaped 503 (a stream:
-    an error event, then [DONE]) and the process exits promptly."""
-    srv = start_server(tmp_path_factory.mktemp("sigterm"), "--max-num-seqs", "2")
+    an error event, then [DONE]; a Responses stream: `response.failed`) and the process exits promptly."""
+    srv = start_server(tmp_path_factory.mktemp("sigterm"), "--max-num-seqs", "3")
     try:
         long_body = {"messages": HI, "max_tokens": 4000, "ignore_eos": True, "temperature": 0}
         stream_lines: list[str] = []
@@ -594,17 +594,33 @@ def test_sigterm_ends_requests_in_flight_with_openai_errors(tmp_path_factory: py
         )
         plain: list[httpx.Response] = []
         waiting = threading.Thread(target=lambda: plain.append(srv.post(CHAT, json=long_body, timeout=60)))
-        streaming.start()
-        waiting.start()
-        wait_for(lambda: len(stream_lines) > 3 and srv.metrics().get("qwenserve_num_requests_running", 0) == 2)
+        responses_body = {"input": HI, "max_output_tokens": 4000, "temperature": 0, "stream": True}
+        response_events: list[str] = []
+        responding = threading.Thread(
+            target=_stream_lines, args=(srv, responses_body, response_events, None, "/v1/responses")
+        )
+        for client in (streaming, waiting, responding):
+            client.start()
+        wait_for(
+            lambda: len(stream_lines) > 3
+            and len(response_events) > 3
+            and srv.metrics().get("qwenserve_num_requests_running", 0) == 3
+        )
         started = time.monotonic()
         srv.proc.terminate()
-        streaming.join(30)
-        waiting.join(30)
+        for client in (streaming, waiting, responding):
+            client.join(30)
         srv.proc.wait(30)
         assert time.monotonic() - started < 10
         assert stream_lines[-1] == "[DONE]"
         assert json.loads(stream_lines[-2])["error"]["code"] == "aborted"
+        failed = json.loads(response_events[-1])
+        assert failed["type"] == "response.failed", response_events[-3:]
+        assert failed["response"]["status"] == "failed"
+        assert failed["response"]["error"]["code"] == "server_error"
+        assert "aborted" in failed["response"]["error"]["message"]
+        closed = json.loads(response_events[-2])
+        assert closed["type"] == "response.output_item.done" and closed["item"]["status"] == "incomplete"
         err = assert_openai_error(plain[0], 503)
         assert err["code"] == "aborted" and plain[0].headers.get("retry-after")
         assert "Traceback" not in srv.log()

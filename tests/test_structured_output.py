@@ -17,6 +17,7 @@ import pytest
 from server_utils import ServerProcess, start_server
 
 from qwenserve.config import EngineConfig
+from qwenserve.demo.build import SHELL_TOOL  # the tool schema the demo model was trained on
 from qwenserve.engine.guided import Guide
 from qwenserve.engine.llm_engine import LLMEngine
 from qwenserve.engine.sampling_params import SamplingParams
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.slow
 
 CHAT = "/v1/chat/completions"
 ASK = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+LIST_FILES = [{"role": "user", "content": "List the files in this directory"}]
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -383,3 +385,31 @@ def test_a_forced_answer_cut_short_holds_no_markup(server: ServerProcess) -> Non
         assert message["content"] is None, (max_tokens, message)
         streamed = server.post(CHAT, json={**body, "max_tokens": max_tokens, "stream": True}).text
         assert '"content": "' not in streamed.replace('"content": ""', ""), (max_tokens, streamed)
+
+
+def test_allowed_tools_restrict_calls_and_keep_the_prompt(server: ServerProcess, client: openai.OpenAI) -> None:
+    """tool_choice allowed_tools: every tool stays in the prompt (the same tokens as an `auto` turn, so the
+    prefix cache still hits), `required` forces a call of an allowed one, `auto` drops calls of the others
+    (asked to list files, the demo model calls run_shell_command, which is offered but not allowed)."""
+    tools = [SHELL_TOOL, NOTE_TOOL]
+    body = {"messages": LIST_FILES, "tools": tools, "temperature": 0, "max_tokens": 60}
+    free = server.post(CHAT, json=body).json()
+    assert [c["function"]["name"] for c in free["choices"][0]["message"]["tool_calls"]] == ["run_shell_command"]
+
+    def allowed(mode: str) -> dict[str, Any]:
+        return {"type": "allowed_tools", "allowed_tools": {"mode": mode, "tools": [{"type": "function", "function": {"name": "note"}}]}}
+
+    forced = server.post(CHAT, json={**body, "tool_choice": allowed("required")}).json()
+    assert [c["function"]["name"] for c in forced["choices"][0]["message"]["tool_calls"]] == ["note"], forced
+    held = server.post(CHAT, json={**body, "tool_choice": allowed("auto")}).json()
+    assert not held["choices"][0]["message"].get("tool_calls") and held["choices"][0]["finish_reason"] == "stop", held
+    for answer in (forced, held):
+        assert answer["usage"]["prompt_tokens"] == free["usage"]["prompt_tokens"]
+    resp = client.responses.create(
+        model="m", input=LIST_FILES[0]["content"], tools=[{"type": "function", **t["function"]} for t in tools], temperature=0,
+        max_output_tokens=60, tool_choice={"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "note"}]},
+    )  # fmt: skip
+    assert [item.name for item in resp.output if item.type == "function_call"] == ["note"], resp.output
+    unknown = {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{"type": "function", "function": {"name": "nope"}}]}}
+    bad = server.post(CHAT, json={**body, "tool_choice": unknown})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice.allowed_tools.tools[0]", bad.text

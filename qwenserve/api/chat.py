@@ -17,7 +17,15 @@ from typing import Any
 import jinja2
 
 from qwenserve.api.errors import APIError, bad_request
-from qwenserve.api.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, Tool, bad_text_path
+from qwenserve.api.protocol import (
+    AllowedTools,
+    AllowedToolsChoice,
+    ChatCompletionRequest,
+    ChatMessage,
+    NamedToolChoice,
+    Tool,
+    bad_text_path,
+)
 
 logger = logging.getLogger("qwenserve.api")
 
@@ -153,6 +161,12 @@ class ToolPlan:
     # At most one call: parallel_tool_calls false, or a named tool_choice (that function, once, as OpenAI
     # and vLLM answer it; an agent would run every repeat).
     one_call: bool = False
+    allowed: tuple[str, ...] = ()  # tool_choice allowed_tools (auto): calls of other tools are dropped
+
+    @property
+    def callable_names(self) -> tuple[str, ...]:
+        """The functions whose calls may reach the client (empty: any offered)."""
+        return self.must_call or self.allowed
 
 
 def is_xml_tool_format(chat_template: str | None) -> bool:
@@ -177,12 +191,14 @@ def plan_tools(request: ChatCompletionRequest, xml: bool) -> ToolPlan:
     choice = request.tool_choice
     one_call = request.parallel_tool_calls is False
     if not tools:
-        if choice == "required" or isinstance(choice, NamedToolChoice):
+        if choice == "required" or isinstance(choice, NamedToolChoice | AllowedToolsChoice):
             raise bad_request("tool_choice requires a non-empty 'tools' list.", param="tool_choice")
         return ToolPlan(tools=None, parse=False)
     if choice == "none":
         return ToolPlan(tools=None, parse=False)
     names = [t["function"]["name"] for t in tools]
+    if isinstance(choice, AllowedToolsChoice):
+        return _allowed_tools_plan(tools, choice.allowed_tools, xml, one_call)
     if isinstance(choice, NamedToolChoice):
         if choice.function.name not in names:
             raise bad_request(
@@ -196,6 +212,25 @@ def plan_tools(request: ChatCompletionRequest, xml: bool) -> ToolPlan:
         return ToolPlan(tools=tools, parse=True, forced_prefix=_call_prefix(xml, name), must_call=tuple(names),
                         one_call=one_call)
     return ToolPlan(tools=tools, parse=True, one_call=one_call)
+
+
+def _allowed_tools_plan(tools: list[dict[str, Any]], allowed: AllowedTools, xml: bool, one_call: bool) -> ToolPlan:
+    """tool_choice allowed_tools: every tool is rendered (the prompt stays the one an `auto` turn sends,
+    prefix cache included); `required` forces a call of one of the allowed ones, `auto` lets the model
+    answer in text and keeps only its calls of allowed ones."""
+    offered = {t["function"]["name"] for t in tools}
+    names = tuple(dict.fromkeys(choice.function.name for choice in allowed.tools))
+    for j, name in enumerate(names):
+        if name not in offered:
+            raise bad_request(
+                f"tool_choice.allowed_tools names {name!r}, which is not in 'tools'.",
+                param=f"tool_choice.allowed_tools.tools[{j}]",
+            )
+    if allowed.mode == "auto":
+        return ToolPlan(tools=tools, parse=True, one_call=one_call, allowed=names)
+    name = names[0] if len(names) == 1 else None
+    return ToolPlan(tools=tools, parse=True, forced_prefix=_call_prefix(xml, name), must_call=names,
+                    one_call=one_call)  # fmt: skip
 
 
 def _template_kwargs(tokenizer: Any, kwargs: dict[str, Any] | None) -> dict[str, Any]:

@@ -93,6 +93,19 @@ class NamedToolChoice(Lenient):
     function: NamedFunction
 
 
+class AllowedTools(Lenient):
+    mode: Literal["auto", "required"]
+    tools: list[NamedToolChoice] = Field(min_length=1)
+
+
+class AllowedToolsChoice(Lenient):
+    """OpenAI's `{"type": "allowed_tools", ...}`: only these may be called, while every tool stays in the
+    prompt (so the prompt, and its cached prefix, do not change with the subset)."""
+
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
 class StrictScalars(Lenient):
     # Strict in pydantic's sense: no str -> int/bool or bool -> int coercion (an int still fills a float).
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -151,7 +164,7 @@ class SamplingFields(SharedSamplingFields):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice | None = None
     parallel_tool_calls: bool | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False

@@ -17,6 +17,8 @@ from qwenserve.api.chat import checked_arguments, content_to_text
 from qwenserve.api.errors import APIError, bad_request
 from qwenserve.api.protocol import (
     UNWRITABLE_NAME,
+    AllowedTools,
+    AllowedToolsChoice,
     ChatCompletionRequest,
     ChatMessage,
     FunctionCall,
@@ -277,8 +279,9 @@ def _chat_tool(tool: Any, j: int) -> Tool:
     return Tool(function=FunctionDefinition(name=name, description=description, parameters=parameters))
 
 
-def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | NamedToolChoice | None:
-    """"auto" | "none" | "required" | {"type": "function", "name"} as chat's tool_choice."""
+def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | NamedToolChoice | AllowedToolsChoice | None:
+    """"auto" | "none" | "required" | {"type": "function", "name"} | {"type": "allowed_tools", "mode",
+    "tools"} as chat's tool_choice."""
     if choice is None or choice in _TOOL_CHOICE_MODES:
         return choice
     if isinstance(choice, str):
@@ -286,13 +289,35 @@ def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | NamedToolChoi
             f"tool_choice must be one of {', '.join(_TOOL_CHOICE_MODES)} or a function, got {choice!r}.",
             param="tool_choice",
         )
+    if choice.get("type") == "allowed_tools":
+        return _allowed_tools_choice(choice)
     if choice.get("type") != "function":
         raise _unsupported(
-            f"tool_choice of type {choice.get('type')!r} is not supported; send 'auto', 'none', 'required' "
-            "or {'type': 'function', 'name': ...}.",
+            f"tool_choice of type {choice.get('type')!r} is not supported; send 'auto', 'none', 'required', "
+            "{'type': 'function', 'name': ...} or {'type': 'allowed_tools', 'mode': ..., 'tools': [...]}.",
             "tool_choice",
         )
-    name = choice.get("name")
+    return _named_choice(choice, "tool_choice")
+
+
+def _named_choice(choice: Any, param: str) -> NamedToolChoice:
+    name = choice.get("name") if isinstance(choice, dict) else None
     if not isinstance(name, str) or not name:
-        raise bad_request("tool_choice.name must be a non-empty string.", param="tool_choice.name")
+        raise bad_request(f"{param}.name must be a non-empty string.", param=f"{param}.name")
     return NamedToolChoice(function=NamedFunction(name=name))
+
+
+def _allowed_tools_choice(choice: dict[str, Any]) -> AllowedToolsChoice:
+    mode, tools = choice.get("mode"), choice.get("tools")
+    if mode not in ("auto", "required"):
+        raise bad_request(f"tool_choice.mode must be 'auto' or 'required', got {mode!r}.", param="tool_choice.mode")
+    if not isinstance(tools, list) or not tools:
+        raise bad_request("tool_choice.tools must be a non-empty list of functions.", param="tool_choice.tools")
+    named = []
+    for j, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            raise _unsupported(
+                f"tool_choice.tools[{j}] must be {{'type': 'function', 'name': ...}}.", f"tool_choice.tools[{j}]"
+            )
+        named.append(_named_choice(tool, f"tool_choice.tools[{j}]"))
+    return AllowedToolsChoice(type="allowed_tools", allowed_tools=AllowedTools(mode=mode, tools=named))

@@ -265,7 +265,7 @@ class _ChatContext:
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
         # Per choice: only calls of the functions tool_choice allows, and only the first one where the
         # plan allows one (parallel_tool_calls: false, a named tool_choice).
-        self.call_filters = [CallFilter(plan.must_call, plan.one_call) for _ in range(req.n)]
+        self.call_filters = [CallFilter(plan.callable_names, plan.one_call) for _ in range(req.n)]
         self.finished = False
         self.finished_choices: set[int] = set()  # indexes whose finish_reason chunk went out
 

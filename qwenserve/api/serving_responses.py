@@ -45,6 +45,14 @@ def openai_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
+def response_error_code(exc: APIError) -> str:
+    """The Response object's `error.code`, one of OpenAI's values: qwen-code retries a `server_error`
+    (a failed step, a shutdown) as it retries a 500."""
+    if exc.status == 429:
+        return "rate_limit_exceeded"
+    return "server_error" if exc.status >= 500 else "invalid_prompt"
+
+
 def sse_event(kind: str, payload: dict[str, Any]) -> str:
     """One typed SSE event: an `event:` line, then the payload (which repeats the type) as `data:`."""
     return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
@@ -203,11 +211,12 @@ class _ResponseContext:
         self.request_id = request_id
         self.tracker = tracker
         self.parser = parser
-        self.calls = CallFilter(prepared.plan.must_call, prepared.plan.one_call)
+        self.calls = CallFilter(prepared.plan.callable_names, prepared.plan.one_call)
         self.model = state.model_name(req.model)
         self.created_at = int(time.time())
         self.output = OutputItems()
         self.status = "in_progress"
+        self.error: dict[str, str] | None = None  # the Response object's `error`, once it failed
         self.sequence = 0
         self.finished = False
 
@@ -259,7 +268,7 @@ class _ResponseContext:
             "status": self.status,
             "background": False,
             "completed_at": int(time.time()) if self.status == "completed" else None,
-            "error": None,
+            "error": self.error,
             "incomplete_details": {"reason": "max_output_tokens"} if self.status == "incomplete" else None,
             "instructions": self.req.instructions,
             "max_output_tokens": self.req.max_output_tokens,
@@ -325,9 +334,13 @@ class _ResponseContext:
         self.tracker.done(error=exc.message)
 
     def stream_error(self, exc: APIError) -> str:
-        """A failure after the stream started: an `error` event, which ends the stream."""
+        """A failure after the stream started, as OpenAI ends such a stream: the open item closes
+        `incomplete`, then `response.failed` carries the error (qwen-code and the SDKs raise it)."""
         self.log_error(exc)
-        return self._event("error", {"code": exc.code, "message": exc.message, "param": exc.param})
+        self.status = "failed"
+        self.error = {"code": response_error_code(exc), "message": exc.message}
+        events = self.output.close("incomplete") + [("response.failed", {"response": self.body()})]
+        return "".join(self._event(*event) for event in events)
 
     # ---- non-streaming ----
 
