@@ -5,8 +5,8 @@ one tensor per expert, an index file, ~4 GB shards) with random normal weights, 
 48 layers need ~61 GB of disk; 24 give half the bytes and half the tensors), then measures:
 
 - reading the shard files end to end (the page cache's or the disk's bandwidth: the floor for a load);
-- `build_model` from the checkpoint in a fresh process, cold (with and without the loader's read-ahead
-  of the next shard) and from the page cache (what the loader adds over the bare read);
+- `build_model` from the checkpoint in a fresh process, cold and from the page cache, with the streamed
+  reader (qwenserve.model.safetensors_stream) and with safetensors' own, tensor by tensor;
 - `qwenserve serve --model DIR` from launch to /health 200 (load + KV pool + kernels' warm-up + graphs),
   then one chat answer: a first start (cold page cache, no compiled kernels) and a restart.
 
@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 SHARD_BYTES = 4 << 30
+READERS = {False: "per_tensor", True: "streamed"}
 
 
 def hub_tensors(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
@@ -130,7 +131,7 @@ import sys, time, json, torch
 from pathlib import Path
 from qwenserve.model import loader
 from qwenserve.model.loader import build_model, load_model_config
-loader.PREFETCH_SHARDS = int(sys.argv[2])
+loader.STREAMED_LOAD = bool(int(sys.argv[2]))
 torch.cuda.init(); torch.empty(1, device="cuda")
 path = Path(sys.argv[1])
 cfg = load_model_config(path)
@@ -141,9 +142,10 @@ print(json.dumps({"build_model_s": time.perf_counter() - started}))
 """
 
 
-def time_build_model(ckpt: Path, prefetch_shards: int) -> float:
-    """build_model from the checkpoint in a fresh process (CUDA initialised before the clock starts)."""
-    cmd = [sys.executable, "-c", LOAD_SNIPPET, str(ckpt), str(prefetch_shards)]
+def time_build_model(ckpt: Path, streamed: bool) -> float:
+    """build_model from the checkpoint in a fresh process (CUDA initialised before the clock starts), with
+    the streamed reader or safetensors' own, tensor by tensor."""
+    cmd = [sys.executable, "-c", LOAD_SNIPPET, str(ckpt), str(int(streamed))]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])["build_model_s"]
 
@@ -188,6 +190,7 @@ def main() -> int:
     p.add_argument("config", type=Path, help="directory with the model's config.json and generation_config.json")
     p.add_argument("--layers", type=int, default=24, help="decoder layers to write (48: the whole model, ~61 GB)")
     p.add_argument("--dir", type=Path, default=Path("/tmp/qwenserve-ckpt"), help="where to write the checkpoint")
+    p.add_argument("--repeats", type=int, default=2, help="cold and warm loads per reader")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     p.add_argument("--server-log", type=Path, default=Path("load_server.log"))
     args = p.parse_args()
@@ -202,12 +205,13 @@ def main() -> int:
     result["cold"] = drop_page_cache()
     read_s = read_files(files)
     result["read"] = {"s": round(read_s, 1), "GB_per_s": round(gb / read_s, 2)}
-    for prefetch in (0, 1, 0, 1):  # cold, without and with the loader's read-ahead, twice
+    for streamed in (False, True) * args.repeats:  # each reader cold, alternating
         drop_page_cache()
-        load_s = time_build_model(args.dir, prefetch)
-        result.setdefault(f"build_model_cold_prefetch{prefetch}_s", []).append(round(load_s, 1))
-    load_s = time_build_model(args.dir, 1)  # the files now in the page cache: the loader's own ceiling
-    result["build_model_warm"] = {"s": round(load_s, 1), "GB_per_s": round(gb / load_s, 2)}
+        load_s = time_build_model(args.dir, streamed)
+        result.setdefault(f"build_model_cold_{READERS[streamed]}_s", []).append(round(load_s, 1))
+    for streamed in (False, True) * args.repeats:  # the files now in the page cache: each reader's own ceiling
+        load_s = time_build_model(args.dir, streamed)
+        result.setdefault(f"build_model_warm_{READERS[streamed]}_s", []).append(round(load_s, 1))
     drop_page_cache()
     result["serve_first_start"] = time_server_ready(args.dir, args.server_log)
     # A restart: the page cache and the Triton / CUDA caches hold what the first start read and built.

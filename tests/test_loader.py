@@ -55,6 +55,42 @@ def test_sharded_checkpoint_with_index_loads_the_same(tmp_path: Path, tiny_moe_d
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_streamed_load_equals_safetensors_reader(
+    tmp_path: Path, tiny_moe_dir: Path, monkeypatch: pytest.MonkeyPatch, device: str
+) -> None:
+    """The streamed reader (long runs through two small buffers, tensors larger than a buffer in pieces,
+    bf16 storage converted to float32 and float32 to bf16) fills every parameter exactly as safetensors'
+    own reader does."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from qwenserve.model import loader
+
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(tiny_moe_dir, bf16)
+    for file in bf16.glob("*.safetensors"):
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(file).items()}, file, metadata={"format": "pt"})
+    monkeypatch.setattr(loader, "BUFFER_BYTES", 4096)  # most runs hold a few tensors; large ones go in pieces
+    for path in (tiny_moe_dir, bf16):
+        cfg = load_model_config(path)
+        for dtype in (torch.float32, torch.bfloat16):
+            loaded = {}
+            for streamed in (True, False):
+                monkeypatch.setattr(loader, "STREAMED_LOAD", streamed)
+                loaded[streamed] = build_model(cfg, path, torch.device(device), dtype).state_dict()
+            a, b = loaded[True], loaded[False]
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (path.name, dtype)
+
+
+def test_a_truncated_shard_says_so(tmp_path: Path, tiny_moe_dir: Path) -> None:
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_moe_dir, cut)
+    (shard,) = cut.glob("*.safetensors")
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        build_model(load_model_config(cut), cut, torch.device("cpu"), torch.float32)
+
+
 def test_dummy_weights_are_normal_not_zero(tmp_path: Path) -> None:
     path = make_tiny_checkpoint(tmp_path)
     cfg = load_model_config(path)

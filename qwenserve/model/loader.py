@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from qwenserve.config import ModelConfig
 from qwenserve.distributed.sharding import shard_checkpoint_tensor, shard_param
 from qwenserve.model.qwen3 import Ops, Qwen3ForCausalLM
+from qwenserve.model.safetensors_stream import BUFFER_BYTES, StagedCopier, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -263,23 +263,9 @@ class _CheckpointReader:
         return dequantize_fp8(tensor, self.shards[scale_name].get_tensor(scale_name), self.fp8_block)
 
 
-# Shards read ahead into the page cache while the current one is copied to the device: the copies then
-# overlap the disk instead of waiting on it (a cold 31 GB load on the H200 host: 27 s -> the disk's 19 s).
-PREFETCH_SHARDS = 1
-
-
-def _shards_ahead(files: list[Path], i: int, count: int) -> list[Path]:
-    """The shards to start reading as shard `i` is loaded: the next `count` at first, then one more each."""
-    first = i + 1 if i == 0 else i + count
-    return files[first : i + 1 + count]
-
-
-def _read_into_page_cache(path: Path) -> None:
-    """Read `path` once, discarding the bytes, so the loader's own reads of it hit the page cache."""
-    buf = bytearray(16 << 20)
-    with open(path, "rb", buffering=0) as f:
-        while f.readinto(buf):
-            pass
+# The streamed reader (safetensors_stream) for a plain checkpoint on one device; safetensors' own reader
+# where tensors need more than a copy (FP8 scales, a tensor-parallel rank's slices). Benchmarks flip it.
+STREAMED_LOAD = True
 
 
 @torch.no_grad()
@@ -288,6 +274,48 @@ def _load_safetensors(
 ) -> None:
     files = _shard_files(path)
     expected = {n for n, _ in model.named_parameters()}
+    if STREAMED_LOAD and world_size == 1 and not cfg.fp8:
+        filled = _load_streamed(model, cfg, files)
+    else:
+        filled = _load_per_tensor(model, cfg, files, device, rank, world_size)
+    missing = expected - filled
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks weights for: {', '.join(sorted(missing)[:8])}")
+
+
+def _progress(files: list[Path], device: torch.device) -> Any:
+    return tqdm(files, desc="Loading weights", unit="shard", disable=len(files) < 2 and device.type == "cpu")
+
+
+def _load_streamed(model: Qwen3ForCausalLM, cfg: ModelConfig, files: list[Path]) -> set[str]:
+    """Each shard read in long runs and copied into the parameters it names; the names filled."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    param_names = {id(p): n for n, p in model.named_parameters()}
+    device = model.embed_tokens.weight.device
+    filled: set[str] = set()
+    copier: StagedCopier | None = None
+    for file in _progress(files, device):
+        jobs = []
+        for entry in read_header(file):
+            target = _target(model, cfg, params, entry.name)
+            if target is None:
+                continue
+            param, index = target
+            dest = param[index] if index else param
+            if tuple(dest.shape) != entry.shape:
+                raise ValueError(f"{file.name}: {entry.name} has shape {entry.shape}, expected {tuple(dest.shape)}")
+            jobs.append((entry, dest))
+            filled.add(param_names[id(param)])
+        if copier is None:  # buffers no larger than the first shard's data (a small model's whole file)
+            copier = StagedCopier(device, min(BUFFER_BYTES, max(file.stat().st_size, 1)))
+        copier.copy_shard(file, jobs)
+    return filled
+
+
+def _load_per_tensor(
+    model: Qwen3ForCausalLM, cfg: ModelConfig, files: list[Path], device: torch.device, rank: int, world_size: int
+) -> set[str]:
+    """safetensors' reader, tensor by tensor (FP8 weights dequantized, a rank's slices cut); the names filled."""
     filled: set[str] = set()
     param_names = {id(p): n for n, p in model.named_parameters()}
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -300,13 +328,7 @@ def _load_safetensors(
         # Every shard is opened up front (headers only) so an FP8 weight finds its scale in any of them.
         opened = {file: stack.enter_context(safe_open(str(file), framework="pt", device=load_device)) for file in files}
         reader = _CheckpointReader({n: shard for shard in opened.values() for n in shard.keys()}, cfg.fp8_weight_block)
-        prefetch = ThreadPoolExecutor(1, thread_name_prefix="qwenserve-prefetch")
-        stack.callback(prefetch.shutdown, wait=True, cancel_futures=True)
-        for i, file in enumerate(
-            tqdm(files, desc="Loading weights", unit="shard", disable=len(files) < 2 and device.type == "cpu")
-        ):
-            for ahead in _shards_ahead(files, i, PREFETCH_SHARDS):
-                prefetch.submit(_read_into_page_cache, ahead)
+        for file in _progress(files, device):
             for name in opened[file].keys():
                 if name.endswith(_SCALE_SUFFIXES):
                     continue  # read with their weights
@@ -328,6 +350,4 @@ def _load_safetensors(
                     raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
                 dest.copy_(tensor)
                 filled.add(param_names[id(param)])
-    missing = expected - filled
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks weights for: {', '.join(sorted(missing)[:8])}")
+    return filled
