@@ -6,7 +6,7 @@ import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from qwenserve.api.errors import APIError
+from qwenserve.api.errors import ANTHROPIC_ERRORS, APIError
 
 OPEN_PATHS = frozenset({"/health"})
 
@@ -34,11 +34,9 @@ class APIKeyMiddleware:
             return
         key = _presented_key(scope)
         if key is None or not hmac.compare_digest(key, self.api_key):
-            message = (
-                "Missing API key: send 'Authorization: Bearer <key>'."
-                if key is None
-                else "Incorrect API key."
-            )
+            # Anthropic clients send the key as x-api-key (ANTHROPIC_API_KEY), OpenAI ones as a bearer token.
+            how = "'x-api-key: <key>'" if ANTHROPIC_ERRORS.get() else "'Authorization: Bearer <key>'"
+            message = f"Missing API key: send {how}." if key is None else "Incorrect API key."
             err = APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             await err.response()(scope, receive, send)
             return

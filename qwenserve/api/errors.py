@@ -1,9 +1,12 @@
 """OpenAI-shaped errors: one exception type and the handlers that turn every failure into
-`{"error": {"message", "type", "param", "code"}}` with the right status code."""
+`{"error": {"message", "type", "param", "code"}}` with the right status code. On the Anthropic Messages
+API's routes the same error is `{"type": "error", "error": {"type", "message", "param", "code"}}`, a body
+both kinds of client read (ANTHROPIC_ERRORS)."""
 
 from __future__ import annotations
 
 import logging
+from contextvars import ContextVar
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -30,6 +33,21 @@ _TYPES = {
     503: "service_unavailable_error",
 }
 
+# Anthropic's `type` strings by status code (https://docs.claude.com/en/api/errors): any other 4xx is an
+# invalid_request_error, any other 5xx an api_error. 503 (loading, queue full) is their 529's overloaded_error.
+_ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+# True while a request to the Anthropic Messages API is handled (set by middleware.AnthropicErrorsMiddleware,
+# outside every layer that may refuse it): its errors take Anthropic's shape too.
+ANTHROPIC_ERRORS: ContextVar[bool] = ContextVar("anthropic_errors", default=False)
+
 
 class APIError(Exception):
     """An error the HTTP layer answers with an OpenAI-shaped body."""
@@ -53,8 +71,16 @@ class APIError(Exception):
     def type(self) -> str:
         return _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
 
+    @property
+    def anthropic_type(self) -> str:
+        return _ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+
     def body(self) -> dict[str, Any]:
-        """The JSON body, shared by plain responses and mid-stream `data: {"error": ...}` chunks."""
+        """The JSON body, shared by plain responses and mid-stream `data: {"error": ...}` chunks. On the
+        Anthropic routes, Anthropic's shape with OpenAI's fields kept (its SDKs read error.type and .message)."""
+        if ANTHROPIC_ERRORS.get():
+            error = {"type": self.anthropic_type, "message": self.message, "param": self.param, "code": self.code}
+            return {"type": "error", "error": error}
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:

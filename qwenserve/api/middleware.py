@@ -13,7 +13,7 @@ from collections.abc import Callable
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qwenserve.api.errors import APIError, internal_error, unavailable
+from qwenserve.api.errors import ANTHROPIC_ERRORS, APIError, internal_error, unavailable
 from qwenserve.api.metrics import Metrics
 from qwenserve.api.request_log import HTTP_REQUEST_ID
 
@@ -30,6 +30,8 @@ KNOWN_ROUTES = frozenset(
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/responses",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
         "/tokenize",
         "/detokenize",
         "/docs",
@@ -54,6 +56,25 @@ class TrailingSlashMiddleware:
             if stripped in KNOWN_ROUTES:
                 scope = dict(scope, path=stripped, raw_path=stripped.encode())
         await self.app(scope, receive, send)
+
+
+class AnthropicErrorsMiddleware:
+    """Errors on the Anthropic Messages API's routes take Anthropic's shape (errors.ANTHROPIC_ERRORS), whichever
+    layer raises them: the key check's 401, the loading gate's 503, a validation 400. Outside all of them."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path != "/v1/messages" and not path.startswith("/v1/messages/"):
+            await self.app(scope, receive, send)
+            return
+        token = ANTHROPIC_ERRORS.set(True)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            ANTHROPIC_ERRORS.reset(token)
 
 
 class LoadingGateMiddleware:

@@ -27,6 +27,7 @@ from qwenserve.api.chat import normalize_messages, normalize_tools, render_chat
 from qwenserve.api.errors import APIError, bad_request, install_error_handlers, unavailable
 from qwenserve.api.metrics import Metrics
 from qwenserve.api.middleware import (
+    AnthropicErrorsMiddleware,
     BodyLimitMiddleware,
     ForeignOriginMiddleware,
     InternalErrorMiddleware,
@@ -44,9 +45,11 @@ from qwenserve.api.protocol import (
     TokenizeRequest,
     bad_text_path,
 )
+from qwenserve.api.protocol_messages import MessagesInput, MessagesRequest
 from qwenserve.api.protocol_responses import ResponsesRequest
 from qwenserve.api.serving_chat import ChatCompletions
 from qwenserve.api.serving_completions import Completions
+from qwenserve.api.serving_messages import Messages
 from qwenserve.api.serving_responses import Responses
 from qwenserve.api.state import ServerSettings, ServerState
 
@@ -60,6 +63,7 @@ class Endpoints:
     chat: ChatCompletions
     completions: Completions
     responses: Responses
+    messages: Messages
 
 
 class AppContext:
@@ -109,7 +113,9 @@ class AppContext:
             return
         state = ServerState(self.engine, self.settings, self.metrics)
         chat = ChatCompletions(state)
-        self._endpoints = Endpoints(chat=chat, completions=Completions(state), responses=Responses(state, chat))
+        self._endpoints = Endpoints(
+            chat=chat, completions=Completions(state), responses=Responses(state, chat), messages=Messages(state, chat)
+        )
         self.state = state
         info = state.model_info
         logger.info("model %s loaded in %.1fs", info.name, time.monotonic() - started)
@@ -166,6 +172,7 @@ def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
     app.add_middleware(ForeignOriginMiddleware, allowed=lambda origin: origin_allowed(origin, settings.allowed_origins))
     app.add_middleware(StatusCountMiddleware, metrics=ctx.metrics)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(AnthropicErrorsMiddleware)  # outside every layer that may refuse a request
     app.add_middleware(TrailingSlashMiddleware)  # outermost: every layer sees the route's own path
     _add_routes(app, ctx)
     return app
@@ -255,6 +262,20 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
         endpoints = ctx.endpoints()
         _refuse_bad_text(req)
         return await endpoints.responses.create(req, raw)
+
+    @app.post("/v1/messages", tags=["anthropic"])
+    async def messages(req: MessagesRequest, raw: Request) -> Response:
+        """Anthropic Messages API (Claude Code, qwen-code's Anthropic provider), on the chat path."""
+        endpoints = ctx.endpoints()
+        _refuse_bad_text(req)
+        return await endpoints.messages.create(req, raw)
+
+    @app.post("/v1/messages/count_tokens", tags=["anthropic"])
+    async def count_message_tokens(req: MessagesInput) -> dict[str, int]:
+        """The prompt's size in tokens, rendered as /v1/messages would render it."""
+        endpoints = ctx.endpoints()
+        _refuse_bad_text(req)
+        return await endpoints.messages.count_tokens(req)
 
     @app.post("/v1/completions", tags=["openai"])
     async def completions(req: CompletionRequest, raw: Request) -> Response:
