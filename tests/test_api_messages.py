@@ -267,7 +267,9 @@ BAD_REQUESTS = [
     ({"max_tokens": 0, "messages": [{"role": "user", "content": "hi"}]}, "max_tokens", None),
     ({"max_tokens": "5", "messages": [{"role": "user", "content": "hi"}]}, "max_tokens", "invalid_value"),
     ({"max_tokens": 5, "messages": []}, "messages", None),
-    ({"max_tokens": 5, "messages": [{"role": "system", "content": "hi"}]}, "messages[0].role", None),
+    ({"max_tokens": 5, "messages": [{"role": "tool", "content": "hi"}]}, "messages[0].role", None),
+    ({"max_tokens": 5, "messages": [{"role": "system", "content": [{"type": "tool_result", "tool_use_id": "t"}]}]},
+     "messages[0].content[0].type", None),  # fmt: skip
     ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
      "messages[0].content[0].type", "unsupported_content"),  # fmt: skip
     ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
@@ -347,10 +349,12 @@ def test_wrong_key_is_an_authentication_error(server: ServerProcess) -> None:
 def test_blocks_become_chat_history() -> None:
     req = MessagesRequest(
         max_tokens=8,
-        system=[{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Use tools."}],
+        system=[{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.0.a1f; cc_entrypoint=cli;"},
+                {"type": "text", "text": "Be brief."}, {"type": "text", "text": "Use tools."}],
         messages=[
             {"role": "user", "content": LIST_FILES},
             {"role": "user", "content": [{"type": "text", "text": "Please."}]},  # same role: one turn
+            {"role": "system", "content": [{"type": "text", "text": "cwd: /tmp"}]},  # in place, as Claude Code sends
             {"role": "assistant", "content": [
                 {"type": "thinking", "thinking": "hm", "signature": "s"},
                 {"type": "text", "text": "Listing."},
@@ -365,13 +369,14 @@ def test_blocks_become_chat_history() -> None:
     )  # fmt: skip
     conversation = chat_conversation(req)
     messages = conversation.messages
-    assert [m.role for m in messages] == ["system", "user", "assistant", "tool", "tool", "user"]
+    assert [m.role for m in messages] == ["system", "user", "system", "assistant", "tool", "tool", "user"]
     assert messages[0].content == "Be brief.\nUse tools." and messages[1].content == f"{LIST_FILES}\nPlease."
-    assistant = messages[2]
+    assert messages[2].content == "cwd: /tmp"
+    assistant = messages[3]
     assert assistant.content == "Listing." and [c.id for c in assistant.tool_calls] == ["toolu_1", "toolu_2"]
     assert assistant.tool_calls[1].function.arguments == {"command": "pwd"}
-    assert [(m.tool_call_id, m.content) for m in messages[3:5]] == [("toolu_1", "README.md"), ("toolu_2", "Error: denied")]
-    assert messages[5].content == "And now?" and not conversation.prefill
+    assert [(m.tool_call_id, m.content) for m in messages[4:6]] == [("toolu_1", "README.md"), ("toolu_2", "Error: denied")]
+    assert messages[6].content == "And now?" and not conversation.prefill
 
 
 def test_content_blocks_keep_the_model_order() -> None:

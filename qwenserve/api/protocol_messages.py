@@ -31,7 +31,9 @@ from qwenserve.api.protocol import (
 )
 from qwenserve.tool_parser.schema import is_writable_name
 
-_ROLES = ("user", "assistant")
+# `system` messages stand where they are in the conversation (Claude Code sends its environment so, after
+# the first user message); the top-level `system` is the prompt's first system message.
+_ROLES = ("user", "assistant", "system")
 # Blocks a text model cannot read: a clear 400 rather than a prompt that silently lacks them.
 _MEDIA_BLOCKS = ("image", "document", "search_result", "container_upload")
 # The model never thinks; a history carried over from a model that did is rendered without its thoughts.
@@ -146,14 +148,19 @@ def chat_conversation(req: MessagesInput) -> Conversation:
         raise bad_request("'messages' must hold at least one message.", param="messages")
     turns = _turns(req.messages)
     for role, blocks in turns:
-        add = _add_user_turn if role == "user" else _add_assistant_turn
-        add(conversation.messages, blocks)
-    last = conversation.messages[-1] if conversation.messages else None
-    if last is None or last.role == "system":
+        _ADD_TURN[role](conversation.messages, blocks)
+    if not conversation.messages:
         raise bad_request("'messages' holds no text, tool_use or tool_result block.", param="messages")
+    last = conversation.messages[-1]
     # A final assistant turn of text alone is a prefill: the answer continues it, as with Anthropic.
     conversation.prefill = turns[-1][0] == "assistant" and last.role == "assistant" and not last.tool_calls
     return conversation
+
+
+# Claude Code opens its system prompt with a block for Anthropic's billing whose value changes with the
+# conversation's first message: rendered, it would make every new session's prompt differ from its first
+# token on, and no prefix could be reused. It says nothing to the model, so it is left out.
+_BILLING_HEADER = "x-anthropic-billing-header:"
 
 
 def _system_text(system: str | list[Any] | None) -> str:
@@ -164,7 +171,9 @@ def _system_text(system: str | list[Any] | None) -> str:
         param = f"system[{j}]"
         if not isinstance(block, dict) or block.get("type") != "text":
             raise bad_request(f"{param} must be a text block ({{'type': 'text', 'text': ...}}).", param=param)
-        texts.append(_required_str(block, "text", param, allow_empty=True))
+        text = _required_str(block, "text", param, allow_empty=True)
+        if not text.startswith(_BILLING_HEADER):
+            texts.append(text)
     return "\n".join(texts)
 
 
@@ -180,10 +189,7 @@ def _turns(messages: list[Any]) -> list[tuple[str, list[Block]]]:
             raise bad_request(f"{param} must be an object with 'role' and 'content'.", param=param)
         role = message.get("role")
         if role not in _ROLES:
-            raise bad_request(
-                f"{param}.role must be 'user' or 'assistant', got {role!r} (the system prompt goes in 'system').",
-                param=f"{param}.role",
-            )
+            raise bad_request(f"{param}.role must be one of {', '.join(_ROLES)}, got {role!r}.", param=f"{param}.role")
         blocks = _blocks(message.get("content"), f"{param}.content")
         if turns and turns[-1][0] == role:
             turns[-1][1].extend(blocks)
@@ -282,6 +288,19 @@ def _add_assistant_turn(messages: list[ChatMessage], blocks: list[Block]) -> Non
             raise _unreadable(kind, param)
     if texts or calls:
         messages.append(ChatMessage(role="assistant", content="\n".join(texts) or None, tool_calls=calls or None))
+
+
+def _add_system_turn(messages: list[ChatMessage], blocks: list[Block]) -> None:
+    """A system message within the conversation: its text blocks, in place."""
+    texts = []
+    for block, param in blocks:
+        if block["type"] != "text":
+            raise bad_request(f"A system message holds text blocks only, got {block['type']!r}.", param=f"{param}.type")
+        texts.append(_required_str(block, "text", param, allow_empty=True))
+    messages.append(ChatMessage(role="system", content="\n".join(texts)))
+
+
+_ADD_TURN = {"user": _add_user_turn, "assistant": _add_assistant_turn, "system": _add_system_turn}
 
 
 def _tool_call(block: dict[str, Any], param: str) -> ToolCall:
