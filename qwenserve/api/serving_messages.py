@@ -200,7 +200,7 @@ class _MessageContext:
         self.request_id = request_id
         self.tracker = tracker
         self.parser = parser
-        self.calls = CallFilter(prepared.plan.must_call, prepared.plan.one_call)
+        self.calls = CallFilter(prepared.plan.callable_names, prepared.plan.one_call)
         self.model = state.model_name(req.model)
         self.content = ContentBlocks()
         self.stop: tuple[str | None, str | None] = (None, None)  # (stop_reason, stop_sequence)
