@@ -191,6 +191,7 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=24, help="decoder layers to write (48: the whole model, ~61 GB)")
     p.add_argument("--dir", type=Path, default=Path("/tmp/qwenserve-ckpt"), help="where to write the checkpoint")
     p.add_argument("--repeats", type=int, default=2, help="cold and warm loads per reader")
+    p.add_argument("--skip-serve", action="store_true", help="time the loads only, not the server's start")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     p.add_argument("--server-log", type=Path, default=Path("load_server.log"))
     args = p.parse_args()
@@ -212,10 +213,11 @@ def main() -> int:
     for streamed in (False, True) * args.repeats:  # the files now in the page cache: each reader's own ceiling
         load_s = time_build_model(args.dir, streamed)
         result.setdefault(f"build_model_warm_{READERS[streamed]}_s", []).append(round(load_s, 1))
-    drop_page_cache()
-    result["serve_first_start"] = time_server_ready(args.dir, args.server_log)
-    # A restart: the page cache and the Triton / CUDA caches hold what the first start read and built.
-    result["serve_restart"] = time_server_ready(args.dir, args.server_log.with_suffix(".restart.log"))
+    if not args.skip_serve:
+        drop_page_cache()
+        result["serve_first_start"] = time_server_ready(args.dir, args.server_log)
+        # A restart: the page cache and the Triton / CUDA caches hold what the first start read and built.
+        result["serve_restart"] = time_server_ready(args.dir, args.server_log.with_suffix(".restart.log"))
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

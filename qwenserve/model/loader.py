@@ -293,7 +293,8 @@ def _load_streamed(model: Qwen3ForCausalLM, cfg: ModelConfig, files: list[Path])
     param_names = {id(p): n for n, p in model.named_parameters()}
     device = model.embed_tokens.weight.device
     filled: set[str] = set()
-    copier: StagedCopier | None = None
+    # Buffers no larger than the largest shard (a small model's whole file).
+    copier = StagedCopier(device, min(BUFFER_BYTES, max(file.stat().st_size for file in files)))
     for file in _progress(files, device):
         jobs = []
         for entry in read_header(file):
@@ -306,8 +307,6 @@ def _load_streamed(model: Qwen3ForCausalLM, cfg: ModelConfig, files: list[Path])
                 raise ValueError(f"{file.name}: {entry.name} has shape {entry.shape}, expected {tuple(dest.shape)}")
             jobs.append((entry, dest))
             filled.add(param_names[id(param)])
-        if copier is None:  # buffers no larger than the first shard's data (a small model's whole file)
-            copier = StagedCopier(device, min(BUFFER_BYTES, max(file.stat().st_size, 1)))
         copier.copy_shard(file, jobs)
     return filled
 

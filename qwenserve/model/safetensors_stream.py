@@ -3,14 +3,18 @@
 safetensors' own reader hands back one host tensor per name, which the loader then copied to the GPU: a
 pageable copy per tensor, ~18,900 of them for Qwen3-Coder-30B-A3B, ran at ~2.5 GB/s even from the page
 cache (12.5 s for half the model on the H200 host), below an NVMe disk's speed. Here a shard's bytes are
-read in long runs straight into two pinned host buffers (one read() per run: the next read overlaps the
-copies out of the last one) and each tensor goes to its destination with an asynchronous copy.
+read in long runs straight into pinned host buffers, by several threads at once (one read() per run), and
+each tensor goes to its destination with an asynchronous copy.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+import queue
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,6 +26,7 @@ _DTYPES = {
     "BOOL": torch.bool,
 }  # fmt: skip
 BUFFER_BYTES = 256 << 20
+READ_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -53,75 +58,101 @@ def read_header(path: Path) -> list[TensorEntry]:
     return sorted(entries, key=lambda e: e.start)
 
 
+@dataclass
+class _Run:
+    """One read: `size` bytes from file offset `offset`, then (byte offset in the run, destination) copies."""
+
+    offset: int
+    size: int
+    copies: list[tuple[int, TensorEntry, torch.Tensor]] = field(default_factory=list)
+
+
 class StagedCopier:
-    """Copies file byte ranges into tensors on `device` through two host buffers (pinned for a GPU)."""
+    """Copies file byte ranges into tensors on `device` through host buffers (pinned for a GPU).
 
-    def __init__(self, device: torch.device, buffer_bytes: int = BUFFER_BYTES):
+    On a GPU several threads read runs at once (a single thread's read() from the page cache or an NVMe
+    disk tops out well below what the copies to the GPU take), each into its own buffer, and issue the
+    buffer's copies; a buffer is refilled once its copies are done."""
+
+    def __init__(self, device: torch.device, buffer_bytes: int = BUFFER_BYTES, threads: int = READ_THREADS):
         self.cuda = device.type == "cuda"
-        self.buffers = [torch.empty(buffer_bytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
-        self.copied: list[torch.cuda.Event | None] = [None, None]  # when each buffer's copies are done
-        self.turn = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.buffers[0].numel()
+        self.threads = threads if hasattr(os, "preadv") else 1
+        self.capacity = buffer_bytes
+        self.free: queue.SimpleQueue[tuple[torch.Tensor, torch.cuda.Event | None]] = queue.SimpleQueue()
+        for _ in range(self.threads):
+            self.free.put((torch.empty(buffer_bytes, dtype=torch.uint8, pin_memory=self.cuda), None))
 
     def copy_shard(self, path: Path, jobs: list[tuple[TensorEntry, torch.Tensor]]) -> None:
         """Each entry's bytes into its destination (same shape, any dtype); `jobs` in file order."""
+        runs = list(self._runs(jobs))
         with open(path, "rb", buffering=0) as f:
-            i = 0
-            while i < len(jobs):
-                run_start, j = jobs[i][0].start, i
-                while j < len(jobs) and jobs[j][0].end - run_start <= self.capacity:
-                    j += 1
-                if j == i:  # a tensor larger than a buffer
-                    self._copy_large(f, *jobs[i])
-                    i += 1
-                    continue
-                buf = self._read(f, run_start, jobs[j - 1][0].end - run_start)
-                for entry, dest in jobs[i:j]:
-                    _place(buf[entry.start - run_start : entry.end - run_start], entry, dest)
-                self._release()
-                i = j
+            if self.threads == 1:
+                for run in runs:
+                    self._do(f, run)
+            else:
+                with ThreadPoolExecutor(self.threads, thread_name_prefix="qwenserve-load") as pool:
+                    for done in [pool.submit(self._do, f, run) for run in runs]:
+                        done.result()  # re-raises a failed read here
         if self.cuda:
             torch.cuda.synchronize()
 
-    def _read(self, f: BinaryIO, offset: int, size: int) -> torch.Tensor:
-        """The next free buffer, holding `size` bytes of the file from `offset`."""
-        self.turn ^= 1
-        pending = self.copied[self.turn]
-        if pending is not None:
-            pending.synchronize()  # its last copies must have left before it is overwritten
-        view = memoryview(self.buffers[self.turn].numpy())[:size]
-        f.seek(offset)
-        got = 0
-        while got < size:
-            n = f.readinto(view[got:])
-            if not n:
-                raise ValueError(f"{getattr(f, 'name', 'shard')} ends before byte {offset + size}: truncated file")
-            got += n
-        return self.buffers[self.turn][:size]
+    def _runs(self, jobs: list[tuple[TensorEntry, torch.Tensor]]) -> Iterator[_Run]:
+        """Consecutive tensors grouped into reads of at most a buffer; a larger tensor in several."""
+        run: _Run | None = None
+        for entry, dest in jobs:
+            if run is not None and entry.end - run.offset > self.capacity:
+                yield run
+                run = None
+            if entry.end - entry.start <= self.capacity:
+                run = run or _Run(entry.start, 0)
+                run.copies.append((entry.start - run.offset, entry, dest))
+                run.size = entry.end - run.offset
+                continue
+            if entry.dtype != dest.dtype or not dest.is_contiguous():
+                yield _Run(entry.start, entry.end - entry.start, [(0, entry, dest)])  # converted whole, on the host
+                continue
+            flat = dest.view(-1).view(torch.uint8)
+            for at in range(0, entry.end - entry.start, self.capacity):
+                piece = min(self.capacity, entry.end - entry.start - at)
+                part = TensorEntry(entry.name, torch.uint8, (piece,), entry.start + at, entry.start + at + piece)
+                yield _Run(part.start, piece, [(0, part, flat[at : at + piece])])
+        if run is not None:
+            yield run
 
-    def _release(self) -> None:
-        """Mark the current buffer's copies as issued: it is reused once they are done."""
-        if self.cuda:
-            event = torch.cuda.Event()
-            event.record()
-            self.copied[self.turn] = event
-
-    def _copy_large(self, f: BinaryIO, entry: TensorEntry, dest: torch.Tensor) -> None:
-        size = entry.end - entry.start
-        if entry.dtype != dest.dtype:  # converted on the host: rare (a float32 checkpoint's embeddings)
-            host = torch.empty(size, dtype=torch.uint8)
-            f.seek(entry.start)
-            f.readinto(memoryview(host.numpy()))
-            _place(host, entry, dest)
+    @torch.no_grad()  # grad mode is per thread: the pool's threads copy into parameters too
+    def _do(self, f: BinaryIO, run: _Run) -> None:
+        """Read one run into a free buffer and issue its copies; the buffer is free again once they are done."""
+        if run.size > self.capacity:  # a tensor to convert that no buffer holds: rare, so a buffer of its own
+            data = torch.empty(run.size, dtype=torch.uint8)
+            _read_exact(f, memoryview(data.numpy()), run.offset)
+            _place(data, *run.copies[0][1:])
             return
-        flat = dest.view(-1).view(torch.uint8)
-        for offset in range(0, size, self.capacity):
-            piece = min(self.capacity, size - offset)
-            flat[offset : offset + piece].copy_(self._read(f, entry.start + offset, piece), non_blocking=True)
-            self._release()
+        buffer, copied = self.free.get()
+        try:
+            if copied is not None:
+                copied.synchronize()
+            _read_exact(f, memoryview(buffer.numpy())[: run.size], run.offset)
+            for at, entry, dest in run.copies:
+                _place(buffer[at : at + entry.end - entry.start], entry, dest)
+            if self.cuda:
+                copied = torch.cuda.Event()
+                copied.record()
+        finally:
+            self.free.put((buffer, copied))
+
+
+def _read_exact(f: BinaryIO, view: memoryview, offset: int) -> None:
+    """Fill `view` from the file at `offset` (positional reads, so threads share one open file)."""
+    got = 0
+    while got < len(view):
+        if hasattr(os, "preadv"):
+            n = os.preadv(f.fileno(), [view[got:]], offset + got)
+        else:  # one thread only (see StagedCopier): seek + read is safe
+            f.seek(offset + got)
+            n = f.readinto(view[got:]) or 0
+        if not n:
+            raise ValueError(f"{Path(f.name).name} ends before byte {offset + len(view)}: truncated file")
+        got += n
 
 
 def _place(data: torch.Tensor, entry: TensorEntry, dest: torch.Tensor) -> None:
@@ -129,6 +160,7 @@ def _place(data: torch.Tensor, entry: TensorEntry, dest: torch.Tensor) -> None:
     if entry.dtype == dest.dtype and dest.is_contiguous():
         dest.view(-1).view(torch.uint8).copy_(data, non_blocking=True)
         return
-    # A copy of the bytes is aligned for the dtype (a run may place a tensor at any byte offset).
+    # A copy of the bytes is aligned for the dtype (a run may place a tensor at any byte offset), and the
+    # conversion then runs on the host, before the buffer is reused.
     typed = data.clone().view(entry.dtype).view(entry.shape)
-    dest.copy_(typed, non_blocking=True)
+    dest.copy_(typed)
