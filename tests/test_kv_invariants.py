@@ -320,6 +320,7 @@ class BlockManagerFuzz:
         self.finish(seq)
 
     def resolve_all(self, seq: Sequence) -> None:
+        """The oldest sample in flight reaches the host and ends `seq`: any later one is dropped."""
         index = seq.num_tokens - seq.num_pending_tokens
         seq.token_ids[index] = self.rng.randrange(self.alphabet)
         del seq.token_ids[index + 1 :]
@@ -332,11 +333,13 @@ class BlockManagerFuzz:
             self.finish(self.rng.choice(everyone))
 
     def finish(self, seq: Sequence) -> None:
+        """A sequence ends (stopped, aborted, whether running or waiting): its blocks go back to the pool."""
         (self.running if seq in self.running else self.waiting).remove(seq)
         self.bm.free(seq)
         self.bm.free(seq)  # a second free (abort after finish) must be a no-op
 
     def preempt(self) -> None:
+        """Recompute preemption: the blocks go back, the sequence to the front of the queue."""
         if self.running:
             seq = self.running.pop(self.rng.randrange(len(self.running)))
             self.bm.free(seq)
@@ -386,6 +389,7 @@ class AloneOutputs:
         self.memo: dict[tuple[tuple[int, ...], str, int], list[int]] = {}
 
     def __call__(self, prompt: list[int], style: str = "greedy", seed: int = 0) -> list[int]:
+        seed = seed if STYLES[style]["temperature"] else 0  # greedy: the seed changes nothing
         key = (tuple(prompt), style, seed)
         if key not in self.memo:
             params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, seed=seed, **STYLES[style])
