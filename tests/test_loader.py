@@ -91,6 +91,23 @@ def test_a_truncated_shard_says_so(tmp_path: Path, tiny_moe_dir: Path) -> None:
         build_model(load_model_config(cut), cut, torch.device("cpu"), torch.float32)
 
 
+def test_a_tensor_the_model_never_reads_may_have_any_dtype(tmp_path: Path, tiny_moe_dir: Path) -> None:
+    """As with safetensors' reader, an unused tensor in a dtype the streamed reader cannot convert is
+    skipped; only a tensor the model needs in such a dtype is an error."""
+    extra = tmp_path / "extra"
+    shutil.copytree(tiny_moe_dir, extra)
+    (shard,) = extra.glob("*.safetensors")
+    tensors = load_file(shard)
+    tensors["model.unused_buffer"] = torch.zeros(4, dtype=torch.float8_e4m3fn)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    cfg = load_model_config(extra)
+    build_model(cfg, extra, torch.device("cpu"), torch.float32)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.float8_e4m3fn)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="model.norm.weight is stored in a dtype"):
+        build_model(cfg, extra, torch.device("cpu"), torch.float32)
+
+
 def test_dummy_weights_are_normal_not_zero(tmp_path: Path) -> None:
     path = make_tiny_checkpoint(tmp_path)
     cfg = load_model_config(path)

@@ -302,6 +302,8 @@ def _load_streamed(model: Qwen3ForCausalLM, cfg: ModelConfig, files: list[Path])
             if target is None:
                 continue
             param, index = target
+            if entry.dtype is None:
+                raise ValueError(f"{file.name}: {entry.name} is stored in a dtype this loader does not read")
             dest = param[index] if index else param
             if tuple(dest.shape) != entry.shape:
                 raise ValueError(f"{file.name}: {entry.name} has shape {entry.shape}, expected {tuple(dest.shape)}")

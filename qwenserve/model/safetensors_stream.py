@@ -34,7 +34,8 @@ class TensorEntry:
     """One tensor of a shard: its dtype, shape and byte range in the file."""
 
     name: str
-    dtype: torch.dtype
+    # None: stored in a dtype this reader cannot convert, an error only if the model reads the tensor.
+    dtype: torch.dtype | None
     shape: tuple[int, ...]
     start: int
     end: int
@@ -50,9 +51,8 @@ def read_header(path: Path) -> list[TensorEntry]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        # A tensor the model never reads may be stored in any dtype, as safetensors' reader allows.
         dtype = _DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ValueError(f"{path.name}: {name} is stored as {info['dtype']}, which this loader does not read")
         start, end = info["data_offsets"]
         entries.append(TensorEntry(name, dtype, tuple(info["shape"]), data_start + start, data_start + end))
     return sorted(entries, key=lambda e: e.start)
