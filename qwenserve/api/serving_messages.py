@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,7 +32,7 @@ from qwenserve.api.serving_chat import (
     final_finish_reason,
     parse_deltas,
 )
-from qwenserve.api.state import ServerState
+from qwenserve.api.state import ServerState, item_id
 from qwenserve.api.streaming import respond
 from qwenserve.engine.outputs import RequestOutput
 
@@ -45,11 +44,6 @@ PING = 'event: ping\ndata: {"type":"ping"}\n\n'
 # The engine's (and OpenAI's) words for a prompt over the context; Anthropic clients recognise a full
 # context by Anthropic's ("prompt is too long: M tokens > N maximum": Claude Code then compacts).
 _OVERFLOW = re.compile(r"maximum context length is (\d+) tokens\. However, your request resulted in (more than )?(\d+)")
-
-
-def anthropic_id(prefix: str) -> str:
-    """An id in Anthropic's style: msg_..., toolu_..."""
-    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 def sse_event(kind: str, payload: dict[str, Any]) -> str:
@@ -106,7 +100,7 @@ class ContentBlocks:
             if call.get("id"):
                 events += self.close()
                 name = (call.get("function") or {}).get("name", "")
-                events += self._start({"type": "tool_use", "id": anthropic_id("toolu"), "name": name, "input": {}})
+                events += self._start({"type": "tool_use", "id": item_id("toolu"), "name": name, "input": {}})
                 self._call_index = call.get("index")
             fragment = (call.get("function") or {}).get("arguments")
             if fragment and self._call_index == call.get("index"):
@@ -168,7 +162,7 @@ class Messages:
     async def create(self, req: MessagesRequest, raw: Request) -> Response:
         """Validate, submit to the engine, and answer with a Message or its event stream."""
         state = self.state
-        request_id = anthropic_id("msg")
+        request_id = item_id("msg")
         if state.settings.log_requests:
             log_request_body(request_id, req)
         prepared = await self._prepare(req)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,7 +27,7 @@ from qwenserve.api.serving_chat import (
     final_finish_reason,
     parse_deltas,
 )
-from qwenserve.api.state import ServerState
+from qwenserve.api.state import ServerState, item_id
 from qwenserve.api.streaming import respond
 from qwenserve.api.structured_output import responses_format_guide
 from qwenserve.engine.outputs import RequestOutput
@@ -38,11 +37,6 @@ Event = tuple[str, dict[str, Any]]  # (event type, payload without type and sequ
 # Sent whenever nothing else has gone out for a while (a long prefill): qwen-code's Responses reader
 # resets its idle watchdog on any bytes, and every SSE parser skips comment lines.
 KEEP_ALIVE = ": keep-alive\n\n"
-
-
-def openai_id(prefix: str) -> str:
-    """An id in OpenAI's Responses style: resp_..., msg_..., fc_..."""
-    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 def response_error_code(exc: APIError) -> str:
@@ -112,7 +106,7 @@ class OutputItems:
         return kind, payload
 
     def _open_message(self) -> list[Event]:
-        item = {"id": openai_id("msg"), "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+        item = {"id": item_id("msg"), "type": "message", "status": "in_progress", "role": "assistant", "content": []}
         self._open = item
         part = {"type": "output_text", "text": "", "annotations": []}
         return [
@@ -125,7 +119,7 @@ class OutputItems:
 
     def _open_call(self, call: dict[str, Any]) -> list[Event]:
         item = {
-            "id": openai_id("fc"),
+            "id": item_id("fc"),
             "type": "function_call",
             "status": "in_progress",
             "call_id": call["id"],
@@ -181,7 +175,7 @@ class Responses:
     async def create(self, req: ResponsesRequest, raw: Request) -> Response:
         """Validate, submit to the engine, and answer with a Response object or its event stream."""
         state = self.state
-        request_id = openai_id("resp")
+        request_id = item_id("resp")
         if state.settings.log_requests:
             log_request_body(request_id, req)
         prepared = await self._prepare(req)
@@ -313,7 +307,7 @@ class _ResponseContext:
 
     async def stream(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
         """The SSE body: created, in_progress, each item's events as parsed, completed / incomplete;
-        a failure after the start is an `error` event, which ends the stream."""
+        a failure after the start ends it with `response.failed` (stream_error)."""
         yield self._event("response.created", {"response": self.body()})
         yield self._event("response.in_progress", {"response": self.body()})
         for event in self._feed(self._prefix(), final=False):

@@ -32,6 +32,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def item_id(prefix: str) -> str:
+    """An id in the Responses API's and Anthropic's style: resp_..., fc_..., msg_..., toolu_..."""
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
 # Prompt texts longer than this many characters per context token are pre-counted (encode_prompt):
 # real text runs 3-4 characters a token, so such a text is almost surely over the limit.
 _PRECOUNT_CHARS_PER_TOKEN = 16
