@@ -25,7 +25,7 @@ from qwenserve.api.streaming import (
     respond,
     sse,
 )
-from qwenserve.api.structured_output import CALL_MARKUP, forced_call_guide, request_guide
+from qwenserve.api.structured_output import CALL_MARKUP, allowed_calls_guide, forced_call_guide, request_guide
 from qwenserve.engine.guided import Guide
 from qwenserve.engine.outputs import RequestOutput
 from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
@@ -70,12 +70,16 @@ class ChatCompletions:
         )
         return self.state.encode_prompt(text + plan.forced_prefix, "messages")
 
-    async def _constrain_forced_call(self, plan: ToolPlan, params: SamplingParams) -> ToolPlan:
+    async def _constrain_calls(self, plan: ToolPlan, params: SamplingParams) -> ToolPlan:
         """tool_choice required / named: a grammar makes the answer calls of the allowed functions with
         parameters valid against their schemas (the grammar writes the call's opening, so the prompt no
-        longer ends with it). Where it cannot be built, the prompt's forced opening alone stays."""
+        longer ends with it); where it cannot be built, the prompt's forced opening alone stays.
+        allowed_tools `auto`: text is free, but a call can only be of an allowed function (where the
+        grammar cannot be built, CallFilter drops the others' calls)."""
+        forced = bool(plan.must_call)
+        build = forced_call_guide if forced else allowed_calls_guide
         for loose in (False, True):  # loose: the parameter names alone, for schemas xgrammar cannot compile
-            guide = forced_call_guide(plan.tools or [], plan.must_call, plan.one_call, loose=loose)
+            guide = build(plan.tools or [], plan.callable_names, plan.one_call, loose=loose)
             if guide is None:
                 return plan
             try:
@@ -83,8 +87,8 @@ class ChatCompletions:
             except InvalidRequestError as err:
                 logger.info("tool_choice: the tools' schemas give no grammar%s (%s)", " at all" if loose else "", err)
                 continue
-            return replace(plan, forced_prefix="", calls_only=True)
-        return plan  # forced by the call's opening at the end of the prompt alone
+            return replace(plan, forced_prefix="", calls_only=True) if forced else plan
+        return plan
 
     def parser(self, plan: ToolPlan) -> Any | None:
         """A fresh tool-call parser for one output, or None when the output is plain text."""
@@ -113,7 +117,9 @@ class ChatCompletions:
             await self.state.compile_guide(params.guide)
         elif plan.must_call and self.state.xml_tools:
             refuse_with_forced_call(params)
-            plan = await self._constrain_forced_call(plan, params)
+            plan = await self._constrain_calls(plan, params)
+        elif plan.allowed and self.state.xml_tools:
+            plan = await self._constrain_calls(plan, params)
         prompt_ids = await self.state.run_cpu(self._prompt, req, plan)
         return PreparedChat(params, plan, prompt_ids)
 

@@ -230,6 +230,34 @@ def forced_call_guide(
     drops, no object at the top) may be called with its declared parameters holding any values. None
     when a name the parser could not read back is among them (the call is then forced by its prompt
     prefix alone). `loose`: every tool so, for schemas xgrammar cannot compile at all."""
+    tags = _call_tags(tools, names, loose)
+    if tags is None:
+        return None
+    spec = {"type": "structural_tag", "format": {
+        "type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
+        "stop_after_first": one_call,
+    }}  # fmt: skip
+    return Guide("structural_tag", json.dumps(spec), param="tools")
+
+
+def allowed_calls_guide(
+    tools: list[dict[str, Any]], names: tuple[str, ...], one_call: bool, loose: bool = False
+) -> Guide | None:
+    """tool_choice allowed_tools in `auto` mode: text as the model likes, but a call it opens can only be
+    one of `names`, with parameters held as forced_call_guide holds them (None where that cannot be built:
+    the calls of other tools are then dropped after the fact)."""
+    tags = _call_tags(tools, names, loose)
+    if tags is None:
+        return None
+    spec = {"type": "structural_tag", "format": {
+        "type": "triggered_tags", "triggers": ["<tool_call>"], "tags": tags, "at_least_one": False,
+        "stop_after_first": one_call,
+    }}  # fmt: skip
+    return Guide("structural_tag", json.dumps(spec), param="tool_choice")
+
+
+def _call_tags(tools: list[dict[str, Any]], names: tuple[str, ...], loose: bool) -> list[dict[str, Any]] | None:
+    """One structural tag per callable tool: its call's opening, its parameters, its closing."""
     tags = []
     for tool in tools:
         fn = tool["function"]
@@ -248,11 +276,7 @@ def forced_call_guide(
                         "excludes": CALL_MARKUP},
             "end": "\n</function>\n</tool_call>",
         })  # fmt: skip
-    spec = {"type": "structural_tag", "format": {
-        "type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
-        "stop_after_first": one_call,
-    }}  # fmt: skip
-    return Guide("structural_tag", json.dumps(spec), param="tools")
+    return tags
 
 
 def _call_schema(schema: Any) -> dict[str, Any]:
