@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
+from qwenserve.api.chat_backed import ChatBackedContext, Event
 from qwenserve.api.errors import APIError
 from qwenserve.api.protocol_messages import (
     MessagesInput,
@@ -26,17 +27,13 @@ from qwenserve.api.protocol_messages import (
 )
 from qwenserve.api.request_log import RequestTracker, log_request_body
 from qwenserve.api.serving_chat import (
-    CallFilter,
     ChatCompletions,
     PreparedChat,
     final_finish_reason,
-    parse_deltas,
 )
 from qwenserve.api.state import ServerState, item_id
 from qwenserve.api.streaming import respond
 from qwenserve.engine.outputs import RequestOutput
-
-Event = tuple[str, dict[str, Any]]  # (event type, payload without its type)
 
 # Anthropic's own keep-alive event: every SDK skips it, and its bytes reset a client's idle timer.
 PING = 'event: ping\ndata: {"type":"ping"}\n\n'
@@ -177,53 +174,25 @@ class Messages:
         )
 
 
-class _MessageContext:
+class _MessageContext(ChatBackedContext):
     """One request's Message and events (id, parser, content blocks, usage)."""
 
     def __init__(
-        self,
-        state: ServerState,
-        req: MessagesRequest,
-        prepared: PreparedChat,
-        request_id: str,
-        tracker: RequestTracker,
-        parser: Any | None,
-    ):
-        self.state = state
-        self.prepared = prepared
-        self.request_id = request_id
-        self.tracker = tracker
-        self.parser = parser
-        self.calls = CallFilter(prepared.plan.callable_names, prepared.plan.one_call)
-        self.model = state.model_name(req.model)
+        self, state: ServerState, req: MessagesRequest, prepared: PreparedChat, request_id: str,
+        tracker: RequestTracker, parser: Any | None,
+    ):  # fmt: skip
+        super().__init__(state, req.model, prepared, request_id, tracker, parser)
         self.content = ContentBlocks()
         self.stop: tuple[str | None, str | None] = (None, None)  # (stop_reason, stop_sequence)
         self.started = False
-        self.finished = False
-
-    def close_if_unfinished(self) -> None:
-        """Abort in the engine (frees KV blocks) unless the request already completed."""
-        if not self.finished:
-            self.finished = True
-            self.state.abort(self.request_id)
-            self.tracker.done(finish="abort")
 
     def heartbeat(self) -> str:
         return PING
 
     # ---- shared by both modes ----
 
-    def _feed(self, text: str, final: bool) -> list[Event]:
-        """Parse the next piece of model output into content blocks and their events."""
-        events: list[Event] = []
-        for delta in parse_deltas(self.parser, text, final, self.calls):
-            self.tracker.tool_calls += sum(1 for c in delta.get("tool_calls") or [] if c.get("id"))
-            events += self.content.add(delta)
-        return events
-
-    def _prefix(self) -> str:
-        """The forced start of a call (tool_choice any / tool), which the parser reads first."""
-        return self.prepared.plan.forced_prefix if self.parser is not None else ""
+    def add_delta(self, delta: dict[str, Any]) -> list[Event]:
+        return self.content.add(delta)
 
     def _finish(self, engine_reason: str, matched: int | str | None) -> list[Event]:
         """Close the open block and settle the stop reason."""
@@ -291,9 +260,6 @@ class _MessageContext:
         yield sse_event("message_delta", {"delta": delta, "usage": self.usage()})
         yield sse_event("message_stop", {})
         self.tracker.done()
-
-    def log_error(self, exc: APIError) -> None:
-        self.tracker.done(error=exc.message)
 
     def stream_error(self, exc: APIError) -> str:
         """A failure after the stream started: an `error` event (the SDKs raise it), which ends the stream."""

@@ -17,22 +17,19 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
+from qwenserve.api.chat_backed import ChatBackedContext, Event
 from qwenserve.api.errors import APIError
 from qwenserve.api.protocol_responses import ResponsesRequest, refuse_unsupported, to_chat_request
 from qwenserve.api.request_log import RequestTracker, log_request_body
 from qwenserve.api.serving_chat import (
-    CallFilter,
     ChatCompletions,
     PreparedChat,
     final_finish_reason,
-    parse_deltas,
 )
 from qwenserve.api.state import ServerState, item_id
 from qwenserve.api.streaming import respond
 from qwenserve.api.structured_output import responses_format_guide
 from qwenserve.engine.outputs import RequestOutput
-
-Event = tuple[str, dict[str, Any]]  # (event type, payload without type and sequence_number)
 
 # Sent whenever nothing else has gone out for a while (a long prefill): qwen-code's Responses reader
 # resets its idle watchdog on any bytes, and every SSE parser skips comment lines.
@@ -187,39 +184,20 @@ class Responses:
         )
 
 
-class _ResponseContext:
+class _ResponseContext(ChatBackedContext):
     """One request's Response object and events (ids, parser, output items, usage)."""
 
     def __init__(
-        self,
-        state: ServerState,
-        req: ResponsesRequest,
-        prepared: PreparedChat,
-        request_id: str,
-        tracker: RequestTracker,
-        parser: Any | None,
-    ):
-        self.state = state
+        self, state: ServerState, req: ResponsesRequest, prepared: PreparedChat, request_id: str,
+        tracker: RequestTracker, parser: Any | None,
+    ):  # fmt: skip
+        super().__init__(state, req.model, prepared, request_id, tracker, parser)
         self.req = req
-        self.prepared = prepared
-        self.request_id = request_id
-        self.tracker = tracker
-        self.parser = parser
-        self.calls = CallFilter(prepared.plan.callable_names, prepared.plan.one_call)
-        self.model = state.model_name(req.model)
         self.created_at = int(time.time())
         self.output = OutputItems()
         self.status = "in_progress"
         self.error: dict[str, str] | None = None  # the Response object's `error`, once it failed
         self.sequence = 0
-        self.finished = False
-
-    def close_if_unfinished(self) -> None:
-        """Abort in the engine (frees KV blocks) unless the request already completed."""
-        if not self.finished:
-            self.finished = True
-            self.state.abort(self.request_id)
-            self.tracker.done(finish="abort")
 
     def _text(self) -> dict[str, Any]:
         """The request's `text` as given (OpenAI echoes it), its format {"type": "text"} by default."""
@@ -231,17 +209,8 @@ class _ResponseContext:
 
     # ---- shared by both modes ----
 
-    def _feed(self, text: str, final: bool) -> list[Event]:
-        """Parse the next piece of model output into output items and their events."""
-        events: list[Event] = []
-        for delta in parse_deltas(self.parser, text, final, self.calls):
-            self.tracker.tool_calls += sum(1 for c in delta.get("tool_calls") or [] if c.get("id"))
-            events += self.output.add(delta)
-        return events
-
-    def _prefix(self) -> str:
-        """The forced start of a call (tool_choice required / named), which the parser reads first."""
-        return self.prepared.plan.forced_prefix if self.parser is not None else ""
+    def add_delta(self, delta: dict[str, Any]) -> list[Event]:
+        return self.output.add(delta)
 
     def _finish(self, engine_reason: str) -> list[Event]:
         """Close the open item and end the response: `incomplete` when cut by the length limit."""
@@ -323,9 +292,6 @@ class _ResponseContext:
             yield self._event(*event)
         self.tracker.done()
 
-
-    def log_error(self, exc: APIError) -> None:
-        self.tracker.done(error=exc.message)
 
     def stream_error(self, exc: APIError) -> str:
         """A failure after the stream started, as OpenAI ends such a stream: the open item closes
