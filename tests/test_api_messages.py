@@ -335,6 +335,22 @@ def test_wrong_key_is_an_authentication_error(server: ServerProcess) -> None:
     assert r.status_code == 401 and "type" not in r.json() and r.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_refusals_say_not_to_retry(server: ServerProcess) -> None:
+    """Claude Code retries a 401 ten times (about three minutes of backoff) unless the answer says
+    `x-should-retry: false`, as Anthropic's does: a wrong key must fail at once. Other 4xx say so too."""
+    body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": FRANCE}]}
+    r = httpx.post(f"{server.base_url}/v1/messages", json=body, headers={"x-api-key": "wrong"}, timeout=30)
+    assert r.status_code == 401 and r.headers.get("x-should-retry") == "false", r.headers
+    assert r.headers.get("www-authenticate") == "Bearer", "the error's own headers are kept"
+    r = server.post("/v1/messages", json={**body, "max_tokens": 0})
+    assert r.status_code == 400 and r.headers.get("x-should-retry") == "false", r.headers
+    r = server.post("/v1/messages/count_tokens", json={"messages": "hi"})
+    assert r.status_code == 400 and r.headers.get("x-should-retry") == "false", r.headers
+    # The OpenAI routes are unchanged.
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", json={}, timeout=30)
+    assert r.status_code == 401 and "x-should-retry" not in r.headers
+
+
 # ---- unit tests of the mapping (no server) ----
 
 

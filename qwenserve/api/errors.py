@@ -44,6 +44,10 @@ _ANTHROPIC_TYPES = {
     503: "overloaded_error",
 }
 
+# 4xx statuses a client may send again (timeout, conflict, rate limit); other 4xx answers on the Anthropic routes
+# say `x-should-retry: false`.
+_RETRYABLE_4XX = frozenset({408, 409, 429})
+
 # True while a request to the Anthropic Messages API is handled (set by middleware.AnthropicErrorsMiddleware,
 # outside every layer that may refuse it): its errors take Anthropic's shape too.
 ANTHROPIC_ERRORS: ContextVar[bool] = ContextVar("anthropic_errors", default=False)
@@ -84,7 +88,12 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        headers = self.headers
+        if ANTHROPIC_ERRORS.get() and 400 <= self.status < 500 and self.status not in _RETRYABLE_4XX:
+            # As Anthropic's API does: sending the same request again cannot help. Claude Code retries a
+            # 401 (ten times, ~3 minutes of backoff, for a wrong key) unless told not to.
+            headers = {"x-should-retry": "false", **headers}
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def internal_error(exc: Exception) -> APIError:
