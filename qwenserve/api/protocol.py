@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError, PydanticUndefined
 
+from qwenserve.api.errors import bad_request
 from qwenserve.tool_parser.schema import is_writable_name
 
 # Why a function name is refused: the model could never call it so that the parser reads it back.
@@ -82,6 +83,18 @@ class FunctionDefinition(Lenient):
 class Tool(Lenient):
     type: Literal["function"] = "function"
     function: FunctionDefinition
+
+
+def flat_tool(name: str, description: Any, schema: Any, param: str, schema_field: str) -> Tool:
+    """A tool given flat (Responses' `parameters`, Anthropic's `input_schema`) as chat's Tool, checked as
+    chat's are; a 400 names the field (`param` is the tool's path, `schema_field` its schema's name)."""
+    if not is_writable_name(name):
+        raise bad_request(f"{param}.name: {UNWRITABLE_NAME}.", param=f"{param}.name")
+    if description is not None and not isinstance(description, str):
+        raise bad_request(f"{param}.description must be a string.", param=f"{param}.description")
+    if schema is not None and not isinstance(schema, dict):
+        raise bad_request(f"{param}.{schema_field} must be a JSON schema object.", param=f"{param}.{schema_field}")
+    return Tool(function=FunctionDefinition(name=name, description=description, parameters=schema))
 
 
 class NamedFunction(Lenient):

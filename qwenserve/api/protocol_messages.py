@@ -16,11 +16,9 @@ from typing import Any
 
 from qwenserve.api.errors import APIError, bad_request
 from qwenserve.api.protocol import (
-    UNWRITABLE_NAME,
     ChatCompletionRequest,
     ChatMessage,
     FunctionCall,
-    FunctionDefinition,
     NamedFunction,
     NamedToolChoice,
     ResponseFormat,
@@ -28,8 +26,8 @@ from qwenserve.api.protocol import (
     StrictScalars,
     Tool,
     ToolCall,
+    flat_tool,
 )
-from qwenserve.tool_parser.schema import is_writable_name
 
 # `system` messages stand where they are in the conversation (Claude Code sends its environment so, after
 # the first user message); the top-level `system` is the prompt's first system message.
@@ -337,14 +335,7 @@ def _chat_tool(tool: Any, j: int) -> Tool:
             code="unsupported_parameter",
         )
     name = _required_str(tool, "name", param)
-    if not is_writable_name(name):
-        raise bad_request(f"{param}.name: {UNWRITABLE_NAME}.", param=f"{param}.name")
-    description, schema = tool.get("description"), tool.get("input_schema")
-    if description is not None and not isinstance(description, str):
-        raise bad_request(f"{param}.description must be a string.", param=f"{param}.description")
-    if schema is not None and not isinstance(schema, dict):
-        raise bad_request(f"{param}.input_schema must be a JSON schema object.", param=f"{param}.input_schema")
-    return Tool(function=FunctionDefinition(name=name, description=description, parameters=schema))
+    return flat_tool(name, tool.get("description"), tool.get("input_schema"), param, "input_schema")
 
 
 def chat_tool_choice(choice: dict[str, Any] | None) -> tuple[str | NamedToolChoice | None, bool]:

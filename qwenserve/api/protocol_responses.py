@@ -16,21 +16,19 @@ from pydantic import ConfigDict
 from qwenserve.api.chat import checked_arguments, content_to_text
 from qwenserve.api.errors import APIError, bad_request
 from qwenserve.api.protocol import (
-    UNWRITABLE_NAME,
     AllowedTools,
     AllowedToolsChoice,
     ChatCompletionRequest,
     ChatMessage,
     FunctionCall,
-    FunctionDefinition,
     Lenient,
     NamedFunction,
     NamedToolChoice,
     SharedSamplingFields,
     Tool,
     ToolCall,
+    flat_tool,
 )
-from qwenserve.tool_parser.schema import is_writable_name
 
 _MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 _TOOL_CHOICE_MODES = ("auto", "none", "required")
@@ -269,14 +267,7 @@ def _chat_tool(tool: Any, j: int) -> Tool:
             f"tools[{j}].name must be a non-empty string{hint if 'function' in tool else ''}.",
             param=f"tools[{j}].name",
         )
-    if not is_writable_name(name):
-        raise bad_request(f"tools[{j}].name: {UNWRITABLE_NAME}.", param=f"tools[{j}].name")
-    description, parameters = tool.get("description"), tool.get("parameters")
-    if description is not None and not isinstance(description, str):
-        raise bad_request(f"tools[{j}].description must be a string.", param=f"tools[{j}].description")
-    if parameters is not None and not isinstance(parameters, dict):
-        raise bad_request(f"tools[{j}].parameters must be a JSON schema object.", param=f"tools[{j}].parameters")
-    return Tool(function=FunctionDefinition(name=name, description=description, parameters=parameters))
+    return flat_tool(name, tool.get("description"), tool.get("parameters"), f"tools[{j}]", "parameters")
 
 
 def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | NamedToolChoice | AllowedToolsChoice | None:
