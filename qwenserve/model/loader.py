@@ -295,21 +295,24 @@ def _load_streamed(model: Qwen3ForCausalLM, cfg: ModelConfig, files: list[Path])
     filled: set[str] = set()
     # Buffers no larger than the largest shard (a small model's whole file).
     copier = StagedCopier(device, min(BUFFER_BYTES, max(file.stat().st_size for file in files)))
-    for file in _progress(files, device):
-        jobs = []
-        for entry in read_header(file):
-            target = _target(model, cfg, params, entry.name)
-            if target is None:
-                continue
-            param, index = target
-            if entry.dtype is None:
-                raise ValueError(f"{file.name}: {entry.name} is stored in a dtype this loader does not read")
-            dest = param[index] if index else param
-            if tuple(dest.shape) != entry.shape:
-                raise ValueError(f"{file.name}: {entry.name} has shape {entry.shape}, expected {tuple(dest.shape)}")
-            jobs.append((entry, dest))
-            filled.add(param_names[id(param)])
-        copier.copy_shard(file, jobs)
+    try:
+        for file in _progress(files, device):
+            jobs = []
+            for entry in read_header(file):
+                target = _target(model, cfg, params, entry.name)
+                if target is None:
+                    continue
+                param, index = target
+                if entry.dtype is None:
+                    raise ValueError(f"{file.name}: {entry.name} is stored in a dtype this loader does not read")
+                dest = param[index] if index else param
+                if tuple(dest.shape) != entry.shape:
+                    raise ValueError(f"{file.name}: {entry.name} has shape {entry.shape}, expected {tuple(dest.shape)}")
+                jobs.append((entry, dest))
+                filled.add(param_names[id(param)])
+            copier.copy_shard(file, jobs)
+    finally:
+        copier.close()
     return filled
 
 

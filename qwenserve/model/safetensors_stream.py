@@ -72,8 +72,8 @@ class StagedCopier:
 
     Several threads read runs at once (a single thread's read() from the page cache or an NVMe disk tops
     out well below what the copies to a GPU take), each into its own buffer, and issue the buffer's
-    copies; a buffer is refilled once its copies are done. (PyTorch keeps freed pinned buffers for reuse:
-    the process holds their 1 GB of page-locked host memory after the load.)"""
+    copies; a buffer is refilled once its copies are done. `close` hands the buffers' page-locked memory
+    back: PyTorch would keep it cached for the server's lifetime."""
 
     def __init__(self, device: torch.device, buffer_bytes: int = BUFFER_BYTES, threads: int = READ_THREADS):
         self.device = device
@@ -97,6 +97,14 @@ class StagedCopier:
                         done.result()  # re-raises a failed read here
         if self.cuda:
             torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        """Drop the buffers and return their page-locked host memory to the OS."""
+        while not self.free.empty():
+            self.free.get()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # no copy may still read a buffer that is freed
+            _empty_pinned_cache()
 
     def _runs(self, jobs: list[tuple[TensorEntry, torch.Tensor]]) -> Iterator[_Run]:
         """Consecutive tensors grouped into reads of at most a buffer; a larger tensor in several."""
@@ -142,6 +150,13 @@ class StagedCopier:
                 copied.record(torch.cuda.current_stream(self.device))
         finally:
             self.free.put((buffer, copied))
+
+
+def _empty_pinned_cache() -> None:
+    """Free the pinned host blocks PyTorch caches but no tensor uses (the public call is newer than 2.11)."""
+    empty = getattr(torch.accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
 
 
 def _read_exact(f: BinaryIO, view: memoryview, offset: int) -> None:
