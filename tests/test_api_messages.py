@@ -267,8 +267,8 @@ BAD_REQUESTS = [
     ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
      "messages[0].content[0].type", "unsupported_content"),  # fmt: skip
     ({"max_tokens": 5, "messages": [{"role": "user", "content": [
-        {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image", "source": {}}]}]}]},
-     "messages[0].content[0].content[0].type", "unsupported_content"),  # fmt: skip
+        {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "video", "source": {}}]}]}]},
+     "messages[0].content[0].content[0].type", None),  # fmt: skip
     ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "tool_result", "content": "x"}]}]},
      "messages[0].content[0].tool_use_id", None),  # fmt: skip
     ({"max_tokens": 5, "messages": [{"role": "assistant", "content": [
@@ -309,6 +309,23 @@ def test_sdk_raises_bad_request_with_the_reason(client: anthropic.Anthropic) -> 
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}])  # fmt: skip
     assert exc.value.type == "invalid_request_error"
     assert exc.value.api_message == "Content blocks of type 'image' are not supported: this model reads text only."
+
+
+def test_an_image_a_tool_returned_reaches_the_model_as_a_note(client: anthropic.Anthropic) -> None:
+    """Claude Code's Read of an image file answers with an image block: the model gets a note in its place
+    (a 400 would fail every later turn, which carries the result along), the same tokens as the note
+    written as text. An image the user sends is still a 400 (see above)."""
+    def counted(block: dict[str, Any]) -> int:
+        messages = [
+            {"role": "user", "content": "Look at shot.png"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "read", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [block]}]},
+        ]
+        return client.messages.count_tokens(model="m", messages=messages).input_tokens
+
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    assert counted(image) == counted({"type": "text", "text": "[image omitted: this model reads text only]"})
+    assert counted(image) != counted({"type": "text", "text": "[image]"}), "the count sees the block's text"
 
 
 def test_context_overflow_in_anthropic_words(client: anthropic.Anthropic) -> None:

@@ -59,6 +59,11 @@ def first_turn_items(first: Any) -> list[dict[str, Any]]:
     ]
 
 
+def event_types(events: list[Any]) -> list[str]:
+    """The events' types without the heartbeats (a repeated `response.in_progress`, every 0.1 s here)."""
+    return [e.type for i, e in enumerate(events) if i < 2 or e.type != "response.in_progress"]
+
+
 def check_events(events: list[Any]) -> dict[str, Any]:
     """Check a stream's order and bookkeeping; fold it into {texts, arguments, final}."""
     assert [e.sequence_number for e in events] == list(range(len(events))), "sequence numbers 0, 1, 2 ..."
@@ -93,6 +98,8 @@ def check_events(events: list[Any]) -> dict[str, Any]:
             added = open_items.pop(e.output_index)
             assert e.item.id == added.id and e.item.type == added.type
             assert final.output[e.output_index].id == e.item.id
+        elif e.type == "response.in_progress":  # the heartbeat (every 0.1 s here)
+            assert e.response.status == "in_progress" and e.response.output == []
         else:
             assert e.type in ("response.content_part.added", "response.content_part.done"), e.type
     assert not open_items, "every item added is done before the end"
@@ -194,7 +201,7 @@ def test_streamed_answer(client: openai.OpenAI) -> None:
     folded = check_events(events)
     deltas = [e for e in events if e.type == "response.output_text.delta"]
     assert len(deltas) > 3, "text streams token by token"
-    assert [e.type for e in events] == [
+    assert event_types(events) == [
         "response.created", "response.in_progress", *message_event_types(len(deltas)), "response.completed"
     ]  # fmt: skip
     assert folded["texts"] == {0: "The capital of France is Paris."}
@@ -205,7 +212,7 @@ def test_streamed_answer(client: openai.OpenAI) -> None:
 def test_streamed_tool_call_round_trip(client: openai.OpenAI) -> None:
     events = list(client.responses.create(model="m", input=LIST_FILES, tools=[SHELL], temperature=0, stream=True))
     folded = check_events(events)
-    types = [e.type for e in events]
+    types = event_types(events)
     n_args = types.count("response.function_call_arguments.delta")
     assert n_args >= 1 and types == [
         "response.created",
@@ -265,8 +272,12 @@ def test_keep_alive_during_a_long_prefill(server: ServerProcess) -> None:
     events = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
     datas = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
     assert [d["type"] for d in datas] == events, "every data line follows its event line"
-    waiting = lines[: lines.index("event: response.output_item.added")]
-    assert waiting.count(": keep-alive") >= 2, "comment lines keep the stream alive while the prompt is read"
+    waiting = events[: events.index("response.output_item.added")]
+    # Events, not comment lines: Codex's idle timeout counts only events.
+    assert waiting[:2] == ["response.created", "response.in_progress"] and waiting.count("response.in_progress") >= 3
+    assert set(waiting) == {"response.created", "response.in_progress"}
+    assert [d["sequence_number"] for d in datas] == list(range(len(datas)))
+    assert all(d["response"]["output"] == [] for d in datas if d["type"] == "response.in_progress")
     assert events[-1] == "response.incomplete"
 
 
@@ -290,6 +301,50 @@ def test_client_disconnect_aborts(server: ServerProcess) -> None:
     assert re.search(pattern, server.log()), "the engine request is aborted when the client goes away"
 
 
+def test_namespace_tools_and_hosted_web_search_as_codex_sends_them(client: openai.OpenAI) -> None:
+    """Codex CLI sends its sub-agent tools in a `namespace` and a hosted `web_search` on every turn: the
+    namespace's functions reach the model under their own names (a call's item names its namespace, by
+    which Codex routes it), and web search, which this server cannot run, is left out instead of a 400."""
+    namespace = {"type": "namespace", "name": "shell_ns", "description": "Tools that run commands.", "tools": [SHELL]}
+    tools = [{"type": "web_search", "external_web_access": False}, namespace]
+    resp = client.responses.create(model="m", input=LIST_FILES, tools=tools, temperature=0, max_output_tokens=40)
+    (call,) = resp.output
+    assert call.type == "function_call" and call.name == "run_shell_command" and call.namespace == "shell_ns"
+    assert json.loads(call.arguments) == {"command": "ls"}
+    with client.responses.stream(model="m", input=LIST_FILES, tools=tools, temperature=0) as stream:
+        events = list(stream)
+    added = [e.item for e in events if e.type == "response.output_item.added"]
+    assert [(item.name, item.namespace) for item in added] == [("run_shell_command", "shell_ns")]
+    assert events[-1].response.output[0].namespace == "shell_ns"
+    # The call goes back in the next turn's input as Codex sends it, namespace and all.
+    items = [{"role": "user", "content": LIST_FILES}, call.model_dump(exclude_none=True),
+             {"type": "function_call_output", "call_id": call.call_id, "output": "README.md\nmain.py"}]  # fmt: skip
+    assert client.responses.create(model="m", input=items, tools=tools, temperature=0).status == "completed"
+    # Web search alone: no tools at all, the prompt a plain one's.
+    alone = client.responses.create(model="m", input=FRANCE, tools=tools[:1], temperature=0, max_output_tokens=3)
+    plain = client.responses.create(model="m", input=FRANCE, temperature=0, max_output_tokens=3)
+    assert alone.usage.input_tokens == plain.usage.input_tokens
+
+
+def test_an_image_a_tool_returned_reaches_the_model_as_a_note(client: openai.OpenAI) -> None:
+    """Codex's view_image answers with an input_image: the model, which reads text, gets a note in its
+    place (a 400 would fail every later turn, which carries the output along); the prompt is exactly
+    the one with the note written as text."""
+    call = {**CALL, "id": "fc_1"}
+
+    def turn(output: list[dict[str, Any]]) -> Any:
+        items = [{"role": "user", "content": "Look at the picture"}, call,
+                 {"type": "function_call_output", "call_id": "call_1", "output": output}]  # fmt: skip
+        return client.responses.create(model="m", input=items, tools=[SHELL], temperature=0, max_output_tokens=2)
+
+    image = turn([{"type": "input_text", "text": "shot.png:"},
+                  {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo="}])  # fmt: skip
+    note = turn([{"type": "input_text", "text": "shot.png:"},
+                 {"type": "input_text", "text": "[image omitted: this model reads text only]"}])  # fmt: skip
+    assert image.status == note.status == "incomplete"
+    assert image.usage.input_tokens == note.usage.input_tokens
+
+
 # ---- errors ----
 
 CALL = {"type": "function_call", "call_id": "call_1", "name": "run_shell_command", "arguments": '{"command": "ls"}'}
@@ -297,7 +352,14 @@ BAD_REQUESTS = [
     ({"model": "m"}, "input", "invalid_value"),
     ({"input": []}, "input", None),
     ({"input": "hi", "previous_response_id": "resp_123"}, "previous_response_id", "unsupported_parameter"),
-    ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0].type", "unsupported_parameter"),
+    ({"input": "hi", "tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "tools[0].type",
+     "unsupported_parameter"),  # fmt: skip
+    ({"input": "hi", "tool_choice": {"type": "web_search"}, "tools": [{"type": "web_search"}]}, "tool_choice",
+     "unsupported_parameter"),  # fmt: skip
+    ({"input": "hi", "tools": [{"type": "namespace", "name": "ns", "tools": [{"type": "custom", "name": "f"}]}]},
+     "tools[0].tools[0].type", "unsupported_parameter"),  # fmt: skip
+    ({"input": "hi", "tools": [{"type": "namespace", "name": "ns", "tools": []}]}, "tools[0].tools", None),
+    ({"input": "hi", "tools": [SHELL, {"type": "namespace", "name": "ns", "tools": [SHELL]}]}, "tools", None),
     ({"input": "hi", "tools": [{"name": "f"}]}, "tools[0].type", None),
     ({"input": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools[0].name", None),
     ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format.type", "invalid_value"),

@@ -32,6 +32,12 @@ logger = logging.getLogger("qwenserve.api")
 _TEXT_PART_TYPES = ("text", "input_text", "output_text")
 
 
+def media_note(kind: str) -> str:
+    """What the model reads in place of an image or file a tool returned. Not a 400: agents carry a tool's
+    output along in every later request, so one screenshot would fail the rest of the session."""
+    return f"[{kind.removeprefix('input_')} omitted: this model reads text only]"
+
+
 def content_to_text(content: Any, param: str) -> str:
     """A message's content as one string: text parts joined with "\\n", null as ""."""
     if content is None:

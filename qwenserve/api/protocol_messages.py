@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwenserve.api.chat import media_note
 from qwenserve.api.errors import APIError, bad_request
 from qwenserve.api.protocol import (
     ChatCompletionRequest,
@@ -266,9 +267,12 @@ def _tool_result_text(content: Any, param: str) -> str:
         raise bad_request(f"{param} must be a string or a list of text blocks.", param=param)
     texts = []
     for block, block_param in _blocks(content, param):
-        if block["type"] != "text":
+        if block["type"] in _MEDIA_BLOCKS:  # Claude Code's Read of an image file: a note, not a 400
+            texts.append(media_note(block["type"]))
+        elif block["type"] != "text":
             raise _unreadable(block["type"], block_param)
-        texts.append(_required_str(block, "text", block_param, allow_empty=True))
+        else:
+            texts.append(_required_str(block, "text", block_param, allow_empty=True))
     return "\n".join(texts)
 
 

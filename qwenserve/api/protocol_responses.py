@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict
 
-from qwenserve.api.chat import checked_arguments, content_to_text
+from qwenserve.api.chat import checked_arguments, content_to_text, media_note
 from qwenserve.api.errors import APIError, bad_request
 from qwenserve.api.protocol import (
     AllowedTools,
@@ -31,6 +31,8 @@ from qwenserve.api.protocol import (
 )
 
 _MESSAGE_ROLES = ("user", "system", "developer", "assistant")
+# Parts of a function_call_output a text model cannot read (Codex's view_image returns an input_image).
+_MEDIA_PARTS = ("input_image", "input_file", "input_audio")
 _TOOL_CHOICE_MODES = ("auto", "none", "required")
 
 
@@ -232,42 +234,105 @@ def _call_output(item: dict[str, Any], i: int, call_ids: set[str]) -> ChatMessag
         raise bad_request(
             f"No function_call item before input[{i}] has call_id {call_id!r}.", param=f"input[{i}].call_id"
         )
-    return ChatMessage(role="tool", tool_call_id=call_id, content=_item_text(item, "output", i))
+    output = item.get("output")
+    if isinstance(output, list):
+        output = [_text_for_media(part) for part in output]
+    return ChatMessage(role="tool", tool_call_id=call_id, content=_item_text({"output": output}, "output", i))
+
+
+def _text_for_media(part: Any) -> Any:
+    """A tool's image or file output part as a text part saying it was left out (chat.media_note)."""
+    if isinstance(part, dict) and part.get("type") in _MEDIA_PARTS:
+        return {"type": "input_text", "text": media_note(part["type"])}
+    return part
 
 
 # ---- tools ----
 
 
+# Hosted tools that only add reach (the model may search the web): left out of the prompt rather than
+# refused, since Codex sends web_search on every turn; a tool_choice naming one is still a 400.
+_IGNORED_HOSTED_TOOLS = ("web_search", "web_search_preview")
+
+
 def chat_tools(tools: list[Any] | None) -> list[Tool] | None:
     """Responses function tools (flat: type, name, description, parameters, strict) as chat tools.
 
-    `strict` is accepted and not enforced (no constrained decoding): Responses clients send it by default.
+    A namespace's functions join the list under their own names (the model sees no namespaces; a call's
+    output item names its namespace, see tool_namespaces), so those names must be unique.
+    Hosted web search is left out. `strict` is accepted and not enforced (no constrained decoding):
+    Responses clients send it by default.
     """
     if not tools:
         return None
-    return [_chat_tool(tool, j) for j, tool in enumerate(tools)]
+    flat: list[Tool] = []
+    for j, tool in enumerate(tools):
+        flat.extend(_chat_tools(tool, f"tools[{j}]"))
+    names = [tool.function.name for tool in flat]
+    for name in tool_namespaces(tools):
+        if names.count(name) > 1:
+            raise bad_request(
+                f"Two tools are named {name!r}, one in a namespace: the model calls a namespace's functions "
+                "by their own names, so those must differ from every other tool's.",
+                param="tools",
+            )
+    return flat or None
 
 
-def _chat_tool(tool: Any, j: int) -> Tool:
+def tool_namespaces(tools: list[Any] | None) -> dict[str, str]:
+    """Function name -> the namespace tool holding it (after chat_tools checked the tools)."""
+    return {
+        inner["name"]: tool["name"]
+        for tool in tools or []
+        if tool.get("type") == "namespace"
+        for inner in tool["tools"]
+    }
+
+
+def _chat_tools(tool: Any, param: str) -> list[Tool]:
+    """One entry of `tools` as chat tools: a function, a namespace's functions, or none."""
     if not isinstance(tool, dict):
-        raise bad_request(f"tools[{j}] must be an object.", param=f"tools[{j}]")
+        raise bad_request(f"{param} must be an object.", param=param)
+    kind = tool.get("type")
+    if kind in _IGNORED_HOSTED_TOOLS:
+        return []
+    if kind != "namespace":
+        return [_chat_tool(tool, param)]
+    name = tool.get("name")
+    if not isinstance(name, str) or not name:
+        raise bad_request(f"{param}.name must be a non-empty string.", param=f"{param}.name")
+    inner = tool.get("tools")
+    if not isinstance(inner, list) or not inner:
+        raise bad_request(f"{param}.tools must be a non-empty list of function tools.", param=f"{param}.tools")
+    about = tool.get("description")
+    tools = [_chat_tool(function, f"{param}.tools[{k}]") for k, function in enumerate(inner)]
+    if isinstance(about, str) and about:
+        for function in tools:  # the namespace's own words, which the model would otherwise never see
+            own = function.function.description
+            function.function.description = f"{about} {own}" if own else about
+    return tools
+
+
+def _chat_tool(tool: Any, param: str) -> Tool:
+    if not isinstance(tool, dict):
+        raise bad_request(f"{param} must be an object.", param=param)
     kind = tool.get("type")
     if kind is None:
-        raise bad_request(f"tools[{j}].type is required: 'function' for a function tool.", param=f"tools[{j}].type")
+        raise bad_request(f"{param}.type is required: 'function' for a function tool.", param=f"{param}.type")
     if kind != "function":
         raise _unsupported(
             f"Tools of type {kind!r} are not supported: this server has no built-in tools; "
             "send function tools ({'type': 'function', 'name', 'parameters'}).",
-            f"tools[{j}].type",
+            f"{param}.type",
         )
     name = tool.get("name")
     if not isinstance(name, str) or not name:
         hint = " (Responses tools are flat: name and parameters sit beside 'type', not under 'function')"
         raise bad_request(
-            f"tools[{j}].name must be a non-empty string{hint if 'function' in tool else ''}.",
-            param=f"tools[{j}].name",
+            f"{param}.name must be a non-empty string{hint if 'function' in tool else ''}.",
+            param=f"{param}.name",
         )
-    return flat_tool(name, tool.get("description"), tool.get("parameters"), f"tools[{j}]", "parameters")
+    return flat_tool(name, tool.get("description"), tool.get("parameters"), param, "parameters")
 
 
 def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | NamedToolChoice | AllowedToolsChoice | None:

@@ -19,7 +19,12 @@ from fastapi.responses import Response
 
 from qwenserve.api.chat_backed import ChatBackedContext, Event
 from qwenserve.api.errors import APIError
-from qwenserve.api.protocol_responses import ResponsesRequest, refuse_unsupported, to_chat_request
+from qwenserve.api.protocol_responses import (
+    ResponsesRequest,
+    refuse_unsupported,
+    to_chat_request,
+    tool_namespaces,
+)
 from qwenserve.api.request_log import RequestTracker, log_request_body
 from qwenserve.api.serving_chat import (
     ChatCompletions,
@@ -30,10 +35,6 @@ from qwenserve.api.state import ServerState, item_id
 from qwenserve.api.streaming import respond
 from qwenserve.api.structured_output import responses_format_guide
 from qwenserve.engine.outputs import RequestOutput
-
-# Sent whenever nothing else has gone out for a while (a long prefill): qwen-code's Responses reader
-# resets its idle watchdog on any bytes, and every SSE parser skips comment lines.
-KEEP_ALIVE = ": keep-alive\n\n"
 
 
 def response_error_code(exc: APIError) -> str:
@@ -56,7 +57,8 @@ class OutputItems:
     `function_call` (closing whatever is open), so items keep the order the model wrote them in.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, namespaces: dict[str, str] | None = None) -> None:
+        self.namespaces = namespaces or {}  # function name -> its namespace tool (protocol.tool_namespaces)
         self.items: list[dict[str, Any]] = []  # closed items, in output order
         self._open: dict[str, Any] | None = None
         self._call_index: int | None = None  # the parser's index of the open call
@@ -115,14 +117,17 @@ class OutputItems:
         ]
 
     def _open_call(self, call: dict[str, Any]) -> list[Event]:
+        name = (call.get("function") or {}).get("name", "")
         item = {
             "id": item_id("fc"),
             "type": "function_call",
             "status": "in_progress",
             "call_id": call["id"],
-            "name": (call.get("function") or {}).get("name", ""),
+            "name": name,
             "arguments": "",
         }
+        if name in self.namespaces:  # the client routes the call by its namespace
+            item["namespace"] = self.namespaces[name]
         self._open, self._call_index = item, call.get("index")
         return [("response.output_item.added", {"output_index": self._index, "item": item})]
 
@@ -194,7 +199,7 @@ class _ResponseContext(ChatBackedContext):
         super().__init__(state, req.model, prepared, request_id, tracker, parser)
         self.req = req
         self.created_at = int(time.time())
-        self.output = OutputItems()
+        self.output = OutputItems(tool_namespaces(req.tools))
         self.status = "in_progress"
         self.error: dict[str, str] | None = None  # the Response object's `error`, once it failed
         self.sequence = 0
@@ -205,7 +210,10 @@ class _ResponseContext(ChatBackedContext):
         return {**text, "format": text.get("format") or {"type": "text"}}
 
     def heartbeat(self) -> str:
-        return KEEP_ALIVE
+        """`response.in_progress` again, the Response as it stands: an event, not a comment line, because
+        Codex restarts its idle timeout (300 s by default) only on events, and a long prompt on a CPU or
+        behind a queue can take that long to read."""
+        return self._event("response.in_progress", {"response": self.body()})
 
     # ---- shared by both modes ----
 
