@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from server_utils import ServerProcess, start_server
+from server_utils import REPO, ServerProcess, start_server
 
 from qwenserve.api.errors import APIError
 from qwenserve.api.protocol_responses import ResponsesRequest, chat_messages
@@ -324,6 +324,19 @@ def test_namespace_tools_and_hosted_web_search_as_codex_sends_them(client: opena
     alone = client.responses.create(model="m", input=FRANCE, tools=tools[:1], temperature=0, max_output_tokens=3)
     plain = client.responses.create(model="m", input=FRANCE, temperature=0, max_output_tokens=3)
     assert alone.usage.input_tokens == plain.usage.input_tokens
+
+
+def test_codex_first_turn_as_sent(server: ServerProcess) -> None:
+    """Codex CLI's real first request (tests/fixtures/codex-0.171.0): its namespace and web_search tools, its
+    developer messages, reasoning / include / store / client_metadata, streamed. Only the output is cut short."""
+    body = json.loads((REPO / "tests" / "fixtures" / "codex-0.171.0" / "first-turn.json").read_text())
+    lines = list(raw_stream_lines(server, {**body, "max_output_tokens": 16}))
+    datas = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
+    final = datas[-1]["response"]
+    assert datas[-1]["type"] in ("response.completed", "response.incomplete"), datas[-1]["type"]
+    assert final["usage"]["input_tokens"] > 8000, "the developer messages and every tool are in the prompt"
+    assert final["tools"] == body["tools"], "the tools are echoed as sent"
+    assert final["output"] and {item["type"] for item in final["output"]} <= {"message", "function_call"}
 
 
 def test_an_image_a_tool_returned_reaches_the_model_as_a_note(client: openai.OpenAI) -> None:
