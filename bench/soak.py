@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -620,16 +620,24 @@ async def sc_responses(ctx: Ctx) -> None:
     }
     if ctx.rng.random() < 0.3:
         body["instructions"] = "You are a helpful assistant."
+    namespaced: set[str] = set()
     if ctx.rng.random() < 0.4:
         body["tools"] = [flat_tool(t) for t in tool_subset(ctx)]
         body["input"] = [{"role": "user", "content": "List the files in this directory"}]
+        if ctx.rng.random() < 0.5:  # as Codex CLI sends them: in a namespace, beside a hosted web search
+            namespaced = {t["name"] for t in body["tools"]}
+            body["tools"] = [
+                {"type": "namespace", "name": "agent", "description": "The agent's tools.", "tools": body["tools"]},
+                {"type": "web_search", "external_web_access": False},
+            ]
     if ctx.rng.random() < 0.5:
-        await read_responses_stream(ctx, {**body, "stream": True})
+        await read_responses_stream(ctx, {**body, "stream": True}, namespaced=namespaced)
     else:
-        check_response(await post_json(ctx, "/v1/responses", body))
+        check_response(await post_json(ctx, "/v1/responses", body), namespaced)
 
 
-def check_response(resp: dict[str, Any]) -> None:
+def check_response(resp: dict[str, Any], namespaced: Collection[str] = ()) -> None:
+    """A Response's shape; a call of a namespaced tool names its namespace (`agent`)."""
     expect(resp.get("object") == "response", f"object is {resp.get('object')!r}")
     expect(resp.get("status") in {"completed", "incomplete"}, f"status {resp.get('status')!r}")
     usage = resp.get("usage") or {}
@@ -640,9 +648,15 @@ def check_response(resp: dict[str, Any]) -> None:
             expect(
                 isinstance(json.loads(item["arguments"] or "{}"), dict), f"arguments {item['arguments']!r}"
             )
+            expect(
+                item.get("namespace") == ("agent" if item["name"] in namespaced else None),
+                f"call of {item['name']!r} names namespace {item.get('namespace')!r}",
+            )
 
 
-async def read_responses_stream(ctx: Ctx, body: dict[str, Any], hang_up_after: int | None = None) -> None:
+async def read_responses_stream(
+    ctx: Ctx, body: dict[str, Any], hang_up_after: int | None = None, namespaced: Collection[str] = ()
+) -> None:
     last_seq, final, count = -1, None, 0
     async with post_stream(ctx, "/v1/responses", body) as events:
         async for event, data in events:
@@ -659,7 +673,7 @@ async def read_responses_stream(ctx: Ctx, body: dict[str, Any], hang_up_after: i
             if hang_up_after is not None and count >= hang_up_after:
                 raise Disconnected
     expect(final is not None, f"stream ended after {count} events without response.completed")
-    check_response(final)
+    check_response(final, namespaced)
 
 
 async def sc_completions(ctx: Ctx) -> None:
