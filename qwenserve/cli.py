@@ -121,7 +121,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--max-num-batched-tokens",
         type=int,
         default=_default("max_num_batched_tokens"),
-        help="token budget per engine step",
+        help="token budget per engine step; long prompts are prefilled in chunks of it (default: 8192 on a "
+        "GPU, 2048 on a CPU)",
     )
     p.add_argument(
         "--max-queued-requests",

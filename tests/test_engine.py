@@ -458,3 +458,10 @@ def test_a_waiting_follower_keeps_its_place_in_the_queue(tiny_moe_dir: Path) -> 
         admitted_at.update({rid: step for rid, seq in seqs.items() if seq.admitted and rid not in admitted_at})
     assert admitted_at["follower"] <= admitted_at["later"] == 2, admitted_at
     assert seqs["follower"].num_cached_tokens == 48
+
+
+def test_step_token_budget_defaults_to_2048_on_a_cpu(tiny_moe_dir: Path) -> None:
+    """A CPU prefills a long prompt in chunks of 2048 tokens (each takes seconds there: an abort or another
+    session's turn waits for one chunk, not 8192 tokens' worth); a budget given is kept."""
+    assert make_engine(tiny_moe_dir, max_num_batched_tokens=None).scheduler.max_num_batched_tokens == 2048
+    assert make_engine(tiny_moe_dir, max_num_batched_tokens=300).scheduler.max_num_batched_tokens == 300

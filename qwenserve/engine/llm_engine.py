@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from qwenserve.engine.startup import (
     load_tokenizer,
     pick_device,
     pick_dtype,
+    pick_step_tokens,
 )
 from qwenserve.model.loader import build_model, load_model_config, read_generation_config, resolve_model_path
 from qwenserve.model.qwen3 import Ops
@@ -106,8 +107,10 @@ class LLMEngine:
     sampled tokens into text, stop checks and logprobs. Single-threaded; AsyncEngine serves it."""
 
     def __init__(self, config: EngineConfig):
-        self.config = config
         self.device = pick_device(config.device)
+        self.config = config = replace(
+            config, max_num_batched_tokens=pick_step_tokens(config.max_num_batched_tokens, self.device)
+        )
         if config.tensor_parallel_size > 1 and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", 0)  # rank r runs on cuda:r
         self.dtype = pick_dtype(config.dtype, self.device)

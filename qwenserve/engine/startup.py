@@ -31,6 +31,13 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def pick_step_tokens(requested: int | None, device: torch.device) -> int:
+    """--max-num-batched-tokens: by default 8192 on a GPU, 2048 on a CPU (see EngineConfig)."""
+    if requested is not None:
+        return requested
+    return 8192 if device.type == "cuda" else 2048
+
+
 def available_memory(device: torch.device) -> int | None:
     """Bytes a KV pool could still take on `device` (the GPU's free memory, the host's available
     memory), or None where that cannot be read."""
