@@ -22,7 +22,7 @@ from tqdm import tqdm
 from qwenserve.config import ModelConfig
 from qwenserve.distributed.sharding import shard_checkpoint_tensor, shard_param
 from qwenserve.model.qwen3 import Ops, Qwen3ForCausalLM
-from qwenserve.model.safetensors_stream import BUFFER_BYTES, StagedCopier, read_header
+from qwenserve.model.safetensors_stream import BUFFER_BYTES, StagedCopier, TensorEntry, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -297,23 +297,31 @@ def _load_streamed(model: Qwen3ForCausalLM, cfg: ModelConfig, files: list[Path])
     copier = StagedCopier(device, min(BUFFER_BYTES, max(file.stat().st_size for file in files)))
     try:
         for file in _progress(files, device):
-            jobs = []
-            for entry in read_header(file):
-                target = _target(model, cfg, params, entry.name)
-                if target is None:
-                    continue
-                param, index = target
-                if entry.dtype is None:
-                    raise ValueError(f"{file.name}: {entry.name} is stored in a dtype this loader does not read")
-                dest = param[index] if index else param
-                if tuple(dest.shape) != entry.shape:
-                    raise ValueError(f"{file.name}: {entry.name} has shape {entry.shape}, expected {tuple(dest.shape)}")
-                jobs.append((entry, dest))
-                filled.add(param_names[id(param)])
-            copier.copy_shard(file, jobs)
+            jobs = _shard_jobs(model, cfg, params, file)
+            filled.update(param_names[id(param)] for _, _, param in jobs)
+            copier.copy_shard(file, [(entry, dest) for entry, dest, _ in jobs])
     finally:
         copier.close()
     return filled
+
+
+def _shard_jobs(
+    model: Qwen3ForCausalLM, cfg: ModelConfig, params: dict[str, torch.nn.Parameter], file: Path
+) -> list[tuple[TensorEntry, torch.Tensor, torch.nn.Parameter]]:
+    """(entry, destination, parameter) for each tensor of `file` the model reads, in file order, checked."""
+    jobs = []
+    for entry in read_header(file):
+        target = _target(model, cfg, params, entry.name)
+        if target is None:
+            continue
+        param, index = target
+        if entry.dtype is None:
+            raise ValueError(f"{file.name}: {entry.name} is stored in a dtype this loader does not read")
+        dest = param[index] if index else param
+        if tuple(dest.shape) != entry.shape:
+            raise ValueError(f"{file.name}: {entry.name} has shape {entry.shape}, expected {tuple(dest.shape)}")
+        jobs.append((entry, dest, param))
+    return jobs
 
 
 def _load_per_tensor(
