@@ -232,10 +232,17 @@ BAD_INPUTS: list[tuple[str, Any, str | None]] = [
      "tools[0].function.parameters.properties.q.enum[1]"),  # fmt: skip
     # More prompts than the queue (1 here) could ever hold: a 400, not a 503 that no retry cures.
     ("/v1/completions", {"prompt": ["a", "b"], "max_tokens": 1}, "prompt"),
+    # ... or more sequences: n of them per prompt, which the requests behind it would wait for.
+    ("/v1/completions", {"prompt": "a", "n": 2, "max_tokens": 1}, "n"),
     ("/tokenize", {}, "prompt"),
     ("/tokenize", {"prompt": "a", "messages": HI}, "prompt"),
     ("/detokenize", {"tokens": [-1]}, "tokens"),
     ("/detokenize", {"tokens": "abc"}, "tokens"),
+    # Not coerced, as on every other route: a string, a bool or a float is no token id.
+    ("/detokenize", {"tokens": ["1"]}, "tokens[0]"),
+    ("/detokenize", {"tokens": [True]}, "tokens[0]"),
+    ("/detokenize", {"tokens": [1.0]}, "tokens[0]"),
+    ("/tokenize", {"prompt": "a", "add_special_tokens": "yes"}, "add_special_tokens"),
 ]
 
 

@@ -500,6 +500,9 @@ def test_a_prompt_far_over_the_context_is_refused_from_a_partial_count(server: S
     for path, body, param in [
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello " * 200_000}]}, "messages"),
         ("/v1/completions", {"prompt": "hello " * 200_000}, "prompt"),
+        # /tokenize too: it answers with the count, which could only say "over the context" (was ~20 s of CPU).
+        ("/tokenize", {"prompt": "hello " * 200_000}, "prompt"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "hello " * 200_000}]}, "messages"),
     ]:
         r = server.post(path, json={"model": "m", **body})
         err = r.json()["error"]

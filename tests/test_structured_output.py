@@ -175,6 +175,12 @@ BAD = [
      "stop"),  # fmt: skip
     ({"tool_choice": {"type": "function", "function": {"name": "f"}}, "stop": "<function=",
       "tools": [{"type": "function", "function": {"name": "f"}}]}, "stop"),  # fmt: skip
+    # The forced call's own newlines, function name, parameter names or markup tokens would end it just as soon.
+    ({"tool_choice": "required", "stop": ["\n"], "tools": [SHELL_TOOL]}, "stop"),
+    ({"tool_choice": "required", "stop": "run_shell", "tools": [SHELL_TOOL]}, "stop"),
+    ({"tool_choice": {"type": "function", "function": {"name": "run_shell_command"}}, "stop": ["command"],
+      "tools": [SHELL_TOOL]}, "stop"),  # fmt: skip
+    ({"tool_choice": "required", "stop_token_ids": [151657], "tools": [SHELL_TOOL]}, "stop_token_ids"),
     ({"response_format": {"type": "json_object"}, "tool_choice": "required",
       "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),  # fmt: skip
 ]

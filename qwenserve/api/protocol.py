@@ -204,7 +204,7 @@ class CompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
 
 
-class TokenizeRequest(Lenient):
+class TokenizeRequest(StrictScalars):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -216,7 +216,7 @@ class TokenizeRequest(Lenient):
     return_token_strs: bool = False
 
 
-class DetokenizeRequest(Lenient):
+class DetokenizeRequest(StrictScalars):
     model: str | None = None
     tokens: list[int]
 

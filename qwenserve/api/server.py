@@ -343,10 +343,10 @@ def _tokenize(state: ServerState, req: TokenizeRequest) -> list[int]:
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
         )
-        return state.encode(text)
+        return state.encode_prompt(text, "messages")
     if req.prompt is None:
         raise bad_request("Send either 'prompt' or 'messages'.", param="prompt")
-    return state.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    return state.encode_prompt(req.prompt, "prompt", add_special_tokens=req.add_special_tokens)
 
 
 def uvloop_available() -> bool:

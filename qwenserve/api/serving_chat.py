@@ -116,7 +116,7 @@ class ChatCompletions:
             plan = guided_tool_plan(plan, params.guide)
             await self.state.compile_guide(params.guide)
         elif plan.must_call and self.state.xml_tools:
-            refuse_with_forced_call(params)
+            refuse_with_forced_call(params, plan, self.state.tokenizer)
             plan = await self._constrain_calls(plan, params)
         elif plan.allowed and self.state.xml_tools:
             plan = await self._constrain_calls(plan, params)
@@ -139,7 +139,7 @@ class ChatCompletions:
         )
 
 
-def refuse_with_forced_call(params: SamplingParams) -> None:
+def refuse_with_forced_call(params: SamplingParams, plan: ToolPlan, tokenizer: Any) -> None:
     """400 for the sampling fields a forced call (tool_choice required / named, as a grammar of calls)
     cannot honour."""
     if params.min_tokens:
@@ -148,13 +148,39 @@ def refuse_with_forced_call(params: SamplingParams) -> None:
         raise bad_request(
             "'min_tokens' cannot be combined with tool_choice 'required' or a named function.", param="min_tokens"
         )
-    if markup := next((s for s in params.stop if any(s in m for m in CALL_MARKUP)), None):
-        # The forced answer is nothing but calls: it would stop at once, answering no call at all.
+    # The forced answer is nothing but calls: a stop the call's own markup meets ends it before any call
+    # is complete, and the answer holds no call at all. (A stop inside a parameter's value still can.)
+    markup = forced_call_markup(plan)
+    if stop := next((s for s in params.stop if any(s in m for m in markup)), None):
         raise bad_request(
-            f"'stop' holds {markup!r}, part of the tool-call markup that tool_choice 'required' or a named "
-            "function makes the answer write.",
+            f"'stop' holds {stop!r}, which the tool call that tool_choice 'required' or a named function "
+            "makes the answer write would meet in its own markup: the answer would end before the call.",
             param="stop",
         )
+    markup_ids = {t for m in markup for t in tokenizer.encode(m, add_special_tokens=False)}
+    if stop_id := next((t for t in params.stop_token_ids if t in markup_ids), None):
+        raise bad_request(
+            f"'stop_token_ids' holds {stop_id}, a token of the tool-call markup that tool_choice 'required' or "
+            "a named function makes the answer write: the answer would end before the call.",
+            param="stop_token_ids",
+        )
+
+
+def forced_call_markup(plan: ToolPlan) -> list[str]:
+    """The fixed text of a forced call of each function the answer may call: its opening with the name, its
+    declared parameters' tags, its closing (with the newlines around them) and the separator between calls."""
+    markup = [*CALL_MARKUP, "\n"]
+    for tool in plan.tools or []:
+        fn = tool["function"]
+        if fn["name"] not in plan.must_call:
+            continue
+        markup.append(f"<tool_call>\n<function={fn['name']}>\n")
+        schema = fn.get("parameters")
+        props = schema.get("properties") if isinstance(schema, dict) else None
+        for name in props if isinstance(props, dict) else ():
+            markup.append(f"<parameter={name}>\n")
+        markup.append("\n</parameter>\n</function>\n</tool_call>")
+    return markup
 
 
 def check_chat_fields(req: ChatCompletionRequest) -> None:

@@ -122,11 +122,14 @@ class Completions:
         )
         prompts = split_prompts(req.prompt)
         queue = state.engine.config.max_queued_requests
-        if len(prompts) > queue:  # a 503 "retry shortly" would never succeed
+        if len(prompts) * req.n > queue:  # a 503 "retry shortly" would never succeed
+            # Each prompt's n sequences are queued work the requests behind this one wait for (first come,
+            # first served): one request may hold no more of them than the queue holds requests.
             raise bad_request(
-                f"{len(prompts)} prompts in one request; this server queues at most {queue} requests "
-                "(--max-queued-requests): send at most that many per request.",
-                param="prompt",
+                f"{len(prompts)} prompts x n={req.n} = {len(prompts) * req.n} sequences in one request; this "
+                f"server queues at most {queue} requests (--max-queued-requests): send at most that many "
+                "sequences per request.",
+                param="prompt" if req.n == 1 else "n",
             )
         if params.guide is not None:
             await state.compile_guide(params.guide)

@@ -123,7 +123,7 @@ class ServerState:
             return list(self.tokenizer.encode(text, add_special_tokens=True))
         return self.segments.encode(text)
 
-    def encode_prompt(self, text: str, param: str) -> list[int]:
+    def encode_prompt(self, text: str, param: str, add_special_tokens: bool = False) -> list[int]:
         """encode() for a prompt, refusing at once one far over the context: a text over _PRECOUNT_MIN_CHARS
         characters and _PRECOUNT_CHARS_PER_TOKEN per context token is counted slice by slice and refused
         as soon as it is certainly too long, so a huge prompt holds the tokenizer thread (which serves
@@ -141,7 +141,7 @@ class ServerState:
                         param=param,
                         code="context_length_exceeded",
                     )
-        return self.encode(text)
+        return self.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
