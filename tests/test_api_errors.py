@@ -7,6 +7,7 @@ one-request waiting queue, an API key, and a 0.2 s heartbeat.
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import socket
@@ -332,6 +333,14 @@ def test_request_that_is_not_http_is_an_openai_shaped_400(server: ServerProcess)
     assert server.post(CHAT, json={"messages": HI, "max_tokens": 1}).status_code == 200
 
 
+def test_a_compressed_body_is_a_415_naming_its_encoding(server: ServerProcess) -> None:
+    body = gzip.compress(json.dumps({"messages": HI, "max_tokens": 1}).encode())
+    r = server.post(CHAT, content=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    err = assert_openai_error(r, 415)
+    assert "'gzip' is not supported" in err["message"] and err["code"] == "unsupported_content_encoding", err
+    assert server.post(CHAT, json={"messages": HI, "max_tokens": 1}).status_code == 200
+
+
 def test_json_body_without_content_type(server: ServerProcess) -> None:
     """`curl -d '{...}'` sends form encoding; the body is still read as JSON."""
     body = b'{"prompt": "Hello world"}'
@@ -343,6 +352,9 @@ def test_unknown_route_and_method(server: ServerProcess) -> None:
     assert_openai_error(server.get("/v1/embeddings"), 404)
     assert_openai_error(server.get(CHAT), 405)
     assert httpx.head(f"{server.base_url}/health").status_code == 200  # load balancers probe with HEAD
+    for path in ("/v1/models", "/v1/models/qwen3-coder-demo", "/metrics", "/version"):  # as on every GET route
+        r = httpx.head(server.base_url + path, headers=server.headers)
+        assert r.status_code == 200 and not r.content, (path, r.status_code)
 
 
 def test_base_url_without_v1_gets_the_fix_in_its_404(server: ServerProcess) -> None:
@@ -350,6 +362,16 @@ def test_base_url_without_v1_gets_the_fix_in_its_404(server: ServerProcess) -> N
     err = assert_openai_error(server.post("/chat/completions", json={"messages": HI}), 404)
     assert "Did you mean /v1/chat/completions?" in err["message"]
     assert "Did you mean" not in assert_openai_error(server.post("/v1/nothing", json={}), 404)["message"]
+
+
+def test_base_url_with_v1_twice_gets_the_fix_in_its_404(server: ServerProcess) -> None:
+    """An Anthropic client (which adds /v1/messages itself) given the OpenAI base URL, http://host:port/v1."""
+    r = server.post("/v1/v1/messages", json={"max_tokens": 5, "messages": HI}, headers={"x-api-key": KEY})
+    assert r.status_code == 404 and r.json()["type"] == "error", r.text  # Anthropic's shape, read by its client
+    message = r.json()["error"]["message"]
+    assert "Did you mean /v1/messages?" in message and "http://HOST:PORT, without /v1" in message, message
+    err = assert_openai_error(server.post("/v1/v1/chat/completions", json={"messages": HI}), 404)
+    assert "Did you mean /v1/chat/completions?" in err["message"]
 
 
 def test_route_with_a_trailing_slash_is_served_not_redirected(server: ServerProcess) -> None:

@@ -288,6 +288,15 @@ BAD_REQUESTS = [
      None),  # fmt: skip
     ({"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "mcp_servers": [{"url": "x"}]},
      "mcp_servers", "unsupported_parameter"),  # fmt: skip
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "t", "content": "x", "is_error": "yes"}]}]},
+     "messages[0].content[0].is_error", None),  # fmt: skip
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "tools": [SHELL],
+      "tool_choice": {"type": "auto", "disable_parallel_tool_use": "yes"}}, "tool_choice.disable_parallel_tool_use",
+     None),  # fmt: skip
+    # A forced call's own markup holds a newline: the answer would end before the call (was a 200 with no call).
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "tools": [SHELL],
+      "tool_choice": {"type": "any"}, "stop_sequences": ["\n"]}, "stop_sequences", None),  # fmt: skip
 ]
 
 

@@ -145,6 +145,18 @@ def test_plain_answer(client: openai.OpenAI, server: ServerProcess) -> None:
     assert f"request {resp.id} body: " in server.log()
 
 
+def test_input_tokens_count_what_the_response_reads(client: openai.OpenAI) -> None:
+    """`client.responses.input_tokens.count` renders the request exactly as /v1/responses does."""
+    request = {"model": "m", "input": FRANCE, "instructions": "Be brief.", "tools": [SHELL]}
+    counted = client.responses.input_tokens.count(**request)
+    assert counted.object == "response.input_tokens"
+    assert counted.input_tokens == client.responses.create(**request, max_output_tokens=1).usage.input_tokens
+    assert client.responses.input_tokens.count(model="m", input=FRANCE).input_tokens < counted.input_tokens
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.input_tokens.count(model="m", input=FRANCE, previous_response_id="resp_1")
+    assert exc.value.body["param"] == "previous_response_id"
+
+
 def test_input_items_of_every_text_shape(client: openai.OpenAI) -> None:
     resp = client.responses.create(
         model="m",

@@ -144,12 +144,22 @@ def format_loc(loc: tuple[Any, ...] | list[Any]) -> str | None:
     return out or None
 
 
+def _most_specific(errors: list[Any]) -> Any:
+    """The first error, or a deeper one about the same field: where a value matches no member of a union
+    (content as a string or a list of parts), the member that got furthest names the bad part
+    (`messages[0].content[1]`) where the first would only name the field."""
+    first = errors[0]
+    field = tuple(first.get("loc", ()))[:2]
+    same = [e for e in errors if tuple(e.get("loc", ()))[:2] == field]
+    return max(same, key=lambda e: len(format_loc(e.get("loc", ())) or ""))
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
     """Turn FastAPI/pydantic's 422 into OpenAI's 400 with `param` set to the first bad field."""
     errors = exc.errors()
     if not errors:
         return bad_request("Invalid request body.")
-    first = errors[0]
+    first = _most_specific(errors)
     kind = first.get("type", "")
     if kind == "json_invalid":
         detail = first.get("ctx", {}).get("error", "") or first.get("msg", "")
@@ -181,8 +191,16 @@ def unknown_route_message(method: str, path: str, routes: set[str]) -> str:
     """The 404 text, with the fix when the path is one of ours without its /v1 prefix: the usual
     cause is a client base URL that does not end in /v1."""
     message = f"Unknown route: {method} {path}"
+    if path.startswith("/v1/v1/") and path[3:] in routes:
+        return (
+            f"{message}. Did you mean {path[3:]}? The client added /v1 to a base URL that already ends in /v1. "
+            "OpenAI clients take http://HOST:PORT/v1; Anthropic clients (Claude Code, the anthropic SDK) take "
+            "http://HOST:PORT, without /v1."
+        )
     if not path.startswith("/v1/") and f"/v1{path}" in routes:
-        message += f". Did you mean /v1{path}? An OpenAI client's base URL for this server ends in /v1."
+        for_whom = "An Anthropic client's base URL for this server is http://HOST:PORT" if path.startswith(
+            "/messages") else "An OpenAI client's base URL for this server ends in /v1"
+        message += f". Did you mean /v1{path}? {for_whom}."
     return message
 
 

@@ -30,6 +30,7 @@ KNOWN_ROUTES = frozenset(
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/responses",
+        "/v1/responses/input_tokens",
         "/v1/messages",
         "/v1/messages/count_tokens",
         "/tokenize",
@@ -67,7 +68,9 @@ class AnthropicErrorsMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
-        if path != "/v1/messages" and not path.startswith("/v1/messages/"):
+        # Any path of the Messages API, also under a mistaken prefix (/v1/v1/messages): the 404 reaches an
+        # Anthropic client, which reads its own shape only.
+        if not path.endswith("/messages") and "/messages/" not in path:
             await self.app(scope, receive, send)
             return
         token = ANTHROPIC_ERRORS.set(True)
@@ -215,13 +218,19 @@ def _error_summary(body: bytes) -> str:
 
 class JSONBodyMiddleware:
     """Read POST bodies as JSON whatever Content-Type says: `curl -d '{...}'` without
-    `-H 'Content-Type: application/json'` sends form encoding, and every body here is JSON."""
+    `-H 'Content-Type: application/json'` sends form encoding, and every body here is JSON. A compressed
+    body (Content-Encoding) is a 415 naming the encoding, not a JSON error about its bytes."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
+            encoding = dict(scope["headers"]).get(b"content-encoding", b"identity").decode("latin-1").strip()
+            if encoding.lower() not in ("", "identity"):
+                message = f"Content-Encoding {encoding!r} is not supported: send the JSON body uncompressed."
+                await APIError(415, message, code="unsupported_content_encoding").response()(scope, receive, send)
+                return
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             headers.append((b"content-type", b"application/json"))
             scope = {**scope, "headers": headers}

@@ -10,9 +10,9 @@ on sampling values live in SamplingParams so the engine and the API agree on the
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError, PydanticUndefined
 
 from qwenserve.api.errors import bad_request
@@ -119,6 +119,31 @@ class AllowedToolsChoice(Lenient):
     allowed_tools: AllowedTools
 
 
+def _tool_choice_kind(value: Any) -> str | None:
+    """Which form of tool_choice a value is meant as, so that a malformed one is told what that form lacks
+    rather than why it matches none of the three. (The tags are capitalised: error paths leave them out.)"""
+    if isinstance(value, str):
+        return "Mode"
+    if isinstance(value, dict | NamedToolChoice | AllowedToolsChoice):
+        kind = value.get("type", "function") if isinstance(value, dict) else value.type
+        return {"function": "Function", "allowed_tools": "AllowedTools"}.get(kind)
+    return None
+
+
+ToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag("Mode")]
+    | Annotated[NamedToolChoice, Tag("Function")]
+    | Annotated[AllowedToolsChoice, Tag("AllowedTools")],
+    Discriminator(
+        _tool_choice_kind,
+        custom_error_type="invalid_tool_choice",
+        custom_error_message="tool_choice must be 'none', 'auto', 'required', {'type': 'function', 'function': "
+        "{'name': NAME}} or {'type': 'allowed_tools', 'allowed_tools': {'mode': 'auto' or 'required', 'tools': "
+        "[...]}}",
+    ),
+]
+
+
 class StrictScalars(Lenient):
     # Strict in pydantic's sense: no str -> int/bool or bool -> int coercion (an int still fills a float).
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -177,7 +202,7 @@ class SamplingFields(SharedSamplingFields):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False

@@ -217,6 +217,14 @@ def _required_str(block: dict[str, Any], key: str, param: str, allow_empty: bool
     return value
 
 
+def _optional_bool(block: dict[str, Any], key: str, param: str) -> bool:
+    """A flag that may be left out (or null): False then; anything but a boolean is a 400."""
+    value = block.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise bad_request(f"{param}.{key} must be true or false, got {value!r}.", param=f"{param}.{key}")
+    return bool(value)
+
+
 def _unreadable(kind: str, param: str) -> APIError:
     """The 400 for a block this server cannot take."""
     if kind in _MEDIA_BLOCKS:
@@ -255,7 +263,7 @@ def _tool_message(block: dict[str, Any], param: str) -> ChatMessage:
     results with calls by order; the id is kept for the history's sake). A failed tool's output says so."""
     call_id = _required_str(block, "tool_use_id", param)
     text = _tool_result_text(block.get("content"), f"{param}.content")
-    if block.get("is_error") is True:
+    if _optional_bool(block, "is_error", param):
         text = f"Error: {text}"
     return ChatMessage(role="tool", tool_call_id=call_id, content=text)
 
@@ -352,7 +360,7 @@ def chat_tool_choice(choice: dict[str, Any] | None) -> tuple[str | NamedToolChoi
         raise bad_request(
             f"tool_choice.type must be one of {', '.join(_TOOL_CHOICE_TYPES)}, got {kind!r}.", param="tool_choice.type"
         )
-    one_call = choice.get("disable_parallel_tool_use") is True
+    one_call = _optional_bool(choice, "disable_parallel_tool_use", "tool_choice")
     if kind == "tool":
         name = choice.get("name")
         if not isinstance(name, str) or not name:

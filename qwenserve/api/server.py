@@ -197,8 +197,12 @@ def cors_options(allowed_origins: list[str] | None) -> dict[str, Any]:
     return {**where, "allow_methods": ["*"], "allow_headers": ["*"], "expose_headers": ["x-request-id"]}
 
 
+# HEAD wherever GET is served, as HTTP expects (monitors and load balancers probe with it).
+_GET = ["GET", "HEAD"]
+
+
 def _add_routes(app: FastAPI, ctx: AppContext) -> None:
-    @app.api_route("/health", methods=["GET", "HEAD"], tags=["ops"])
+    @app.api_route("/health", methods=_GET, tags=["ops"])
     async def health() -> Response:
         """200 when the model is loaded and serving, 503 while it loads."""
         if ctx.load_error:
@@ -209,11 +213,11 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
             return APIError(503, f"{dead}; restart the server.", code="engine_failed").response()
         return JSONResponse({"status": "ok"})
 
-    @app.get("/version", tags=["ops"])
+    @app.api_route("/version", methods=_GET, tags=["ops"])
     async def version() -> dict[str, str]:
         return {"version": __version__}
 
-    @app.get("/metrics", tags=["ops"])
+    @app.api_route("/metrics", methods=_GET, tags=["ops"])
     async def metrics() -> Response:
         """Prometheus exposition of request, token, latency and KV cache series."""
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -228,13 +232,13 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
             "max_model_len": state.max_model_len,
         }
 
-    @app.get("/v1/models", tags=["openai"])
+    @app.api_route("/v1/models", methods=_GET, tags=["openai"])
     async def models() -> dict[str, Any]:
         """Every served model name (any name is accepted in requests)."""
         state = ctx.require()
         return {"object": "list", "data": [model_card(state, name) for name in state.served_names]}
 
-    @app.get("/v1/models/{name:path}", tags=["openai"])
+    @app.api_route("/v1/models/{name:path}", methods=_GET, tags=["openai"])
     async def model(name: str) -> dict[str, Any]:
         """One served model (what `client.models.retrieve` asks for). Requests may name any model, but
         a client choosing among names learns here which ones this server lists (as vLLM answers)."""
@@ -262,6 +266,14 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
         endpoints = ctx.endpoints()
         _refuse_bad_text(req)
         return await endpoints.responses.create(req, raw)
+
+    @app.post("/v1/responses/input_tokens", tags=["openai"])
+    async def count_response_tokens(req: ResponsesRequest) -> dict[str, Any]:
+        """The prompt's size in tokens, rendered as /v1/responses would render it (the OpenAI SDK's
+        `client.responses.input_tokens.count`)."""
+        endpoints = ctx.endpoints()
+        _refuse_bad_text(req)
+        return await endpoints.responses.count_input_tokens(req)
 
     @app.post("/v1/messages", tags=["anthropic"])
     async def messages(req: MessagesRequest, raw: Request) -> Response:

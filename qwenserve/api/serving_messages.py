@@ -149,6 +149,8 @@ class Messages:
         try:
             return await self.chat.prepare(to_chat_request(req))
         except APIError as exc:
+            if exc.param == "stop" and isinstance(req, MessagesRequest) and req.stop_sequences:
+                exc.param = "stop_sequences"  # Anthropic's name for the field the chat path calls `stop`
             raise with_anthropic_overflow_words(exc) from None
 
     async def count_tokens(self, req: MessagesInput) -> dict[str, int]:

@@ -174,6 +174,11 @@ class Responses:
                 exc.param = "input"
             raise
 
+    async def count_input_tokens(self, req: ResponsesRequest) -> dict[str, Any]:
+        """The prompt's size, rendered exactly as create() renders it."""
+        prepared = await self._prepare(req)
+        return {"object": "response.input_tokens", "input_tokens": len(prepared.prompt_ids)}
+
     async def create(self, req: ResponsesRequest, raw: Request) -> Response:
         """Validate, submit to the engine, and answer with a Response object or its event stream."""
         state = self.state

@@ -143,10 +143,12 @@ def _allows_some_text(compiled: Any, stop_token_ids: list[int]) -> bool:
 
 
 def _clean_error(err: BaseException) -> str:
-    """xgrammar's message without its timestamp and C++ source location."""
+    """xgrammar's message without its timestamp, C++ source location and the failed check's condition."""
     text = str(err).strip()
+    if "type mismatch!" in text:  # its JSON reader met a value of another type than the schema keyword takes
+        return "a schema keyword holds a value of the wrong JSON type (such as a number in 'required')"
     text = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", text)
-    return text.removeprefix("Check failed: (error.empty()) is false: ") or type(err).__name__
+    return re.sub(r"^Check failed: .*? is false: ", "", text) or type(err).__name__
 
 
 def fill_bitmask(matchers: list[Any], vocab_size: int, pin: bool) -> torch.Tensor:

@@ -113,23 +113,23 @@ class SamplingParams:
         if self.guide is not None and self.min_tokens:
             # The grammar may allow nothing but the end of the text, which min_tokens would forbid.
             raise InvalidRequestError(
-                f"'min_tokens' cannot be combined with structured output ('{self.guide.param}')", param="min_tokens"
+                f"'min_tokens' cannot be combined with structured output ('{self.guide.param}').", param="min_tokens"
             )
         for ok, name, why in checks:
             if not ok:
                 value = self.logprobs if name == "top_logprobs" else getattr(self, name)
-                raise InvalidRequestError(f"'{name}' {why}, got {value!r}", param=name)
+                raise InvalidRequestError(f"'{name}' {why}, got {value!r}.", param=name)
 
     def _validate_logit_bias(self) -> None:
         bias = self.logit_bias or {}
         if len(bias) > MAX_LOGIT_BIAS:
             raise InvalidRequestError(
-                f"'logit_bias' holds {len(bias)} token ids; at most {MAX_LOGIT_BIAS} are accepted", param="logit_bias"
+                f"'logit_bias' holds {len(bias)} token ids; at most {MAX_LOGIT_BIAS} are accepted.", param="logit_bias"
             )
         for token_id, value in bias.items():
             if isinstance(value, bool) or not isinstance(value, int | float) or not -100 <= value <= 100:
                 raise InvalidRequestError(
-                    f"'logit_bias' values must be numbers in [-100, 100], got {value!r} for token {token_id}",
+                    f"'logit_bias' values must be numbers in [-100, 100], got {value!r} for token {token_id}.",
                     param="logit_bias",
                 )
 
