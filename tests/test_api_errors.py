@@ -212,6 +212,7 @@ BAD_INPUTS: list[tuple[str, Any, str | None]] = [
     ("/v1/completions", b'{"prompt": "a\\ud800"}', "prompt"),
     ("/tokenize", b'{"prompt": "a\\ud800"}', "prompt"),
     # Malformed messages and content parts, and values OpenAI or vLLM refuse.
+    (CHAT, {"messages": [*HI, {"role": "function", "name": "f", "content": "1"}]}, "messages[1].role"),
     (CHAT, {"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
     (CHAT, {"messages": [{"role": "user", "content": [{"text": "hi"}]}]}, "messages[0].content[0].type"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text"),

@@ -65,6 +65,17 @@ class ChatMessage(Lenient):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
+    @field_validator("role", mode="before")
+    @classmethod
+    def _not_legacy(cls, role: Any) -> Any:
+        if role == "function":  # as the legacy `functions` field is refused (serving_chat.check_chat_fields)
+            raise PydanticCustomError(
+                "legacy_role",
+                "role 'function' belongs to the legacy function-calling format, which is not supported: send the "
+                "result as a 'tool' message with the 'tool_call_id' of the assistant's call",
+            )
+        return role
+
 
 class FunctionDefinition(Lenient):
     name: str = Field(min_length=1)
