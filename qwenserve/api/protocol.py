@@ -136,7 +136,7 @@ def _tool_choice_kind(value: Any) -> str | None:
     if isinstance(value, str):
         return "Mode"
     if isinstance(value, dict | NamedToolChoice | AllowedToolsChoice):
-        kind = value.get("type", "function") if isinstance(value, dict) else value.type
+        kind = (value.get("type") or "function") if isinstance(value, dict) else value.type
         return {"function": "Function", "allowed_tools": "AllowedTools"}.get(kind)
     return None
 
