@@ -26,6 +26,7 @@ from qwenserve.api.protocol import (
     Tool,
     bad_text_path,
 )
+from qwenserve.api.structured_output import call_opening
 
 logger = logging.getLogger("qwenserve.api")
 
@@ -184,7 +185,7 @@ def is_xml_tool_format(chat_template: str | None) -> bool:
 def _call_prefix(xml: bool, name: str | None) -> str:
     """The opening of a tool call, up to and including the function name when known."""
     if xml:
-        return f"<tool_call>\n<function={name}>\n" if name else "<tool_call>\n<function="
+        return call_opening(name) if name else "<tool_call>\n<function="
     return f'<tool_call>\n{{"name": "{name}", "arguments": ' if name else '<tool_call>\n{"name": "'
 
 

@@ -25,7 +25,12 @@ from qwenserve.api.streaming import (
     respond,
     sse,
 )
-from qwenserve.api.structured_output import CALL_MARKUP, allowed_calls_guide, forced_call_guide, request_guide
+from qwenserve.api.structured_output import (
+    allowed_calls_guide,
+    forced_call_guide,
+    forced_call_markup,
+    request_guide,
+)
 from qwenserve.engine.guided import Guide
 from qwenserve.engine.outputs import RequestOutput
 from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
@@ -150,7 +155,7 @@ def refuse_with_forced_call(params: SamplingParams, plan: ToolPlan, tokenizer: A
         )
     # The forced answer is nothing but calls: a stop the call's own markup meets ends it before any call
     # is complete, and the answer holds no call at all. (A stop inside a parameter's value still can.)
-    markup = forced_call_markup(plan)
+    markup = forced_call_markup(plan.tools or [], plan.must_call)
     if stop := next((s for s in params.stop if any(s in m for m in markup)), None):
         raise bad_request(
             f"'stop' holds {stop!r}, which the tool call that tool_choice 'required' or a named function "
@@ -164,23 +169,6 @@ def refuse_with_forced_call(params: SamplingParams, plan: ToolPlan, tokenizer: A
             "a named function makes the answer write: the answer would end before the call.",
             param="stop_token_ids",
         )
-
-
-def forced_call_markup(plan: ToolPlan) -> list[str]:
-    """The fixed text of a forced call of each function the answer may call: its opening with the name, its
-    declared parameters' tags, its closing (with the newlines around them) and the separator between calls."""
-    markup = [*CALL_MARKUP, "\n"]
-    for tool in plan.tools or []:
-        fn = tool["function"]
-        if fn["name"] not in plan.must_call:
-            continue
-        markup.append(f"<tool_call>\n<function={fn['name']}>\n")
-        schema = fn.get("parameters")
-        props = schema.get("properties") if isinstance(schema, dict) else None
-        for name in props if isinstance(props, dict) else ():
-            markup.append(f"<parameter={name}>\n")
-        markup.append("\n</parameter>\n</function>\n</tool_call>")
-    return markup
 
 
 def check_chat_fields(req: ChatCompletionRequest) -> None:

@@ -219,6 +219,27 @@ def _vllm_guide(req: Any) -> Guide | None:
 # The markup of a Qwen3-Coder call: a value holding any of it would be read back differently by the
 # tool parser than the grammar wrote it (the value would end early, or a call appear inside it).
 CALL_MARKUP = ["<tool_call>", "</tool_call>", "<function=", "</function>", "<parameter=", "</parameter>"]
+CALL_CLOSING = "\n</function>\n</tool_call>"
+
+
+def call_opening(name: str) -> str:
+    """How a Qwen3-Coder call of `name` opens: the grammar's tag and the prompt's forced prefix write it so."""
+    return f"<tool_call>\n<function={name}>\n"
+
+
+def forced_call_markup(tools: list[dict[str, Any]], names: tuple[str, ...]) -> list[str]:
+    """The fixed text a forced call of one of `names` writes: its opening, its declared parameters' tags, the
+    closings (with the newlines around them) and the newline between calls; a value is free text."""
+    markup = [*CALL_MARKUP, "\n", "\n</parameter>\n" + CALL_CLOSING]
+    for tool in tools:
+        fn = tool["function"]
+        if fn["name"] not in names:
+            continue
+        markup.append(call_opening(fn["name"]))
+        schema = fn.get("parameters")
+        props = schema.get("properties") if isinstance(schema, dict) else None
+        markup += [f"<parameter={name}>\n" for name in (props if isinstance(props, dict) else ())]
+    return markup
 
 
 def forced_call_guide(
@@ -267,14 +288,14 @@ def _call_tags(tools: list[dict[str, Any]], names: tuple[str, ...], loose: bool)
         if not _readable_names(fn["name"], schema):
             return None
         tags.append({
-            "type": "tag", "begin": f"<tool_call>\n<function={fn['name']}>\n",
+            "type": "tag", "begin": call_opening(fn["name"]),
             # One whitespace character around a value at most: the newline the format puts there; a model
             # free to add more may pad a value with it, which then reaches the parsed arguments.
             "content": {"type": "json_schema", "json_schema": _names_only(schema) if loose else _call_schema(schema),
                         "style": "qwen_xml",
                         "max_whitespace_cnt": 1,
                         "excludes": CALL_MARKUP},
-            "end": "\n</function>\n</tool_call>",
+            "end": CALL_CLOSING,
         })  # fmt: skip
     return tags
 
