@@ -43,6 +43,7 @@ DEFAULT_FIXTURES = _FIXTURES / "qwen-code-0.24.4"
 
 
 def expert_bytes(cfg: ModelConfig, elem: int = 2) -> int:
+    """Bytes of one expert's gate, up and down projections."""
     return 3 * cfg.hidden_size * cfg.moe_intermediate_size * elem
 
 
@@ -61,10 +62,12 @@ def expected_experts_touched(cfg: ModelConfig, batch: int) -> float:
 
 
 def kv_bytes_per_token(cfg: ModelConfig, elem: int = 2) -> int:
+    """Bytes of K and V one token holds in the cache, over all layers."""
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
 def decode_step_bytes(cfg: ModelConfig, batch: int, context: int) -> float:
+    """Bytes one decode step reads: dense weights, the experts a batch this size touches, its KV."""
     experts = expected_experts_touched(cfg, batch) * cfg.num_hidden_layers * expert_bytes(cfg)
     return dense_bytes_per_step(cfg) + experts + batch * context * kv_bytes_per_token(cfg)
 
@@ -90,6 +93,7 @@ def _sync() -> None:
 
 
 def random_prompt(n: int, rng: random.Random, vocab: int = 150000) -> list[int]:
+    """`n` random token ids below `vocab` (the prompts' content does not matter to the timing)."""
     return [rng.randrange(0, vocab) for _ in range(n)]
 
 
@@ -224,6 +228,7 @@ def hf_state_dict(engine: LLMEngine) -> dict[str, torch.Tensor]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the engine on dummy weights, run every measurement, return the figures as a dict."""
     rng = random.Random(0)
     config = EngineConfig(
         model=str(args.config), load_format="dummy", max_model_len=args.max_model_len,
@@ -303,6 +308,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def qwen_code_turns(engine: LLMEngine, fixtures: Path, cfg: ModelConfig, peak: float) -> dict[str, Any]:
+    """TTFT of qwen-code's first turn cold and of its follow-up with the first turn cached."""
     first = render_fixture(engine, fixtures / "first-turn.json")
     follow = render_fixture(engine, fixtures / "after-tool-call.json")
     # Warm the same shapes on a copy whose first token differs, so nothing of it is cached for the real run.
@@ -349,6 +355,7 @@ def markdown(res: dict[str, Any], command: str, commit: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The bench command's options."""
     p = argparse.ArgumentParser(prog="qwenserve bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="dir with the model's config.json")
     p.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES, help="dir with qwen-code request fixtures")
@@ -375,6 +382,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of `qwenserve bench`: run, print the table, write the JSON and markdown."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     if not torch.cuda.is_available():

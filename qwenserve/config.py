@@ -73,6 +73,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        """Validate a config.json's contents (hub or Transformers 5 key names) into a ModelConfig."""
         archs = raw.get("architectures") or []
         arch = archs[0] if archs else {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(
             raw.get("model_type", ""), ""
@@ -111,6 +112,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
+        """Read and validate a config.json."""
         with open(path, encoding="utf-8") as f:
             try:
                 raw = json.load(f)

@@ -20,6 +20,7 @@ def client_host(host: str) -> str:
 
 
 def base_url(host: str, port: int) -> str:
+    """The OpenAI base URL a client on this machine reaches the server at."""
     return f"http://{client_host(host)}:{port}/v1"
 
 

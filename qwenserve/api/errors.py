@@ -88,6 +88,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
+        """The error as a JSON response, in OpenAI's or (on Anthropic routes) Anthropic's shape."""
         headers = self.headers
         if ANTHROPIC_ERRORS.get() and 400 <= self.status < 500 and self.status not in _RETRYABLE_4XX:
             # As Anthropic's API does: sending the same request again cannot help. Claude Code retries a

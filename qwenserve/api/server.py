@@ -87,6 +87,7 @@ class AppContext:
         return self.state is not None
 
     def require(self) -> ServerState:
+        """The loaded server state, or a 503 while the model loads."""
         if self.state is None:
             raise unavailable("The model is still loading; retry shortly.", code="model_loading")
         return self.state

@@ -144,6 +144,7 @@ class ServerState:
         return self.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: list[int]) -> str:
+        """Token ids to text, special tokens kept (what the model wrote)."""
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def add_request(
@@ -170,9 +171,11 @@ class ServerState:
             raise APIError(503, f"{exc}; restart the server.", code="engine_failed") from exc
 
     def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks now (a client went away)."""
         self.engine.abort(request_id)
 
     def close(self) -> None:
+        """Stop the tokenizer and grammar threads without waiting for queued work."""
         self._cpu.shutdown(wait=False, cancel_futures=True)
         self._grammar.shutdown(wait=False, cancel_futures=True)
 

@@ -160,7 +160,9 @@ class SSEResponse(StreamingResponse):
 class AnswerContext(Protocol):
     """What an endpoint's per-request context gives `respond`."""
 
-    def heartbeat(self) -> str: ...
+    def heartbeat(self) -> str:
+        """A keep-alive event for a stream whose answer is slow to come (a long prefill, a queue)."""
+        ...
 
     def log_error(self, exc: APIError) -> None:
         """Write the request's log line with the error it ended in."""
@@ -170,7 +172,9 @@ class AnswerContext(Protocol):
         """log_error, then the event that tells a stream's client."""
         ...
 
-    def close_if_unfinished(self) -> None: ...
+    def close_if_unfinished(self) -> None:
+        """Abort the request if it has not ended (the client went away mid-answer)."""
+        ...
 
 
 async def respond(

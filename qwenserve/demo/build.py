@@ -1102,6 +1102,7 @@ def write_checkpoint(model: Any, out_dir: Path) -> None:
 
 
 def load_checkpoint(path: Path, dtype: torch.dtype, device: torch.device) -> Any:
+    """The demo checkpoint loaded by Transformers (the reference the build verifies against)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation="eager")

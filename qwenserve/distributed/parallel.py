@@ -34,6 +34,7 @@ def apply_multicast_off_env() -> None:
 
 
 def gloo_available() -> bool:
+    """Whether torch.distributed has the gloo backend (host-side messages between ranks)."""
     return dist.is_available() and dist.is_gloo_available()
 
 
@@ -65,6 +66,7 @@ def init_process_group(
 
 
 def destroy_process_group() -> None:
+    """Tear down the process groups, if any; safe to call twice."""
     global _control_group
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -72,14 +74,17 @@ def destroy_process_group() -> None:
 
 
 def get_world_size() -> int:
+    """Number of ranks; 1 without a process group."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def get_rank() -> int:
+    """This process's rank; 0 without a process group."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
 def control_group() -> dist.ProcessGroup:
+    """The gloo group that carries step messages between host processes."""
     if _control_group is None:
         raise RuntimeError("the process group is not initialised")
     return _control_group

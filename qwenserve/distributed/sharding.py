@@ -62,6 +62,7 @@ def kv_heads_per_rank(cfg: ModelConfig, world_size: int) -> int:
 
 
 def expert_range(num_experts: int, rank: int, world_size: int) -> range:
+    """The experts `rank` holds under expert parallelism (a contiguous, equal share)."""
     per_rank = num_experts // world_size
     return range(rank * per_rank, (rank + 1) * per_rank)
 

@@ -59,6 +59,7 @@ class WorkerSpec:
     num_threads: int  # rank 0's torch op threads (CPU)
 
     def device(self, rank: int) -> torch.device:
+        """The device `rank` runs on."""
         if self.device_type == "cuda":
             return torch.device("cuda", self.first_device_index + rank)
         return torch.device(self.device_type)
@@ -85,6 +86,7 @@ def pack_step(inp: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def payload_len(header: torch.Tensor) -> int:
+    """Length of the step payload the `header` announces."""
     num_tokens, num_seqs, max_blocks = (int(v) for v in header[1:4])
     return 3 * num_tokens + 2 * num_seqs + 1 + num_seqs * max_blocks
 
@@ -144,6 +146,7 @@ class WorkerGroup:
         logger.info("tensor parallel: %d ranks (%s)", spec.world_size, ", ".join(str(p.pid) for p in self.procs))
 
     def send(self, header: torch.Tensor, payload: torch.Tensor | None = None) -> None:
+        """Broadcast a command header (and its payload) to every worker."""
         self._check_alive()
         parallel.broadcast_host(header)
         if payload is not None:
@@ -227,6 +230,7 @@ class DistributedModelRunner(ModelRunner):
             hook.remove()
 
     def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Pack the batch's inputs, send them to the workers and unpack the same bytes for rank 0."""
         inp = self._host_inputs(batch)
         if inp.pending_rows:
             raise RuntimeError("tensor parallel steps run one at a time: every input id must be known on the host")

@@ -59,6 +59,7 @@ class RequestStream:
         self._remaining = n
 
     def put(self, item: RequestOutput | BaseException) -> None:
+        """Deliver an output (or the error that ends the stream) to the reader."""
         self._queue.put_nowait(item)
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:

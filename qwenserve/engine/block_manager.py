@@ -67,6 +67,7 @@ class BlockManager:
         return 1.0 - self.num_free_blocks / self.num_usable_blocks
 
     def blocks_needed(self, num_tokens: int) -> int:
+        """Blocks that hold `num_tokens` tokens."""
         return -(-num_tokens // self.block_size)
 
     # -- prefix cache ---------------------------------------------------------

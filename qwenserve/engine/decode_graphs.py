@@ -102,9 +102,11 @@ class DecodeGraphs:
         )
 
     def can_run(self, batch: ScheduledBatch) -> bool:
+        """Whether a captured graph can run this batch: decode only, within the largest size."""
         return len(batch.seqs) <= self.max_bs and all(n == 1 for n in batch.num_new_tokens)
 
     def padded_size(self, n: int) -> int:
+        """The smallest captured batch size that holds `n` sequences."""
         return next(size for size in self.sizes if size >= n)
 
     def key(self, inp: StepInputs) -> tuple[int, bool]:

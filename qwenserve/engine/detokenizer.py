@@ -100,5 +100,6 @@ class StopStringMatcher:
         return out, None
 
     def flush(self) -> str:
+        """The text held back as a possible stop-string prefix, now that the answer ended."""
         out, self.pending = self.pending, ""
         return out

@@ -445,6 +445,7 @@ class LLMEngine:
         return req
 
     def has_unfinished(self) -> bool:
+        """Whether any request is still waiting or running."""
         return bool(self.requests)
 
     def num_waiting_requests(self) -> int:
@@ -452,6 +453,7 @@ class LLMEngine:
         return len({seq.request_id for seq in self.scheduler.waiting})
 
     def stats(self) -> EngineStats:
+        """Queue and KV cache figures for /metrics and the logs."""
         bm = self.block_manager
         return EngineStats(
             num_running=len({seq.request_id for seq in self.scheduler.running}),  # n > 1 counts once

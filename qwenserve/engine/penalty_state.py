@@ -91,6 +91,7 @@ class PenaltyState:
                 self.num_tokens_of[seq.seq_id] += 1
 
     def release(self, seq: Sequence) -> None:
+        """Give `seq`'s token-count row back to the pool."""
         row = self.row_of.pop(seq.seq_id, None)
         if row is not None:
             self.num_tokens_of.pop(seq.seq_id, None)

@@ -26,6 +26,7 @@ class ScheduledBatch:
     num_new_tokens: list[int] = field(default_factory=list)
 
     def add(self, seq: Sequence, num_tokens: int) -> None:
+        """Schedule `num_tokens` of `seq`'s tokens in this step."""
         self.seqs.append(seq)
         self.num_new_tokens.append(num_tokens)
 
@@ -45,6 +46,7 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        """Add `seq` to the waiting queue."""
         self.waiting.append(seq)
 
     def schedule(self) -> ScheduledBatch:

@@ -251,6 +251,7 @@ class _CheckpointReader:
         self.fp8_block = fp8_block
 
     def get(self, name: str) -> torch.Tensor:
+        """Tensor `name` from its shard, FP8 weights multiplied by their scale."""
         tensor = self.shards[name].get_tensor(name)
         if tensor.dtype not in _FP8_DTYPES:
             return tensor

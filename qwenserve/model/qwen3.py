@@ -230,4 +230,5 @@ class Qwen3ForCausalLM(nn.Module):
         return self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the vocabulary for the final hidden states."""
         return self.lm_head(hidden)
