@@ -153,6 +153,18 @@ def test_incremental_detokenizer_never_splits_characters(tiny_moe_dir: Path) -> 
     assert sum(1 for p in pieces if p) > 10  # it really streamed
 
 
+def test_detokenized_output_is_its_own_ids_after_a_prompt_cut_mid_character(tiny_moe_dir: Path) -> None:
+    """A token-id prompt may end inside a character; the output's bytes that finish it stay its own."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_moe_dir)
+    ids = tok.encode("Hello 𝔘 world", add_special_tokens=False)
+    cut = next(k for k in range(1, len(ids)) if tok.decode(ids[:k]).endswith("\ufffd"))
+    detok = IncrementalDetokenizer(tok, ids[:cut], skip_special_tokens=True)
+    text = "".join(detok.add(i) for i in ids[cut:]) + detok.flush()
+    assert text == tok.decode(ids[cut:]) and text.endswith(" world")
+
+
 def test_stop_matcher_holds_back_only_possible_prefixes() -> None:
     m = StopStringMatcher(["END"])
     assert m.add("abc") == ("a", None)
@@ -163,6 +175,12 @@ def test_stop_matcher_holds_back_only_possible_prefixes() -> None:
     assert before_min.add("The capital of France", active=False) == ("The capital of F", None)
     assert before_min.add(" is Fr", active=True) == ("rance ", None)  # ...nor later what it passed,
     assert before_min.add("ance.", active=True) == ("is ", "France")  # but one ending after it does
+    # A longer stop string holds more text back; what it holds from before min_tokens still cannot match.
+    longer = StopStringMatcher(["France", "a-much-longer-stop"])
+    first, hit = longer.add("The capital of France", active=False)
+    assert hit is None
+    second, hit = longer.add(" is Paris.", active=True)
+    assert hit is None and first + second + longer.flush() == "The capital of France is Paris."
     m2 = StopStringMatcher(["</stop>"], include_stop=True)
     assert m2.add("hi </st")[1] is None
     out, hit = m2.add("op> tail")
@@ -185,6 +203,10 @@ def test_stop_strings_never_match_inside_a_control_token() -> None:
     assert StopStringMatcher(["<tool_call>"]).add_control("<tool_call>", active=False) == ("<tool_call>", None)
     both = StopStringMatcher(["<tool_call>", "\n<tool_call>"])  # the earliest start wins, as in add
     assert both.add("x\n") == ("", None) and both.add_control("<tool_call>") == ("x", "\n<tool_call>")
+    # The detokenizer hands the token over with a partial character it completed ("\ufffd<tool_call>"):
+    # that character is ordinary text before the token, and the token still ends the stop string.
+    after_partial = StopStringMatcher(["<tool_call>"])
+    assert after_partial.add_control("Hi \ufffd<tool_call>", token_text="<tool_call>") == ("Hi \ufffd", "<tool_call>")
     skipped = StopStringMatcher(["abc"])  # a special token the detokenizer skips (empty text) is no boundary
     assert skipped.add("ab") == ("", None) and skipped.add_control("") == ("", None)
     assert skipped.add("c") == ("", "abc")

@@ -572,6 +572,20 @@ def test_unbalanced_literal_nesting_falls_back() -> None:
     assert content == "\nDone."
 
 
+@pytest.mark.parametrize("after", ["", "\n<tool_call>\n<function=write_file>\n<parameter=path>\nb.md\n</parameter>\n"
+                                   "</function>\n</tool_call>"])
+def test_unclosed_opener_line_in_a_value_is_prose(after: str) -> None:
+    """A value that mentions the format on a line of its own (`<function=NAME>`, never closed) still
+    ends at its own </parameter>: the call's real closers are not taken for the mention's."""
+    value = "A call starts with:\n<function=NAME>"
+    text = (f"<tool_call>\n<function=write_file>\n<parameter=content>\n{value}\n</parameter>\n"
+            "<parameter=path>\nnotes.md\n</parameter>\n</function>\n</tool_call>" + after)
+    content, calls = parse_both(WRITE_FILE, text)
+    assert content is None
+    assert calls[0] == ("write_file", {"content": value, "path": "notes.md"})
+    assert len(calls) == (2 if after else 1)
+
+
 # ---------------------------------------------------------------------------- streaming shape
 
 

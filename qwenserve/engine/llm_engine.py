@@ -35,7 +35,7 @@ from qwenserve.engine.scheduler import ScheduledBatch, Scheduler
 from qwenserve.engine.sequence import PENDING_TOKEN, Sequence
 from qwenserve.engine.startup import (
     check_kv_memory_fits,
-    control_token_ids,
+    control_tokens,
     limit_cpu_threads,
     load_tokenizer,
     pick_device,
@@ -137,7 +137,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(path)
         # Ids a request may name: those that are tokens (the model's rows past the tokenizer's are padding).
         self.num_token_ids = min(self.model_config.vocab_size, len(self.tokenizer))
-        self.control_token_ids = control_token_ids(self.tokenizer)
+        self.control_tokens = control_tokens(self.tokenizer)
         max_len = self._context_length()
         if self.device.type == "cpu":
             limit_cpu_threads(self.model_config)
@@ -604,8 +604,11 @@ class LLMEngine:
         if is_stop_token and seq.num_known_output_tokens > params.min_tokens:
             seq.finish_reason, seq.stop_reason = "stop", token_id
         else:
-            add = state.stop.add_control if token_id in self.control_token_ids else state.stop.add
-            text, matched = add(state.detok.add(token_id), active)
+            token_text = self.control_tokens.get(token_id)
+            if token_text is None:
+                text, matched = state.stop.add(state.detok.add(token_id), active)
+            else:
+                text, matched = state.stop.add_control(state.detok.add(token_id), active, token_text)
             state.new_text.append(text)
             if matched is not None:
                 seq.finish_reason, seq.stop_reason = "stop", matched

@@ -79,11 +79,12 @@ def limit_cpu_threads(cfg: ModelConfig) -> None:
         torch.set_num_threads(1)
 
 
-def control_token_ids(tokenizer: Any) -> frozenset[int]:
-    """The added tokens whose text is markup (<tool_call>, <|im_end|>, <|fim_middle|>, ...): stop strings
-    never match a piece of them. Not every added token: a tokenizer may add plain words too."""
+def control_tokens(tokenizer: Any) -> dict[int, str]:
+    """The added tokens whose text is markup (<tool_call>, <|im_end|>, <|fim_middle|>, ...), id to text:
+    stop strings never match a piece of them. Not every added token: a tokenizer may add plain words too."""
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    return frozenset(i for i, tok in added.items() if re.fullmatch(r"<.+>", str(getattr(tok, "content", tok))))
+    texts = {i: str(getattr(tok, "content", tok)) for i, tok in added.items()}
+    return {i: text for i, text in texts.items() if re.fullmatch(r"<.+>", text)}
 
 
 def load_tokenizer(path: Path) -> Any:

@@ -29,7 +29,9 @@ written through ``write_file`` routinely contain ``</parameter>`` or whole
   ``<parameter=NAME>`` (same NAME rule), or a line-start ``</function>`` /
   ``</tool_call>`` that is itself followed by the end or another call;
 * line-start ``<tool_call>`` / ``<function=`` inside a value open a literal
-  nesting level, inside which nothing is structural until the matching close.
+  nesting level, inside which nothing is structural until the matching close;
+  when that reading leaves the value without its own ``</parameter>`` but the
+  flat reading has one, the opener was prose and the flat reading wins.
 
 Outside calls, a ``<function=`` opens a call without its ``<tool_call>`` only at
 a line start (mid-line it is prose about the format), and stray ``<tool_call>`` /
@@ -552,6 +554,13 @@ class Qwen3CoderToolParser(ToolParserBase):
     def _find_value_end(self, value: _Value, final: bool) -> tuple[int, int] | None:
         """(value end, resume position) once decidable; always decided when ``final``."""
         found = self._scan(value, final, nested=True)
+        if found is not None and value.nest_floor >= 0 and not self._buf.startswith(PARAM_END, found[0]):
+            # The nesting made the value's own </parameter> literal and only a line-start closer ended
+            # it: an opener line the value never closes (prose about the format) rather than a model
+            # that forgot </parameter>. Prefer the reading where the model made no mistake.
+            flat = self._scan(value, final, nested=False)
+            if flat is not None and flat[0] < found[0] and self._buf.startswith(PARAM_END, flat[0]):
+                return flat
         if found is not None or not final:
             return found
         # Unbalanced literal nesting: retry ignoring it, then fall back to the end.

@@ -288,7 +288,8 @@ def convert_value(raw: str, ptype: ParamType) -> Any:
     """Convert one parameter's raw text to its JSON value according to ``ptype``.
 
     Never raises: anything that does not parse as the declared type is
-    returned as the raw string.
+    returned as the raw string, except a boolean, which is true only for the
+    words in ``_TRUE_WORDS`` and false for any other (as vLLM reads it).
     """
     kind = ptype.name
     if kind is None:
