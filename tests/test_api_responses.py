@@ -94,6 +94,7 @@ def check_events(events: list[Any]) -> dict[str, Any]:
             arguments[e.output_index] += e.delta
         elif e.type == "response.function_call_arguments.done":
             assert e.arguments == arguments[e.output_index], "argument deltas concatenate to the done arguments"
+            assert e.name == open_items[e.output_index].name  # a required field of the SDK's event type
         elif e.type == "response.output_item.done":
             added = open_items.pop(e.output_index)
             assert e.item.id == added.id and e.item.type == added.type

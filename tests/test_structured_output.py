@@ -184,7 +184,9 @@ BAD = [
     ({"tool_choice": {"type": "function", "function": {"name": "run_shell_command"}}, "stop": ["command"],
       "tools": [SHELL_TOOL]}, "stop"),  # fmt: skip
     ({"tool_choice": "required", "stop_token_ids": [151657], "tools": [SHELL_TOOL]}, "stop_token_ids"),
-    ({"response_format": {"type": "json_object"}, "tool_choice": "required",
+    # vLLM's guided fields shape the whole answer (response_format only a text reply: see
+    # test_tools_beside_a_reply_format), so a forced call would have to match both.
+    ({"guided_json": {"type": "object"}, "tool_choice": "required",
       "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),  # fmt: skip
 ]
 
@@ -395,6 +397,43 @@ def test_a_forced_answer_cut_short_holds_no_markup(server: ServerProcess) -> Non
         assert message["content"] is None, (max_tokens, message)
         streamed = server.post(CHAT, json={**body, "max_tokens": max_tokens, "stream": True}).text
         assert '"content": "' not in streamed.replace('"content": ""', ""), (max_tokens, streamed)
+
+
+def test_tools_beside_a_reply_format(server: ServerProcess, client: openai.OpenAI) -> None:
+    """OpenAI applies response_format / text.format to a text reply only (the Agents SDK and pydantic-ai
+    send tools with an output type): asked to list files the demo model still calls its tool, asked
+    something else it answers in the format, and a forced call with a format is the call."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
+    body = {"tools": [SHELL_TOOL], "response_format": fmt, "temperature": 0, "max_tokens": 60}
+    for stream in (False, True):
+        calls = client.chat.completions.create(model="m", messages=LIST_FILES, stream=stream, **body)
+        if stream:
+            chunks = list(calls)
+            names = [tc.function.name for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []
+                     if tc.function and tc.function.name]  # fmt: skip
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        else:
+            names = [tc.function.name for tc in calls.choices[0].message.tool_calls or []]
+            finish = [calls.choices[0].finish_reason]
+        assert names == ["run_shell_command"] and finish == ["tool_calls"], (stream, names, finish)
+    # The tiny model, given the choice, always opens a call; pushed to a reply, the reply keeps the format.
+    no_call = {str(token_id(server, "{")): 100}
+    reply = client.chat.completions.create(model="m", messages=ASK, logit_bias=no_call, **body)
+    assert reply.choices[0].finish_reason == "stop" and not reply.choices[0].message.tool_calls, reply
+    assert_matches_schema(reply.choices[0].message.content)
+    json_mode = server.post(CHAT, json={**body, "messages": ASK, "logit_bias": no_call,
+                                        "response_format": {"type": "json_object"}}).json()  # fmt: skip
+    # Any object: the demo model writes one key to max_tokens, but a reply it is, not a call.
+    assert json_mode["choices"][0]["message"]["content"].startswith('{"'), json_mode
+    assert not json_mode["choices"][0]["message"].get("tool_calls"), json_mode
+    for choice in ("required", {"type": "function", "function": {"name": "run_shell_command"}}):
+        forced = server.post(CHAT, json={**body, "messages": ASK, "tool_choice": choice}).json()
+        assert [c["function"]["name"] for c in forced["choices"][0]["message"]["tool_calls"]] == ["run_shell_command"]
+    resp = client.responses.create(
+        model="m", input=LIST_FILES[0]["content"], tools=[{"type": "function", **SHELL_TOOL["function"]}],
+        text={"format": {"type": "json_schema", "name": "answer", "schema": SCHEMA}}, temperature=0, max_output_tokens=60,
+    )  # fmt: skip
+    assert [item.name for item in resp.output if item.type == "function_call"] == ["run_shell_command"], resp.output
 
 
 def test_allowed_tools_restrict_calls_and_keep_the_prompt(server: ServerProcess, client: openai.OpenAI) -> None:

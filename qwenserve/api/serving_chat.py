@@ -27,8 +27,10 @@ from qwenserve.api.streaming import (
 )
 from qwenserve.api.structured_output import (
     allowed_calls_guide,
+    calls_or_reply_guide,
     forced_call_guide,
     forced_call_markup,
+    is_reply_format,
     request_guide,
 )
 from qwenserve.engine.guided import Guide
@@ -75,16 +77,22 @@ class ChatCompletions:
         )
         return self.state.encode_prompt(text + plan.forced_prefix, "messages")
 
-    async def _constrain_calls(self, plan: ToolPlan, params: SamplingParams) -> ToolPlan:
+    async def _constrain_calls(self, plan: ToolPlan, params: SamplingParams, reply: Guide | None = None) -> ToolPlan:
         """tool_choice required / named: a grammar makes the answer calls of the allowed functions with
         parameters valid against their schemas (the grammar writes the call's opening, so the prompt no
         longer ends with it); where it cannot be built, the prompt's forced opening alone stays.
         allowed_tools `auto`: text is free, but a call can only be of an allowed function (where the
-        grammar cannot be built, CallFilter drops the others' calls)."""
+        grammar cannot be built, CallFilter drops the others' calls). `auto` with a `reply` format: calls,
+        or a reply in that format (params.guide stays None where the grammar cannot be built)."""
         forced = bool(plan.must_call)
-        build = forced_call_guide if forced else allowed_calls_guide
+        names = plan.callable_names or tuple(t["function"]["name"] for t in plan.tools or [])
         for loose in (False, True):  # loose: the parameter names alone, for schemas xgrammar cannot compile
-            guide = build(plan.tools or [], plan.callable_names, plan.one_call, loose=loose)
+            if forced:
+                guide = forced_call_guide(plan.tools or [], names, plan.one_call, loose=loose)
+            elif reply is not None:
+                guide = calls_or_reply_guide(plan.tools or [], names, plan.one_call, reply, loose=loose)
+            else:
+                guide = allowed_calls_guide(plan.tools or [], names, plan.one_call, loose=loose)
             if guide is None:
                 return plan
             try:
@@ -94,6 +102,20 @@ class ChatCompletions:
                 continue
             return replace(plan, forced_prefix="", calls_only=True) if forced else plan
         return plan
+
+    async def _with_reply_format(self, plan: ToolPlan, params: SamplingParams, reply: Guide) -> ToolPlan:
+        """Tools beside response_format / text.format, which OpenAI applies to a text reply only: a call
+        keeps its tool's schema. A forced call leaves no text to shape; `auto` answers with calls or a
+        reply in the format (where the calls give no grammar, the format alone, which leaves no room
+        for a call)."""
+        if plan.must_call:
+            refuse_with_forced_call(params, plan, self.state.tokenizer)
+            return await self._constrain_calls(plan, params)
+        constrained = await self._constrain_calls(plan, params, reply)
+        if params.guide is not None:
+            return constrained
+        params.guide = await self.state.compile_guide(reply)
+        return guided_tool_plan(plan, reply)
 
     def parser(self, plan: ToolPlan) -> Any | None:
         """A fresh tool-call parser for one output, or None when the output is plain text."""
@@ -117,9 +139,12 @@ class ChatCompletions:
             guide=request_guide(req, text_format),
         )
         plan = plan_tools(req, self.state.xml_tools)
-        if params.guide is not None:
-            plan = guided_tool_plan(plan, params.guide)
-            await self.state.compile_guide(params.guide)
+        guide, params.guide = params.guide, None
+        if guide is not None and plan.tools and self.state.xml_tools and is_reply_format(guide):
+            plan = await self._with_reply_format(plan, params, guide)
+        elif guide is not None:
+            plan = guided_tool_plan(plan, guide)
+            params.guide = await self.state.compile_guide(guide)
         elif plan.must_call and self.state.xml_tools:
             refuse_with_forced_call(params, plan, self.state.tokenizer)
             plan = await self._constrain_calls(plan, params)

@@ -149,7 +149,7 @@ class OutputItems:
         where = {"item_id": item["id"], "output_index": self._index}
         done = {**item, "status": status, "arguments": arguments}
         return events + [
-            ("response.function_call_arguments.done", {**where, "arguments": arguments}),
+            ("response.function_call_arguments.done", {**where, "name": item["name"], "arguments": arguments}),
             ("response.output_item.done", {"output_index": self._index, "item": done}),
         ]
 

@@ -277,6 +277,27 @@ def allowed_calls_guide(
     return Guide("structural_tag", json.dumps(spec), param="tool_choice")
 
 
+def calls_or_reply_guide(
+    tools: list[dict[str, Any]], names: tuple[str, ...], one_call: bool, reply: Guide, loose: bool = False
+) -> Guide | None:
+    """tool_choice `auto` beside response_format / text.format, which OpenAI applies to a text reply only:
+    the answer is either calls of `names` (held as forced_call_guide holds them) or a reply in the format.
+    None where the calls' grammar cannot be built."""
+    tags = _call_tags(tools, names, loose)
+    if tags is None:
+        return None
+    calls = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
+             "stop_after_first": one_call}  # fmt: skip
+    spec = {"calls": calls, "reply": {"kind": reply.kind, "value": reply.value}}
+    return Guide("calls_or_reply", json.dumps(spec), param=reply.param)
+
+
+def is_reply_format(guide: Guide) -> bool:
+    """Whether a guide is OpenAI's response_format / text.format JSON, which shapes a text reply only (a
+    tool call keeps its tool's schema); vLLM's guided fields shape the whole answer."""
+    return guide.kind in ("json_object", "json_schema") and guide.param.startswith(("response_format", "text.format"))
+
+
 def _call_tags(tools: list[dict[str, Any]], names: tuple[str, ...], loose: bool) -> list[dict[str, Any]] | None:
     """One structural tag per callable tool: its call's opening, its parameters, its closing."""
     tags = []

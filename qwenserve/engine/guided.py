@@ -23,7 +23,9 @@ from qwenserve.engine.sampling_params import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
-GuideKind = Literal["json_object", "json_schema", "regex", "choice", "grammar", "structural_tag"]
+# calls_or_reply: either tool calls (a structural tag's format) or a JSON reply (json_object / json_schema),
+# value {"calls": FORMAT, "reply": {"kind", "value"}}: tools beside OpenAI's response_format.
+GuideKind = Literal["json_object", "json_schema", "regex", "choice", "grammar", "structural_tag", "calls_or_reply"]
 
 # Compiled grammars kept for reuse: a client that builds a schema per request (an enum of ids) would
 # otherwise grow the cache by megabytes per schema for as long as the server runs. vLLM's default.
@@ -120,12 +122,29 @@ def _compile(compiler: Any, guide: Guide) -> Any:
         return compiler.compile_regex(guide.value)
     if kind == "structural_tag":
         return compiler.compile_structural_tag(guide.value)
+    if kind == "calls_or_reply":
+        spec = json.loads(guide.value)
+        # The reply as the same compact JSON the format alone gives (a structural tag's own JSON allows
+        # any whitespace), beside the calls.
+        reply = {"type": "grammar", "grammar": str(_json_grammar(spec["reply"]["kind"], spec["reply"]["value"]))}
+        return compiler.compile_structural_tag(
+            json.dumps({"type": "structural_tag", "format": {"type": "or", "elements": [reply, spec["calls"]]}})
+        )
     if kind == "choice":
         choices = json.loads(guide.value)
         # EBNF string literals take JSON's escapes; ensure_ascii off, since JSON writes a character past
         # U+FFFF as two \u surrogates, which xgrammar would read as two code points.
         return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices))
     return compiler.compile_grammar(guide.value)
+
+
+def _json_grammar(kind: str, schema: str) -> Any:
+    """The grammar of a JSON reply, as compile_json_schema builds it for the format alone."""
+    import xgrammar
+
+    if kind == "json_object":
+        return xgrammar.Grammar.from_json_schema('{"type": "object"}', strict_mode=False, **JSON_OPTIONS)
+    return xgrammar.Grammar.from_json_schema(schema, **JSON_OPTIONS)
 
 
 def _allows_some_text(compiled: Any, stop_token_ids: list[int]) -> bool:
