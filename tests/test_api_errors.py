@@ -78,6 +78,8 @@ def test_api_key_required_everywhere_but_health(server: ServerProcess) -> None:
         wrong = httpx.request(method, base + path, headers={"Authorization": "Bearer nope"})
         err = assert_openai_error(wrong, 401)
         assert (err["type"], err["code"]) == ("invalid_request_error", "invalid_api_key")  # as OpenAI answers
+    no_scheme = assert_openai_error(httpx.get(f"{base}/v1/models", headers={"Authorization": KEY}), 401)
+    assert "Bearer scheme" in no_scheme["message"], no_scheme  # not "Missing API key": one was sent
     bad = openai.OpenAI(base_url=f"{base}/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()

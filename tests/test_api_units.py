@@ -371,3 +371,14 @@ def test_banner_warns_when_the_context_cannot_hold_qwen_codes_first_turn() -> No
     small = ready_banner("127.0.0.1", 8000, "m", 4096, None, False, "/models/m")
     assert "WARNING" in small and "--max-model-len" in small and '"contextWindowSize": 4096' in small
     assert "WARNING" not in ready_banner("127.0.0.1", 8000, "m", 24560, None, False, "/models/m")  # serves 17.5k turns
+
+
+def test_banner_lines_paste_into_a_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwenserve.api.banner import ready_banner
+
+    banner = ready_banner("127.0.0.1", 8000, "my coder (local)", 32768, None, False, "/m")
+    assert "export OPENAI_MODEL='my coder (local)'" in banner
+    monkeypatch.setenv("QWENSERVE_API_KEY", "s3cret")
+    from_env = ready_banner("127.0.0.1", 8000, "m", 32768, "s3cret", False, "/m")
+    assert 'export OPENAI_API_KEY="$QWENSERVE_API_KEY"' in from_env and "s3cret" not in from_env
+    assert "'<the --api-key you set>'" in ready_banner("127.0.0.1", 8000, "m", 32768, "other", False, "/m")

@@ -3,6 +3,7 @@ the fast failure paths of `serve` (busy port, a model that cannot load)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -151,6 +152,14 @@ def test_broken_config_json_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"architectures": ["Qwen3MoeForCausalLM"],')
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         ModelConfig.from_file(tmp_path / "config.json")
+    sizes = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+    arch = {"architectures": ["Qwen3MoeForCausalLM"]}
+    with pytest.raises(ValueError, match="config.json has no 'hidden_size'"):
+        ModelConfig.from_dict({**arch, "vocab_size": 64})
+    with pytest.raises(ValueError, match="'num_hidden_layers' must be a positive integer, got '2'"):
+        ModelConfig.from_dict({**arch, **sizes, "num_hidden_layers": "2"})
+    with pytest.raises(ValueError, match="quantized with bitsandbytes"):
+        ModelConfig.from_dict({**arch, **sizes, "quantization_config": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}})
 
 
 def test_ctrl_c_exits_quietly_when_idle_and_while_loading() -> None:
@@ -197,8 +206,42 @@ def test_token_counts_take_k_and_m() -> None:
     assert parse("--max-model-len", "1.5K").max_model_len == 1536
     assert parse("--max-model-len", "1m").max_model_len == parse("--max-model-len", "1M").max_model_len == 1 << 20
     assert parse("--max-model-len", "40960").max_model_len == 40960
-    with pytest.raises(SystemExit):
-        parse("--max-model-len", "lots")
+    for bad in ("lots", "infk"):
+        with pytest.raises(SystemExit):
+            parse("--max-model-len", bad)
+    for seed in ("-1", str(1 << 63), "1e3"):
+        with pytest.raises(SystemExit):
+            parse("--seed", seed)
+
+
+def test_a_model_swallowed_by_served_model_name_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """--served-model-name takes every word after it: a model given after it would silently become a
+    name, and the demo model would be served instead."""
+    for model in ("Qwen/Qwen3-Coder-30B-A3B-Instruct", str(tmp_path)):
+        assert cli.main(["serve", "--served-model-name", "coder", model]) == 2
+        assert "put the model first" in caplog.text and model in caplog.text
+        caplog.clear()
+
+
+def test_bad_environment_settings_are_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwenserve.config import env_number
+
+    monkeypatch.setenv("QWENSERVE_MAX_BODY_BYTES", "16MiB")
+    with pytest.raises(ValueError, match="QWENSERVE_MAX_BODY_BYTES='16MiB' is not a whole number"):
+        env_number("QWENSERVE_MAX_BODY_BYTES", 1)
+    for raw in ("0", "-2", "nan", "inf"):
+        monkeypatch.setenv("QWENSERVE_HEARTBEAT_SECONDS", raw)
+        with pytest.raises(ValueError, match="QWENSERVE_HEARTBEAT_SECONDS"):
+            env_number("QWENSERVE_HEARTBEAT_SECONDS", 10.0, whole=False)
+    monkeypatch.setenv("QWENSERVE_HEARTBEAT_SECONDS", " 2.5 ")
+    assert env_number("QWENSERVE_HEARTBEAT_SECONDS", 10.0, whole=False) == 2.5
+    monkeypatch.delenv("QWENSERVE_HEARTBEAT_SECONDS")
+    assert env_number("QWENSERVE_HEARTBEAT_SECONDS", 10.0, whole=False) == 10.0
+    out = subprocess.run(
+        [sys.executable, "-m", "qwenserve", "serve", "--port", "0"], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "QWENSERVE_MAX_BODY_BYTES": "lots"},
+    )  # fmt: skip
+    assert out.returncode == 2 and "QWENSERVE_MAX_BODY_BYTES='lots'" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_allowed_origins_take_vllms_json_list_or_commas(capsys: pytest.CaptureFixture[str]) -> None:

@@ -36,6 +36,32 @@ def test_offline_hub_miss_says_what_to_do(monkeypatch: pytest.MonkeyPatch, tmp_p
         resolve_model_path("qwenserve-test/no-such-model")
 
 
+def test_hf_hub_offline_reads_as_huggingface_hub_reads_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """HF_HUB_OFFLINE=0 / no / false is online: the miss is then a failed download, not 'offline'."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "3")  # the download it then tries fails fast without network
+    for value in ("no",):
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        with pytest.raises(ModelNotFoundError) as err:
+            resolve_model_path("qwenserve-test/no-such-model")
+        assert "HF_HUB_OFFLINE is set" not in str(err.value), value
+
+
+def test_a_checkpoint_without_a_chat_template_gets_the_built_in_one(tmp_path: Path, tiny_moe_dir: Path) -> None:
+    from qwenserve.engine.startup import load_tokenizer
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_moe_dir, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(bare)
+    assert "<function=" in tokenizer.chat_template  # Qwen3-Coder's, so its XML calls are parsed
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+
+
 def test_not_a_path_nor_a_hub_id(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match="neither a local directory nor"):
         resolve_model_path(str(tmp_path / "missing" / "dir"))
@@ -105,6 +131,39 @@ def test_a_truncated_shard_says_so(tmp_path: Path, tiny_moe_dir: Path) -> None:
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(ValueError, match="truncated"):
         build_model(load_model_config(cut), cut, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab12\nsize 123\n", "Git LFS pointer"),
+        (b"", "not a safetensors file"),
+        (b"\0" * 64, "not a safetensors file"),
+        ((20).to_bytes(8, "little") + b"\xff" * 20, "its header is not JSON"),
+    ],
+    ids=["lfs-pointer", "empty", "zeros", "garbage-header"],
+)
+def test_a_shard_that_is_not_safetensors_is_named(tmp_path: Path, tiny_moe_dir: Path, content: bytes, message: str) -> None:
+    """What a clone without git-lfs or a broken download leaves: the file and what to do, not a bare
+    MemoryError or JSONDecodeError."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_moe_dir, bad)
+    (shard,) = bad.glob("*.safetensors")
+    shard.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as err:
+        build_model(load_model_config(bad), bad, torch.device("cpu"), torch.float32)
+    assert shard.name in str(err.value)
+
+
+def test_an_index_naming_a_missing_shard_is_an_incomplete_download(tmp_path: Path, tiny_moe_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_moe_dir, dtype=torch.float32).save_pretrained(sharded, max_shard_size="200KB")
+    lost = sorted(sharded.glob("*.safetensors"))[1]
+    lost.unlink()
+    with pytest.raises(ModelNotFoundError, match=f"incomplete download.*{lost.name}"):
+        build_model(load_model_config(sharded), sharded, torch.device("cpu"), torch.float32)
 
 
 def test_a_tensor_the_model_never_reads_may_have_any_dtype(tmp_path: Path, tiny_moe_dir: Path) -> None:

@@ -13,12 +13,16 @@ OPEN_PATHS = frozenset({"/health"})
 
 def _presented_key(scope: Scope) -> bytes | None:
     """The key as the client sent it, raw bytes: a non-ASCII key arrives as its UTF-8 bytes."""
-    headers = dict(scope.get("headers") or [])
-    auth = headers.get(b"authorization", b"").strip()
+    auth = _authorization(scope)
     if auth[:7].lower() == b"bearer ":
         return auth[7:].strip()
-    key = headers.get(b"x-api-key")
+    key = dict(scope.get("headers") or []).get(b"x-api-key")
     return key.strip() if key else None
+
+
+def _authorization(scope: Scope) -> bytes:
+    """The Authorization header's value, empty when none was sent."""
+    return dict(scope.get("headers") or []).get(b"authorization", b"").strip()
 
 
 class APIKeyMiddleware:
@@ -36,7 +40,12 @@ class APIKeyMiddleware:
         if key is None or not hmac.compare_digest(key, self.api_key):
             # Anthropic clients send the key as x-api-key (ANTHROPIC_API_KEY), OpenAI ones as a bearer token.
             how = "'x-api-key: <key>'" if ANTHROPIC_ERRORS.get() else "'Authorization: Bearer <key>'"
-            message = f"Missing API key: send {how}." if key is None else "Incorrect API key."
+            if key is not None:
+                message = "Incorrect API key."
+            elif _authorization(scope):
+                message = "The Authorization header needs the Bearer scheme: send 'Authorization: Bearer <key>'."
+            else:
+                message = f"Missing API key: send {how}."
             err = APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             await err.response()(scope, receive, send)
             return

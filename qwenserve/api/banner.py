@@ -4,6 +4,8 @@ settings (environment variables and a ~/.qwen/settings.json snippet)."""
 from __future__ import annotations
 
 import json
+import os
+import shlex
 
 # qwen-code's first request carries ~17-19k tokens (system prompt and tool schemas, 0.24.4) before the
 # conversation grows: a context below this cannot hold it, or leaves it no room to answer.
@@ -43,6 +45,15 @@ def qwen_code_settings(url: str, model: str, context: int) -> dict:
     }
 
 
+def _key_line(api_key: str | None) -> str:
+    """How to give qwen-code the key; never the key itself (it would land in logs)."""
+    if not api_key:
+        return "  export OPENAI_API_KEY=qwenserve   # any non-empty value: no --api-key was set"
+    if os.environ.get("QWENSERVE_API_KEY") == api_key:
+        return '  export OPENAI_API_KEY="$QWENSERVE_API_KEY"'
+    return "  export OPENAI_API_KEY='<the --api-key you set>'"
+
+
 def ready_banner(
     host: str, port: int, model: str, context: int, api_key: str | None, is_demo: bool, path: str
 ) -> str:
@@ -57,11 +68,8 @@ def ready_banner(
         "",
         "Use it from qwen-code:",
         f"  export OPENAI_BASE_URL={url}",
-        # Never echo a real key into logs.
-        "  export OPENAI_API_KEY='<the --api-key you set>'"
-        if api_key
-        else "  export OPENAI_API_KEY=qwenserve   # any non-empty value: no --api-key was set",
-        f"  export OPENAI_MODEL={model}",
+        _key_line(api_key),
+        f"  export OPENAI_MODEL={shlex.quote(model)}",
         '  qwen            # or headless: qwen -p "List the files in this directory" --yolo',
         "",
         "or put this in ~/.qwen/settings.json (and export OPENAI_API_KEY):",

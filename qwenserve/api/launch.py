@@ -3,6 +3,7 @@ port fails at once with a clear message instead of after the model has loaded.""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -76,12 +77,11 @@ def run_server(engine: Any, settings: ServerSettings, log_level: str = "info") -
     try:
         sock = bind_socket(settings.host, settings.port)
     except OSError as exc:
-        logger.error(
-            "cannot listen on %s:%s: %s (is another server running? try --port)",
-            settings.host,
-            settings.port,
-            exc,
-        )
+        if exc.errno == errno.EADDRINUSE:
+            hint = "is another server running? try --port"
+        else:  # a name that does not resolve, an address this machine does not have
+            hint = "--host takes an address of this machine: 127.0.0.1 for local clients, 0.0.0.0 for any"
+        logger.error("cannot listen on %s:%s: %s (%s)", settings.host or "''", settings.port, exc, hint)
         return 1
     settings.port = sock.getsockname()[1]  # --port 0 picks a free port
     app = build_app(engine, settings)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import uuid
 from collections.abc import Callable
 
@@ -16,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from qwenserve.api.errors import ANTHROPIC_ERRORS, APIError, internal_error, unavailable
 from qwenserve.api.metrics import Metrics
 from qwenserve.api.request_log import HTTP_REQUEST_ID
+from qwenserve.config import env_number
 
 logger = logging.getLogger("qwenserve.api")
 
@@ -267,7 +267,7 @@ class InternalErrorMiddleware:
 
 # No prompt needs this much: 16 MiB is ~16x a full 262k-token context of source code, while
 # tokenizing such a body would hold the tokenizer thread for tens of seconds (40 MB: 52 s on a CPU).
-MAX_BODY_BYTES = int(os.environ.get("QWENSERVE_MAX_BODY_BYTES", str(16 * 1024 * 1024)))
+MAX_BODY_BYTES = int(env_number("QWENSERVE_MAX_BODY_BYTES", 16 * 1024 * 1024))
 
 
 class BodyLimitMiddleware:

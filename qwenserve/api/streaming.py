@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -17,6 +16,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from qwenserve.api.errors import APIError
+from qwenserve.config import env_number
 
 logger = logging.getLogger("qwenserve.api")
 
@@ -26,7 +26,7 @@ SSE_DONE = "data: [DONE]\n\n"
 
 # qwen-code aborts a stream after 240 s without a chunk (SSE comments do not count), so an
 # empty-delta chunk goes out whenever nothing else has for this long.
-HEARTBEAT_SECONDS = float(os.environ.get("QWENSERVE_HEARTBEAT_SECONDS", "10"))
+HEARTBEAT_SECONDS = env_number("QWENSERVE_HEARTBEAT_SECONDS", 10.0, whole=False)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

@@ -206,7 +206,11 @@ class LLMEngine:
                 f"{pool_tokens} fit; lower --max-model-len or give the cache more memory (--kv-cache-memory / "
                 f"--gpu-memory-utilization)"
             )
-        logger.warning("KV pool holds %d tokens: max_model_len lowered from %d", pool_tokens, max_len)
+        logger.warning(
+            "KV pool holds %d tokens: max_model_len lowered from %d (give the cache more memory with "
+            "--kv-cache-memory%s)", pool_tokens, max_len,
+            "" if self.device.type == "cuda" else f"; a CPU's default is {_CPU_DEFAULT_KV_BYTES >> 20} MiB",
+        )
         return pool_tokens
 
     def _model_info(self, path: Path, name: str, is_demo: bool) -> ModelInfo:

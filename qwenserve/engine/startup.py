@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 import torch
 
-from qwenserve.config import ModelConfig
+from qwenserve.config import ModelConfig, env_number
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +71,9 @@ def limit_cpu_threads(cfg: ModelConfig) -> None:
     """Small models run one op thread on CPU: their ops are too short to split, and OpenMP workers
     that wait on each other turn a microsecond kernel into tens of milliseconds whenever another
     process (the HTTP client, a test) shares the cores. QWENSERVE_CPU_THREADS overrides."""
-    threads = os.environ.get("QWENSERVE_CPU_THREADS")
+    threads = int(env_number("QWENSERVE_CPU_THREADS", 0))
     if threads:
-        torch.set_num_threads(int(threads))
+        torch.set_num_threads(threads)
     elif cfg.hidden_size * cfg.num_hidden_layers <= 4096:
         torch.set_num_threads(1)
 
@@ -99,6 +98,13 @@ def load_tokenizer(path: Path) -> Any:
         logger.warning("%s has no tokenizer; using the built-in Qwen tokenizer and chat template", path)
         path = DEMO_MODEL_DIR
     tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if not getattr(tokenizer, "chat_template", None):
+        # Without one no chat request could be rendered; Qwen3-Coder's is what these models are trained on.
+        logger.warning(
+            "%s has no chat template (no chat_template.jinja, none in tokenizer_config.json): using the "
+            "built-in Qwen3-Coder one", path,
+        )
+        tokenizer.chat_template = (Path(__file__).parent.parent / "demo" / "chat_template.jinja").read_text()
     # The context limit is the engine's (--max-model-len); the tokenizer's own would only log "indexing
     # errors" for a prompt the engine then refuses with a clear 400.
     tokenizer.model_max_length = sys.maxsize

@@ -22,7 +22,13 @@ from tqdm import tqdm
 from qwenserve.config import ModelConfig
 from qwenserve.distributed.sharding import shard_checkpoint_tensor, shard_param
 from qwenserve.model.qwen3 import Ops, Qwen3ForCausalLM
-from qwenserve.model.safetensors_stream import BUFFER_BYTES, StagedCopier, TensorEntry, read_header
+from qwenserve.model.safetensors_stream import (
+    BUFFER_BYTES,
+    StagedCopier,
+    TensorEntry,
+    check_shard,
+    read_header,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +60,7 @@ def resolve_model_path(model: str) -> Path:
         return Path(snapshot_download(model, allow_patterns=_CHECKPOINT_PATTERNS, local_files_only=True))
     except Exception as cache_miss:  # noqa: BLE001 - any cache miss falls through to a download
         cache_miss_kind = type(cache_miss).__name__
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):  # huggingface_hub's reading
         raise ModelNotFoundError(
             f"{model} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: run "
             f"`hf download {model}` on a machine with network access (older huggingface_hub: "
@@ -87,7 +93,13 @@ def read_generation_config(path: Path) -> dict[str, Any]:
     if not gen_path.exists():
         return {}
     with open(gen_path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            gen = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{gen_path} is not valid JSON ({exc}): is the checkpoint download complete?") from exc
+    if not isinstance(gen, dict):
+        raise ValueError(f"{gen_path} is not a JSON object")
+    return gen
 
 
 def build_model(
@@ -159,12 +171,23 @@ def _init_dummy_shard(model: Qwen3ForCausalLM, cfg: ModelConfig, seed: int, rank
 def _shard_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        return [path / name for name in sorted(set(weight_map.values()))]
-    files = sorted(path.glob("*.safetensors"))
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{index} is not a safetensors index ({exc!r}): download it again") from exc
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        if missing := [file.name for file in files if not file.exists()]:
+            raise ModelNotFoundError(
+                f"{path} is an incomplete download: its index lists {', '.join(missing[:3])}"
+                f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}, not there; download it again"
+            )
+    else:
+        files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelNotFoundError(f"no *.safetensors weights in {path} (pass --load-format dummy for random weights)")
+    for file in files:
+        check_shard(file)
     return files
 
 

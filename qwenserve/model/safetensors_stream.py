@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
@@ -41,11 +41,41 @@ class TensorEntry:
     end: int
 
 
+_LFS_POINTER = b"version https://git-lfs"
+
+
+def _header_json(path: Path) -> tuple[dict[str, Any], int]:
+    """(the header, its length) of a safetensors file: 8-byte length, then JSON. A file that is not one
+    (a Git LFS pointer left by a clone without git-lfs, a cut-off download) is refused naming it."""
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(len(_LFS_POINTER))
+        if head == _LFS_POINTER:
+            raise ValueError(
+                f"{path} is a Git LFS pointer, not the weights: fetch them (`git lfs pull` in the checkout, or "
+                "`hf download` the model)"
+            )
+        f.seek(0)
+        size = int.from_bytes(f.read(8), "little")
+        if file_size < 8 or size > file_size - 8:
+            raise ValueError(f"{path} is not a safetensors file, or was cut short ({file_size} bytes): download it again")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path} is not a safetensors file (its header is not JSON: {exc}): download it again") from exc
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (its header is not a JSON object): download it again")
+    return header, size
+
+
+def check_shard(path: Path) -> None:
+    """Refuse, naming it, a weights file whose header cannot be read (before any reader meets it)."""
+    _header_json(path)
+
+
 def read_header(path: Path) -> list[TensorEntry]:
     """The shard's tensors in file order, from its header (8-byte length, then JSON)."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
+    header, size = _header_json(path)
     data_start = 8 + size
     entries = []
     for name, info in header.items():
