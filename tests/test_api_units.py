@@ -382,3 +382,5 @@ def test_banner_lines_paste_into_a_shell(monkeypatch: pytest.MonkeyPatch) -> Non
     from_env = ready_banner("127.0.0.1", 8000, "m", 32768, "s3cret", False, "/m")
     assert 'export OPENAI_API_KEY="$QWENSERVE_API_KEY"' in from_env and "s3cret" not in from_env
     assert "'<the --api-key you set>'" in ready_banner("127.0.0.1", 8000, "m", 32768, "other", False, "/m")
+    assert "from other machines" in ready_banner("0.0.0.0", 8000, "m", 32768, "k", False, "/m")
+    assert "from other machines" not in banner

@@ -12,12 +12,14 @@ import shlex
 QWEN_CODE_MIN_CONTEXT = 20_480
 
 
+# Binds to every address of the machine: a local client dials loopback, others this machine's address.
+WILDCARD_HOSTS = ("0.0.0.0", "", "*", "::")
+
+
 def client_host(host: str) -> str:
     """The address a local client should dial: wildcard binds become loopback."""
-    if host in ("0.0.0.0", "", "*"):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
+    if host in WILDCARD_HOSTS:
+        return "[::1]" if host == "::" else "127.0.0.1"
     return f"[{host}]" if ":" in host else host
 
 
@@ -65,6 +67,8 @@ def ready_banner(
         "",
         f"qwenserve is ready: serving {model!r} ({what}), context {context} tokens",
         f"  OpenAI-compatible API: {url}   (docs: {url[:-3]}/docs)",
+        *([f"  (from other machines: this machine's address in place of {client_host(host)})"]
+          if host in WILDCARD_HOSTS else []),
         "",
         "Use it from qwen-code:",
         f"  export OPENAI_BASE_URL={url}",
