@@ -311,6 +311,9 @@ def serve(args: argparse.Namespace) -> int:
             "and tests; pass --model PATH_OR_HUB_ID for a real checkpoint)",
             DEMO_MODEL_NAME,
         )
+    if args.model is not None and (problem := _local_model_problem(args.model)):
+        log.error("failed to load the model: %s", problem)  # before the port is bound and the loading starts
+        return 1
     try:  # the server's modules read their QWENSERVE_* environment settings as they load
         from qwenserve.api.launch import run_server
         from qwenserve.api.state import ServerSettings
@@ -335,6 +338,20 @@ def serve(args: argparse.Namespace) -> int:
             args.host,
         )
     return run_server(AsyncEngine(config), settings, log_level=args.log_level)
+
+
+def _local_model_problem(model: str) -> str | None:
+    """What is wrong with a model given as a local path (no config.json, an unsupported architecture or
+    quantization, ...), found in a moment; None when it looks servable, or is a hub id (resolved as it loads)."""
+    from qwenserve.model.loader import ModelNotFoundError, load_model_config, resolve_model_path
+
+    if not (os.path.exists(os.path.expanduser(model)) or model.startswith((".", "/", "~")) or model.count("/") != 1):
+        return None
+    try:
+        load_model_config(resolve_model_path(model))
+    except (ModelNotFoundError, ValueError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _model_among_names(names: list[str]) -> str | None:

@@ -135,6 +135,16 @@ def test_unloadable_model_exits_with_its_reason(tmp_path: Path) -> None:
     assert "failed to load the model" in out.stderr
 
 
+def test_a_local_model_that_cannot_load_is_refused_before_the_server_starts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A path's config is read at once: its error comes in a moment, not after binding the port and loading."""
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 8}')
+    for model in (str(tmp_path), str(tmp_path / "missing"), "./relative-missing"):
+        assert cli.main(["serve", "--model", model, "--port", "0"]) == 1, model
+    assert caplog.text.count("failed to load the model") == 3 and "unsupported architecture 'LlamaForCausalLM'" in caplog.text
+
+
 def test_bad_port_queue_and_device_are_refused_at_once(capsys: pytest.CaptureFixture[str]) -> None:
     for port in ("70000", "-5", "http"):
         with pytest.raises(SystemExit):
