@@ -337,6 +337,31 @@ def test_an_image_a_tool_returned_reaches_the_model_as_a_note(client: anthropic.
     assert counted(image) != counted({"type": "text", "text": "[image]"}), "the count sees the block's text"
 
 
+def test_claude_code_tool_search_and_hosted_tool_history_are_read(client: anthropic.Anthropic) -> None:
+    """Claude Code answers its ToolSearch call with tool_reference blocks (a 400 there made it retry twice,
+    then turn tool search off and lose the cached prompt); a search_result carries text; an assistant turn
+    from Anthropic's hosted tools (server_tool_use and its result) is history this server drops."""
+    def counted(result: list[dict[str, Any]], assistant: list[dict[str, Any]] | None = None) -> int:
+        messages = [
+            {"role": "user", "content": "Fetch the page"},
+            {"role": "assistant", "content": [*(assistant or []), {"type": "tool_use", "id": "t1", "name": "ToolSearch", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": result}]},
+        ]  # fmt: skip
+        return client.messages.count_tokens(model="m", messages=messages).input_tokens
+
+    text = counted([{"type": "text", "text": "Tool 'WebFetch' is now available."}])
+    assert counted([{"type": "tool_reference", "tool_name": "WebFetch"}]) == text
+    search = {"type": "search_result", "title": "Docs", "source": "https://x.example",
+              "content": [{"type": "text", "text": "The answer is 42."}]}  # fmt: skip
+    assert counted([search]) == counted([{"type": "text", "text": "Docs https://x.example\nThe answer is 42."}])
+    hosted = [{"type": "server_tool_use", "id": "srv_1", "name": "web_search", "input": {"query": "x"}},
+              {"type": "web_search_tool_result", "tool_use_id": "srv_1", "content": []}]  # fmt: skip
+    assert counted([{"type": "text", "text": "Tool 'WebFetch' is now available."}], hosted) == text
+    with pytest.raises(anthropic.BadRequestError) as exc:
+        counted([{"type": "tool_reference"}])
+    assert "tool_name" in exc.value.api_message
+
+
 def test_context_overflow_in_anthropic_words(client: anthropic.Anthropic) -> None:
     """Claude Code compacts its history on 'prompt is too long'; qwen-code reads OpenAI's words after it."""
     long_text = "hello " * 40_000  # ~40k tokens: over the demo's 32,768

@@ -34,9 +34,12 @@ from qwenserve.api.protocol import (
 # the first user message); the top-level `system` is the prompt's first system message.
 _ROLES = ("user", "assistant", "system")
 # Blocks a text model cannot read: a clear 400 rather than a prompt that silently lacks them.
-_MEDIA_BLOCKS = ("image", "document", "search_result", "container_upload")
+_MEDIA_BLOCKS = ("image", "document", "container_upload")
 # The model never thinks; a history carried over from a model that did is rendered without its thoughts.
 _THINKING_BLOCKS = ("thinking", "redacted_thinking")
+# Anthropic's hosted tools' calls and results in an assistant turn (a conversation begun on Anthropic): this
+# server runs no such tool, and the answer they led to is in the turn's text. Also any "*_tool_result".
+_SERVER_TOOL_BLOCKS = ("server_tool_use", "mcp_tool_use")
 _TOOL_CHOICE_TYPES = ("auto", "any", "tool", "none")
 
 
@@ -250,6 +253,8 @@ def _add_user_turn(messages: list[ChatMessage], blocks: list[Block]) -> None:
         kind = block["type"]
         if kind == "text":
             texts.append(_required_str(block, "text", param, allow_empty=True))
+        elif kind == "search_result":
+            texts.append(_search_result_text(block, param))
         elif kind == "tool_result":
             flush_text()
             messages.append(_tool_message(block, param))
@@ -275,13 +280,26 @@ def _tool_result_text(content: Any, param: str) -> str:
         raise bad_request(f"{param} must be a string or a list of text blocks.", param=param)
     texts = []
     for block, block_param in _blocks(content, param):
-        if block["type"] in _MEDIA_BLOCKS:  # Claude Code's Read of an image file: a note, not a 400
-            texts.append(media_note(block["type"]))
-        elif block["type"] != "text":
-            raise _unreadable(block["type"], block_param)
-        else:
+        kind = block["type"]
+        if kind in _MEDIA_BLOCKS:  # Claude Code's Read of an image file: a note, not a 400
+            texts.append(media_note(kind))
+        elif kind == "text":
             texts.append(_required_str(block, "text", block_param, allow_empty=True))
+        elif kind == "search_result":
+            texts.append(_search_result_text(block, block_param))
+        elif kind == "tool_reference":
+            # Claude Code's ToolSearch result: the tool it loads. Every tool is in the prompt here already.
+            texts.append(f"Tool {_required_str(block, 'tool_name', block_param)!r} is now available.")
+        else:
+            raise _unreadable(kind, block_param)
     return "\n".join(texts)
+
+
+def _search_result_text(block: dict[str, Any], param: str) -> str:
+    """A search result as the model reads it: its title and source, then its text blocks."""
+    head = " ".join(str(block[key]) for key in ("title", "source") if isinstance(block.get(key), str) and block[key])
+    body = _tool_result_text(block.get("content"), f"{param}.content")
+    return "\n".join(part for part in (head, body) if part)
 
 
 def _add_assistant_turn(messages: list[ChatMessage], blocks: list[Block]) -> None:
@@ -294,7 +312,7 @@ def _add_assistant_turn(messages: list[ChatMessage], blocks: list[Block]) -> Non
             texts.append(_required_str(block, "text", param, allow_empty=True))
         elif kind == "tool_use":
             calls.append(_tool_call(block, param))
-        elif kind not in _THINKING_BLOCKS:
+        elif kind not in _THINKING_BLOCKS and kind not in _SERVER_TOOL_BLOCKS and not kind.endswith("_tool_result"):
             raise _unreadable(kind, param)
     if texts or calls:
         messages.append(ChatMessage(role="assistant", content="\n".join(texts) or None, tool_calls=calls or None))
