@@ -343,9 +343,9 @@ def serve(args: argparse.Namespace) -> int:
 def _local_model_problem(model: str) -> str | None:
     """What is wrong with a model given as a local path (no config.json, an unsupported architecture or
     quantization, ...), found in a moment; None when it looks servable, or is a hub id (resolved as it loads)."""
-    from qwenserve.model.loader import ModelNotFoundError, load_model_config, resolve_model_path
+    from qwenserve.model.loader import ModelNotFoundError, is_hub_id, load_model_config, resolve_model_path
 
-    if not (os.path.exists(os.path.expanduser(model)) or model.startswith((".", "/", "~")) or model.count("/") != 1):
+    if is_hub_id(model):
         return None
     try:
         load_model_config(resolve_model_path(model))
@@ -356,7 +356,9 @@ def _local_model_problem(model: str) -> str | None:
 
 def _model_among_names(names: list[str]) -> str | None:
     """A served name after the first that is a directory or reads as a hub id: the model, meant as MODEL."""
-    return next((n for n in names[1:] if os.path.isdir(n) or n.count("/") == 1), None)
+    from qwenserve.model.loader import is_hub_id
+
+    return next((n for n in names[1:] if os.path.isdir(n) or is_hub_id(n)), None)
 
 
 def run_bench(argv: list[str]) -> int:

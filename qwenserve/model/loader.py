@@ -39,6 +39,11 @@ class ModelNotFoundError(RuntimeError):
     """The model could not be located; the message says what to do."""
 
 
+def is_hub_id(model: str) -> bool:
+    """Whether `model` reads as a Hugging Face hub id (owner/name, not an existing path) rather than a path."""
+    return not (Path(model).expanduser().exists() or model.startswith((".", "/", "~")) or model.count("/") != 1)
+
+
 def resolve_model_path(model: str) -> Path:
     """Return a local directory for `model`: a path as given, else a hub id from the HF cache.
 
@@ -50,7 +55,7 @@ def resolve_model_path(model: str) -> Path:
         if not (path / "config.json").exists():
             raise ModelNotFoundError(f"{path} has no config.json: point --model at a Hugging Face model directory")
         return path
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+    if not is_hub_id(model):
         raise ModelNotFoundError(
             f"model {model!r} is neither a local directory nor a Hugging Face hub id (owner/name)"
         )
