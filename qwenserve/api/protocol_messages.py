@@ -40,6 +40,11 @@ _THINKING_BLOCKS = ("thinking", "redacted_thinking")
 # Anthropic's hosted tools' calls and results in an assistant turn (a conversation begun on Anthropic): this
 # server runs no such tool, and the answer they led to is in the turn's text. Also any "*_tool_result".
 _SERVER_TOOL_BLOCKS = ("server_tool_use", "mcp_tool_use")
+
+
+def _dropped_from_history(kind: str) -> bool:
+    """An assistant block the prompt leaves out: thoughts, and hosted tools' calls and results."""
+    return kind in _THINKING_BLOCKS or kind in _SERVER_TOOL_BLOCKS or kind.endswith("_tool_result")
 _TOOL_CHOICE_TYPES = ("auto", "any", "tool", "none")
 
 
@@ -312,7 +317,7 @@ def _add_assistant_turn(messages: list[ChatMessage], blocks: list[Block]) -> Non
             texts.append(_required_str(block, "text", param, allow_empty=True))
         elif kind == "tool_use":
             calls.append(_tool_call(block, param))
-        elif kind not in _THINKING_BLOCKS and kind not in _SERVER_TOOL_BLOCKS and not kind.endswith("_tool_result"):
+        elif not _dropped_from_history(kind):
             raise _unreadable(kind, param)
     if texts or calls:
         messages.append(ChatMessage(role="assistant", content="\n".join(texts) or None, tool_calls=calls or None))

@@ -608,11 +608,11 @@ class LLMEngine:
         if is_stop_token and seq.num_known_output_tokens > params.min_tokens:
             seq.finish_reason, seq.stop_reason = "stop", token_id
         else:
-            token_text = self.control_tokens.get(token_id)
+            piece, token_text = state.detok.add(token_id), self.control_tokens.get(token_id)
             if token_text is None:
-                text, matched = state.stop.add(state.detok.add(token_id), active)
+                text, matched = state.stop.add(piece, active)
             else:
-                text, matched = state.stop.add_control(state.detok.add(token_id), active, token_text)
+                text, matched = state.stop.add_control(piece, active, token_text)
             state.new_text.append(text)
             if matched is not None:
                 seq.finish_reason, seq.stop_reason = "stop", matched

@@ -90,11 +90,11 @@ def load_tokenizer(path: Path) -> Any:
     """The checkpoint's tokenizer, or the demo model's Qwen one for a config-only directory."""
     from transformers import AutoTokenizer
 
+    from qwenserve.demo import DEMO_MODEL_DIR
+
     has_tokenizer = (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()
     if not has_tokenizer:
         # A config-only directory (dummy-weight benchmarks): borrow the demo model's Qwen tokenizer.
-        from qwenserve.demo import DEMO_MODEL_DIR
-
         logger.warning("%s has no tokenizer; using the built-in Qwen tokenizer and chat template", path)
         path = DEMO_MODEL_DIR
     tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -104,7 +104,7 @@ def load_tokenizer(path: Path) -> Any:
             "%s has no chat template (no chat_template.jinja, none in tokenizer_config.json): using the "
             "built-in Qwen3-Coder one", path,
         )
-        tokenizer.chat_template = (Path(__file__).parent.parent / "demo" / "chat_template.jinja").read_text()
+        tokenizer.chat_template = (DEMO_MODEL_DIR / "chat_template.jinja").read_text(encoding="utf-8")
     # The context limit is the engine's (--max-model-len); the tokenizer's own would only log "indexing
     # errors" for a prompt the engine then refuses with a clear 400.
     tokenizer.model_max_length = sys.maxsize
