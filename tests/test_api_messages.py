@@ -374,6 +374,20 @@ def test_context_overflow_in_anthropic_words(client: anthropic.Anthropic) -> Non
     assert "This model's maximum context length is 32768 tokens" in message
 
 
+def test_models_list_reads_in_anthropics_shape(client: anthropic.Anthropic) -> None:
+    """The one /v1/models answer carries Anthropic's fields too: the SDK's `models.list()` /
+    `models.retrieve()` get a name, a date and the paging fields instead of None."""
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["qwen3-coder-demo"]
+    card = models.data[0]
+    assert card.type == "model" and card.display_name == "qwen3-coder-demo"
+    assert card.created_at.year >= 2026 and card.created_at.tzinfo is not None
+    assert models.has_more is False and models.first_id == models.last_id == "qwen3-coder-demo"
+    assert client.models.retrieve("qwen3-coder-demo").created_at == card.created_at
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("not-served")
+
+
 def test_wrong_key_is_an_authentication_error(server: ServerProcess) -> None:
     wrong = anthropic.Anthropic(base_url=server.base_url, api_key="wrong", max_retries=0)
     with pytest.raises(anthropic.AuthenticationError) as exc:

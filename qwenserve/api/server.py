@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -224,6 +225,9 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     def model_card(state: ServerState, name: str) -> dict[str, Any]:
+        # One card for both APIs: OpenAI's fields, then Anthropic's (`type`, `display_name`,
+        # `created_at`), so the anthropic SDK's `models.list()` reads a model too; each SDK ignores
+        # the other's fields.
         return {
             "id": name,
             "object": "model",
@@ -231,13 +235,24 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
             "owned_by": "qwen",
             "root": str(state.model_info.path),
             "max_model_len": state.max_model_len,
+            "type": "model",
+            "display_name": name,
+            "created_at": datetime.fromtimestamp(state.created, UTC).isoformat().replace("+00:00", "Z"),
         }
 
     @app.api_route("/v1/models", methods=_GET, tags=["openai"])
     async def models() -> dict[str, Any]:
-        """Every served model name (any name is accepted in requests)."""
+        """Every served model name (any name is accepted in requests), as a list both OpenAI's and
+        Anthropic's clients read (Anthropic's pages by `first_id` / `last_id` / `has_more`)."""
         state = ctx.require()
-        return {"object": "list", "data": [model_card(state, name) for name in state.served_names]}
+        names = state.served_names
+        return {
+            "object": "list",
+            "data": [model_card(state, name) for name in names],
+            "has_more": False,
+            "first_id": names[0],
+            "last_id": names[-1],
+        }
 
     @app.api_route("/v1/models/{name:path}", methods=_GET, tags=["openai"])
     async def model(name: str) -> dict[str, Any]:
