@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("Qwen3MoeForCausalLM", "Qwen3ForCausalLM")
+MAX_BLOCK_SIZE = 256  # tokens per KV cache block (vLLM's largest CUDA choice is 128)
 
 
 @dataclass
@@ -221,8 +222,12 @@ class EngineConfig:
             raise ValueError(f"{_flag('load_format')} must be auto or dummy, got {self.load_format!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"{_flag('dtype')} must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"{_flag('block_size')} must be a power of two, got {self.block_size}")
+        if not 1 <= self.block_size <= MAX_BLOCK_SIZE or self.block_size & (self.block_size - 1):
+            # Larger blocks only lose: the prefix cache shares whole blocks, and a sequence's last block
+            # holds pool memory it has not filled yet.
+            raise ValueError(
+                f"{_flag('block_size')} must be a power of two from 1 to {MAX_BLOCK_SIZE}, got {self.block_size}"
+            )
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"{_flag('gpu_memory_utilization')} must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

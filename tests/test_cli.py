@@ -204,6 +204,10 @@ def test_empty_api_key_and_impossible_kv_memory_are_refused(monkeypatch: pytest.
     monkeypatch.delenv("QWENSERVE_API_KEY")
     with pytest.raises(ValueError, match=r"kv_cache_memory \(--kv-cache-memory\) must be more than 0"):
         EngineConfig(kv_cache_memory=0)
+    for block_size in (0, 24, 512, 65536):  # a 64k-token block left one block for every sequence
+        with pytest.raises(ValueError, match=r"block_size \(--block-size\) must be a power of two from 1 to 256"):
+            EngineConfig(block_size=block_size)
+    assert EngineConfig(block_size=256).block_size == 256
     with pytest.raises(ValueError, match="fewer than 2 KV blocks"):
         check_kv_memory_fits(1024, 65536, torch.device("cpu"))
     with pytest.raises(ValueError, match="more than the .* GiB available on this machine"):
