@@ -384,3 +384,12 @@ def test_banner_lines_paste_into_a_shell(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "'<the --api-key you set>'" in ready_banner("127.0.0.1", 8000, "m", 32768, "other", False, "/m")
     assert "from other machines" in ready_banner("0.0.0.0", 8000, "m", 32768, "k", False, "/m")
     assert "from other machines" not in banner
+
+
+def test_listen_line_writes_an_ipv6_address_in_brackets() -> None:
+    from qwenserve.api.banner import listen_url
+
+    assert listen_url("::", 8000) == "http://[::]:8000"  # was http://:::8000
+    assert listen_url("fe80::1", 80) == "http://[fe80::1]:80"
+    assert listen_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
+    assert listen_url("", 8000) == "http://0.0.0.0:8000"

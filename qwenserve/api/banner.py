@@ -23,6 +23,11 @@ def client_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def listen_url(host: str, port: int) -> str:
+    """The address the server is bound to, as a URL (an IPv6 address in brackets)."""
+    return f"http://{f'[{host}]' if ':' in host else host or '0.0.0.0'}:{port}"
+
+
 def base_url(host: str, port: int) -> str:
     """The OpenAI base URL a client on this machine reaches the server at."""
     return f"http://{client_host(host)}:{port}/v1"

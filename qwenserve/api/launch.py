@@ -7,11 +7,13 @@ import errno
 import json
 import logging
 import os
+import signal
 import socket
 from typing import Any
 
 import uvicorn
 
+from qwenserve.api.banner import listen_url
 from qwenserve.api.errors import bad_request
 from qwenserve.api.server import build_app, uvloop_available
 from qwenserve.api.state import ServerSettings
@@ -60,7 +62,7 @@ def json_error_protocol() -> type:
 class _Server(uvicorn.Server):
     """uvicorn, plus: the first SIGINT / SIGTERM aborts the engine's requests, so every client still
     connected gets an OpenAI-style 503 (streams: an error event, then [DONE]) while uvicorn drains
-    connections, instead of being cut off when its grace period ends."""
+    connections, instead of being cut off when its grace period ends; a second Ctrl-C exits at once."""
 
     def __init__(self, config: uvicorn.Config, on_exit: Any):
         super().__init__(config)
@@ -69,6 +71,13 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         if not self.should_exit:
             self._on_exit()
+        elif sig == signal.SIGINT:
+            # A second Ctrl-C: uvicorn would skip the app's shutdown and the cancelled lifespan task
+            # would log a traceback. Nothing here outlives the process (the KV cache is memory), so
+            # leave at once, as the user asked.
+            logger.info("interrupted again: exiting now")
+            logging.shutdown()
+            os._exit(130)
         super().handle_exit(sig, frame)
 
 
@@ -98,7 +107,7 @@ def run_server(engine: Any, settings: ServerSettings, log_level: str = "info") -
     server = _Server(config, on_exit=engine.abort_all)
     ctx = app.state.ctx
     ctx.server = server
-    logger.info("listening on http://%s:%d (model loading in the background)", settings.host, settings.port)
+    logger.info("listening on %s (model loading in the background)", listen_url(settings.host, settings.port))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:
