@@ -53,7 +53,7 @@ class ModelConfig:
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
-    norm_topk_prob: bool = True
+    norm_topk_prob: bool = False  # Transformers' default (Qwen3MoeConfig) when config.json leaves it out
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     eos_token_ids: list[int] = field(default_factory=list)
@@ -91,6 +91,7 @@ class ModelConfig:
                 raise ValueError(f"config.json has no {key!r}: is it a whole Qwen3 model config?")
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"config.json: {key!r} must be a positive integer, got {value!r}")
+        _check_unsupported_features(raw)
         heads = raw["num_attention_heads"]
         eos = raw.get("eos_token_id")
         fp8 = _is_fp8(raw)
@@ -111,7 +112,8 @@ class ModelConfig:
             num_experts=raw.get("num_experts") or raw.get("num_local_experts") or 0,
             num_experts_per_tok=raw.get("num_experts_per_tok", 0),
             moe_intermediate_size=raw.get("moe_intermediate_size", 0),
-            norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
+            # Absent means False, as Transformers reads it (Qwen3MoeConfig's default); Qwen's own configs set it.
+            norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
             decoder_sparse_step=raw.get("decoder_sparse_step", 1) or 1,
             mlp_only_layers=list(raw.get("mlp_only_layers") or []),
             eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
@@ -132,6 +134,22 @@ class ModelConfig:
 
 # What config.json must give: the sizes nothing else implies.
 _REQUIRED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _check_unsupported_features(raw: dict[str, Any]) -> None:
+    """Refuse what Transformers' Qwen3 / Qwen3-MoE would compute and our model would silently skip:
+    biases on the attention projections (the loader has no place for them) and sliding-window attention."""
+    if raw.get("attention_bias"):
+        raise ValueError(
+            "config.json sets attention_bias: true, which qwenserve's Qwen3 model does not implement (its q/k/v/o "
+            "projections have no bias; Qwen's own checkpoints set it false): this checkpoint cannot be served exactly"
+        )
+    if raw.get("use_sliding_window") and raw.get("sliding_window"):
+        raise ValueError(
+            f"config.json sets use_sliding_window: true (sliding_window {raw['sliding_window']}), which qwenserve "
+            "does not implement: every token would attend to the whole context. Set use_sliding_window to false "
+            "if the model was trained with full attention"
+        )
 
 
 def _is_fp8(raw: dict[str, Any]) -> bool:

@@ -312,6 +312,25 @@ def test_bad_requests_are_400s_in_both_shapes(
     assert error["message"]
 
 
+@pytest.mark.parametrize("thread", [{"type": "create"}, {"type": "continue", "previous_message_id": "msg_1"}])
+def test_a_message_thread_is_refused_so_the_tool_runner_resends_the_history(
+    server: ServerProcess, thread: dict[str, Any]
+) -> None:
+    """The anthropic SDKs' tool runner threads by default (`thread: {"type": "create"}`, then `continue` turns
+    that carry only the new tool results, without the history, system or tools). Ignored, a continue turn
+    reached the model out of context. Refused with Anthropic's `thread_unsupported_request` error code, the
+    runner (unsupportedRequestBehavior 'continue_unthreaded') resends the turn with the whole history."""
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": FRANCE}], "thread": thread}
+    r = server.post("/v1/messages", json=body, headers={"anthropic-beta": "message-threads-2026-08-12"})
+    assert r.status_code == 400 and r.headers.get("x-should-retry") == "false", r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "thread", error
+    assert error["details"]["error_code"] == "thread_unsupported_request", error
+    assert isinstance(error["details"]["unsupported"], list), error
+    r = server.post("/v1/messages", json={**body, "thread": None})
+    assert r.status_code == 200, r.text
+
+
 def test_sdk_raises_bad_request_with_the_reason(client: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.BadRequestError) as exc:
         client.messages.create(model="m", max_tokens=8, messages=[{"role": "user", "content": [

@@ -119,3 +119,43 @@ def test_reference_attention_groups_mixed_batches() -> None:
     q = torch.randn(sum(query_lens), heads, dim, generator=gen)
     grouped = ops.paged_attention(q, k_cache, v_cache, meta, dim**-0.5)
     torch.testing.assert_close(grouped, ops._padded_attention(q, k_cache, v_cache, meta, dim**-0.5))
+
+
+def test_config_without_norm_topk_prob_reads_as_transformers_does(tmp_path: Path) -> None:
+    """A config.json that leaves norm_topk_prob out means False to Transformers (Qwen3MoeConfig's default,
+    and older Transformers' save_pretrained drops keys equal to their default); we must not renormalise."""
+    import json
+
+    path = make_tiny_checkpoint(tmp_path, moe=True)  # 8 experts, top-2: renormalising changes the logits
+    raw = json.loads((path / "config.json").read_text())
+    del raw["norm_topk_prob"]
+    (path / "config.json").write_text(json.dumps(raw))
+    model, runner, hf = _ours_and_hf(path)
+    assert hf.config.norm_topk_prob is False
+    prompt = torch.randint(0, 500, (29,), generator=torch.Generator().manual_seed(4)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0]
+    seq = Sequence("r", 0, prompt, SamplingParams(), seed=0)
+    seq.block_table = [2, 1]
+    torch.testing.assert_close(_run(model, runner, seq, len(prompt)), ref, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "extra, refused",
+    [({"attention_bias": True}, "attention_bias"), ({"use_sliding_window": True, "sliding_window": 8}, "use_sliding_window")],
+    ids=["attention_bias", "sliding_window"],
+)
+def test_config_features_we_would_skip_are_refused(tmp_path: Path, extra: dict, refused: str) -> None:
+    """Transformers' Qwen3-MoE adds q/k/v/o biases (attention_bias) and masks attention to a window
+    (use_sliding_window); our model has neither, so such a checkpoint must be refused, not served
+    with different logits (the biases were skipped by the loader without a word)."""
+    import json
+
+    from qwenserve.config import ModelConfig
+
+    path = make_tiny_checkpoint(tmp_path, moe=True)
+    raw = {**json.loads((path / "config.json").read_text()), **extra}
+    with pytest.raises(ValueError, match=refused):
+        ModelConfig.from_dict(raw)
+    off = {**raw, **{k: False for k in extra if k in ("attention_bias", "use_sliding_window")}}
+    ModelConfig.from_dict(off)  # the same config with the feature off loads

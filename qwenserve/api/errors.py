@@ -63,6 +63,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        details: dict[str, Any] | None = None,
     ):
         super().__init__(message)
         self.status = status
@@ -70,6 +71,7 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+        self.details = details  # Anthropic's `error.details` (an `error_code` its SDKs act on); Anthropic routes only
 
     @property
     def type(self) -> str:
@@ -84,6 +86,8 @@ class APIError(Exception):
         Anthropic routes, Anthropic's shape with OpenAI's fields kept (its SDKs read error.type and .message)."""
         if ANTHROPIC_ERRORS.get():
             error = {"type": self.anthropic_type, "message": self.message, "param": self.param, "code": self.code}
+            if self.details is not None:
+                error["details"] = self.details
             return {"type": "error", "error": error}
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 

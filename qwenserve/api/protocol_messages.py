@@ -62,6 +62,7 @@ class MessagesInput(StrictScalars):
     thinking: dict[str, Any] | None = None
     cache_control: dict[str, Any] | None = None
     mcp_servers: list[Any] | None = None  # refused when not empty (refuse_unsupported)
+    thread: Any = None  # message threads (server-held history): refused when set (refuse_unsupported)
 
 
 class MessagesRequest(MessagesInput, SharedSamplingFields):
@@ -88,6 +89,19 @@ def refuse_unsupported(req: MessagesInput) -> None:
             "'mcp_servers' is not supported: this server does not connect to MCP servers; run them in your client.",
             param="mcp_servers",
             code="unsupported_parameter",
+        )
+    if req.thread is not None:
+        # A `continue` turn carries only the new messages, without the history, `system` or `tools` the thread
+        # holds: ignored, the model would answer a tool result out of context. This error code makes the
+        # anthropic SDKs' tool runner (unsupportedRequestBehavior 'continue_unthreaded') resend the turn with
+        # the full history and no thread, as it does for any request Anthropic cannot thread.
+        raise APIError(
+            400,
+            "'thread' is not supported: this server is stateless and holds no message threads. Send the whole "
+            "conversation in 'messages' without 'thread'.",
+            param="thread",
+            code="unsupported_parameter",
+            details={"error_code": "thread_unsupported_request", "unsupported": ["thread"]},
         )
     if isinstance(req, MessagesRequest) and req.max_tokens < 1:
         raise bad_request(f"'max_tokens' must be >= 1, got {req.max_tokens}.", param="max_tokens")
