@@ -1,4 +1,4 @@
-"""POST /v1/responses (the OpenAI Responses API, stateless) against a real `qwenserve serve` process.
+"""POST /v1/responses (the OpenAI Responses API) against a real `qwenserve serve` process.
 
 One server for the module, the real OpenAI SDK as the client (`client.responses.create` and its
 stream helper), httpx for the raw SSE and the 400s. The demo model's greedy answers are known (see
@@ -156,6 +156,11 @@ def test_input_tokens_count_what_the_response_reads(client: openai.OpenAI) -> No
     with pytest.raises(openai.BadRequestError) as exc:
         client.responses.input_tokens.count(model="m", input=FRANCE, previous_response_id="resp_1")
     assert exc.value.body["param"] == "previous_response_id"
+    first = client.responses.create(model="m", input=LIST_FILES, tools=[SHELL], temperature=0)
+    rest = first_turn_items(first)[2:]
+    continued = client.responses.input_tokens.count(model="m", input=rest, tools=[SHELL], previous_response_id=first.id)
+    whole = client.responses.input_tokens.count(model="m", input=first_turn_items(first), tools=[SHELL])
+    assert continued.input_tokens == whole.input_tokens
 
 
 def test_input_items_of_every_text_shape(client: openai.OpenAI) -> None:
@@ -377,7 +382,8 @@ CALL = {"type": "function_call", "call_id": "call_1", "name": "run_shell_command
 BAD_REQUESTS = [
     ({"model": "m"}, "input", "invalid_value"),
     ({"input": []}, "input", None),
-    ({"input": "hi", "previous_response_id": "resp_123"}, "previous_response_id", "unsupported_parameter"),
+    ({"input": "hi", "previous_response_id": "resp_123"}, "previous_response_id", "previous_response_not_found"),
+    ({"input": "hi", "conversation": "conv_1"}, "conversation", "unsupported_parameter"),
     ({"input": "hi", "tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "tools[0].type",
      "unsupported_parameter"),  # fmt: skip
     ({"input": "hi", "tool_choice": {"type": "web_search"}, "tools": [{"type": "web_search"}]}, "tool_choice",
@@ -400,7 +406,8 @@ BAD_REQUESTS = [
     ({"input": [{"role": "tool", "content": "hi"}]}, "input[0].role", None),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
      "input[0].content[0].type", "unsupported_content"),  # fmt: skip
-    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type", "unsupported_parameter"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].id", "item_not_found"),
+    ({"input": [{"type": "item_reference"}]}, "input[0].id", "item_not_found"),
     ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens", None),
     ({"input": "hi", "temperature": "0"}, "temperature", "invalid_value"),
     ({"input": "hi", "background": True}, "background", "unsupported_parameter"),
@@ -434,9 +441,63 @@ def test_bad_requests_are_400_naming_the_field(
     assert error["message"]
 
 
-def test_sdk_sees_previous_response_id_refused(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError, match="stateless"):
+def test_previous_response_id_continues_a_kept_response(client: openai.OpenAI) -> None:
+    """A response is kept (OpenAI's default, store true): the next turn may send only what is new."""
+    first = client.responses.create(model="m", input=LIST_FILES, tools=[SHELL], temperature=0)
+    assert first.store is True
+    (call,) = first.output
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "README.md\nmain.py"}
+    second = client.responses.create(
+        model="m", input=[result], tools=[SHELL], temperature=0, previous_response_id=first.id
+    )
+    assert second.previous_response_id == first.id
+    assert second.output_text == "Here are the files in this directory."
+    stateless = client.responses.create(model="m", input=first_turn_items(first), tools=[SHELL], temperature=0)
+    assert second.usage.input_tokens == stateless.usage.input_tokens  # the same prompt, rebuilt from the store
+    # A third turn continues the chain: every earlier turn's items come back, the first included.
+    third = client.responses.create(
+        model="m", input=FRANCE, tools=[SHELL], temperature=0, max_output_tokens=4, previous_response_id=second.id
+    )
+    whole = [*first_turn_items(first), *(item.model_dump(exclude_none=True) for item in second.output)]
+    counted = client.responses.input_tokens.count(model="m", input=[*whole, {"role": "user", "content": FRANCE}],
+                                                  tools=[SHELL])  # fmt: skip
+    assert third.usage.input_tokens == counted.input_tokens > second.usage.input_tokens
+    with pytest.raises(openai.BadRequestError, match="not found") as exc:
         client.responses.create(model="m", input="hi", previous_response_id="resp_abc")
+    assert exc.value.body["code"] == "previous_response_not_found"
+
+
+def test_item_reference_reads_a_kept_item(client: openai.OpenAI) -> None:
+    """The Vercel AI SDK's default (store true) sends an earlier assistant message back by its id."""
+    first = client.responses.create(model="m", input=FRANCE, temperature=0)
+    (message,) = first.output
+    history = [{"role": "user", "content": FRANCE}]
+    question = {"role": "user", "content": LIST_FILES}
+    by_reference = client.responses.create(
+        model="m", temperature=0, tools=[SHELL], input=[*history, {"type": "item_reference", "id": message.id}, question]
+    )  # fmt: skip
+    by_value = client.responses.create(
+        model="m", temperature=0, tools=[SHELL], input=[*history, message.model_dump(exclude_none=True), question]
+    )  # fmt: skip
+    assert by_reference.usage.input_tokens == by_value.usage.input_tokens
+    assert [item.type for item in by_reference.output] == [item.type for item in by_value.output] == ["function_call"]
+
+
+def test_retrieve_delete_and_store_false(client: openai.OpenAI) -> None:
+    kept = client.responses.create(model="m", input=FRANCE, temperature=0)
+    retrieved = client.responses.retrieve(kept.id)
+    assert retrieved.id == kept.id and retrieved.output_text == kept.output_text and retrieved.status == "completed"
+    client.responses.delete(kept.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(kept.id)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="m", input="hi", previous_response_id=kept.id)
+    unkept = client.responses.create(model="m", input=FRANCE, temperature=0, store=False)
+    assert unkept.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unkept.id)
+    with pytest.raises(openai.BadRequestError, match="store: false"):
+        client.responses.create(model="m", input=[{"type": "item_reference", "id": unkept.output[0].id}])
 
 
 def test_accepted_and_ignored_fields(client: openai.OpenAI) -> None:
@@ -506,3 +567,25 @@ def test_output_items_keep_the_model_order() -> None:
     assert [e[1]["output_index"] for e in added] == [0, 1, 2, 3]
     second_call_args = [e[1]["delta"] for e in events if e[0].endswith("arguments.delta") and e[1]["output_index"] == 2]
     assert second_call_args == ["{}"], "argument deltas always add up to the done arguments"
+
+
+def test_response_store_keeps_recent_conversations_within_its_size() -> None:
+    from qwenserve.api.response_store import ResponseStore
+
+    def body(n: int) -> dict[str, Any]:
+        return {"output": [{"id": f"msg_{n}", "type": "message", "content": "x" * 100}]}
+
+    user = {"role": "user", "content": "hi"}
+    store = ResponseStore(max_bytes=1000)
+    store.put("resp_0", None, [user], body(0))
+    store.put("resp_1", "resp_0", [user], body(1))
+    assert [item.get("id") for item in store.conversation("resp_1") or []] == [None, "msg_0", None, "msg_1"]
+    for n in range(2, 8):  # others fill the store; continuing resp_1 keeps its chain among the recent
+        store.put(f"resp_{n}", None, [user], body(n))
+        assert store.conversation("resp_1") is not None
+    assert store.get("resp_2") is None and store.item("msg_2") is None  # the least recently used left first
+    assert store.item("msg_0") is not None and store.item("msg_7") is not None
+    assert store.delete("resp_0") and not store.delete("resp_0")
+    assert store.conversation("resp_1") is None  # its start is gone: it cannot be continued
+    store.put("resp_big", None, [{"role": "user", "content": "y" * 2000}], body(99))
+    assert store.get("resp_big") is None and store.get("resp_7") is not None  # too big to keep, nothing evicted

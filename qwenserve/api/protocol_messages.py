@@ -97,7 +97,7 @@ def refuse_unsupported(req: MessagesInput) -> None:
         # the full history and no thread, as it does for any request Anthropic cannot thread.
         raise APIError(
             400,
-            "'thread' is not supported: this server is stateless and holds no message threads. Send the whole "
+            "'thread' is not supported: this server holds no message threads. Send the whole "
             "conversation in 'messages' without 'thread'.",
             param="thread",
             code="unsupported_parameter",

@@ -1,7 +1,7 @@
 """The OpenAI Responses API request (`POST /v1/responses`) and its mapping onto a chat request.
 
-The server is stateless: a Responses request is turned into the ChatCompletionRequest that chat
-history would be (instructions as the first system message, `function_call` items as an assistant
+A Responses request, its `previous_response_id` and `item_reference` items expanded from the
+response store (serving_responses), is turned into the ChatCompletionRequest that chat history would be (instructions as the first system message, `function_call` items as an assistant
 message's `tool_calls`, `function_call_output` items as tool messages) and then served by the chat
 machinery. Input items and tools are checked here one by one rather than by a pydantic union, so a
 bad item is named exactly (`input[2].call_id`, `tools[0].type`).
@@ -63,7 +63,7 @@ class ResponsesRequest(SharedSamplingFields):
     stream: bool = False
     user: str | None = None
     metadata: dict[str, Any] | None = None
-    store: bool | None = None  # accepted; nothing is ever stored
+    store: bool | None = None  # false: the response is not kept for later requests (response_store)
     text: ResponsesText | None = None
     reasoning: dict[str, Any] | None = None  # accepted and ignored: the model does not reason
     include: list[str] | None = None
@@ -74,8 +74,8 @@ class ResponsesRequest(SharedSamplingFields):
     service_tier: str | None = None
     max_tool_calls: int | None = None
     stream_options: dict[str, Any] | None = None
+    previous_response_id: str | None = None  # expanded from the response store
     # Refused when set (see refuse_unsupported): they need server-side state or features this server lacks.
-    previous_response_id: str | None = None
     conversation: Any = None
     prompt: Any = None
     background: bool | None = None
@@ -101,14 +101,13 @@ def _unsupported(message: str, param: str) -> APIError:
 
 
 def refuse_unsupported(req: ResponsesRequest) -> None:
-    """400, naming the field, for what a stateless text-only server cannot do."""
-    for param in ("previous_response_id", "conversation"):
-        if getattr(req, param) is not None:
-            raise _unsupported(
-                f"'{param}' is not supported: this server is stateless and stores no responses or "
-                "conversations. Resend the whole conversation in 'input' instead.",
-                param,
-            )
+    """400, naming the field, for what this text-only server cannot do."""
+    if req.conversation is not None:
+        raise _unsupported(
+            "'conversation' is not supported: this server keeps no conversation objects. Continue from a "
+            "response with 'previous_response_id', or resend the whole conversation in 'input'.",
+            "conversation",
+        )
     if req.prompt is not None:
         raise _unsupported("Stored prompt templates ('prompt') are not supported; send 'input'.", "prompt")
     if req.background:
@@ -172,11 +171,6 @@ def _add_item(messages: list[ChatMessage], item: Any, i: int, call_ids: set[str]
         messages.append(_call_output(item, i, call_ids))
     elif kind == "reasoning":
         pass  # a reasoning model's carried-over thoughts: this model never writes any, nothing to render
-    elif kind == "item_reference":
-        raise _unsupported(
-            "Item references are not supported: this server is stateless; send the items themselves.",
-            f"input[{i}].type",
-        )
     else:
         raise _unsupported(
             f"Input items of type {kind!r} are not supported; send messages, function_call and "

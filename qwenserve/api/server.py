@@ -278,10 +278,20 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
 
     @app.post("/v1/responses", tags=["openai"])
     async def responses(req: ResponsesRequest, raw: Request) -> Response:
-        """OpenAI Responses API, stateless (send the whole conversation in `input`), on the chat path."""
+        """OpenAI Responses API on the chat path; finished responses are kept for `previous_response_id`."""
         endpoints = ctx.endpoints()
         _refuse_bad_text(req)
         return await endpoints.responses.create(req, raw)
+
+    @app.api_route("/v1/responses/{response_id}", methods=_GET, tags=["openai"])
+    async def retrieve_response(response_id: str) -> dict[str, Any]:
+        """A response this server kept (`client.responses.retrieve`); 404 once it is no longer kept."""
+        return ctx.endpoints().responses.retrieve(response_id)
+
+    @app.delete("/v1/responses/{response_id}", tags=["openai"])
+    async def delete_response(response_id: str) -> dict[str, Any]:
+        """Forget a kept response (`client.responses.delete`)."""
+        return ctx.endpoints().responses.delete(response_id)
 
     @app.post("/v1/responses/input_tokens", tags=["openai"])
     async def count_response_tokens(req: ResponsesRequest) -> dict[str, Any]:

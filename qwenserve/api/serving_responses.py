@@ -1,24 +1,26 @@
-"""POST /v1/responses: the OpenAI Responses API, stateless, served by the chat path.
+"""POST /v1/responses: the OpenAI Responses API, served by the chat path.
 
 The request becomes a chat request (protocol_responses.to_chat_request) that ChatCompletions
 validates, renders and samples exactly as /v1/chat/completions would; the engine's output goes
 through the same tool-call parser, and its chat deltas are turned into Responses output items
 (`message`, `function_call`) and, when streaming, into the typed SSE events the OpenAI SDKs read
-(`event: response.output_text.delta` ...), each with an increasing `sequence_number`.
+(`event: response.output_text.delta` ...), each with an increasing `sequence_number`. Finished
+responses are kept in memory (response_store, unless `store: false`) for `previous_response_id`,
+`item_reference` items and GET / DELETE /v1/responses/{id}.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from qwenserve.api.chat_backed import ChatBackedContext, Event
-from qwenserve.api.errors import APIError
+from qwenserve.api.errors import APIError, bad_request
 from qwenserve.api.protocol_responses import (
     ResponsesRequest,
     refuse_unsupported,
@@ -26,6 +28,7 @@ from qwenserve.api.protocol_responses import (
     tool_namespaces,
 )
 from qwenserve.api.request_log import RequestTracker, log_request_body
+from qwenserve.api.response_store import ResponseStore
 from qwenserve.api.serving_chat import (
     ChatCompletions,
     PreparedChat,
@@ -154,30 +157,97 @@ class OutputItems:
         ]
 
 
+def _not_kept(response_id: str) -> APIError:
+    return APIError(
+        404,
+        f"Response with id {response_id!r} not found: this server keeps recent responses in memory until it "
+        "restarts (not those sent with store: false).",
+        param="response_id",
+        code="not_found",
+    )
+
+
 class Responses:
     """Handler for one app: a Responses request is served by `chat`'s machinery."""
 
     def __init__(self, state: ServerState, chat: ChatCompletions):
         self.state = state
         self.chat = chat
+        self.store = ResponseStore()
 
-    async def _prepare(self, req: ResponsesRequest) -> PreparedChat:
-        """The chat request's sampling, tool plan and prompt; errors the chat path names by
-        `messages` (the template, the context length) point at `input` here."""
+    async def _prepare(self, req: ResponsesRequest) -> tuple[PreparedChat, list[dict[str, Any]]]:
+        """The chat request's sampling, tool plan and prompt, and the request's own input items (item
+        references resolved) as the store keeps them; errors the chat path names by `messages` (the
+        template, the context length) point at `input` here."""
         refuse_unsupported(req)
+        own_items = self._own_items(req)
+        history = self._history(req.previous_response_id)
+        expanded = req if isinstance(req.input, str) and not history else req.model_copy(
+            update={"input": history + own_items}
+        )  # fmt: skip
         try:
             fmt = req.text.format if req.text is not None else None
             text_format = responses_format_guide(fmt.model_dump()) if fmt is not None else None
-            return await self.chat.prepare(to_chat_request(req), text_format)
+            prepared = await self.chat.prepare(to_chat_request(expanded), text_format)
         except APIError as exc:
             if exc.param and exc.param.startswith("messages"):
                 exc.param = "input"
             raise
+        return prepared, own_items
+
+    def _own_items(self, req: ResponsesRequest) -> list[Any]:
+        """`input` as items (a string: one user message), each `item_reference` replaced by the kept item."""
+        if isinstance(req.input, str):
+            return [{"type": "message", "role": "user", "content": req.input}]
+        return [self._resolve(item, i) for i, item in enumerate(req.input)]
+
+    def _resolve(self, item: Any, i: int) -> Any:
+        if not isinstance(item, dict) or item.get("type") != "item_reference":
+            return item
+        ref = item.get("id")
+        kept = self.store.item(ref) if isinstance(ref, str) else None
+        if kept is None:
+            raise bad_request(
+                f"Item with id {ref!r} not found: this server keeps recent responses in memory until it "
+                "restarts (not those sent with store: false). Send the item itself instead of a reference "
+                "(the Vercel AI SDK does with providerOptions.openai.store = false).",
+                param=f"input[{i}].id",
+                code="item_not_found",
+            )
+        return kept
+
+    def _history(self, previous_id: str | None) -> list[dict[str, Any]]:
+        """The items of the conversation `previous_response_id` continues ([] without one)."""
+        if previous_id is None:
+            return []
+        history = self.store.conversation(previous_id)
+        if history is None:
+            raise bad_request(
+                f"Previous response with id {previous_id!r} not found: this server keeps recent responses "
+                "in memory until it restarts (not those sent with store: false). Resend the whole "
+                "conversation in 'input' instead.",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
+        return history
 
     async def count_input_tokens(self, req: ResponsesRequest) -> dict[str, Any]:
         """The prompt's size, rendered exactly as create() renders it."""
-        prepared = await self._prepare(req)
+        prepared, _ = await self._prepare(req)
         return {"object": "response.input_tokens", "input_tokens": len(prepared.prompt_ids)}
+
+    def retrieve(self, response_id: str) -> dict[str, Any]:
+        """A kept response's body (GET /v1/responses/{id})."""
+        kept = self.store.get(response_id)
+        if kept is None:
+            raise _not_kept(response_id)
+        return kept.body
+
+    def delete(self, response_id: str) -> dict[str, Any]:
+        """Forget a kept response (DELETE /v1/responses/{id})."""
+        if not self.store.delete(response_id):
+            raise _not_kept(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
 
     async def create(self, req: ResponsesRequest, raw: Request) -> Response:
         """Validate, submit to the engine, and answer with a Response object or its event stream."""
@@ -185,9 +255,11 @@ class Responses:
         request_id = item_id("resp")
         if state.settings.log_requests:
             log_request_body(request_id, req)
-        prepared = await self._prepare(req)
+        prepared, own_items = await self._prepare(req)
         tracker = RequestTracker(request_id, state.metrics, len(prepared.prompt_ids))
         ctx = _ResponseContext(state, req, prepared, request_id, tracker, self.chat.parser(prepared.plan))
+        if req.store is not False:
+            ctx.on_finish = lambda body: self.store.put(request_id, req.previous_response_id, own_items, body)
         outputs = state.add_request(request_id, prepared.prompt_ids, prepared.params, prompt_param="input")
         return await respond(
             raw, request_id, ctx, req.stream, lambda: ctx.stream(outputs), lambda: ctx.collect(outputs)
@@ -208,6 +280,7 @@ class _ResponseContext(ChatBackedContext):
         self.status = "in_progress"
         self.error: dict[str, str] | None = None  # the Response object's `error`, once it failed
         self.sequence = 0
+        self.on_finish: Callable[[dict[str, Any]], None] | None = None  # keeps the finished body
 
     def _text(self) -> dict[str, Any]:
         """The request's `text` as given (OpenAI echoes it), its format {"type": "text"} by default."""
@@ -231,7 +304,10 @@ class _ResponseContext(ChatBackedContext):
         self.tracker.set_finish(0, reason)
         self.status = "incomplete" if reason == "length" else "completed"
         events = self.output.close(self.status)
-        return events + [(f"response.{self.status}", {"response": self.body()})]
+        body = self.body()
+        if self.on_finish is not None:
+            self.on_finish(body)
+        return events + [(f"response.{self.status}", {"response": body})]
 
     def body(self) -> dict[str, Any]:
         """The Response object in its current state, with the request's settings echoed."""
@@ -252,9 +328,9 @@ class _ResponseContext(ChatBackedContext):
             "model": self.model,
             "output": list(self.output.items) if done else [],
             "parallel_tool_calls": self.req.parallel_tool_calls,
-            "previous_response_id": None,
+            "previous_response_id": self.req.previous_response_id,
             "reasoning": {key: (self.req.reasoning or {}).get(key) for key in ("effort", "summary")},  # echoed
-            "store": False,  # nothing is stored, whatever the request asked
+            "store": self.req.store is not False,  # kept for later requests (Responses.store)
             "temperature": params.temperature,
             "text": self._text(),
             "tool_choice": self.req.tool_choice or "auto",
