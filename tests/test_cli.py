@@ -4,6 +4,7 @@ the fast failure paths of `serve` (busy port, a model that cannot load)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -173,6 +174,17 @@ def test_broken_config_json_names_the_file(tmp_path: Path) -> None:
         ModelConfig.from_dict({**arch, **sizes, "quantization_config": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}})
 
 
+def test_commands_run_without_docstrings() -> None:
+    """`python -OO` strips docstrings (some deployments set PYTHONOPTIMIZE=2): the help of both commands
+    still prints (bench's description used to be `__doc__.split(...)`, an AttributeError on None)."""
+    for command in ("serve", "bench"):
+        proc = subprocess.run(
+            [sys.executable, "-OO", "-m", "qwenserve", command, "--help"],
+            capture_output=True, text=True, cwd=REPO, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0 and "usage: qwenserve " + command in proc.stdout, proc.stderr[-2000:]
+
+
 def test_ctrl_c_exits_quietly_when_idle_and_while_loading() -> None:
     """SIGINT (what a terminal's Ctrl-C sends): exit 130 at once, without a traceback, also mid-load,
     and when an impatient user presses it twice (uvicorn then skipped the app's shutdown, and the
@@ -278,3 +290,44 @@ def test_allowed_origins_take_vllms_json_list_or_commas(capsys: pytest.CaptureFi
         with pytest.raises(SystemExit):
             parse("--allowed-origins", bad)
         assert "origin" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_setup_installs_into_an_active_virtualenv_that_lacks_this_checkouts_qwenserve(
+    tmp_path: Path, installed: bool
+) -> None:
+    """serve.sh / test.sh with a virtualenv active: scripts/setup.sh skips the install only when every
+    dependency is there and `qwenserve` is this checkout's. It used to look qwenserve up from inside the
+    checkout, where its own qwenserve/ folder is always found: a virtualenv holding the dependencies but
+    not qwenserve (a vLLM one), once the stamp existed, ended in `exec: qwenserve: not found`."""
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "setup.sh", checkout / "scripts" / "setup.sh")
+    shutil.copy(REPO / "pyproject.toml", checkout / "pyproject.toml")
+    (checkout / "qwenserve").mkdir()
+    (checkout / "qwenserve" / "__init__.py").write_text("")
+    (checkout / ".venv-installed").touch()  # set up once before, so only the module check decides
+    os.utime(checkout / "pyproject.toml", (1, 1))
+    # This interpreter has every dependency; pip is not run, only recorded.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    pip_log = tmp_path / "pip.log"
+    (bin_dir / "python").write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then echo "$@" >> {pip_log}; exit 0; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    (bin_dir / "python").chmod(0o755)
+    env = {**os.environ, "VIRTUAL_ENV": str(tmp_path), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("PYTHONPATH", None)
+    if installed:  # this checkout's qwenserve is the one the environment imports
+        env["PYTHONPATH"] = str(checkout)
+    proc = subprocess.run(
+        ["bash", str(checkout / "scripts" / "setup.sh")], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pips = pip_log.read_text() if pip_log.exists() else ""
+    if installed:
+        assert pips == "" and "installing" not in proc.stderr
+    else:
+        assert "install -q -e ." in pips, (proc.stderr[-2000:], pips)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -300,3 +301,28 @@ def test_unsupported_quantization_and_missing_fp8_scales_say_so(tmp_path: Path, 
     save_file(tensors, tmp_path / "fp8" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="k_proj.weight is stored in torch.float8_e4m3fn but .* no .*_scale_inv or"):
         build_model(load_model_config(tmp_path / "fp8"), tmp_path / "fp8", torch.device("cpu"), torch.float32)
+
+
+def test_building_the_model_needs_no_writable_cache_or_temp_dir(tmp_path: Path, tiny_moe_dir: Path) -> None:
+    """A read-only filesystem (a container's readOnlyRootFilesystem, no writable /tmp) or an unwritable
+    TORCHINDUCTOR_CACHE_DIR must not fail the load: building the model on the meta device used to run
+    nn.Embedding's normal_ init there, which imports torch._dynamo, which creates its cache directory."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a directory under a regular file cannot be created, even by root
+    script = (
+        "import sys, torch\n"
+        "from qwenserve.model.loader import build_model, load_model_config\n"
+        "from pathlib import Path\npath = Path(sys.argv[1])\n"
+        "model = build_model(load_model_config(path), path, torch.device('cpu'), torch.float32)\n"
+        "assert model.embed_tokens.weight.abs().sum() > 0\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(blocker / "inductor"), "TMPDIR": str(blocker / "tmp")}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_moe_dir)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "False", "building the model imported torch._dynamo"

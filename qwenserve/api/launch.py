@@ -3,12 +3,15 @@ port fails at once with a clear message instead of after the model has loaded.""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import signal
 import socket
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -59,17 +62,28 @@ def json_error_protocol() -> type:
     return JSONErrorProtocol
 
 
+# SIGHUP (the terminal closed, an ssh session dropped) stops the server as SIGTERM does: uvicorn leaves it at
+# its default action, which killed the process at once, cutting streams off without their error event.
+_STOP_SIGNALS = tuple(
+    s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None
+)
+
+
 class _Server(uvicorn.Server):
-    """uvicorn, plus: the first SIGINT / SIGTERM aborts the engine's requests, so every client still
+    """uvicorn, plus: the first SIGINT / SIGTERM / SIGHUP aborts the engine's requests, so every client still
     connected gets an OpenAI-style 503 (streams: an error event, then [DONE]) while uvicorn drains
-    connections, instead of being cut off when its grace period ends; a second Ctrl-C exits at once."""
+    connections, instead of being cut off when its grace period ends; a second Ctrl-C exits at once. After a
+    SIGTERM or SIGHUP the process exits 0 once it has shut down (uvicorn would raise the signal again and die
+    of it: exit 143); after Ctrl-C, 130 as before."""
 
     def __init__(self, config: uvicorn.Config, on_exit: Any):
         super().__init__(config)
         self._on_exit = on_exit
+        self.stop_signal: int | None = None
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if not self.should_exit:
+            self.stop_signal = sig
             self._on_exit()
         elif sig == signal.SIGINT:
             # A second Ctrl-C: uvicorn would skip the app's shutdown and the cancelled lifespan task
@@ -79,6 +93,26 @@ class _Server(uvicorn.Server):
             logging.shutdown()
             os._exit(130)
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        # A SIGHUP already ignored stays ignored: `nohup qwenserve serve` must outlive its terminal. (SIGINT
+        # is caught even when ignored, as uvicorn does: a shell script's `serve &` starts with it ignored.)
+        stop_signals = [
+            sig for sig in _STOP_SIGNALS
+            if sig in (signal.SIGINT, signal.SIGTERM) or signal.getsignal(sig) is not signal.SIG_IGN
+        ]  # fmt: skip
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in stop_signals}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+        if self.stop_signal == signal.SIGINT:
+            signal.raise_signal(signal.SIGINT)  # KeyboardInterrupt: the exit code 130 of a Ctrl-C
 
 
 def run_server(engine: Any, settings: ServerSettings, log_level: str = "info") -> int:
@@ -111,12 +145,18 @@ def run_server(engine: Any, settings: ServerSettings, log_level: str = "info") -
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:
-        # uvicorn re-raises the Ctrl-C it caught once it has shut down: that is the normal way out.
-        if not ctx.ready and ctx.exit_code == 0:
-            # The load runs on a worker thread that cannot be interrupted; exiting the normal way
-            # would wait minutes for it to finish reading a large checkpoint.
-            logger.info("stopped while the model was loading")
-            logging.shutdown()
-            os._exit(130)
+        # The Ctrl-C caught is raised again once the server has shut down: that is the normal way out.
+        _exit_now_if_loading(ctx, 130)
         return 130
+    if server.stop_signal is not None:  # SIGTERM / SIGHUP
+        _exit_now_if_loading(ctx, 0)
     return ctx.exit_code
+
+
+def _exit_now_if_loading(ctx: Any, code: int) -> None:
+    """Stopped before the model was loaded: the load runs on a worker thread that cannot be interrupted,
+    and exiting the normal way would wait minutes for it to finish reading a large checkpoint."""
+    if not ctx.ready and ctx.exit_code == 0:
+        logger.info("stopped while the model was loading")
+        logging.shutdown()
+        os._exit(code)

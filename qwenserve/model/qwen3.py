@@ -193,7 +193,12 @@ class Qwen3ForCausalLM(nn.Module):
         self.cfg = cfg
         self.ops = ops or Ops()
         self.rank, self.world_size = rank, world_size
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # An explicit (empty) weight: Embedding's own normal_ init on the meta device imports torch._dynamo,
+        # which creates its cache directory, so a read-only filesystem without a writable temp dir (or an
+        # unwritable TORCHINDUCTOR_CACHE_DIR) failed the load. The weights are loaded or drawn afterwards anyway.
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
+        )
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, self.ops, rank, world_size) for i in range(cfg.num_hidden_layers)
         )
