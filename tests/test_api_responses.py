@@ -487,6 +487,8 @@ def test_retrieve_delete_and_store_false(client: openai.OpenAI) -> None:
     kept = client.responses.create(model="m", input=FRANCE, temperature=0)
     retrieved = client.responses.retrieve(kept.id)
     assert retrieved.id == kept.id and retrieved.output_text == kept.output_text and retrieved.status == "completed"
+    with pytest.raises(openai.BadRequestError, match="without 'stream'"):  # was a JSON body read as no events
+        list(client.responses.retrieve(kept.id, stream=True))
     client.responses.delete(kept.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(kept.id)

@@ -111,7 +111,9 @@ def refuse_unsupported(req: ResponsesRequest) -> None:
     if req.prompt is not None:
         raise _unsupported("Stored prompt templates ('prompt') are not supported; send 'input'.", "prompt")
     if req.background:
-        raise _unsupported("'background' responses are not supported (nothing is stored to poll).", "background")
+        raise _unsupported(
+            "'background' responses are not supported: a response runs while its request is open.", "background"
+        )
     if req.top_logprobs or "message.output_text.logprobs" in (req.include or []):
         param = "top_logprobs" if req.top_logprobs else "include"
         raise _unsupported("Logprobs are not supported on /v1/responses; use /v1/chat/completions.", param)

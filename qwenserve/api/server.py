@@ -284,8 +284,15 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
         return await endpoints.responses.create(req, raw)
 
     @app.api_route("/v1/responses/{response_id}", methods=_GET, tags=["openai"])
-    async def retrieve_response(response_id: str) -> dict[str, Any]:
+    async def retrieve_response(response_id: str, stream: str | None = None) -> dict[str, Any]:
         """A response this server kept (`client.responses.retrieve`); 404 once it is no longer kept."""
+        if stream is not None and stream.lower() not in ("false", "0"):
+            # The SDK would read a JSON body as a stream of no events; say why instead.
+            raise bad_request(
+                "Streaming a kept response again is not supported: retrieve it without 'stream'.",
+                param="stream",
+                code="unsupported_parameter",
+            )
         return ctx.endpoints().responses.retrieve(response_id)
 
     @app.delete("/v1/responses/{response_id}", tags=["openai"])
