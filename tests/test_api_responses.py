@@ -465,6 +465,9 @@ def test_previous_response_id_continues_a_kept_response(client: openai.OpenAI) -
     with pytest.raises(openai.BadRequestError, match="not found") as exc:
         client.responses.create(model="m", input="hi", previous_response_id="resp_abc")
     assert exc.value.body["code"] == "previous_response_not_found"
+    with pytest.raises(openai.BadRequestError) as exc:  # an error in the new items names them as sent
+        client.responses.create(model="m", input=[{**result, "call_id": "call_nope"}], previous_response_id=first.id)
+    assert exc.value.body["param"] == "input[0].call_id"
 
 
 def test_item_reference_reads_a_kept_item(client: openai.OpenAI) -> None:

@@ -11,7 +11,9 @@ responses are kept in memory (response_store, unless `store: false`) for `previo
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -157,6 +159,15 @@ class OutputItems:
         ]
 
 
+def _own_position(param: str | None, num_history: int) -> str | None:
+    """An error's `input[i]...` as the client numbered its items: the previous response's items come first."""
+    match = re.match(r"input\[(\d+)\]", param or "")
+    if not match or not num_history:
+        return param
+    index = int(match.group(1)) - num_history
+    return "previous_response_id" if index < 0 else f"input[{index}]{param[match.end():]}"  # type: ignore[index]
+
+
 def _not_kept(response_id: str) -> APIError:
     return APIError(
         404,
@@ -192,6 +203,7 @@ class Responses:
         except APIError as exc:
             if exc.param and exc.param.startswith("messages"):
                 exc.param = "input"
+            exc.param = _own_position(exc.param, len(history))
             raise
         return prepared, own_items
 
@@ -214,7 +226,7 @@ class Responses:
                 param=f"input[{i}].id",
                 code="item_not_found",
             )
-        return kept
+        return copy.deepcopy(kept)  # this request's own copy: nothing that reads it can change the kept one
 
     def _history(self, previous_id: str | None) -> list[dict[str, Any]]:
         """The items of the conversation `previous_response_id` continues ([] without one)."""
