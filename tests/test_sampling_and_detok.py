@@ -67,6 +67,17 @@ def test_top_k_fast_path_keeps_the_lowest_ids_of_a_tie() -> None:
         assert token < 12 and token == sample(logits.repeat(2, 1), pair).token_ids[0], seed
 
 
+def test_top_p_one_keeps_the_tail_beside_a_top_p_row() -> None:
+    """top_p 1 is off (as in Transformers and vLLM): a row with it draws the same from the sorted candidates
+    (beside a top-p row) as from the unsorted logits (alone). Token 1 has probability 2.5e-8, so in float32
+    token 0's is 1.0 and the cumsum before token 1 reached top_p; seed 3651563's noise picks token 1."""
+    logits = torch.tensor([[0.0, -17.5]])
+    seeds = torch.full((2,), 3651563)
+    alone = sample(logits, _batch(1, seeds=seeds[:1])).token_ids[0]
+    beside = sample(logits.repeat(2, 1), _batch(2, seeds=seeds, top_p=torch.tensor([1.0, 0.5]), needs_top_k_p=True))
+    assert alone == 1 and beside.token_ids[0] == alone
+
+
 def test_top_k_top_p_min_p_restrict_the_support() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(300, 1)
     seeds = torch.arange(300, dtype=torch.int64)

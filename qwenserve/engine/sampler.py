@@ -128,8 +128,11 @@ def choose_from_candidates(
         k = torch.where(batch.top_k > 0, batch.top_k.clamp(max=num), torch.full_like(batch.top_k, num))
         drop = torch.arange(num, device=values.device)[None, :] >= k[:, None]
         probs = torch.softmax(scaled.masked_fill(drop, float("-inf")), dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first candidate always stays).
-        drop |= (probs.cumsum(dim=-1) - probs) >= batch.top_p[:, None]
+        # Keep the smallest prefix whose mass reaches top_p (the first candidate always stays). top_p 1
+        # keeps every candidate: a float32 cumsum can reach 1.0 before the tail (whose mass rounded
+        # away), and a row must draw here what it draws unsorted, beside no top-p row.
+        top_p = batch.top_p[:, None]
+        drop |= ((probs.cumsum(dim=-1) - probs) >= top_p) & (top_p < 1)
     if batch.needs_min_p:
         probs = torch.softmax(scaled.masked_fill(drop, float("-inf")), dim=-1)
         drop |= probs < probs.max(dim=-1, keepdim=True).values * batch.min_p[:, None]

@@ -170,11 +170,12 @@ def _top_k_draw_kernel(
     scaled = tl.math.div_rn(values, tl.where(t > 0, t, 1.0))
     k = tl.load(top_k_ptr + b)
     keep = valid & (offs < tl.where(k > 0, k, K))
-    # top-p: keep the smallest prefix whose probability mass reaches top_p.
+    # top-p: keep the smallest prefix whose probability mass reaches top_p (1: all, as the torch path).
     x = tl.where(keep, scaled, -float("inf"))
     e = tl.exp(x - tl.max(x, 0))
     probs = e / tl.sum(e, 0)
-    keep = keep & ((tl.cumsum(probs, 0) - probs) < tl.load(top_p_ptr + b))
+    p = tl.load(top_p_ptr + b)
+    keep = keep & ((tl.cumsum(probs, 0) - probs) < tl.where(p < 1.0, p, float("inf")))
     if USE_MIN_P:
         x = tl.where(keep, scaled, -float("inf"))
         e = tl.exp(x - tl.max(x, 0))
