@@ -755,3 +755,86 @@ def test_sigterm_during_a_long_step_still_answers(tmp_path_factory: pytest.TempP
         assert "Traceback" not in srv.log() and "ERROR" not in srv.log()
     finally:
         srv.stop()
+
+
+def test_a_request_head_without_end_is_a_431_and_the_server_serves_on(server: ServerProcess) -> None:
+    """A request line or headers sent without end were kept whole, and a URL so sent held the event loop
+    for seconds at a time (uvicorn joins it piece by piece): past the limit the answer is an OpenAI-shaped 431."""
+    from qwenserve.api.launch import MAX_REQUEST_HEAD_BYTES
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+        # One byte past the limit, and no more: bytes left unread when the server closes would reset the
+        # connection (a TCP RST) before the client reads the answer.
+        conn.sendall(b"GET /" + b"a" * (MAX_REQUEST_HEAD_BYTES - 4))
+        raw = b""
+        while chunk := conn.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431") and b"application/json" in head.lower(), raw
+    err = json.loads(body)["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == "request_header_too_large", err
+    assert server.post(CHAT, json={"messages": HI, "max_tokens": 1}).status_code == 200
+
+
+def test_a_connection_whose_request_head_does_not_arrive_is_closed() -> None:
+    """Connections that sent nothing, or a head that trickles in, were kept forever (no key is needed to open
+    one): enough of them used up the process's file limit and locked every client out. The protocol now
+    closes one whose head has not arrived when its timer fires; a request being served is left alone."""
+    import asyncio
+
+    import uvicorn
+    from uvicorn.server import ServerState as UvicornState
+
+    from qwenserve.api.launch import json_error_protocol
+
+    class Transport(asyncio.Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.closed = False
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return default
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+        def close(self) -> None:
+            self.closed = True
+
+        def write(self, data: Any) -> None:
+            pass
+
+        def pause_reading(self) -> None:
+            pass
+
+        def resume_reading(self) -> None:
+            pass
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.Event().wait()  # a request still being answered
+
+    loop = asyncio.new_event_loop()
+    try:
+        protocol_class = json_error_protocol()
+
+        def connect() -> tuple[Any, Transport]:
+            protocol = protocol_class(config=uvicorn.Config(app), server_state=UvicornState(), app_state={}, _loop=loop)
+            transport = Transport()
+            protocol.connection_made(transport)
+            return protocol, transport
+
+        idle, idle_transport = connect()
+        slow, slow_transport = connect()
+        slow.data_received(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        busy, busy_transport = connect()
+        busy.data_received(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        for protocol in (idle, slow, busy):
+            assert protocol._head_timer is not None  # armed when the connection opened
+            protocol._head_timer.cancel()
+            protocol._head_timed_out()  # as when it fires
+        assert idle_transport.closed and slow_transport.closed and not busy_transport.closed
+    finally:
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()

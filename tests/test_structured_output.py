@@ -463,3 +463,22 @@ def test_allowed_tools_restrict_calls_and_keep_the_prompt(server: ServerProcess,
     unknown = {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{"type": "function", "function": {"name": "nope"}}]}}
     bad = server.post(CHAT, json={**body, "tool_choice": unknown})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice.allowed_tools.tools[0]", bad.text
+
+
+def test_a_grammar_too_slow_to_follow_ends_its_request_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Masks are filled on the engine thread, so an ambiguous grammar (`(.*){1,50}x`: minutes a step after a
+    few tokens) would stall every request: a sequence whose mask takes over GRAMMAR_STEP_SECONDS is ended
+    with `grammar_too_slow`, its KV freed, and the others run on unchanged. (The limit is set below any
+    mask's time here, so the test does not depend on how fast this machine is.)"""
+    from qwenserve.engine import guided
+
+    engine = LLMEngine(EngineConfig())
+    prompts = [engine.tokenizer.encode(t) for t in ("What is the capital of France?", "hello")]
+    plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = engine.generate([prompts[0]], plain)[0][0].token_ids
+    monkeypatch.setattr(guided, "GRAMMAR_STEP_SECONDS", -1.0)
+    slow = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, guide=Guide("regex", "(.*){1,3}x"))
+    mixed = engine.generate(prompts, [plain, slow])
+    assert mixed[0][0].token_ids == alone and mixed[0][0].finish_reason == "length"
+    assert mixed[1][0].finish_reason == "grammar_too_slow" and len(mixed[1][0].token_ids) <= 1, mixed[1]
+    assert engine._num_guided_requests == 0 and engine.block_manager.usage() == 0

@@ -3,6 +3,7 @@ port fails at once with a clear message instead of after the model has loaded.""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import json
@@ -17,7 +18,7 @@ from typing import Any
 import uvicorn
 
 from qwenserve.api.banner import listen_url
-from qwenserve.api.errors import bad_request
+from qwenserve.api.errors import APIError
 from qwenserve.api.server import build_app, uvloop_available
 from qwenserve.api.state import ServerSettings
 
@@ -39,22 +40,80 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+# A request's head (request line and headers) must arrive whole within this many seconds of the connection
+# opening or of the previous answer, and hold at most this many bytes. uvicorn waits forever for a head
+# and keeps all of it: connections that send nothing (no key is needed to open one) piled up to the
+# process's file limit and locked every client out, and a request line sent without end (its URL is joined
+# piece by piece, in quadratic time) held the event loop for seconds at a time, stalling every request.
+REQUEST_HEAD_SECONDS = 30.0
+MAX_REQUEST_HEAD_BYTES = 64 * 1024
+
+
 def json_error_protocol() -> type:
     """uvicorn's HTTP protocol (httptools when installed, as its "auto" picks, else h11), answering the
     one request it refuses itself, one it cannot parse, with an OpenAI-shaped 400 instead of plain text,
-    so a client's error handling sees the same shape as for every other error."""
+    so a client's error handling sees the same shape as for every other error; and closing a connection
+    whose next request's head does not arrive in time (REQUEST_HEAD_SECONDS) or grows too large."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
     except ImportError:
         from uvicorn.protocols.http.h11_impl import H11Protocol as base
 
     class JSONErrorProtocol(base):  # type: ignore[misc, valid-type]
+        _head_timer: asyncio.TimerHandle | None = None
+        _head_bytes = 0
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._await_head()
+
+        def data_received(self, data: bytes) -> None:
+            waiting = self._waiting_for_head()
+            self._head_bytes += len(data) if waiting else 0
+            super().data_received(data)
+            if not self._waiting_for_head():
+                self._head_bytes = 0  # the head is complete: a body may be as large as the app allows
+            elif waiting and self._head_bytes > MAX_REQUEST_HEAD_BYTES and not self.transport.is_closing():
+                self._refuse(
+                    431,
+                    f"The request line and headers exceed this server's limit of {MAX_REQUEST_HEAD_BYTES:,} bytes.",
+                    code="request_header_too_large",
+                )
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._await_head()  # the next request's head has as long as the first one's
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _waiting_for_head(self) -> bool:
+            """No request is being served: the next one's head has not arrived whole yet."""
+            return self.cycle is None or self.cycle.response_complete
+
+        def _await_head(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_bytes = 0
+            if not self.transport.is_closing():
+                self._head_timer = self.loop.call_later(REQUEST_HEAD_SECONDS, self._head_timed_out)
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self._waiting_for_head() and not self.transport.is_closing():
+                self.transport.close()  # an idle connection: no answer is owed, as for keep-alive's timeout
+
         def send_400_response(self, msg: str) -> None:
-            error = bad_request(f"{msg} The request line, headers or body framing is not valid HTTP/1.1.")
-            body = json.dumps(error.body()).encode()
+            self._refuse(400, f"{msg} The request line, headers or body framing is not valid HTTP/1.1.")
+
+        def _refuse(self, status: int, message: str, code: str | None = None) -> None:
+            body = json.dumps(APIError(status, message, code=code).body()).encode()
+            reason = b"Bad Request" if status == 400 else b"Request Header Fields Too Large"
             head = (
-                b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-                b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n" % (status, reason, len(body))
             )
             self.transport.write(head + body)
             self.transport.close()

@@ -18,8 +18,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-# JSON text of the kept responses, at most: ~150 qwen-code-sized first turns, far more follow-ups.
-DEFAULT_MAX_BYTES = 64 << 20
+# JSON text of the kept responses, at most: ~200 qwen-code-sized first turns, far more follow-ups. Python
+# holds JSON in several times its text's size (~9x for a `metadata` of many tiny keys, measured), so the
+# cap stays small.
+DEFAULT_MAX_BYTES = 16 << 20
 
 
 @dataclass

@@ -17,8 +17,8 @@ from qwenserve.api.errors import APIError, aborted, from_invalid_request, unavai
 from qwenserve.api.logprobs import byte_level_token_bytes
 from qwenserve.api.metrics import Metrics
 from qwenserve.api.segment_cache import SegmentEncoder
-from qwenserve.engine.guided import Guide
-from qwenserve.engine.outputs import FINISH_GRAMMAR_DEAD_END, RequestOutput
+from qwenserve.engine.guided import GRAMMAR_STEP_SECONDS, Guide
+from qwenserve.engine.outputs import FINISH_GRAMMAR_DEAD_END, FINISH_GRAMMAR_TOO_SLOW, RequestOutput
 from qwenserve.engine.sampling_params import CONTEXT_HINT, InvalidRequestError, SamplingParams
 from qwenserve.tool_parser import get_tool_parser_class
 
@@ -183,7 +183,7 @@ class ServerState:
 async def _with_api_errors(stream: AsyncIterator[RequestOutput], params: SamplingParams) -> AsyncIterator[RequestOutput]:
     """The engine's stream, its failures raised as API errors: the shutdown abort as the 503 `aborted`,
     a failed step as a 500, a GPU fault as a 503 naming what happened, and a guided answer that its
-    grammar let run into a dead end as a 400 naming the field that asked for it."""
+    grammar let run into a dead end, or grew too slow to follow, as a 400 naming the field that asked for it."""
     from qwenserve.engine.async_engine import EngineDeadError, GenerationFailedError, RequestAbortedError
 
     try:
@@ -197,6 +197,17 @@ async def _with_api_errors(stream: AsyncIterator[RequestOutput], params: Samplin
                     "...). Fix that part.",
                     param=param,
                     code="grammar_dead_end",
+                )
+            if out.finish_reason == FINISH_GRAMMAR_TOO_SLOW:
+                param = params.guide.param if params.guide is not None else None
+                raise APIError(
+                    400,
+                    f"'{param}' is too costly to follow: finding the tokens it allows took over "
+                    f"{GRAMMAR_STEP_SECONDS:g}s for one token (an ambiguous regex or grammar, such as nested "
+                    "repetitions of '.*', costs more with every token), and every other request waits for it. "
+                    "Simplify it.",
+                    param=param,
+                    code="grammar_too_slow",
                 )
             yield out
     except RequestAbortedError as exc:

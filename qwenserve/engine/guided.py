@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,6 +35,12 @@ GRAMMAR_CACHE_BYTES = 512 << 20
 # JSON is written compactly (", " and ": " between items, no newlines): a model free to add whitespace
 # can get stuck emitting it (Qwen models are known to) and run to max_tokens without a value.
 JSON_OPTIONS = {"any_whitespace": False}
+
+# CPU seconds one guided sequence's matcher may take to compute one step's allowed tokens. Masks are filled on
+# the engine thread, so every other request waits for them; an ambiguous regex or grammar (`(.*){1,50}x`,
+# `a ::= a a | "x"`: a few bytes each) costs more with every token, to minutes a step, and would stall the
+# whole server. Such a sequence is ended (FINISH_GRAMMAR_TOO_SLOW). A JSON schema's mask takes milliseconds.
+GRAMMAR_STEP_SECONDS = 0.5
 
 
 @dataclass
@@ -170,17 +177,22 @@ def _clean_error(err: BaseException) -> str:
     return re.sub(r"^Check failed: .*? is false: ", "", text) or type(err).__name__
 
 
-def fill_bitmask(matchers: list[Any], vocab_size: int, pin: bool) -> torch.Tensor:
+def fill_bitmask(matchers: list[Any], vocab_size: int, pin: bool) -> tuple[torch.Tensor, list[int]]:
     """int32 [len(matchers), ceil(vocab / 32)] on the host (pinned when `pin`, so it can be copied to the
-    device without waiting): bit t of row r set when matcher r allows token t."""
+    device without waiting): bit t of row r set when matcher r allows token t; and the rows whose matcher
+    took more than GRAMMAR_STEP_SECONDS of CPU time for it (their sequences are to be ended)."""
     bitmask = torch.full((len(matchers), -(-vocab_size // 32)), -1, dtype=torch.int32, pin_memory=pin)
+    too_slow = []
     for row, matcher in enumerate(matchers):
+        started = time.thread_time()  # CPU time: waiting for the GIL or a busy machine does not count
         matcher.fill_next_token_bitmask(bitmask, row)
+        if time.thread_time() - started > GRAMMAR_STEP_SECONDS:
+            too_slow.append(row)
         if not bitmask[row].any():
             # A dead end (text no continuation of the grammar allows): an all -inf row would sample NaN
             # probabilities, so it samples token 0, which the matcher then rejects, ending the sequence.
             bitmask[row, 0] = 1
-    return bitmask
+    return bitmask, too_slow
 
 
 def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:

@@ -20,11 +20,17 @@ from typing import Any
 import torch
 
 from qwenserve.config import EngineConfig, ModelConfig
+from qwenserve.engine import guided
 from qwenserve.engine.block_manager import BlockManager
 from qwenserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from qwenserve.engine.guided import Guide, GuideCompiler
 from qwenserve.engine.model_runner import ModelRunner, PendingStep, StepResult, kv_bytes_per_block, select_ops
-from qwenserve.engine.outputs import FINISH_GRAMMAR_DEAD_END, RequestOutput, TokenLogprob
+from qwenserve.engine.outputs import (
+    FINISH_GRAMMAR_DEAD_END,
+    FINISH_GRAMMAR_TOO_SLOW,
+    RequestOutput,
+    TokenLogprob,
+)
 from qwenserve.engine.sampling_params import (
     CONTEXT_HINT,
     GENERATION_CONFIG_FIELDS,
@@ -549,6 +555,8 @@ class LLMEngine:
             grammar = self._advance_grammar(seq, token_id)
             if grammar == "dead_end":
                 seq.finish_reason = FINISH_GRAMMAR_DEAD_END
+            elif grammar == "too_slow":
+                seq.finish_reason = FINISH_GRAMMAR_TOO_SLOW
             else:
                 self._check_stop(seq, token_id, state, grammar_ended=grammar == "terminated")
             if seq.finish_reason is not None:
@@ -588,9 +596,17 @@ class LLMEngine:
     @staticmethod
     def _advance_grammar(seq: Sequence, token_id: int) -> str | None:
         """Feed a guided sequence's new token to its matcher: "terminated" when the grammar is complete,
-        "dead_end" when the token is outside it, else None (unguided sequences too)."""
+        "dead_end" when the token is outside it, "too_slow" when its last mask took too long, else None (unguided
+        sequences too)."""
         if seq.matcher is None:
             return None
+        if seq.grammar_too_slow:  # checked first: accepting a token costs such a grammar as much as its mask
+            logger.warning(
+                "request %s: its grammar took over %ss to compute one step's allowed tokens; ending it",
+                seq.request_id,
+                guided.GRAMMAR_STEP_SECONDS,
+            )
+            return "too_slow"
         if not seq.matcher.accept_token(token_id):
             # Only when the mask allowed no token at all: the text so far leads nowhere the grammar allows
             # (a part of the schema no text can match), so no valid answer can follow.

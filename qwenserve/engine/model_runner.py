@@ -336,7 +336,9 @@ class ModelRunner:
             rows, ids = (self._to_device(x, torch.int64) for x in edits[:2])
             logits.index_put_((rows, ids), self._to_device(edits[2], torch.float32), accumulate=True)
         if guided:
-            bitmask = fill_bitmask([seqs[row].matcher for row in guided], logits.shape[-1], self.pin)
+            bitmask, too_slow = fill_bitmask([seqs[row].matcher for row in guided], logits.shape[-1], self.pin)
+            for i in too_slow:  # the engine ends these once their token is back (LLMEngine._advance_grammar)
+                seqs[guided[i]].grammar_too_slow = True
             apply_bitmask(logits, self._to_device(guided, torch.int64), bitmask.to(self.device, non_blocking=True))
         return logits
 

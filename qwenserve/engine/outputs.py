@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 # can match, such as an impossible pattern): no valid answer can follow, so it ends there, and the
 # server answers it as an error.
 FINISH_GRAMMAR_DEAD_END = "grammar_dead_end"
+# A guided sequence whose grammar took too long to compute one step's allowed tokens (guided.GRAMMAR_STEP_SECONDS):
+# it would stall every other request at every step from then on, so it ends, and the server answers an error.
+FINISH_GRAMMAR_TOO_SLOW = "grammar_too_slow"
 
 
 @dataclass
@@ -27,7 +30,8 @@ class RequestOutput:
     `text` and `token_ids` hold only what is new since the previous output for this
     `index`. `finish_reason` is None until the last output: then "stop" (EOS, stop
     token or stop string), "length" (max_tokens or context full), "abort", or
-    FINISH_GRAMMAR_DEAD_END (a guided sequence whose grammar allows no next token).
+    FINISH_GRAMMAR_DEAD_END (a guided sequence whose grammar allows no next token) or
+    FINISH_GRAMMAR_TOO_SLOW.
     """
 
     request_id: str

@@ -48,6 +48,7 @@ class Sequence:
         self.min_tokens_banned: tuple[int, ...] = ()
         # Structured output: an xgrammar matcher that has accepted every known output token (engine.guided).
         self.matcher: Any = None
+        self.grammar_too_slow = False  # its matcher took too long for one step's mask (guided.GRAMMAR_STEP_SECONDS)
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # chained hashes of its full blocks, computed as needed (block_manager)
