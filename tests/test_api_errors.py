@@ -321,18 +321,26 @@ def test_body_that_is_not_utf8_is_a_400_invalid_json(server: ServerProcess) -> N
     assert err["code"] == "invalid_json", err
 
 
-def test_request_that_is_not_http_is_an_openai_shaped_400(server: ServerProcess) -> None:
-    """A request uvicorn cannot parse (here a space inside the header name) never reaches the app:
-    its 400 has the OpenAI error shape too, and the server keeps serving."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
-        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n")
+def raw_exchange(server: ServerProcess, request: bytes, status: int) -> dict[str, Any]:
+    """Send raw bytes, read the answer until the server closes; check its status line and that its body
+    is an OpenAI-shaped error, and return that error."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+        conn.sendall(request)
         raw = b""
         while chunk := conn.recv(65536):
             raw += chunk
     head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head.lower(), raw
+    assert head.startswith(b"HTTP/1.1 %d" % status) and b"application/json" in head.lower(), raw
     err = json.loads(body)["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error", err
+    assert set(err) == {"message", "type", "param", "code"}, err
+    return err
+
+
+def test_request_that_is_not_http_is_an_openai_shaped_400(server: ServerProcess) -> None:
+    """A request uvicorn cannot parse (here a space inside the header name) never reaches the app:
+    its 400 has the OpenAI error shape too, and the server keeps serving."""
+    err = raw_exchange(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n", 400)
+    assert err["type"] == "invalid_request_error", err
     assert "Invalid HTTP request" in err["message"], err
     assert server.post(CHAT, json={"messages": HI, "max_tokens": 1}).status_code == 200
 
@@ -762,17 +770,10 @@ def test_a_request_head_without_end_is_a_431_and_the_server_serves_on(server: Se
     for seconds at a time (uvicorn joins it piece by piece): past the limit the answer is an OpenAI-shaped 431."""
     from qwenserve.api.launch import MAX_REQUEST_HEAD_BYTES
 
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
-        # One byte past the limit, and no more: bytes left unread when the server closes would reset the
-        # connection (a TCP RST) before the client reads the answer.
-        conn.sendall(b"GET /" + b"a" * (MAX_REQUEST_HEAD_BYTES - 4))
-        raw = b""
-        while chunk := conn.recv(65536):
-            raw += chunk
-    head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 431") and b"application/json" in head.lower(), raw
-    err = json.loads(body)["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["code"] == "request_header_too_large", err
+    # One byte past the limit, and no more: bytes left unread when the server closes would reset the
+    # connection (a TCP RST) before the client reads the answer.
+    err = raw_exchange(server, b"GET /" + b"a" * (MAX_REQUEST_HEAD_BYTES - 4), 431)
+    assert err["code"] == "request_header_too_large", err
     assert server.post(CHAT, json={"messages": HI, "max_tokens": 1}).status_code == 200
 
 
