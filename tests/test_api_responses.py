@@ -492,6 +492,15 @@ def test_retrieve_delete_and_store_false(client: openai.OpenAI) -> None:
     assert retrieved.id == kept.id and retrieved.output_text == kept.output_text and retrieved.status == "completed"
     with pytest.raises(openai.BadRequestError, match="without 'stream'"):  # was a JSON body read as no events
         list(client.responses.retrieve(kept.id, stream=True))
+    (question,) = client.responses.input_items.list(kept.id).data
+    assert question.type == "message" and question.role == "user" and question.content[0].text == FRANCE
+    three = client.responses.create(model="m", max_output_tokens=1, input=[
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}])
+    newest = client.responses.input_items.list(three.id, limit=2)
+    assert [item.content[0].text for item in newest.data] == ["c", "b"] and newest.has_more
+    rest = client.responses.input_items.list(three.id, after=newest.last_id)
+    assert [item.content[0].text for item in rest.data] == ["a"] and not rest.has_more
+    assert [i.content[0].text for i in client.responses.input_items.list(three.id, order="asc").data] == ["a", "b", "c"]
     client.responses.delete(kept.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(kept.id)

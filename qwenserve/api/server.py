@@ -295,6 +295,13 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
             )
         return ctx.endpoints().responses.retrieve(response_id)
 
+    @app.api_route("/v1/responses/{response_id}/input_items", methods=_GET, tags=["openai"])
+    async def response_input_items(
+        response_id: str, limit: int = 20, order: str = "desc", after: str | None = None
+    ) -> dict[str, Any]:
+        """A kept response's own input items (`client.responses.input_items.list`), newest first by default."""
+        return ctx.endpoints().responses.input_items(response_id, limit, order, after)
+
     @app.delete("/v1/responses/{response_id}", tags=["openai"])
     async def delete_response(response_id: str) -> dict[str, Any]:
         """Forget a kept response (`client.responses.delete`)."""

@@ -168,6 +168,20 @@ def _own_position(param: str | None, num_history: int) -> str | None:
     return "previous_response_id" if index < 0 else f"input[{index}]{param[match.end():]}"  # type: ignore[index]
 
 
+def _with_id(item: Any, fallback: str) -> Any:
+    """An input item as the input_items list shows it: with an id (one the client gave, else one derived from
+    the response's and the item's place) and a message's text as a content part."""
+    if not isinstance(item, dict):
+        return item
+    shown = {"id": item.get("id") or f"msg_{fallback.removeprefix('resp_')}", **{k: v for k, v in item.items() if k != "id"}}
+    if item.get("type", "message") == "message":
+        shown["type"] = "message"
+        if isinstance(item.get("content"), str):
+            kind = "output_text" if item.get("role") == "assistant" else "input_text"
+            shown["content"] = [{"type": kind, "text": item["content"]}]
+    return shown
+
+
 def _not_kept(response_id: str) -> APIError:
     return APIError(
         404,
@@ -254,6 +268,32 @@ class Responses:
         if kept is None:
             raise _not_kept(response_id)
         return kept.body
+
+    def input_items(self, response_id: str, limit: int = 20, order: str = "desc", after: str | None = None) -> dict[str, Any]:
+        """A kept response's own input items, a page at a time (GET /v1/responses/{id}/input_items)."""
+        kept = self.store.get(response_id)
+        if kept is None:
+            raise _not_kept(response_id)
+        if not 1 <= limit <= 100:
+            raise bad_request(f"'limit' must be from 1 to 100, got {limit}.", param="limit")
+        if order not in ("asc", "desc"):
+            raise bad_request(f"'order' must be asc or desc, got {order!r}.", param="order")
+        items = [_with_id(item, f"{response_id}_{i}") for i, item in enumerate(kept.input_items)]
+        if order == "desc":
+            items.reverse()
+        ids = [item["id"] for item in items]
+        if after is not None:
+            if after not in ids:
+                raise bad_request(f"'after' names no input item of {response_id!r}: {after!r}.", param="after")
+            items = items[ids.index(after) + 1 :]
+        page = items[:limit]
+        return {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > limit,
+        }
 
     def delete(self, response_id: str) -> dict[str, Any]:
         """Forget a kept response (DELETE /v1/responses/{id})."""
