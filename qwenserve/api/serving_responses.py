@@ -168,12 +168,12 @@ def _own_position(param: str | None, num_history: int) -> str | None:
     return "previous_response_id" if index < 0 else f"input[{index}]{param[match.end():]}"  # type: ignore[index]
 
 
-def _with_id(item: Any, fallback: str) -> Any:
-    """An input item as the input_items list shows it: with an id (one the client gave, else one derived from
-    the response's and the item's place) and a message's text as a content part."""
+def _with_id(item: Any, response_id: str, index: int) -> Any:
+    """An input item as the input_items list shows it: with an id (the client's, else one derived from the
+    response and the item's place) and a message's text as a content part."""
     if not isinstance(item, dict):
         return item
-    shown = {"id": item.get("id") or f"msg_{fallback.removeprefix('resp_')}", **{k: v for k, v in item.items() if k != "id"}}
+    shown = {**item, "id": item.get("id") or f"msg_{response_id.removeprefix('resp_')}_{index}"}
     if item.get("type", "message") == "message":
         shown["type"] = "message"
         if isinstance(item.get("content"), str):
@@ -278,7 +278,7 @@ class Responses:
             raise bad_request(f"'limit' must be from 1 to 100, got {limit}.", param="limit")
         if order not in ("asc", "desc"):
             raise bad_request(f"'order' must be asc or desc, got {order!r}.", param="order")
-        items = [_with_id(item, f"{response_id}_{i}") for i, item in enumerate(kept.input_items)]
+        items = [_with_id(item, response_id, i) for i, item in enumerate(kept.input_items)]
         if order == "desc":
             items.reverse()
         ids = [item["id"] for item in items]

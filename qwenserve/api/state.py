@@ -180,6 +180,20 @@ class ServerState:
         self._grammar.shutdown(wait=False, cancel_futures=True)
 
 
+# A guided answer's grammar failures (the engine's finish reasons, which are also the error codes) -> messages.
+_GRAMMAR_FAILURES = {
+    FINISH_GRAMMAR_DEAD_END: (
+        "The answer reached a point after which '{param}' allows no text at all, so no answer can satisfy it: "
+        "some part of it matches nothing (an impossible 'pattern', an empty 'anyOf', ...). Fix that part."
+    ),
+    FINISH_GRAMMAR_TOO_SLOW: (
+        f"'{{param}}' is too costly to follow: finding the tokens it allows took over {GRAMMAR_STEP_SECONDS:g}s "
+        "for one token (an ambiguous regex or grammar, such as nested repetitions of '.*', costs more with every "
+        "token), and every other request waits for it. Simplify it."
+    ),
+}
+
+
 async def _with_api_errors(stream: AsyncIterator[RequestOutput], params: SamplingParams) -> AsyncIterator[RequestOutput]:
     """The engine's stream, its failures raised as API errors: the shutdown abort as the 503 `aborted`,
     a failed step as a 500, a GPU fault as a 503 naming what happened, and a guided answer that its
@@ -188,27 +202,10 @@ async def _with_api_errors(stream: AsyncIterator[RequestOutput], params: Samplin
 
     try:
         async for out in stream:
-            if out.finish_reason == FINISH_GRAMMAR_DEAD_END:
+            if out.finish_reason in _GRAMMAR_FAILURES:
                 param = params.guide.param if params.guide is not None else None
-                raise APIError(
-                    400,
-                    f"The answer reached a point after which '{param}' allows no text at all, so no answer can "
-                    "satisfy it: some part of it matches nothing (an impossible 'pattern', an empty 'anyOf', "
-                    "...). Fix that part.",
-                    param=param,
-                    code="grammar_dead_end",
-                )
-            if out.finish_reason == FINISH_GRAMMAR_TOO_SLOW:
-                param = params.guide.param if params.guide is not None else None
-                raise APIError(
-                    400,
-                    f"'{param}' is too costly to follow: finding the tokens it allows took over "
-                    f"{GRAMMAR_STEP_SECONDS:g}s for one token (an ambiguous regex or grammar, such as nested "
-                    "repetitions of '.*', costs more with every token), and every other request waits for it. "
-                    "Simplify it.",
-                    param=param,
-                    code="grammar_too_slow",
-                )
+                raise APIError(400, _GRAMMAR_FAILURES[out.finish_reason].format(param=param), param=param,
+                               code=out.finish_reason)  # fmt: skip
             yield out
     except RequestAbortedError as exc:
         raise aborted() from exc
