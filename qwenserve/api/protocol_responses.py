@@ -1,7 +1,8 @@
 """The OpenAI Responses API request (`POST /v1/responses`) and its mapping onto a chat request.
 
 A Responses request, its `previous_response_id` and `item_reference` items expanded from the
-response store (serving_responses), is turned into the ChatCompletionRequest that chat history would be (instructions as the first system message, `function_call` items as an assistant
+response store (serving_responses), is turned into the ChatCompletionRequest that chat history
+would be (instructions as the first system message, `function_call` items as an assistant
 message's `tool_calls`, `function_call_output` items as tool messages) and then served by the chat
 machinery. Input items and tools are checked here one by one rather than by a pydantic union, so a
 bad item is named exactly (`input[2].call_id`, `tools[0].type`).
