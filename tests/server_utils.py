@@ -35,7 +35,12 @@ class ServerProcess:
     """A `python -m qwenserve serve` child process with its log captured to a file."""
 
     def __init__(
-        self, log_dir: Path, *args: str, env: dict[str, str] | None = None, api_key: str | None = None
+        self,
+        log_dir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        api_key: str | None = None,
+        preexec_fn: Any = None,
     ):
         self.port = free_port()
         self.api_key = api_key
@@ -47,7 +52,9 @@ class ServerProcess:
             cmd += ["--api-key", api_key]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO, preexec_fn=preexec_fn
+        )
         self.early_responses: list[tuple[str, int, dict[str, str]]] = []
 
     @property

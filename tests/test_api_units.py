@@ -200,6 +200,8 @@ def test_error_params_read_like_openai() -> None:
     assert format_loc(("body", "tool_choice", "literal['none','auto','required']")) == "tool_choice"
     assert format_loc(("body", "tools", 0, "function", "NamedToolChoice")) == "tools[0].function"
     assert format_loc(("body",)) is None
+    assert format_loc(("query", "limit")) == "limit"  # a query parameter named as OpenAI names it
+    assert format_loc(("body", "query")) == "query"  # a body field that happens to share the name
 
 
 def test_completion_prompt_shapes_and_fim() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from server_utils import REPO
+from server_utils import REPO, ServerProcess
 
 from qwenserve import cli
 
@@ -331,3 +331,38 @@ def test_setup_installs_into_an_active_virtualenv_that_lacks_this_checkouts_qwen
         assert pips == "" and "installing" not in proc.stderr
     else:
         assert "install -q -e ." in pips, (proc.stderr[-2000:], pips)
+
+
+def test_a_low_open_file_limit_is_raised_so_many_connections_still_get_served(tmp_path: Path) -> None:
+    """Started with the soft limit at 128 open files (the hard limit as it was), the server raises it
+    itself: 300 idle connections, then a request, which is answered."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"this machine's hard limit on open files is {hard}")
+    if soft != resource.RLIM_INFINITY and soft < 1024:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))  # room for the test's sockets
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+
+    server = ServerProcess(tmp_path, preexec_fn=low_limit)
+    server.wait_ready()
+    idle: list[socket.socket] = []
+    try:
+        limits = Path(f"/proc/{server.proc.pid}/limits")
+        if limits.exists():
+            line = next(row for row in limits.read_text().splitlines() if row.startswith("Max open files"))
+            assert int(line.split()[3]) > 128, line
+        for _ in range(300):
+            idle.append(socket.create_connection(("127.0.0.1", server.port)))
+        time.sleep(0.5)  # let the server accept them all before the real request queues behind them
+        reply = server.post(
+            "/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2}, timeout=30
+        )
+        assert reply.status_code == 200, reply.text
+    finally:
+        for conn in idle:
+            conn.close()
+        server.stop()

@@ -126,6 +126,7 @@ def from_invalid_request(exc: InvalidRequestError) -> APIError:
     return APIError(400, exc.message, param=exc.param, code=exc.code)
 
 
+_LOCATIONS = frozenset({"body", "query", "path", "header"})
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"})
 
 
@@ -135,11 +136,12 @@ def _is_union_tag(part: str) -> bool:
 
 
 def format_loc(loc: tuple[Any, ...] | list[Any]) -> str | None:
-    """('body', 'messages', 0, 'role') -> 'messages[0].role'; None for the body itself."""
+    """('body', 'messages', 0, 'role') -> 'messages[0].role'; ('query', 'limit') -> 'limit'; None for
+    the body itself. OpenAI names a parameter without where it was sent."""
     out = ""
+    if loc and loc[0] in _LOCATIONS:
+        loc = loc[1:]
     for part in loc:
-        if part == "body" and not out:
-            continue
         if isinstance(part, str) and _is_union_tag(part):
             continue
         if isinstance(part, int):

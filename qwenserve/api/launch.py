@@ -9,6 +9,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import threading
@@ -174,8 +175,29 @@ class _Server(uvicorn.Server):
             signal.raise_signal(signal.SIGINT)  # KeyboardInterrupt: the exit code 130 of a Ctrl-C
 
 
+# Enough for every connection a box of clients keeps open; what vLLM raises its own limit to.
+OPEN_FILES_WANTED = 65536
+
+
+def raise_open_file_limit(wanted: int = OPEN_FILES_WANTED) -> int:
+    """Raise this process's soft limit on open files toward `wanted` (never above the hard limit, never
+    lower); returns the soft limit now in force. Each connection holds a file: at a distribution's usual
+    1,024, a burst of clients (or idle connections awaiting their timeout) would make accept() fail."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:  # a sandbox that refuses; the old limit still serves
+            logger.debug("could not raise the open-file limit from %d: %s", soft, exc)
+            return soft
+        return target
+    return soft
+
+
 def run_server(engine: Any, settings: ServerSettings, log_level: str = "info") -> int:
     """Serve until interrupted; returns the process exit code (1 when the model failed to load)."""
+    raise_open_file_limit()
     try:
         sock = bind_socket(settings.host, settings.port)
     except OSError as exc:
