@@ -176,7 +176,11 @@ def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(AnthropicErrorsMiddleware)  # outside every layer that may refuse a request
     app.add_middleware(TrailingSlashMiddleware)  # outermost: every layer sees the route's own path
-    _add_routes(app, ctx)
+    _add_ops_routes(app, ctx)
+    _add_model_routes(app, ctx)
+    _add_openai_routes(app, ctx)
+    _add_anthropic_routes(app, ctx)
+    _add_token_routes(app, ctx)
     return app
 
 
@@ -203,7 +207,9 @@ def cors_options(allowed_origins: list[str] | None) -> dict[str, Any]:
 _GET = ["GET", "HEAD"]
 
 
-def _add_routes(app: FastAPI, ctx: AppContext) -> None:
+def _add_ops_routes(app: FastAPI, ctx: AppContext) -> None:
+    """/health, /version and /metrics: what a supervisor or a dashboard polls."""
+
     @app.api_route("/health", methods=_GET, tags=["ops"])
     async def health() -> Response:
         """200 when the model is loaded and serving, 503 while it loads."""
@@ -224,21 +230,25 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
         """Prometheus exposition of request, token, latency and KV cache series."""
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    def model_card(state: ServerState, name: str) -> dict[str, Any]:
-        # One card for both APIs: OpenAI's fields, then Anthropic's (`type`, `display_name`,
-        # `created_at`), so the anthropic SDK's `models.list()` reads a model too; each SDK ignores
-        # the other's fields.
-        return {
-            "id": name,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "qwen",
-            "root": str(state.model_info.path),
-            "max_model_len": state.max_model_len,
-            "type": "model",
-            "display_name": name,
-            "created_at": datetime.fromtimestamp(state.created, UTC).isoformat().replace("+00:00", "Z"),
-        }
+
+def _model_card(state: ServerState, name: str) -> dict[str, Any]:
+    """One card for both APIs: OpenAI's fields, then Anthropic's (`type`, `display_name`, `created_at`),
+    so the anthropic SDK's `models.list()` reads a model too; each SDK ignores the other's fields."""
+    return {
+        "id": name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "qwen",
+        "root": str(state.model_info.path),
+        "max_model_len": state.max_model_len,
+        "type": "model",
+        "display_name": name,
+        "created_at": datetime.fromtimestamp(state.created, UTC).isoformat().replace("+00:00", "Z"),
+    }
+
+
+def _add_model_routes(app: FastAPI, ctx: AppContext) -> None:
+    """/v1/models and /v1/models/{name}, read by OpenAI's and Anthropic's clients alike."""
 
     @app.api_route("/v1/models", methods=_GET, tags=["openai"])
     async def models() -> dict[str, Any]:
@@ -248,7 +258,7 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
         names = state.served_names
         return {
             "object": "list",
-            "data": [model_card(state, name) for name in names],
+            "data": [_model_card(state, name) for name in names],
             "has_more": False,
             "first_id": names[0],
             "last_id": names[-1],
@@ -267,7 +277,11 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
                 param="model",
                 code="model_not_found",
             )
-        return model_card(state, name)
+        return _model_card(state, name)
+
+
+def _add_openai_routes(app: FastAPI, ctx: AppContext) -> None:
+    """Chat completions, completions and the Responses API (with its kept responses)."""
 
     @app.post("/v1/chat/completions", tags=["openai"])
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
@@ -275,6 +289,13 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
         endpoints = ctx.endpoints()
         _refuse_bad_text(req)
         return await endpoints.chat.create(req, raw)
+
+    @app.post("/v1/completions", tags=["openai"])
+    async def completions(req: CompletionRequest, raw: Request) -> Response:
+        """Text completion, with echo, logprobs and fill-in-the-middle via `suffix`."""
+        endpoints = ctx.endpoints()
+        _refuse_bad_text(req)
+        return await endpoints.completions.create(req, raw)
 
     @app.post("/v1/responses", tags=["openai"])
     async def responses(req: ResponsesRequest, raw: Request) -> Response:
@@ -315,6 +336,10 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
         _refuse_bad_text(req)
         return await endpoints.responses.count_input_tokens(req)
 
+
+def _add_anthropic_routes(app: FastAPI, ctx: AppContext) -> None:
+    """Anthropic's Messages API and its token count."""
+
     @app.post("/v1/messages", tags=["anthropic"])
     async def messages(req: MessagesRequest, raw: Request) -> Response:
         """Anthropic Messages API (Claude Code, qwen-code's Anthropic provider), on the chat path."""
@@ -329,12 +354,9 @@ def _add_routes(app: FastAPI, ctx: AppContext) -> None:
         _refuse_bad_text(req)
         return await endpoints.messages.count_tokens(req)
 
-    @app.post("/v1/completions", tags=["openai"])
-    async def completions(req: CompletionRequest, raw: Request) -> Response:
-        """Text completion, with echo, logprobs and fill-in-the-middle via `suffix`."""
-        endpoints = ctx.endpoints()
-        _refuse_bad_text(req)
-        return await endpoints.completions.create(req, raw)
+
+def _add_token_routes(app: FastAPI, ctx: AppContext) -> None:
+    """vLLM's /tokenize and /detokenize."""
 
     @app.post("/tokenize", tags=["tokens"])
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
