@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -482,3 +483,21 @@ def test_a_grammar_too_slow_to_follow_ends_its_request_alone(monkeypatch: pytest
     assert mixed[0][0].token_ids == alone and mixed[0][0].finish_reason == "length"
     assert mixed[1][0].finish_reason == "grammar_too_slow" and len(mixed[1][0].token_ids) <= 1, mixed[1]
     assert engine._num_guided_requests == 0 and engine.block_manager.usage() == 0
+
+
+def test_a_spec_too_slow_to_compile_is_refused_and_the_server_serves_on(tmp_path: Path) -> None:
+    """A regex with a huge repetition count takes seconds to compile: past the compile limit (set far
+    below any compile here, so the test does not depend on this machine's speed) it is a 400
+    `grammar_too_slow` naming the field, not a request left waiting, and plain requests are served."""
+    srv = start_server(tmp_path, env={"QWENSERVE_GRAMMAR_COMPILE_SECONDS": "0.001"})
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        for stream in (False, True):
+            slow = srv.post("/v1/chat/completions", json={**body, "stream": stream, "guided_regex": "[a-z]{1,20000}"})
+            assert slow.status_code == 400, slow.text
+            error = slow.json()["error"]
+            assert error["code"] == "grammar_too_slow" and error["param"] == "guided_regex", error
+        plain = srv.post("/v1/chat/completions", json=body)
+        assert plain.status_code == 200, plain.text
+    finally:
+        srv.stop()

@@ -17,6 +17,7 @@ from qwenserve.api.errors import APIError, aborted, from_invalid_request, unavai
 from qwenserve.api.logprobs import byte_level_token_bytes
 from qwenserve.api.metrics import Metrics
 from qwenserve.api.segment_cache import SegmentEncoder
+from qwenserve.config import env_number
 from qwenserve.engine.guided import GRAMMAR_STEP_SECONDS, Guide
 from qwenserve.engine.outputs import FINISH_GRAMMAR_DEAD_END, FINISH_GRAMMAR_TOO_SLOW, RequestOutput
 from qwenserve.engine.sampling_params import CONTEXT_HINT, InvalidRequestError, SamplingParams
@@ -25,6 +26,11 @@ from qwenserve.tool_parser import get_tool_parser_class
 logger = logging.getLogger("qwenserve.api")
 
 T = TypeVar("T")
+
+
+# A spec that takes longer to compile (a regex such as `[a-z]{1,20000}`, a schema of thousands of properties)
+# is refused rather than left to hold its client, and one of the two compile threads, with no answer.
+GRAMMAR_COMPILE_SECONDS = env_number("QWENSERVE_GRAMMAR_COMPILE_SECONDS", 60.0, whole=False)
 
 
 def new_id(prefix: str) -> str:
@@ -113,8 +119,20 @@ class ServerState:
         return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, *args)
 
     async def compile_guide(self, guide: Guide) -> Guide:
-        """Compile a structured-output spec off the event loop (InvalidRequestError -> 400 naming its field)."""
-        return await asyncio.get_running_loop().run_in_executor(self._grammar, self.engine.compile_guide, guide)
+        """Compile a structured-output spec off the event loop (InvalidRequestError -> 400 naming its field;
+        a 400 `grammar_too_slow` past GRAMMAR_COMPILE_SECONDS). A compile that overruns cannot be stopped: it
+        finishes on its thread into the grammar cache, so the same spec asked again is then served."""
+        compiling = asyncio.get_running_loop().run_in_executor(self._grammar, self.engine.compile_guide, guide)
+        try:
+            return await asyncio.wait_for(compiling, GRAMMAR_COMPILE_SECONDS)
+        except TimeoutError:
+            raise APIError(
+                400,
+                f"'{guide.param}' took over {GRAMMAR_COMPILE_SECONDS:g} s to compile: simplify it (smaller "
+                "repetition counts such as {1,20000}, fewer properties or alternatives).",
+                param=guide.param,
+                code="grammar_too_slow",
+            ) from None
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; special-token text such as <|fim_prefix|> maps to its id. Chat prompts reuse
