@@ -63,23 +63,42 @@ def json_error_protocol() -> type:
     class JSONErrorProtocol(base):  # type: ignore[misc, valid-type]
         _head_timer: asyncio.TimerHandle | None = None
         _head_bytes = 0
+        _head_tail = b""  # the last bytes of the head so far: its blank line may span two reads
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._await_head()
 
         def data_received(self, data: bytes) -> None:
-            waiting = self._waiting_for_head()
-            self._head_bytes += len(data) if waiting else 0
+            # Counted before the parser sees them: a head that arrives whole in one read (a 100 KB header
+            # sent at once) would otherwise be complete, and served, before its size was ever checked.
+            if self._waiting_for_head():
+                self._head_bytes += self._head_part(data)
+                if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
+                    if not self.transport.is_closing():
+                        self._refuse(
+                            431,
+                            f"The request line and headers exceed this server's limit of "
+                            f"{MAX_REQUEST_HEAD_BYTES:,} bytes.",
+                            code="request_header_too_large",
+                        )
+                    return
             super().data_received(data)
             if not self._waiting_for_head():
                 self._head_bytes = 0  # the head is complete: a body may be as large as the app allows
-            elif waiting and self._head_bytes > MAX_REQUEST_HEAD_BYTES and not self.transport.is_closing():
-                self._refuse(
-                    431,
-                    f"The request line and headers exceed this server's limit of {MAX_REQUEST_HEAD_BYTES:,} bytes.",
-                    code="request_header_too_large",
-                )
+                self._head_tail = b""
+
+        def _head_part(self, data: bytes) -> int:
+            """How many bytes of `data` belong to the head being received: up to the blank line that ends
+            it, or all of them. The body after that line (in the same read) is not the head's."""
+            skipped = 0
+            if not self._head_bytes:  # empty lines before a request line are ignored by the parser
+                skipped = len(data) - len(data.lstrip(b"\r\n"))
+                data = data[skipped:]
+            seen = self._head_tail + data
+            ends = [i + len(sep) for sep in (b"\r\n\r\n", b"\n\n") if (i := seen.find(sep)) >= 0]
+            self._head_tail = seen[-3:]
+            return skipped + (max(0, min(ends) - (len(seen) - len(data))) if ends else len(data))
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -98,6 +117,7 @@ def json_error_protocol() -> type:
             if self._head_timer is not None:
                 self._head_timer.cancel()
             self._head_bytes = 0
+            self._head_tail = b""
             if not self.transport.is_closing():
                 self._head_timer = self.loop.call_later(REQUEST_HEAD_SECONDS, self._head_timed_out)
 
