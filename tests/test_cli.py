@@ -268,11 +268,16 @@ def test_bad_environment_settings_are_refused_naming_the_variable(monkeypatch: p
     assert env_number("QWENSERVE_HEARTBEAT_SECONDS", 10.0, whole=False) == 2.5
     monkeypatch.delenv("QWENSERVE_HEARTBEAT_SECONDS")
     assert env_number("QWENSERVE_HEARTBEAT_SECONDS", 10.0, whole=False) == 10.0
-    out = subprocess.run(
-        [sys.executable, "-m", "qwenserve", "serve", "--port", "0"], capture_output=True, text=True, timeout=120,
-        env={**os.environ, "QWENSERVE_MAX_BODY_BYTES": "lots"},
-    )  # fmt: skip
-    assert out.returncode == 2 and "QWENSERVE_MAX_BODY_BYTES='lots'" in out.stderr and "Traceback" not in out.stderr
+    # Each is refused before the port is bound, with the same exit code: QWENSERVE_CPU_THREADS was read only once
+    # a CPU model had begun loading (exit 1, after the server had started; never on a GPU).
+    monkeypatch.delenv("QWENSERVE_MAX_BODY_BYTES")
+    for name in ("QWENSERVE_MAX_BODY_BYTES", "QWENSERVE_CPU_THREADS"):
+        out = subprocess.run(
+            [sys.executable, "-m", "qwenserve", "serve", "--port", "0"], capture_output=True, text=True, timeout=120,
+            env={**os.environ, name: "lots"},
+        )  # fmt: skip
+        assert out.returncode == 2 and f"{name}='lots'" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and "listening on" not in out.stderr, out.stderr
 
 
 def test_allowed_origins_take_vllms_json_list_or_commas(capsys: pytest.CaptureFixture[str]) -> None:

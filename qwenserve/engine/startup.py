@@ -67,13 +67,18 @@ def check_kv_memory_fits(budget: int, per_block: int, device: torch.device) -> N
         )
 
 
+# Read as the module loads, as the server's other QWENSERVE_* settings are: `qwenserve serve` then refuses a bad
+# value at once, before binding the port, on any device (read at load time, it was refused only once a CPU
+# model had begun loading, with another exit code, and never on a GPU).
+CPU_THREADS = int(env_number("QWENSERVE_CPU_THREADS", 0))
+
+
 def limit_cpu_threads(cfg: ModelConfig) -> None:
     """Small models run one op thread on CPU: their ops are too short to split, and OpenMP workers
     that wait on each other turn a microsecond kernel into tens of milliseconds whenever another
     process (the HTTP client, a test) shares the cores. QWENSERVE_CPU_THREADS overrides."""
-    threads = int(env_number("QWENSERVE_CPU_THREADS", 0))
-    if threads:
-        torch.set_num_threads(threads)
+    if CPU_THREADS:
+        torch.set_num_threads(CPU_THREADS)
     elif cfg.hidden_size * cfg.num_hidden_layers <= 4096:
         torch.set_num_threads(1)
 
