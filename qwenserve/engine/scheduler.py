@@ -112,13 +112,13 @@ class Scheduler:
             if (block_hash := self._next_block_hash(seq)) is not None:
                 in_flight.add(block_hash)
 
-    def _next_block_hash(self, seq: Sequence) -> int | None:
+    def _next_block_hash(self, seq: Sequence) -> bytes | None:
         """The hash of the block a running `seq` computes next (None: not a full block of known tokens)."""
         bm = self.block_manager
         index = seq.num_computed_tokens // bm.block_size
         return bm.block_hash(seq, index) if (index + 1) * bm.block_size <= seq.num_known_tokens else None
 
-    def _awaits_block(self, seq: Sequence, index: int, in_flight: set[int]) -> bool:
+    def _awaits_block(self, seq: Sequence, index: int, in_flight: set[bytes]) -> bool:
         """Whether block `index` of `seq`, the first missing from the prefix cache, is one a running
         sequence computes next (the same tokens after the same prefix: the hash says both). Then `seq`
         waits: once that block is done it is a cache hit, where admitting `seq` now would compute the
