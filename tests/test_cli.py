@@ -107,7 +107,6 @@ def test_bench_is_dispatched(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = types.ModuleType("qwenserve.bench")
     fake.main = lambda argv: seen.append(argv) or 0  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "qwenserve.bench", fake)
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())
     assert cli.main(["bench", "--foo", "1"]) == 0
     assert seen == [["--foo", "1"]]
 
