@@ -35,13 +35,7 @@ def select_ops(device: torch.device, use_kernels: bool) -> Ops:
     from qwenserve.kernels import kernel_ops, kernels_available
 
     if use_kernels and device.type == "cuda" and kernels_available():
-        from qwenserve.kernels.fused import add_rms_norm, qk_norm_rope_cache, route
-        from qwenserve.kernels.linear import linear_unreduced
-
-        # Projections run on cuBLAS, except one-token qkv / o_proj: split-K GEMVs whose partial sums
-        # the next fused kernel adds (qwenserve.kernels.linear).
-        return Ops(**kernel_ops(), add_rms_norm=add_rms_norm, qk_norm_rope_cache=qk_norm_rope_cache, route=route,
-                   linear_unreduced=linear_unreduced)
+        return Ops(**kernel_ops())
     return Ops()
 
 

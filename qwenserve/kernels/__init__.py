@@ -22,8 +22,13 @@ def kernels_available() -> bool:
 
 
 def kernel_ops() -> dict[str, Callable]:
-    """The Triton replacements, keyed by the field names of qwen3.Ops / functions of ops.py."""
+    """The Triton replacements, keyed by the field names of qwen3.Ops / functions of ops.py.
+
+    Projections stay on cuBLAS (Ops.linear), except one-token qkv / o_proj: split-K GEMVs whose partial
+    sums the next fused kernel adds (linear_unreduced, qwenserve.kernels.linear)."""
     from qwenserve.kernels.attention import paged_attention
+    from qwenserve.kernels.fused import add_rms_norm, qk_norm_rope_cache, route
+    from qwenserve.kernels.linear import linear_unreduced
     from qwenserve.kernels.moe import fused_moe, norm_routed_moe, routed_moe
     from qwenserve.kernels.norm import rms_norm
 
@@ -33,6 +38,10 @@ def kernel_ops() -> dict[str, Callable]:
         "routed_moe": routed_moe,
         "norm_routed_moe": norm_routed_moe,
         "rms_norm": rms_norm,
+        "add_rms_norm": add_rms_norm,
+        "qk_norm_rope_cache": qk_norm_rope_cache,
+        "route": route,
+        "linear_unreduced": linear_unreduced,
     }
 
 

@@ -366,5 +366,5 @@ def test_kernel_ops_has_the_ops_names() -> None:
 
     from qwenserve.model.qwen3 import Ops
 
-    assert set(kernel_ops()) == {"paged_attention", "fused_moe", "routed_moe", "norm_routed_moe", "rms_norm"}
-    assert set(kernel_ops()) <= {f.name for f in fields(Ops)}
+    # Every op but Ops.linear (projections stay on cuBLAS).
+    assert set(kernel_ops()) == {f.name for f in fields(Ops)} - {"linear"}
