@@ -176,12 +176,6 @@ class ToolPlan:
         return self.must_call or self.allowed
 
 
-def is_xml_tool_format(chat_template: str | None) -> bool:
-    """Qwen3-Coder's XML calls when the template writes `<function=`, else (no template included) Qwen3's
-    JSON calls: the choice tool_parser.get_tool_parser_class makes, so the forced prefix matches the parser."""
-    return bool(chat_template) and "<function=" in chat_template
-
-
 def _call_prefix(xml: bool, name: str | None) -> str:
     """The opening of a tool call, up to and including the function name when known."""
     if xml:
@@ -192,7 +186,7 @@ def _call_prefix(xml: bool, name: str | None) -> str:
 def plan_tools(request: ChatCompletionRequest, xml: bool) -> ToolPlan:
     """Apply tool_choice: none hides the tools, required/named prefill the start of a call.
 
-    `xml` selects the call syntax the prefill uses (see is_xml_tool_format).
+    `xml` selects the call syntax the prefill uses (ServerState.xml_tools).
     """
     tools = normalize_tools(request.tools)
     choice = request.tool_choice

@@ -119,7 +119,7 @@ class ChatCompletions:
 
     def parser(self, plan: ToolPlan) -> Any | None:
         """A fresh tool-call parser for one output, or None when the output is plain text."""
-        if not plan.parse or self.state.tool_parser_cls is None:
+        if not plan.parse:
             return None
         return self.state.tool_parser_cls(plan.tools, calls_only=plan.calls_only)
 

@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from qwenserve.api.chat import is_xml_tool_format
 from qwenserve.api.errors import APIError, aborted, from_invalid_request, unavailable
 from qwenserve.api.logprobs import byte_level_token_bytes
 from qwenserve.api.metrics import Metrics
@@ -21,7 +20,7 @@ from qwenserve.config import env_number
 from qwenserve.engine.guided import GRAMMAR_STEP_SECONDS, Guide
 from qwenserve.engine.outputs import FINISH_GRAMMAR_DEAD_END, FINISH_GRAMMAR_TOO_SLOW, RequestOutput
 from qwenserve.engine.sampling_params import CONTEXT_HINT, InvalidRequestError, SamplingParams
-from qwenserve.tool_parser import get_tool_parser_class
+from qwenserve.tool_parser import Qwen3CoderToolParser, get_tool_parser_class
 
 logger = logging.getLogger("qwenserve.api")
 
@@ -75,8 +74,9 @@ class ServerState:
         self.served_names = settings.served_model_names or [self.model_info.name]
         self.created = int(time.time())  # /v1/models' `created`: when this model started serving
         template = self.model_info.chat_template or getattr(self.tokenizer, "chat_template", None)
-        self.xml_tools = is_xml_tool_format(template)
-        self.tool_parser_cls = get_tool_parser_class(template or "")  # XML when it writes `<function=`
+        self.tool_parser_cls = get_tool_parser_class(template)  # XML when it writes `<function=`
+        # Derived from the parser, so a forced call's opening is always in the syntax the parser reads.
+        self.xml_tools = self.tool_parser_cls is Qwen3CoderToolParser
         self.token_bytes = byte_level_token_bytes(self.tokenizer)  # for logprobs' `bytes`
         self.segments = SegmentEncoder(self.tokenizer)
         # One thread: keeps template rendering and tokenization off the event loop while
