@@ -17,7 +17,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _size(text: str) -> int:
-
+    """Memory sizes such as 20GiB, 512MiB or a byte count (parse_size), more than zero."""
     try:
         size = parse_size(text)
     except ValueError as exc:
