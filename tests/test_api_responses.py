@@ -261,7 +261,7 @@ def test_streamed_incomplete(client: openai.OpenAI) -> None:
     assert folded["texts"] == {0: "The capital of"} and final.output[0].status == "incomplete"
 
 
-def test_bodies_and_events_validate_strictly_against_the_sdk_types(server: ServerProcess) -> None:
+def test_bodies_and_events_validate_against_the_sdk_types(server: ServerProcess) -> None:
     """The SDK builds its objects without validating them; a stricter client validates: every field the
     SDK's types require is there (usage's cache_write_tokens was missing), in the body and every event."""
     from openai.types.responses import Response, ResponseStreamEvent

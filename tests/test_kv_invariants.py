@@ -439,7 +439,7 @@ class EngineFuzz:
         self.conversations: list[list[int]] = []  # each one's history: its last prompt and answer
         self.requests: dict[str, FuzzRequest] = {}
         self.seqs: list[Sequence] = []
-        self.num_steps = self.num_aborts = 0
+        self.num_steps = 0
         self._observe_forwards()
 
     def random_tokens(self, count: int) -> list[int]:
@@ -531,7 +531,6 @@ class EngineFuzz:
             return
         request_id = self.rng.choice(candidates[self.rng.choice(sorted(candidates))])
         self.record(self.engine.abort(request_id))
-        self.num_aborts += 1
 
     # -- stepping -------------------------------------------------------------------------------
 

@@ -6,40 +6,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from qwenserve.api.errors import APIError
 from qwenserve.api.request_log import RequestTracker
-from qwenserve.api.serving_chat import CallFilter, PreparedChat, parse_deltas
+from qwenserve.api.serving_chat import CallFilter, PreparedChat, TrackedRequest, parse_deltas
 from qwenserve.api.state import ServerState
 
 Event = tuple[str, dict[str, Any]]  # (event type, payload without its type)
 
 
-class ChatBackedContext:
+class ChatBackedContext(TrackedRequest):
     """One request of an API served by the chat path, from submission to its last event."""
 
     def __init__(
         self, state: ServerState, model: str | None, prepared: PreparedChat, request_id: str,
         tracker: RequestTracker, parser: Any | None,
     ):  # fmt: skip
-        self.state = state
+        super().__init__(state, request_id, tracker)
         self.prepared = prepared
-        self.request_id = request_id
-        self.tracker = tracker
         self.parser = parser  # None: the output is plain text
         self.calls = CallFilter(prepared.plan.callable_names, prepared.plan.one_call)
         self.model = state.model_name(model)
-        self.finished = False
-
-    def close_if_unfinished(self) -> None:
-        """Abort in the engine (frees KV blocks) unless the request already completed."""
-        if not self.finished:
-            self.finished = True
-            self.state.abort(self.request_id)
-            self.tracker.done(finish="abort")
-
-    def log_error(self, exc: APIError) -> None:
-        """The request's log line, for a request that failed."""
-        self.tracker.done(error=exc.message)
 
     def add_delta(self, delta: dict[str, Any]) -> list[Event]:
         """The API's events for one chat delta (content, or tool-call header / argument fragments)."""
@@ -49,7 +34,7 @@ class ChatBackedContext:
         """Parse the next piece of model output into the API's blocks and their events."""
         events: list[Event] = []
         for delta in parse_deltas(self.parser, text, final, self.calls):
-            self.tracker.tool_calls += sum(1 for c in delta.get("tool_calls") or [] if c.get("id"))
+            self.count_calls(delta)
             events += self.add_delta(delta)
         return events
 

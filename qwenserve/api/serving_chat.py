@@ -286,7 +286,35 @@ def parse_deltas(parser: Any | None, text: str, final: bool, calls: CallFilter) 
     return [d for d in calls.deltas(deltas) if d.get("content") or d.get("tool_calls")]
 
 
-class _ChatContext:
+class TrackedRequest:
+    """An engine request from submission to its last output, with its log line: what every endpoint on
+    the chat path shares (this one, Responses, Anthropic Messages)."""
+
+    def __init__(self, state: ServerState, request_id: str, tracker: RequestTracker):
+        self.state = state
+        self.request_id = request_id
+        self.tracker = tracker
+        self.finished = False
+
+    def close_if_unfinished(self) -> None:
+        """Abort in the engine (frees KV blocks) unless the request already completed."""
+        if not self.finished:
+            self.finished = True
+            self.state.abort(self.request_id)
+            self.tracker.done(finish="abort")
+
+    def log_error(self, exc: APIError) -> None:
+        """The request's log line, for a request that failed."""
+        self.tracker.done(error=exc.message)
+
+    def count_calls(self, delta: dict[str, Any]) -> bool:
+        """Count the delta's new calls (a call's first delta has its id); True if it holds tool calls."""
+        calls = delta.get("tool_calls") or []
+        self.tracker.tool_calls += sum(1 for c in calls if c.get("id"))
+        return bool(calls)
+
+
+class _ChatContext(TrackedRequest):
     """One request's response assembly (ids, parsers, logprobs, usage)."""
 
     def __init__(
@@ -298,11 +326,9 @@ class _ChatContext:
         tracker: RequestTracker,
         parsers: list[Any | None],
     ):
-        self.state = state
+        super().__init__(state, request_id, tracker)
         self.req = req
         self.plan = plan
-        self.request_id = request_id
-        self.tracker = tracker
         self.parsers = parsers
         self.model = state.model_name(req.model)
         self.created = int(time.time())
@@ -311,15 +337,7 @@ class _ChatContext:
         # Per choice: only calls of the functions tool_choice allows, and only the first one where the
         # plan allows one (parallel_tool_calls: false, a named tool_choice).
         self.call_filters = [CallFilter(plan.callable_names, plan.one_call) for _ in range(req.n)]
-        self.finished = False
         self.finished_choices: set[int] = set()  # indexes whose finish_reason chunk went out
-
-    def close_if_unfinished(self) -> None:
-        """Abort in the engine (frees KV blocks) unless the request already completed."""
-        if not self.finished:
-            self.finished = True
-            self.state.abort(self.request_id)
-            self.tracker.done(finish="abort")
 
     # ---- streaming ----
 
@@ -360,7 +378,7 @@ class _ChatContext:
             yield self.chunk(i, {"role": "assistant", "content": ""})
             if self.plan.forced_prefix and self.parsers[i] is not None:
                 for d in self._deltas(i, self.plan.forced_prefix, final=False):
-                    made_call[i] |= self._count_calls(d)
+                    made_call[i] |= self.count_calls(d)
                     yield self.chunk(i, d)
         async for out in stream:
             self.tracker.observe(out)
@@ -368,7 +386,7 @@ class _ChatContext:
             if self.want_logprobs and out.logprobs:
                 pending_lp[i].extend(shown_logprobs(out) or [])
             for d in self._deltas(i, out.text, final=out.finish_reason is not None):
-                made_call[i] |= self._count_calls(d)
+                made_call[i] |= self.count_calls(d)
                 yield self.chunk(i, d, logprobs=self._take(pending_lp, i))
             if out.finish_reason is not None:
                 reason = final_finish_reason(out.finish_reason, made_call[i])
@@ -380,20 +398,11 @@ class _ChatContext:
         self.tracker.done()
         yield SSE_DONE
 
-    def log_error(self, exc: APIError) -> None:
-        self.tracker.done(error=exc.message)
-
     def stream_error(self, exc: APIError) -> str:
         """A failure after the stream started: the error event (OpenAI SDKs raise on a chunk with a
         top-level `error`), then [DONE]."""
         self.log_error(exc)
         return sse(exc.body()) + SSE_DONE
-
-    def _count_calls(self, delta: dict[str, Any]) -> bool:
-        """Count new calls (their first delta has an id); True if the delta has tool calls."""
-        calls = delta.get("tool_calls") or []
-        self.tracker.tool_calls += sum(1 for c in calls if c.get("id"))
-        return bool(calls)
 
     def _take(self, pending: list[list[Any]], i: int) -> Any:
         if not pending[i]:

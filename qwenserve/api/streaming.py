@@ -141,7 +141,7 @@ class SSEResponse(StreamingResponse):
     media_type = "text/event-stream"
 
     def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None] | None = None):
-        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        super().__init__(content, headers=SSE_HEADERS)
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -26,7 +26,7 @@ from qwenserve.engine.sampling_params import InvalidRequestError, SamplingParams
 
 __all__ = [
     "AsyncEngine", "EngineStats", "ModelInfo", "QueueFullError", "InvalidRequestError", "EngineDeadError",
-    "RequestAbortedError",
+    "GenerationFailedError", "RequestAbortedError",
 ]
 
 logger = logging.getLogger(__name__)

@@ -92,9 +92,10 @@ class PromptLogprobs:
 
     seq: Sequence
     first_pos: int
-    logprobs: torch.Tensor  # [count]; lists once collected
-    top_logprobs: torch.Tensor  # [count, k]
-    top_ids: torch.Tensor  # [count, k]
+    # On the device as the forward makes them ([count], [count, k], [count, k]); host lists once collected.
+    logprobs: torch.Tensor | list[float]
+    top_logprobs: torch.Tensor | list[list[float]]
+    top_ids: torch.Tensor | list[list[int]]
 
 
 @dataclass

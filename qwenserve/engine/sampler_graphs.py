@@ -83,10 +83,10 @@ class SamplerGraphs:
         self.keys = torch.empty(num_top_k_keys(max_batch, vocab_size, MAX_KERNEL_CANDIDATES), dtype=torch.int64,
                                 device=device)
         self.out = torch.zeros(self.width, dtype=torch.int64, device=device)
-        self.graphs: dict[tuple[object, SamplerMode], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[tuple[int, bool], SamplerMode], torch.cuda.CUDAGraph] = {}
         self.generation = penalties.generation
 
-    def sample(self, graph_key: object, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput | None:
+    def sample(self, graph_key: tuple[int, bool], logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput | None:
         """Sample the first len(seqs) rows of a decode graph's static logits [bs, V] through a sampler
         graph; None (nothing done) when the step needs the eager sampler."""
         mode = sampler_mode(seqs, self.max_candidates)

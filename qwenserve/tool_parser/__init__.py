@@ -8,7 +8,9 @@ Both parsers share one API (see :class:`ToolParserBase`)::
     for piece in decoded_pieces:                   # streaming
         send(parser.feed(piece))                   # list of OpenAI ``delta`` dicts
     send(parser.finish())                          # flush held-back text / close calls
-    finish_reason = "tool_calls" if parser.tool_calls_emitted else "stop"
+
+The server filters the parsed calls by tool_choice (api.serving_chat.CallFilter) and sets
+``finish_reason`` to "tool_calls" only when a call it kept was sent.
 
 Streaming and whole-text parsing give identical content and arguments for any
 chunking of the same text.
