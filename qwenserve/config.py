@@ -95,7 +95,12 @@ class ModelConfig:
         heads = raw["num_attention_heads"]
         eos = raw.get("eos_token_id")
         fp8 = _is_fp8(raw)
-        return cls(
+        # A key config.json leaves out takes Transformers' default for the architecture, as
+        # AutoModelForCausalLM reads it; a null one falls back as Transformers' model code does.
+        if raw.get("num_experts") is None and "num_local_experts" in raw:
+            raw = {**raw, "num_experts": raw["num_local_experts"]}  # the name Transformers 5 writes
+        raw = {**_TRANSFORMERS_DEFAULTS[arch], **raw}
+        cfg = cls(
             architecture=arch,
             vocab_size=raw["vocab_size"],
             hidden_size=raw["hidden_size"],
@@ -103,15 +108,15 @@ class ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=raw.get("num_key_value_heads") or heads,
             head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-            intermediate_size=raw.get("intermediate_size", 0),
+            intermediate_size=raw.get("intermediate_size") or 0,
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             max_position_embeddings=raw.get("max_position_embeddings", 32768),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             rope=_rope_from_dict(raw),
             initializer_range=raw.get("initializer_range", 0.02),
-            num_experts=raw.get("num_experts") or raw.get("num_local_experts") or 0,
-            num_experts_per_tok=raw.get("num_experts_per_tok", 0),
-            moe_intermediate_size=raw.get("moe_intermediate_size", 0),
+            num_experts=raw.get("num_experts") or 0,
+            num_experts_per_tok=raw.get("num_experts_per_tok") or 0,
+            moe_intermediate_size=raw.get("moe_intermediate_size") or 0,
             # Absent means False, as Transformers reads it (Qwen3MoeConfig's default); Qwen's own configs set it.
             norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
             decoder_sparse_step=raw.get("decoder_sparse_step", 1) or 1,
@@ -120,6 +125,13 @@ class ModelConfig:
             fp8=fp8,
             fp8_weight_block=_fp8_block(raw) if fp8 else None,
         )
+        if cfg.is_moe and not 1 <= cfg.num_experts_per_tok <= cfg.num_experts:
+            # Routing to no expert (or to more than there are) fails every request, not the start.
+            raise ValueError(
+                f"config.json: num_experts_per_tok must be from 1 to num_experts ({cfg.num_experts}), "
+                f"got {raw.get('num_experts_per_tok')!r}"
+            )
+        return cfg
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
@@ -134,6 +146,21 @@ class ModelConfig:
 
 # What config.json must give: the sizes nothing else implies.
 _REQUIRED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+# Transformers' defaults (Qwen3Config, Qwen3MoeConfig; the same in 4.51 and 5) for the keys a config.json may
+# leave out that change the model: read as 0 or hidden_size // heads instead, a MoE config without
+# num_experts_per_tok routed every token to no expert (each request a 500), and a dense one without head_dim
+# (Transformers: 128) was refused at load, the checkpoint's q/k norms being 128 wide.
+_TRANSFORMERS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "Qwen3ForCausalLM": {"head_dim": 128, "num_key_value_heads": 32, "intermediate_size": 22016},
+    "Qwen3MoeForCausalLM": {
+        "num_key_value_heads": 4,
+        "intermediate_size": 6144,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 768,
+    },
+}
 
 
 def _check_unsupported_features(raw: dict[str, Any]) -> None:

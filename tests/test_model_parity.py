@@ -141,6 +141,41 @@ def test_config_without_norm_topk_prob_reads_as_transformers_does(tmp_path: Path
 
 
 @pytest.mark.parametrize(
+    "moe, dropped", [(True, "num_experts_per_tok"), (False, "head_dim")], ids=["moe-top-k", "dense-head-dim"]
+)
+def test_config_keys_left_out_read_as_transformers_does(tmp_path: Path, moe: bool, dropped: str) -> None:
+    """A key config.json leaves out takes Transformers' default for the architecture: a MoE config without
+    num_experts_per_tok routes to 8 experts (it was read as 0: every request failed with a 500), a dense
+    one without head_dim has 128-wide heads (it was read as hidden_size // heads: the load was refused)."""
+    import json
+
+    path = make_tiny_checkpoint(tmp_path, moe=moe, head_dim=16 if moe else 128)
+    raw = json.loads((path / "config.json").read_text())
+    del raw[dropped]
+    (path / "config.json").write_text(json.dumps(raw))
+    model, runner, hf = _ours_and_hf(path)
+    assert getattr(hf.config, dropped) == (8 if moe else 128)
+    prompt = torch.randint(0, 500, (21,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0]
+    seq = Sequence("r", 0, prompt, SamplingParams(), seed=0)
+    seq.block_table = [3, 0]
+    torch.testing.assert_close(_run(model, runner, seq, len(prompt)), ref, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("top_k", [0, 9])
+def test_moe_top_k_outside_the_experts_is_refused(top_k: int) -> None:
+    """num_experts_per_tok 0 (or more than num_experts) cannot route: refused at start, naming the key,
+    rather than a 500 on every request."""
+    from qwenserve.config import ModelConfig
+
+    sizes = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+    raw = {"architectures": ["Qwen3MoeForCausalLM"], **sizes, "num_experts": 8}
+    with pytest.raises(ValueError, match="num_experts_per_tok must be from 1 to num_experts"):
+        ModelConfig.from_dict({**raw, "num_experts_per_tok": top_k})
+
+
+@pytest.mark.parametrize(
     "extra, refused",
     [({"attention_bias": True}, "attention_bias"), ({"use_sliding_window": True, "sliding_window": 8}, "use_sliding_window")],
     ids=["attention_bias", "sliding_window"],

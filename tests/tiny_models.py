@@ -10,7 +10,13 @@ TINY_VOCAB = 512
 
 
 def make_tiny_checkpoint(
-    path: Path, moe: bool = True, yarn: bool = False, tie: bool = False, seed: int = 0, layers: int = 2
+    path: Path,
+    moe: bool = True,
+    yarn: bool = False,
+    tie: bool = False,
+    seed: int = 0,
+    layers: int = 2,
+    head_dim: int = 16,
 ) -> Path:
     """Save a randomly initialised Hugging Face model (float32) in `path` and return it."""
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -22,7 +28,7 @@ def make_tiny_checkpoint(
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=head_dim,
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
         tie_word_embeddings=tie,
