@@ -273,30 +273,16 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 def serve(args: argparse.Namespace) -> int:
     """Run `qwenserve serve`; returns the exit code."""
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
-    if args.log_level != "debug":
-        # Libraries' own INFO lines (each hub request, torch's compile-cache stats at exit) are not the server's.
-        for name in ("httpx", "httpcore", "urllib3", "filelock", "huggingface_hub", "torch"):
-            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
+    _configure_logging(args.log_level)
     log = logging.getLogger("qwenserve")
-    if args.model_tag and args.model and args.model_tag != args.model:
-        log.error("give the model once: positional %r and --model %r differ", args.model_tag, args.model)
+    if (problem := _model_argument_problem(args)) is not None:
+        log.error("%s", problem)
         return 2
     args.model = args.model or args.model_tag
-    if args.model is None and (swallowed := _model_among_names(args.served_model_name or [])):
-        log.error(
-            "no model given, but --served-model-name took %r as a name (it takes every word after it): put "
-            "the model first ('qwenserve serve MODEL --served-model-name NAME') or pass --model", swallowed
-        )
-        return 2
     _note_vllm_flags(args, log)
     env_key = os.environ.get("QWENSERVE_API_KEY")
-    # `--api-key "$KEY"` (or QWENSERVE_API_KEY=$KEY) with KEY unset would otherwise serve with no key at all.
-    if args.api_key is not None and not args.api_key.strip():
-        log.error("--api-key is empty (is the variable you passed unset?): give a key, or leave the flag out")
-        return 2
-    if args.api_key is None and env_key is not None and not env_key.strip():
-        log.error("QWENSERVE_API_KEY is set but empty: give it a key, or unset it to serve without one")
+    if (problem := _api_key_problem(args.api_key, env_key)) is not None:
+        log.error("%s", problem)
         return 2
     try:
         config = engine_config(args)
@@ -338,6 +324,37 @@ def serve(args: argparse.Namespace) -> int:
             args.host,
         )
     return run_server(AsyncEngine(config), settings, log_level=args.log_level)
+
+
+def _configure_logging(level: str) -> None:
+    """The server's log lines on stderr; libraries' own INFO lines (each hub request, torch's compile-cache
+    stats at exit) are not the server's, so they show only at debug."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    if level != "debug":
+        for name in ("httpx", "httpcore", "urllib3", "filelock", "huggingface_hub", "torch"):
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _model_argument_problem(args: argparse.Namespace) -> str | None:
+    """Why the model arguments cannot be meant as given (None when they can)."""
+    if args.model_tag and args.model and args.model_tag != args.model:
+        return f"give the model once: positional {args.model_tag!r} and --model {args.model!r} differ"
+    if not (args.model or args.model_tag) and (swallowed := _model_among_names(args.served_model_name or [])):
+        return (
+            f"no model given, but --served-model-name took {swallowed!r} as a name (it takes every word after "
+            "it): put the model first ('qwenserve serve MODEL --served-model-name NAME') or pass --model"
+        )
+    return None
+
+
+def _api_key_problem(flag_key: str | None, env_key: str | None) -> str | None:
+    """An empty key: `--api-key "$KEY"` (or QWENSERVE_API_KEY=$KEY) with KEY unset would otherwise serve
+    with no key at all."""
+    if flag_key is not None and not flag_key.strip():
+        return "--api-key is empty (is the variable you passed unset?): give a key, or leave the flag out"
+    if flag_key is None and env_key is not None and not env_key.strip():
+        return "QWENSERVE_API_KEY is set but empty: give it a key, or unset it to serve without one"
+    return None
 
 
 def _local_model_problem(model: str) -> str | None:
