@@ -22,7 +22,8 @@ import httpx
 import pytest
 from server_utils import ServerProcess, start_server
 
-from qwenserve.api.protocol_messages import MessagesRequest, chat_conversation
+from qwenserve.api.protocol_messages import MessagesRequest, chat_conversation, to_chat_request
+from qwenserve.api.sampling import build_sampling_params
 from qwenserve.api.serving_messages import ContentBlocks
 from qwenserve.demo.build import SHELL_TOOL
 
@@ -469,6 +470,25 @@ def test_blocks_become_chat_history() -> None:
     assert assistant.tool_calls[1].function.arguments == {"command": "pwd"}
     assert [(m.tool_call_id, m.content) for m in messages[4:6]] == [("toolu_1", "README.md"), ("toolu_2", "Error: denied")]
     assert messages[6].content == "And now?" and not conversation.prefill
+
+
+def test_the_temperature_thinking_forces_leaves_the_models_default() -> None:
+    """qwen-code's Anthropic provider turns thinking on and so sends temperature 1, the only value Anthropic
+    takes with thinking, on every request: the model, which does not think, samples with its own defaults
+    (greedy for the demo model's do_sample false). A temperature of 1 without thinking, or another value
+    with it, is the client's choice and applies."""
+
+    def temperature(**fields: Any) -> float:
+        req = MessagesRequest(max_tokens=8, messages=[{"role": "user", "content": FRANCE}], **fields)
+        params = build_sampling_params(to_chat_request(req), {"do_sample": False}, max_tokens=8, logprobs=None)
+        return params.temperature
+
+    assert temperature(thinking={"type": "enabled", "budget_tokens": 2048}, temperature=1.0) == 0.0
+    assert temperature(thinking={"type": "adaptive"}, temperature=1) == 0.0
+    assert temperature(thinking={"type": "enabled", "budget_tokens": 2048}) == 0.0
+    assert temperature(temperature=1.0) == 1.0
+    assert temperature(thinking={"type": "disabled"}, temperature=1.0) == 1.0
+    assert temperature(thinking={"type": "enabled", "budget_tokens": 2048}, temperature=0.5) == 0.5
 
 
 def test_content_blocks_keep_the_model_order() -> None:

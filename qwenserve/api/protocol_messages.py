@@ -115,6 +115,8 @@ def to_chat_request(req: MessagesInput) -> ChatCompletionRequest:
     if isinstance(req, MessagesRequest):
         fields = {name: getattr(req, name) for name in SharedSamplingFields.model_fields}
         fields.update(max_tokens=req.max_tokens, stream=req.stream, stop=_stop_strings(req))
+        if _thinking_on(req.thinking) and req.temperature == 1:
+            fields["temperature"] = None  # the model's own default (generation_config.json), as if unset
     return ChatCompletionRequest(
         model=req.model,
         messages=conversation.messages,
@@ -126,6 +128,14 @@ def to_chat_request(req: MessagesInput) -> ChatCompletionRequest:
         response_format=_response_format(req.output_config),
         **fields,
     )
+
+
+def _thinking_on(thinking: dict[str, Any] | None) -> bool:
+    """Whether the request asks for extended thinking. Anthropic then accepts no `temperature` but 1, so
+    clients that turn thinking on send 1 (qwen-code's Anthropic provider does on every request): a value
+    the API forces says nothing of the sampling wanted, and this model, which does not think, would
+    otherwise sample at 1 instead of its own default (greedy for the demo model, 0.7 for Qwen3-Coder)."""
+    return isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
 
 
 def _stop_strings(req: MessagesRequest) -> list[str] | None:
