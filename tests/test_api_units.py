@@ -395,3 +395,40 @@ def test_listen_line_writes_an_ipv6_address_in_brackets() -> None:
     assert listen_url("fe80::1", 80) == "http://[fe80::1]:80"
     assert listen_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
     assert listen_url("", 8000) == "http://0.0.0.0:8000"
+
+
+def _samples(metrics: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Metrics registry as parsed by Prometheus' own text-format parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = metrics.render().decode()  # type: ignore[attr-defined]
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_requests_to_a_stored_response_are_counted_under_their_route() -> None:
+    """GET / DELETE /v1/responses/{id} and its input_items are routes, not unknown paths: they were counted
+    as route="other", with every probe of a path nothing serves."""
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route, Router
+    from starlette.testclient import TestClient
+
+    from qwenserve.api.metrics import Metrics
+    from qwenserve.api.middleware import StatusCountMiddleware
+
+    def ok(request: object) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    metrics = Metrics(lambda: None)
+    routes = [Route("/v1/responses/{rid}", ok, methods=["GET", "DELETE"]), Route("/v1/responses/{rid}/input_items", ok)]
+    with TestClient(StatusCountMiddleware(Router(routes=routes), metrics)) as client:
+        client.get("/v1/responses/resp_1")
+        client.delete("/v1/responses/resp_2")
+        client.get("/v1/responses/resp_1/input_items")
+        client.get("/v1/nothing/here")
+    counted = {dict(labels)["route"]: value for (name, labels), value in _samples(metrics).items()
+               if name == "qwenserve_requests_total"}  # fmt: skip
+    assert counted == {"/v1/responses/{id}": 2, "/v1/responses/{id}/input_items": 1, "other": 1}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable
 
@@ -159,6 +160,22 @@ def _is_preflight(scope: Scope) -> bool:
     return scope["method"] == "OPTIONS" and b"access-control-request-method" in headers
 
 
+# Routes with an id in the path: one series per route, not one per id.
+_ID_ROUTES = (
+    (re.compile(r"/v1/models/.+"), "/v1/models/{name}"),
+    (re.compile(r"/v1/responses/[^/]+"), "/v1/responses/{id}"),
+    (re.compile(r"/v1/responses/[^/]+/input_items"), "/v1/responses/{id}/input_items"),
+)
+
+
+def route_label(path: str) -> str:
+    """The `route` label of qwenserve_requests_total: the route, its template for one with an id in it (a
+    stored response read back is not an unknown path), "other" for paths no route serves."""
+    if path in KNOWN_ROUTES:
+        return path
+    return next((label for pattern, label in _ID_ROUTES if pattern.fullmatch(path)), "other")
+
+
 class StatusCountMiddleware:
     """Feeds qwenserve_requests_total{route, status}; unknown paths share one label. Outermost, so it
     also logs one line for every request refused with a 4xx or 503 (whichever layer refused it): a
@@ -173,13 +190,7 @@ class StatusCountMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        route = (
-            path
-            if path in KNOWN_ROUTES
-            else "/v1/models/{name}"
-            if path.startswith("/v1/models/")
-            else "other"
-        )
+        route = route_label(path)
         status = {"code": 500}
         body = bytearray()
 
