@@ -17,13 +17,13 @@ from qwenserve.api.chat import (
     plan_tools,
     render_chat,
 )
-from qwenserve.api.errors import APIError, format_loc
+from qwenserve.api.errors import APIError, aborted, format_loc
 from qwenserve.api.logprobs import TextOffsets, byte_level_token_bytes, chat_logprobs, completion_logprobs
 from qwenserve.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from qwenserve.api.sampling import build_sampling_params
 from qwenserve.api.serving_chat import CallFilter
 from qwenserve.api.serving_completions import fim_prompt, split_prompts
-from qwenserve.engine.outputs import TokenLogprob
+from qwenserve.engine.outputs import RequestOutput, TokenLogprob
 from qwenserve.tool_parser import Qwen3CoderToolParser, Qwen3JsonToolParser
 
 WEATHER = {
@@ -407,6 +407,55 @@ def _samples(metrics: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def _output(index: int, generated: int, finish: str | None = None) -> RequestOutput:
+    return RequestOutput("r", index, "x", [7], None, finish, num_prompt_tokens=5, num_cached_tokens=0,
+                         num_generated_tokens=generated)  # fmt: skip
+
+
+def test_finish_reasons_are_counted_per_choice_and_a_failure_as_error() -> None:
+    """qwenserve_request_finished_total counts generations: n choices are n samples, each under its own
+    reason (a request whose choices ended differently was one sample labelled "length,stop"), and the
+    choices of a failed request count as "error" (they were "none"), an aborted one's as "abort" (also when
+    the server aborted it, shutting down)."""
+    from qwenserve.api.metrics import Metrics
+    from qwenserve.api.request_log import RequestTracker
+
+    metrics = Metrics(lambda: None)
+    mixed = RequestTracker("a", metrics, 5, n=3)
+    for step in (1, 2):
+        for index in range(3):
+            mixed.observe(_output(index, step, {0: "length", 1: "stop"}.get(index) if step == 2 else None))
+    mixed.set_finish(2, "tool_calls")
+    mixed.done()
+    failed = RequestTracker("b", metrics, 5, n=2)
+    failed.observe(_output(0, 1, "stop"))
+    failed.fail(APIError(500, "Generation failed: boom", code="generation_failed"))
+    left = RequestTracker("c", metrics, 5, n=2)
+    left.done(finish="abort")
+    RequestTracker("d", metrics, 5).fail(aborted())  # the server shutting down
+    finished = {dict(labels)["finish_reason"]: value for (name, labels), value in _samples(metrics).items()
+                if name == "qwenserve_request_finished_total"}  # fmt: skip
+    assert finished == {"length": 1, "stop": 2, "tool_calls": 1, "error": 1, "abort": 3}
+    assert _samples(metrics)[("qwenserve_generation_tokens_total", ())] == 2 * 3 + 1
+
+
+def test_inter_token_latency_is_observed_per_choice() -> None:
+    """With n > 1 the choices' tokens interleave: the gap to the token of another choice in the same step
+    (~0 s) is no inter-token latency. Each choice observes one gap per token after its first."""
+    from qwenserve.api.metrics import Metrics
+    from qwenserve.api.request_log import RequestTracker
+
+    metrics = Metrics(lambda: None)
+    tracker = RequestTracker("a", metrics, 5, n=3)
+    for step in (1, 2, 3, 4):
+        for index in range(3):
+            tracker.observe(_output(index, step, "length" if step == 4 else None))
+    tracker.done()
+    samples = _samples(metrics)
+    assert samples[("qwenserve_inter_token_latency_seconds_count", ())] == 3 * (4 - 1)
+    assert samples[("qwenserve_time_to_first_token_seconds_count", ())] == 1
 
 
 def test_requests_to_a_stored_response_are_counted_under_their_route() -> None:

@@ -10,6 +10,7 @@ import time
 from contextvars import ContextVar
 from typing import Any
 
+from qwenserve.api.errors import APIError
 from qwenserve.api.metrics import Metrics
 from qwenserve.engine.outputs import RequestOutput
 
@@ -51,12 +52,15 @@ def log_request_body(request_id: str, body: Any) -> None:
 class RequestTracker:
     """Watches one request's outputs; call `observe` on each and `done` once at the end."""
 
-    def __init__(self, request_id: str, metrics: Metrics | None, prompt_tokens: int = 0):
+    def __init__(self, request_id: str, metrics: Metrics | None, prompt_tokens: int = 0, n: int = 1):
         self.request_id = request_id
         self.metrics = metrics
+        self.n = n  # choices: each is one generation in qwenserve_request_finished_total
         self.arrival = time.monotonic()
         self.first_token: float | None = None
         self.last_token: float | None = None
+        # Per choice: the inter-token gaps are a sequence's own (with n > 1 the choices' tokens interleave).
+        self._last_token_of: dict[int, float] = {}
         self.prompt_tokens = prompt_tokens  # known at once: a request aborted before its first output counts them
         self.cached_tokens = 0
         self.generated: dict[int, int] = {}
@@ -75,11 +79,13 @@ class RequestTracker:
                 self.first_token = now
                 if self.metrics:
                     self.metrics.ttft.observe(now - self.arrival)
-            elif self.metrics and self.last_token is not None:
+            previous = self._last_token_of.get(out.index)
+            if self.metrics and previous is not None:
                 # Several tokens in one increment: spread the gap evenly between them.
-                gap = (now - self.last_token) / len(out.token_ids)
+                gap = (now - previous) / len(out.token_ids)
                 for _ in out.token_ids:
                     self.metrics.itl.observe(gap)
+            self._last_token_of[out.index] = now
             self.last_token = now
         self.generated[out.index] = out.num_generated_tokens
         if out.finish_reason:
@@ -88,6 +94,15 @@ class RequestTracker:
     def set_finish(self, index: int, reason: str) -> None:
         """Record the finish reason the client saw (e.g. tool_calls rather than the engine's stop)."""
         self.finish_reasons[index] = reason
+
+    def choice_finishes(self, finish: str | None = None, error: str | None = None) -> list[str]:
+        """Each choice's finish reason: the one it ended with, else `finish` ("abort": the client left, or the
+        server stopped, before it did) or, for a request that failed, "error". One label per choice, never one
+        joined label per request: `n` choices are `n` generations, and a dashboard summing the reasons must not
+        meet "length,stop"."""
+        fallback = finish or ("error" if error else "none")
+        indexes = sorted(set(range(self.n)) | set(self.finish_reasons))
+        return [self.finish_reasons.get(i, fallback) for i in indexes]
 
     @property
     def completion_tokens(self) -> int:
@@ -102,19 +117,26 @@ class RequestTracker:
             "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
 
+    def fail(self, exc: APIError) -> None:
+        """The log line of a request that ended in `exc`: its unfinished choices count as "abort" when the
+        server aborted it (shutting down), else as "error"."""
+        self.done(finish="abort" if exc.code == "aborted" else None, error=exc.message)
+
     def done(self, finish: str | None = None, error: str | None = None) -> None:
         """Count tokens, observe latency and write the request's log line (once)."""
         if self._logged:
             return
         self._logged = True
         now = time.monotonic()
-        finish = finish or ",".join(sorted(set(self.finish_reasons.values()))) or "none"
+        reasons = self.choice_finishes(finish, error)
         if self.metrics:
             self.metrics.prompt_tokens.inc(self.prompt_tokens)
             self.metrics.cached_tokens.inc(self.cached_tokens)
             self.metrics.generation_tokens.inc(self.completion_tokens)
-            self.metrics.finished.labels(finish_reason=finish).inc()
+            for reason in reasons:
+                self.metrics.finished.labels(finish_reason=reason).inc()
             self.metrics.e2e.observe(now - self.arrival)
+        finish = ",".join(sorted(set(reasons)))
         ttft = f"{self.first_token - self.arrival:.3f}s" if self.first_token is not None else "-"
         decode_time = (self.last_token or now) - (self.first_token or now)
         rate = (self.completion_tokens - len(self.generated)) / decode_time if decode_time > 0 else 0.0

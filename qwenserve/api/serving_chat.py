@@ -161,7 +161,7 @@ class ChatCompletions:
             log_request_body(request_id, req)
         prepared = await self.prepare(req)
         plan = prepared.plan
-        tracker = RequestTracker(request_id, state.metrics, len(prepared.prompt_ids))
+        tracker = RequestTracker(request_id, state.metrics, len(prepared.prompt_ids), n=req.n)
         ctx = _ChatContext(state, req, plan, request_id, tracker, [self.parser(plan) for _ in range(req.n)])
         stream = state.add_request(request_id, prepared.prompt_ids, prepared.params)
         return await respond(
@@ -305,7 +305,7 @@ class TrackedRequest:
 
     def log_error(self, exc: APIError) -> None:
         """The request's log line, for a request that failed."""
-        self.tracker.done(error=exc.message)
+        self.tracker.fail(exc)
 
     def count_calls(self, delta: dict[str, Any]) -> bool:
         """Count the delta's new calls (a call's first delta has its id); True if it holds tool calls."""

@@ -138,7 +138,7 @@ class Completions:
         try:
             for pos, (text, echo_ids, ids) in enumerate(encoded):
                 rid = base_id if len(encoded) == 1 else f"{base_id}-{pos}"
-                sub = _Sub(pos, rid, text, echo_ids, RequestTracker(rid, state.metrics, len(ids)))
+                sub = _Sub(pos, rid, text, echo_ids, RequestTracker(rid, state.metrics, len(ids), n=req.n))
                 sub.stream = state.add_request(rid, ids, params, prompt_param="prompt")
                 subs.append(sub)
         except APIError:
@@ -294,7 +294,7 @@ class _CompletionContext:
 
     def log_error(self, exc: APIError) -> None:
         for sub in self.subs:  # one line per prompt
-            sub.tracker.done(error=exc.message)
+            sub.tracker.fail(exc)
 
     def stream_error(self, exc: APIError) -> str:
         """A mid-stream failure: the error event, then [DONE]."""
