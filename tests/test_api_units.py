@@ -458,6 +458,52 @@ def test_inter_token_latency_is_observed_per_choice() -> None:
     assert samples[("qwenserve_time_to_first_token_seconds_count", ())] == 1
 
 
+@pytest.mark.parametrize("leave_after", ["finish", "usage"])
+def test_a_client_leaving_once_the_answer_is_complete_is_logged_and_counted(
+    leave_after: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that hangs up after the finish chunk, or after the usage chunk, before [DONE]: the stream is
+    closed at a `yield` its own log line comes after. The request was still logged with no line at all
+    (after the usage chunk: no tokens counted either) or as finish=abort though its answer was complete."""
+    import asyncio
+
+    from qwenserve.api.metrics import Metrics
+    from qwenserve.api.request_log import RequestTracker
+    from qwenserve.api.serving_chat import _ChatContext
+    from qwenserve.api.streaming import guarded
+
+    class _State:
+        def model_name(self, name: str | None) -> str:
+            return "m"
+
+        def abort(self, request_id: str) -> None:
+            pass
+
+    async def outputs() -> object:
+        yield _output(0, 1)
+        yield _output(0, 2, "stop")
+
+    async def main() -> None:
+        req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], stream=True,
+                                    stream_options={"include_usage": True})  # fmt: skip
+        tracker = RequestTracker("chatcmpl-1", metrics, 5)
+        ctx = _ChatContext(_State(), req, ToolPlan(tools=None, parse=False), "chatcmpl-1", tracker, [None])
+        events = guarded(ctx.stream(outputs()), "chatcmpl-1", ctx.stream_error, ctx.close_if_unfinished)
+        async for event in events:
+            if leave_after == "finish" and '"finish_reason":"stop"' in event or '"choices":[],"usage":{' in event:
+                break
+        await events.aclose()
+
+    metrics = Metrics(lambda: None)
+    with caplog.at_level("INFO", logger="qwenserve.api"):
+        asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request chatcmpl-1:")]
+    assert len(lines) == 1 and "generated=2" in lines[0] and "finish=stop" in lines[0], lines
+    samples = _samples(metrics)
+    assert samples[("qwenserve_request_finished_total", (("finish_reason", "stop"),))] == 1
+    assert samples[("qwenserve_generation_tokens_total", ())] == 2
+
+
 def test_requests_to_a_stored_response_are_counted_under_their_route() -> None:
     """GET / DELETE /v1/responses/{id} and its input_items are routes, not unknown paths: they were counted
     as route="other", with every probe of a path nothing serves."""

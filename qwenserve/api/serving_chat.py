@@ -297,11 +297,15 @@ class TrackedRequest:
         self.finished = False
 
     def close_if_unfinished(self) -> None:
-        """Abort in the engine (frees KV blocks) unless the request already completed."""
+        """Abort in the engine (frees KV blocks) unless the request already completed. Either way the
+        request is logged and counted here if it was not yet: a client that leaves once the answer is
+        complete (after its finish chunk, before the usage chunk or the end event) closes the stream at
+        a `yield` the stream's own `done` comes after."""
         if not self.finished:
             self.finished = True
             self.state.abort(self.request_id)
             self.tracker.done(finish="abort")
+        self.tracker.done()
 
     def log_error(self, exc: APIError) -> None:
         """The request's log line, for a request that failed."""
