@@ -57,7 +57,9 @@ class Metrics:
         self.requests = Counter(
             "qwenserve_requests", "HTTP requests by route and status code.", ["route", "status"], registry=r
         )
-        self.prompt_tokens = Counter("qwenserve_prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.prompt_tokens = Counter(
+            "qwenserve_prompt_tokens", "Prompt tokens of requests admitted to the engine (aborted ones too).", registry=r
+        )
         self.cached_tokens = Counter(
             "qwenserve_cached_prompt_tokens", "Prompt tokens served from the prefix cache.", registry=r
         )
