@@ -905,3 +905,59 @@ def test_self_referencing_unions_resolve_at_once() -> None:
     deep = {"type": "object", "$defs": chain, "properties": {"x": {"$ref": "#/$defs/T0"}}}
     tools = ToolSchemas([{"type": "function", "function": {"name": n, "parameters": p}} for n, p in (("l", loop), ("d", deep))])
     assert tools.param_type("l", "x").name == "string" and tools.param_type("d", "x").name == "integer"
+
+
+# ---------------------------------------------------------------------------- found by differential testing
+# (against vLLM's qwen3_coder and SGLang's Qwen3CoderDetector: both split these as the model meant)
+
+FORECAST = [_tool("forecast", {"city": {"type": "string"}, "days": {"type": "integer"}, "opts": {"type": "object"}})]
+
+
+@pytest.mark.parametrize(
+    ("after", "expected"),
+    [
+        ("<parameter=units>\nmetric\n</parameter>\n", {"city": "Paris", "days": 3, "units": "metric"}),
+        ("<parameter=days>\n4\n</parameter>\n", {"city": "Paris", "days": 3}),
+        ("<parameter=units>\nmetric\n", {"city": "Paris", "days": 3, "units": "metric"}),
+    ],
+)
+def test_undeclared_parameter_after_a_typed_value_is_not_swallowed(after: str, expected: dict[str, Any]) -> None:
+    """An integer (or object...) value cannot hold markup, so whatever `<parameter=NAME>` follows its
+    `</parameter>` starts the next parameter, even one the schema lacks or a repeat (first wins);
+    only string values keep such lines as literal text."""
+    text = (
+        "<tool_call>\n<function=forecast>\n<parameter=city>\nParis\n</parameter>\n"
+        f"<parameter=days>\n3\n</parameter>\n{after}</function>\n</tool_call>"
+    )
+    assert parse_both(FORECAST, text) == (None, [("forecast", expected)])
+    missing_close = text.replace("3\n</parameter>\n", "3\n", 1)
+    assert parse_both(FORECAST, missing_close) == (None, [("forecast", expected)])
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("city>\nParis", {"city": "Paris"}), ("city>Paris", {"city": "Paris"}),
+     ("days>\n3", {"days": 3}), ("opts>\n{\"a\": 1}", {"opts": {"a": 1}})],
+)
+@pytest.mark.parametrize("after", ["", "\n<tool_call>\n<function=forecast>\n<parameter=days>\n1\n</parameter>\n"
+                                   "</function>\n</tool_call>"])
+def test_function_end_right_after_a_value_closes_it(value: str, expected: dict[str, Any], after: str) -> None:
+    """`VALUE</function>` then `</tool_call>`: the model forgot `</parameter>` and closed the call on
+    the value's own line; `</function>` is the call's closer, not the end of the value."""
+    text = f"<tool_call>\n<function=forecast>\n<parameter={value}</function>\n</tool_call>{after}"
+    content, calls = parse_both(FORECAST, text)
+    assert content is None
+    assert calls[0] == ("forecast", expected)
+    assert len(calls) == (2 if after else 1)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["see x</function>\n</tool_call>\nand more", "a</function> b", "x</function>\n</tool_call> tail",
+     "x</function></tool_call>y"],
+)
+def test_mid_line_function_end_in_a_string_stays_literal(value: str) -> None:
+    """Without the end of the call (or a next call) right after it, a mid-line `</function>` is text."""
+    content, calls = parse_both(FORECAST, xml_call("forecast", city=value))
+    assert content is None
+    assert calls == [("forecast", {"city": value})]

@@ -24,10 +24,13 @@ written through ``write_file`` routinely contain ``</parameter>`` or whole
 
 * ``</parameter>`` closes a value only when followed by optional whitespace
   and then end of text, ``</function>``, ``</tool_call>`` or
-  ``<parameter=NAME>`` for a schema-known NAME not yet given in this call;
+  ``<parameter=NAME>`` for a schema-known NAME not yet given in this call
+  (any NAME after a number, boolean, object or array: only strings hold tags);
 * a missing ``</parameter>`` is recovered at a line-start
   ``<parameter=NAME>`` (same NAME rule), or a line-start ``</function>`` /
-  ``</tool_call>`` that is itself followed by the end or another call;
+  ``</tool_call>`` that is itself followed by the end or another call, or a
+  ``</function>`` on the value's line followed by the end, or by
+  ``</tool_call>`` and then the end or another call;
 * line-start ``<tool_call>`` / ``<function=`` inside a value open a literal
   nesting level, inside which nothing is structural until the matching close;
   when that reading leaves the value without its own ``</parameter>`` but the
@@ -641,10 +644,30 @@ class Qwen3CoderToolParser(ToolParserBase):
                 while nest.pop() != opener:
                     pass
             return lt + 1
-        if nest or not (lt > value.start and buf[lt - 1] == "\n"):
+        if nest:
             return lt + 1
-        ok = self._followed_by(value, lt + len(tag), final, follow, params=False)
+        if not (lt > value.start and buf[lt - 1] == "\n"):
+            if tag != FUNCTION_END:
+                return lt + 1
+            # `VALUE</function>` on the value's line: the model forgot </parameter> and closed the call,
+            # when the call's end and then the end of the text or the next call follow.
+            ok = self._ends_call(lt + len(tag), final)
+        else:
+            ok = self._followed_by(value, lt + len(tag), final, follow, params=False)
         return ok if ok is _WAIT else (lt, lt) if ok else lt + 1
+
+    def _ends_call(self, i: int, final: bool) -> Any:
+        """Whether optional whitespace then end, or ``</tool_call>`` and then end or a next call, follow ``i``."""
+        buf = self._buf
+        k = skip_ws(buf, i)
+        if k == len(buf) or is_partial(buf, k, (TOOL_CALL_END,)):
+            return True if final else _WAIT
+        if not buf.startswith(TOOL_CALL_END, k):
+            return False
+        k = skip_ws(buf, k + len(TOOL_CALL_END))
+        if k == len(buf) or is_partial(buf, k, (TOOL_CALL, FUNCTION)):
+            return True if final else _WAIT
+        return buf.startswith((TOOL_CALL, FUNCTION), k)
 
     def _followed_by(self, value: _Value, i: int, final: bool, tags: tuple[str, ...], params: bool) -> Any:
         """Whether optional whitespace then end / one of ``tags`` / a next parameter follows ``i``."""
@@ -673,6 +696,10 @@ class Qwen3CoderToolParser(ToolParserBase):
         """
         call = self._call
         assert call is not None
+        if not value.ptype.holds_markup:
+            # The tag cannot be text of a typed value: whatever it names (a parameter the schema lacks,
+            # a repeat, whose first value wins) the model started another parameter.
+            return is_valid_name(name)
         if name == value.name or (name in call.params and not allow_repeat):
             return False
         return self._schemas.is_param(call.name, name)

@@ -63,6 +63,13 @@ class ParamType:
         """True when any value text is returned unchanged (so it may be streamed as it arrives)."""
         return self.name is None or (self.name in _STRING_TYPES and not self.nullable and not self.choices)
 
+    @property
+    def holds_markup(self) -> bool:
+        """Whether a value may hold tool-call tags as text: a string may (a file written through
+        ``write_file``), a number, boolean, object or array may not (no JSON or literal of theirs spans
+        ``</parameter>`` + newline + ``<parameter=``)."""
+        return self.name is None or self.name in _STRING_TYPES
+
 
 RAW = ParamType(None)
 
