@@ -961,3 +961,16 @@ def test_mid_line_function_end_in_a_string_stays_literal(value: str) -> None:
     content, calls = parse_both(FORECAST, xml_call("forecast", city=value))
     assert content is None
     assert calls == [("forecast", {"city": value})]
+
+
+@pytest.mark.parametrize("gap", ["", " ", "\t"])
+def test_function_right_after_a_call_end_opens_a_call(gap: str) -> None:
+    """`</tool_call><function=NAME>`: the model left out the next call's `<tool_call>`. `</tool_call>` is a
+    dedicated token, never prose, so what follows it is no mention of the format: a call, not content
+    that leaks the markup (and loses the call)."""
+    second = "<function=get_weather>\n<parameter=city>\nRome\n</parameter>\n</function>\n</tool_call>"
+    text = "Checking.\n" + xml_call("get_weather", city="Paris") + gap + second + "\nDone."
+    assert parse_both(GET_WEATHER, text) == (
+        "Checking.\n\nDone.", [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
+    )
+    assert parse_both(GET_WEATHER, "</tool_call>" + gap + second) == (None, [("get_weather", {"city": "Rome"})])

@@ -37,7 +37,7 @@ written through ``write_file`` routinely contain ``</parameter>`` or whole
   flat reading has one, the opener was prose and the flat reading wins.
 
 Outside calls, a ``<function=`` opens a call without its ``<tool_call>`` only at
-a line start (mid-line it is prose about the format), and stray ``<tool_call>`` /
+a line start or right after a ``</tool_call>`` (elsewhere mid-line it is prose about the format), and stray ``<tool_call>`` /
 ``</tool_call>`` tags (dedicated tokens, never prose) are dropped from content.
 """
 
@@ -369,12 +369,12 @@ class Qwen3CoderToolParser(ToolParserBase):
             return False
         if self._buf.startswith(TOOL_CALL, lt):
             return self._content_tool_call(lt, final)
-        # A call whose <tool_call> the model left out starts a line; mid-line it is prose
-        # ("each call is written as `<function=NAME>`").
+        # A call whose <tool_call> the model left out starts a line or follows a call's </tool_call>;
+        # elsewhere mid-line it is prose ("each call is written as `<function=NAME>`").
         buf = self._buf
         # (Looked up only near a <function=: a long line of HTML has many '<'.)
         maybe_function = buf.startswith(FUNCTION, lt) or is_partial(buf, lt, (FUNCTION,))
-        line_start = maybe_function and self._at_line_start(lt)
+        line_start = maybe_function and (self._at_line_start(lt) or _after_call_end(buf, lt))
         if buf.startswith(FUNCTION, lt) and line_start:
             self._state = _HEADER
             return True
@@ -756,6 +756,15 @@ class Qwen3CoderToolParser(ToolParserBase):
             return
         converted = convert_value(tail, value.ptype)
         self._emit_args(call, self._key(call, value.name) + json.dumps(converted, ensure_ascii=False))
+
+
+def _after_call_end(buf: str, lt: int) -> bool:
+    """Whether only spaces/tabs separate ``lt`` from a preceding ``</tool_call>`` (a dedicated token,
+    never prose: what follows it on its line is no mention of the format)."""
+    k = lt
+    while k > 0 and buf[k - 1] in " \t":
+        k -= 1
+    return buf.endswith(TOOL_CALL_END, 0, k)
 
 
 def _indented_line_start(buf: str, lt: int, floor: int) -> bool:
