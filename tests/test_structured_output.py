@@ -221,6 +221,9 @@ def test_a_schema_part_that_matches_nothing_ends_in_an_error(server: ServerProce
     assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "grammar_dead_end", events
     assert not any('"finish_reason": "stop"' in e or '"finish_reason":"stop"' in e for e in events), events
     assert server.post(CHAT, json={"messages": ASK, "max_tokens": 2}).status_code == 200
+    # Its request line is its one line: not also a "refused" line, as for a request the engine never saw
+    # (that one is written once the response is out: by now, two requests later, it would be there).
+    assert "(guided_json): The answer reached" not in server.log(), server.log()[-3000:]
 
 
 def test_choices_beyond_the_basic_plane(client: openai.OpenAI) -> None:

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwenserve.api.errors import ANTHROPIC_ERRORS, APIError, internal_error, unavailable
 from qwenserve.api.metrics import Metrics
-from qwenserve.api.request_log import HTTP_REQUEST_ID
+from qwenserve.api.request_log import HTTP_REQUEST_ID, LOGGED_REQUESTS
 from qwenserve.config import env_number
 
 logger = logging.getLogger("qwenserve.api")
@@ -179,7 +179,8 @@ def route_label(path: str) -> str:
 class StatusCountMiddleware:
     """Feeds qwenserve_requests_total{route, status}; unknown paths share one label. Outermost, so it
     also logs one line for every request refused with a 4xx or 503 (whichever layer refused it): a
-    request that never reached the engine has no request-log line of its own."""
+    request that never reached the engine has no request-log line of its own (one the engine ended
+    has, and is not logged twice)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app = app
@@ -201,13 +202,16 @@ class StatusCountMiddleware:
                 body.extend(message.get("body", b"")[: _MAX_LOGGED_BODY - len(body)])
             await send(message)
 
+        logged: list[str] = []
+        token = LOGGED_REQUESTS.set(logged)
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            LOGGED_REQUESTS.reset(token)
             # A preflight CORS granted is no API request; a refused one (a foreign page) is counted.
             if not (status["code"] < 400 and _is_preflight(scope)):
                 self.metrics.requests.labels(route=route, status=str(status["code"])).inc()
-        if _is_refusal(status["code"]) and path not in _QUIET_ROUTES:
+        if _is_refusal(status["code"]) and path not in _QUIET_ROUTES and not logged:
             logger.info("refused %s %s: %d %s", scope.get("method"), path, status["code"], _error_summary(bytes(body)))
 
 

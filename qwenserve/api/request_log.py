@@ -39,6 +39,10 @@ logger.addFilter(_EscapeControlCharacters())
 # The x-request-id of the HTTP request being handled (RequestIdMiddleware sets it): the log line names it,
 # so a client's id can be found in the server's log.
 HTTP_REQUEST_ID: ContextVar[str | None] = ContextVar("http_request_id", default=None)
+# The engine requests whose line the HTTP request being handled has written (StatusCountMiddleware gives
+# each HTTP request its own list): one the engine itself ended with a 4xx (a structured-output dead end)
+# or a 503 (shut down) is then not logged a second time as "refused".
+LOGGED_REQUESTS: ContextVar[list[str] | None] = ContextVar("logged_requests", default=None)
 
 
 def log_request_body(request_id: str, body: Any) -> None:
@@ -67,6 +71,7 @@ class RequestTracker:
         self.finish_reasons: dict[int, str] = {}
         self.tool_calls = 0
         self.http_request_id = HTTP_REQUEST_ID.get()
+        self._logged_into = LOGGED_REQUESTS.get()
         self._logged = False
 
     def observe(self, out: RequestOutput) -> None:
@@ -127,6 +132,8 @@ class RequestTracker:
         if self._logged:
             return
         self._logged = True
+        if self._logged_into is not None:
+            self._logged_into.append(self.request_id)
         now = time.monotonic()
         reasons = self.choice_finishes(finish, error)
         if self.metrics:
