@@ -207,3 +207,14 @@ def test_block_cut_off_inside_a_key_keeps_the_complete_members() -> None:
     assert parse_both('<tool_call>\n{"name": "get_weather", "arguments": {"ci') == (None, [("get_weather", {})])
     cut = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "units": "metric", "da'
     assert parse_both(cut) == (None, [("get_weather", {"city": "Paris", "units": "metric"})])
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["x </tool_call> y", 'say "hi', "it's", "a } ] { [ , <"],
+)
+def test_python_literal_strings_are_strings_to_the_scanner(value: str) -> None:
+    """A Python-literal slip quotes with ': a tag, quote or bracket inside such a value is text, not structure
+    (the ``"`` made the scanner think a JSON string had opened and lost the call)."""
+    text = "<tool_call>\n" + repr({"name": "write_file", "arguments": {"content": value, "n": 1}}) + "\n</tool_call>Done"
+    assert parse_both(text) == ("Done", [("write_file", {"content": value, "n": 1})])

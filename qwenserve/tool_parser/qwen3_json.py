@@ -8,8 +8,9 @@ The model writes::
     </tool_call>
 
 The JSON object is delimited by bracket matching that understands JSON
-strings, so a ``</tool_call>`` inside a string value (a file being written)
-does not end the block. A ``</tool_call>`` met outside strings with brackets
+strings (and the single-quoted strings of a Python-literal slip), so a
+``</tool_call>`` inside a string value (a file being written) does not end
+the block. A ``</tool_call>`` met outside strings with brackets
 still open is a model slip (a missing ``}``) and is repaired. Each call is
 emitted whole when its block ends: a header delta, then one arguments delta.
 Blocks whose JSON cannot be parsed at all are kept as content; parsed blocks
@@ -33,8 +34,10 @@ from qwenserve.tool_parser.qwen3_coder import (
 )
 from qwenserve.tool_parser.schema import NOT_DECODED, decode_literal
 
-_IN_STRING = re.compile(r'[\\"]')
-_OUTSIDE = re.compile(r'["{}\[\],<]')
+# Inside a string, per quote: the next escape or closing quote. A ' outside a JSON string starts a
+# Python-literal string ({'name': 'f'}); JSON has none there, so tracking it costs JSON nothing.
+_IN_STRING = {'"': re.compile(r'[\\"]'), "'": re.compile(r"[\\']")}
+_OUTSIDE = re.compile(r'["\'{}\[\],<]')
 _CLOSING = {"{": "}", "[": "]"}
 _NOT_A_CALL: Any = object()
 # A complete "name" member: the key, then a whole string (escapes allowed).
@@ -51,7 +54,7 @@ class Qwen3JsonToolParser(ToolParserBase):
         self._json_start = 0
         self._scan = 0
         self._stack: list[str] = []
-        self._in_str = False
+        self._quote = ""  # the open string's quote character; '' outside strings
         self._obj_end = -1
         # Where the last complete member ends (before a ',', after a '{' / '['), with the brackets then open.
         self._member_cut: tuple[int, tuple[str, ...]] | None = None
@@ -84,7 +87,7 @@ class Qwen3JsonToolParser(ToolParserBase):
         self._block_start = lt
         self._json_start = self._scan = j
         self._stack = []
-        self._in_str = False
+        self._quote = ""
         self._obj_end = -1
         self._member_cut = None
         self._cut_back = ""
@@ -109,8 +112,8 @@ class Qwen3JsonToolParser(ToolParserBase):
         buf = self._buf
         k = self._scan
         while k < len(buf):
-            if self._in_str:
-                m = _IN_STRING.search(buf, k)
+            if self._quote:
+                m = _IN_STRING[self._quote].search(buf, k)
                 if m is None:
                     k = len(buf)
                     break
@@ -120,7 +123,7 @@ class Qwen3JsonToolParser(ToolParserBase):
                         break
                     k = m.end() + 1
                     continue
-                self._in_str = False
+                self._quote = ""
                 k = m.end()
                 continue
             m = _OUTSIDE.search(buf, k)
@@ -128,8 +131,8 @@ class Qwen3JsonToolParser(ToolParserBase):
                 k = len(buf)
                 break
             c, k = m.group(), m.end()
-            if c == '"':
-                self._in_str = True
+            if c in "\"'":
+                self._quote = c
             elif c in _CLOSING:
                 self._stack.append(c)
                 self._member_cut = (k, tuple(self._stack))
@@ -158,11 +161,11 @@ class Qwen3JsonToolParser(ToolParserBase):
 
     def _repaired(self, end: int) -> str:
         """The JSON text up to ``end`` with an open string and brackets closed."""
-        return self._closed(end, self._stack, self._in_str)
+        return self._closed(end, self._stack, self._quote)
 
-    def _closed(self, end: int, stack: Sequence[str], in_str: bool = False) -> str:
-        """The JSON text up to ``end``, then a quote if ``in_str`` and the closers of ``stack``."""
-        text = self._buf[self._json_start : end].rstrip() + ('"' if in_str else "")
+    def _closed(self, end: int, stack: Sequence[str], quote: str = "") -> str:
+        """The JSON text up to ``end``, then ``quote`` (closing an open string) and the closers of ``stack``."""
+        text = self._buf[self._json_start : end].rstrip() + quote
         return text + "".join(_CLOSING[c] for c in reversed(stack))
 
     def _after_object(self, final: bool) -> bool:
