@@ -218,3 +218,30 @@ def test_python_literal_strings_are_strings_to_the_scanner(value: str) -> None:
     (the ``"`` made the scanner think a JSON string had opened and lost the call)."""
     text = "<tool_call>\n" + repr({"name": "write_file", "arguments": {"content": value, "n": 1}}) + "\n</tool_call>Done"
     assert parse_both(text) == ("Done", [("write_file", {"content": value, "n": 1})])
+
+
+@pytest.mark.parametrize(
+    ("first", "between", "content"),
+    [
+        ('{"name": "get_weather", "arguments": {"city": "Paris"}}', "\n", None),
+        ('{"name": "get_weather", "arguments": {"city": "Paris"}}', "\nNow London.\n", "\nNow London.\n"),
+        ('{"name": "get_weather", "arguments": {"city": "Paris"}', "\n", None),  # its "}" left out too
+    ],
+)
+def test_a_call_missing_its_closing_tag_ends_at_the_next_opening_tag(
+    first: str, between: str, content: str | None
+) -> None:
+    """``<tool_call>`` is a dedicated token, never JSON: met before a block's ``</tool_call>``, it opens the
+    next call (the next call was swallowed as junk up to its ``</tool_call>``, or both were lost)."""
+    text = "<tool_call>\n" + first + between + LONDON
+    assert parse_both(text) == (content, [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "London"})])
+
+
+def test_an_opening_tag_inside_a_string_value_stays_text() -> None:
+    args = {"content": "<tool_call>\n{\"name\": \"x\"}\n"}
+    assert parse_both(block("write_file", args) + LONDON) == (
+        None,
+        [("write_file", args), ("get_weather", {"city": "London"})],
+    )
+    py = "<tool_call>\n" + repr({"name": "write_file", "arguments": {"content": "<tool_call>"}}) + "\n</tool_call>"
+    assert parse_both(py) == (None, [("write_file", {"content": "<tool_call>"})])

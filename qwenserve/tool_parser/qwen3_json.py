@@ -10,9 +10,12 @@ The model writes::
 The JSON object is delimited by bracket matching that understands JSON
 strings (and the single-quoted strings of a Python-literal slip), so a
 ``</tool_call>`` inside a string value (a file being written) does not end
-the block. A ``</tool_call>`` met outside strings with brackets
-still open is a model slip (a missing ``}``) and is repaired. Each call is
-emitted whole when its block ends: a header delta, then one arguments delta.
+the block. A ``</tool_call>`` met outside strings with brackets still open is
+a model slip (a missing ``}``) and is repaired. A ``<tool_call>`` met outside
+strings before the block's ``</tool_call>`` means the model left that tag out
+(and maybe a ``}``): the block ends there and the tag opens the next call.
+Each call is emitted whole when its block ends: a header delta, then one
+arguments delta.
 Blocks whose JSON cannot be parsed at all are kept as content; parsed blocks
 without a usable name are dropped. Like the XML parser, ``parse`` is
 ``feed`` + ``finish`` on a fresh instance, so both modes agree exactly.
@@ -147,7 +150,11 @@ class Qwen3JsonToolParser(ToolParserBase):
             elif buf.startswith(TOOL_CALL_END, m.start()):
                 # Closing tag outside any string with brackets open: a missing "}".
                 return self._repaired(m.start()), m.start() + len(TOOL_CALL_END)
-            elif is_partial(buf, m.start(), (TOOL_CALL_END,)) and not final:
+            elif buf.startswith(TOOL_CALL, m.start()):
+                # The next call's opening tag (a dedicated token, never JSON) with this one unfinished: the
+                # model left out its "}" and </tool_call>. The block ends here; the tag opens the next call.
+                return self._repaired(m.start()), m.start()
+            elif is_partial(buf, m.start(), (TOOL_CALL_END, TOOL_CALL)) and not final:
                 k = m.start()
                 break
         self._scan = k
@@ -180,8 +187,14 @@ class Qwen3JsonToolParser(ToolParserBase):
                 return False
             self._end_block(text, len(buf))
             return True
-        # Junk after the object: drop it up to the closing tag if there is one.
         close = buf.find(TOOL_CALL_END, j)
+        opener = buf.find(TOOL_CALL, j)
+        if opener >= 0 and (close < 0 or opener < close):
+            # The next call opens before this one's </tool_call>: the model left that tag out. The call
+            # ends with its object; text before the opener is prose, as after an unclosed last call.
+            self._end_block(text, self._obj_end)
+            return True
+        # Junk after the object: drop it up to the closing tag if there is one.
         if close >= 0:
             self._end_block(text, close + len(TOOL_CALL_END))
             return True
