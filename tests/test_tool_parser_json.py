@@ -245,3 +245,13 @@ def test_an_opening_tag_inside_a_string_value_stays_text() -> None:
     )
     py = "<tool_call>\n" + repr({"name": "write_file", "arguments": {"content": "<tool_call>"}}) + "\n</tool_call>"
     assert parse_both(py) == (None, [("write_file", {"content": "<tool_call>"})])
+
+
+def test_raw_line_breaks_inside_string_values_are_accepted() -> None:
+    """A real newline/CR inside a JSON string (a file's lines) is what the model meant by ``\\n``: the call
+    is kept, its arguments re-encoded as valid JSON (it was kept as content, markup and all)."""
+    text = '<tool_call>\n{"name": "write_file", "arguments": {"path": "a.py", "content": "l1\nl2\r\n\tl3"}}\n</tool_call>'
+    content, calls = parse_both(text)
+    assert (content, calls) == (None, [("write_file", {"path": "a.py", "content": "l1\nl2\r\n\tl3"})])
+    inner = '{"name": "write_file", "arguments": ' + json.dumps('{"content": "x\ny"}') + "}"
+    assert parse_both("<tool_call>\n" + inner + "\n</tool_call>") == (None, [("write_file", {"content": "x\ny"})])
