@@ -974,3 +974,19 @@ def test_function_right_after_a_call_end_opens_a_call(gap: str) -> None:
         "Checking.\n\nDone.", [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
     )
     assert parse_both(GET_WEATHER, "</tool_call>" + gap + second) == (None, [("get_weather", {"city": "Rome"})])
+
+
+TODOS = [_tool("todo_write", {"todos": {"type": "array", "items": {"type": "object"}}, "note": {"type": "string"}})]
+
+
+@pytest.mark.parametrize("gap", [" ", ""])
+def test_tags_on_one_line_of_an_array_value_stay_text(gap: str) -> None:
+    """A typed value's `</parameter> <parameter=NAME>` on one line is text of one of its JSON strings
+    (a todo about a parser): only a tag on a line of its own starts the next parameter whatever it names.
+    Any NAME there cut the array in two and made up a parameter the tool does not have."""
+    todos = [{"id": "1", "content": f"Handle </parameter>{gap}<parameter=foo> in the parser"}]
+    text = xml_call("todo_write", todos=json.dumps(todos))
+    assert parse_both(TODOS, text) == (None, [("todo_write", {"todos": todos})])
+    # On the next line the same tag is structural, even for a name the schema lacks (first value wins).
+    split = text.replace("\n</parameter>\n", "\n</parameter>\n<parameter=foo>\nx\n</parameter>\n", 1)
+    assert parse_both(TODOS, split) == (None, [("todo_write", {"todos": todos, "foo": "x"})])

@@ -25,7 +25,8 @@ written through ``write_file`` routinely contain ``</parameter>`` or whole
 * ``</parameter>`` closes a value only when followed by optional whitespace
   and then end of text, ``</function>``, ``</tool_call>`` or
   ``<parameter=NAME>`` for a schema-known NAME not yet given in this call
-  (any NAME after a number, boolean, object or array: only strings hold tags);
+  (any NAME on the next lines after a number, boolean, object or array: only
+  strings hold tags across lines, but a JSON string may hold both on one line);
 * a missing ``</parameter>`` is recovered at a line-start
   ``<parameter=NAME>`` (same NAME rule), or a line-start ``</function>`` /
   ``</tool_call>`` that is itself followed by the end or another call, or a
@@ -681,22 +682,27 @@ class Qwen3CoderToolParser(ToolParserBase):
             status, name, _ = read_name(buf, k + len(PARAM))
             if status is _WAIT:
                 return True if final else _WAIT
-            return status is None and self._is_next_param(value, name, allow_repeat=True)
+            # Only a line break between </parameter> and the tag makes it structural whatever it names:
+            # a JSON array's string may hold `</parameter> <parameter=x>` on one line (a todo about a parser).
+            own_line = "\n" in buf[i:k]
+            return status is None and self._is_next_param(value, name, allow_repeat=True, own_line=own_line)
         if is_partial(buf, k, tags + ((PARAM,) if params else ())):
             # A tag cut off by the end of generation still closes the value.
             return True if final else _WAIT
         return False
 
-    def _is_next_param(self, value: _Value, name: str, allow_repeat: bool = False) -> bool:
+    def _is_next_param(self, value: _Value, name: str, allow_repeat: bool = False, own_line: bool = True) -> bool:
         """Whether ``<parameter=name>`` can structurally start the next parameter.
 
         After an explicit ``</parameter>`` a repeated name is a duplicate key
         (the model slips so; first value wins). Without the close, a repeated
         name is far more likely literal text such as a fixture in a file.
+        ``own_line``: the tag starts a line. No JSON or literal of a typed value spans a line break
+        between tags, but one line of it (a string in an array) may hold both tags as text.
         """
         call = self._call
         assert call is not None
-        if not value.ptype.holds_markup:
+        if own_line and not value.ptype.holds_markup:
             # The tag cannot be text of a typed value: whatever it names (a parameter the schema lacks,
             # a repeat, whose first value wins) the model started another parameter.
             return is_valid_name(name)
