@@ -10,12 +10,37 @@ if command -v flock >/dev/null 2>&1; then
   flock 9
 fi
 
+# qwenserve needs Python 3.11+. Ubuntu 22.04's python3 is 3.10: a newer interpreter beside it is used instead,
+# and without one the run stops here, before minutes of downloads that pip would refuse at the end.
+py_ok() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; }
+py_version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo "none"; }
 if [ -z "${VIRTUAL_ENV:-}" ]; then
+  if [ -x .venv/bin/python ] && ! py_ok .venv/bin/python; then
+    echo "setup: .venv runs Python $(py_version .venv/bin/python), older than the 3.11 qwenserve needs: rebuilding it" >&2
+    rm -rf .venv .venv-installed*
+  fi
   if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
+    base=""
+    for candidate in python3 python3.13 python3.12 python3.11; do
+      if command -v "$candidate" >/dev/null 2>&1 && py_ok "$candidate"; then
+        base="$candidate"
+        break
+      fi
+    done
+    if [ -z "$base" ]; then
+      echo "setup: qwenserve needs Python 3.11 or newer; this machine's python3 is $(py_version python3)." \
+        "Install one (Ubuntu 22.04: sudo apt install python3.11 python3.11-venv; or use uv or conda), then run" \
+        "this again." >&2
+      exit 1
+    fi
+    "$base" -m venv .venv
   fi
   # shellcheck disable=SC1091
   source .venv/bin/activate
+elif ! py_ok python; then
+  echo "setup: the active virtualenv ($VIRTUAL_ENV) runs Python $(py_version python), older than the 3.11" \
+    "qwenserve needs: deactivate it (or activate one with Python 3.11+) and run this again." >&2
+  exit 1
 fi
 PY=python
 stamp=".venv-installed${extras:+-$extras}"

@@ -370,3 +370,28 @@ def test_a_low_open_file_limit_is_raised_so_many_connections_still_get_served(tm
         for conn in idle:
             conn.close()
         server.stop()
+
+
+def test_setup_stops_at_once_without_python_3_11(tmp_path: Path) -> None:
+    """Ubuntu 22.04's python3 is 3.10: scripts/setup.sh looks for a newer interpreter beside it and, with
+    none, stops at once naming the fix (pip would refuse qwenserve only after minutes of downloading torch);
+    an active virtualenv on an old Python is refused the same way."""
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "setup.sh", checkout / "scripts" / "setup.sh")
+    shutil.copy(REPO / "pyproject.toml", checkout / "pyproject.toml")
+    bin_dir = tmp_path / "bin"  # every interpreter name the script may try is an old one
+    bin_dir.mkdir()
+    for name in ("python", "python3", "python3.11", "python3.12", "python3.13"):
+        (bin_dir / name).write_text('#!/bin/sh\ncase "$*" in *version_info\\[:2\\]*) echo 3.10;; esac\nexit 1\n')
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("VIRTUAL_ENV", None)
+    script = str(checkout / "scripts" / "setup.sh")
+    proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "needs Python 3.11 or newer" in proc.stderr and "python3 is 3.10" in proc.stderr, proc.stderr
+    assert not (checkout / ".venv").exists()
+    proc = subprocess.run(["bash", script], capture_output=True, text=True, env={**env, "VIRTUAL_ENV": str(tmp_path)},
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 1 and "runs Python 3.10" in proc.stderr, proc.stderr
