@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -124,20 +125,31 @@ def test_reference_attention_groups_mixed_batches() -> None:
 def test_config_without_norm_topk_prob_reads_as_transformers_does(tmp_path: Path) -> None:
     """A config.json that leaves norm_topk_prob out means False to Transformers (Qwen3MoeConfig's default,
     and older Transformers' save_pretrained drops keys equal to their default); we must not renormalise."""
+    path = make_tiny_checkpoint(tmp_path, moe=True)  # 8 experts, top-2: renormalising changes the logits
+    _drop_config_key(path, "norm_topk_prob")
+    hf = _assert_prompt_logits_match_hf(path, num_tokens=29, seed=4, block_table=[2, 1])
+    assert hf.config.norm_topk_prob is False
+
+
+def _drop_config_key(path: Path, key: str) -> None:
+    """Rewrite the checkpoint's config.json without `key`, as a config that leaves it out."""
     import json
 
-    path = make_tiny_checkpoint(tmp_path, moe=True)  # 8 experts, top-2: renormalising changes the logits
     raw = json.loads((path / "config.json").read_text())
-    del raw["norm_topk_prob"]
+    del raw[key]
     (path / "config.json").write_text(json.dumps(raw))
+
+
+def _assert_prompt_logits_match_hf(path: Path, num_tokens: int, seed: int, block_table: list[int]) -> Any:
+    """Our prefill logits of a random prompt equal Transformers' on the checkpoint at `path`; returns HF's model."""
     model, runner, hf = _ours_and_hf(path)
-    assert hf.config.norm_topk_prob is False
-    prompt = torch.randint(0, 500, (29,), generator=torch.Generator().manual_seed(4)).tolist()
+    prompt = torch.randint(0, 500, (num_tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0]
     seq = Sequence("r", 0, prompt, SamplingParams(), seed=0)
-    seq.block_table = [2, 1]
+    seq.block_table = block_table
     torch.testing.assert_close(_run(model, runner, seq, len(prompt)), ref, atol=ATOL, rtol=1e-4)
+    return hf
 
 
 @pytest.mark.parametrize(
@@ -147,20 +159,10 @@ def test_config_keys_left_out_read_as_transformers_does(tmp_path: Path, moe: boo
     """A key config.json leaves out takes Transformers' default for the architecture: a MoE config without
     num_experts_per_tok routes to 8 experts (it was read as 0: every request failed with a 500), a dense
     one without head_dim has 128-wide heads (it was read as hidden_size // heads: the load was refused)."""
-    import json
-
     path = make_tiny_checkpoint(tmp_path, moe=moe, head_dim=16 if moe else 128)
-    raw = json.loads((path / "config.json").read_text())
-    del raw[dropped]
-    (path / "config.json").write_text(json.dumps(raw))
-    model, runner, hf = _ours_and_hf(path)
+    _drop_config_key(path, dropped)
+    hf = _assert_prompt_logits_match_hf(path, num_tokens=21, seed=5, block_table=[3, 0])
     assert getattr(hf.config, dropped) == (8 if moe else 128)
-    prompt = torch.randint(0, 500, (21,), generator=torch.Generator().manual_seed(5)).tolist()
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt])).logits[0]
-    seq = Sequence("r", 0, prompt, SamplingParams(), seed=0)
-    seq.block_table = [3, 0]
-    torch.testing.assert_close(_run(model, runner, seq, len(prompt)), ref, atol=ATOL, rtol=1e-4)
 
 
 @pytest.mark.parametrize("top_k", [0, 9])
