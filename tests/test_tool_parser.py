@@ -309,6 +309,9 @@ def test_type_conversion() -> None:
         ("obj_param", "\"{'key': 'value', 'n': 1}\"", {"key": "value", "n": 1}),
         ("obj_param", "not json", "not json"),
         ("arr_param", "[1, 2, None]", [1, 2, None]),
+        # A raw line break inside a JSON string (where \n belongs): what the model meant is plain.
+        ("arr_param", '["first line\nsecond line", "b"]', ["first line\nsecond line", "b"]),
+        ("obj_param", '{"body": "a\tb"}', {"body": "a\tb"}),
         ("int_param", "null", None),
         ("obj_param", "None", None),
         ("str_param", "null", "null"),

@@ -223,7 +223,7 @@ class Qwen3JsonToolParser(ToolParserBase):
 def _interpret(text: str, is_function: Callable[[str], bool]) -> Any:
     """(name, arguments dict), None if unparseable, or _NOT_A_CALL for a wrong shape or a name that
     `is_function` does not take."""
-    obj = _decode(text)
+    obj = decode_literal(text)
     if obj is None or obj is NOT_DECODED:
         return None
     if not isinstance(obj, dict):
@@ -231,7 +231,7 @@ def _interpret(text: str, is_function: Callable[[str], bool]) -> Any:
     name = obj.get("name")
     arguments = obj.get("arguments", obj.get("parameters"))
     if isinstance(arguments, str):
-        arguments = _decode(arguments) if arguments.strip() else {}
+        arguments = decode_literal(arguments) if arguments.strip() else {}
     if arguments is None or arguments is NOT_DECODED:
         arguments = {}
     if not isinstance(name, str) or not is_function(name) or not isinstance(arguments, dict):
@@ -241,15 +241,3 @@ def _interpret(text: str, is_function: Callable[[str], bool]) -> Any:
     except (TypeError, ValueError, RecursionError):
         return _NOT_A_CALL
     return name, arguments
-
-
-def _decode(text: str) -> Any:
-    """JSON that may hold raw control characters in strings, else a Python literal (see decode_literal).
-
-    Models writing a file often put a real line break or tab inside a JSON string where ``\\n`` belongs;
-    strict JSON refuses it and the whole call was lost, though what the model meant is plain.
-    """
-    try:
-        return json.loads(text, strict=False)
-    except (ValueError, RecursionError):
-        return decode_literal(text)

@@ -233,9 +233,13 @@ class ToolSchemas:
 
 
 def decode_literal(text: str) -> Any:
-    """JSON, then Python-literal decoding of ``text``; :data:`NOT_DECODED` if neither works."""
+    """JSON, then Python-literal decoding of ``text``; :data:`NOT_DECODED` if neither works.
+
+    JSON strings may hold raw line breaks and tabs (``strict=False``): a model writing a file into an
+    argument often puts a real line break where ``\\n`` belongs, and what it meant is plain.
+    """
     try:
-        return json.loads(text)
+        return json.loads(text, strict=False)
     except (ValueError, RecursionError):
         pass
     try:
