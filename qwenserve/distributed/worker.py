@@ -96,9 +96,9 @@ def unpack_step(
 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """The model's (input ids, positions, metadata) on `device`: one copy, then views."""
     num_tokens, num_seqs, max_blocks, max_query_len, max_context_len, decode_only = (int(v) for v in header[1:7])
-    ids, pos, slots, ctx, qsl, tables = payload.to(device, non_blocking=True).split(
-        [num_tokens, num_tokens, num_tokens, num_seqs, num_seqs + 1, num_seqs * max_blocks]
-    )
+    sizes = [num_tokens, num_tokens, num_tokens, num_seqs, num_seqs + 1, num_seqs * max_blocks]
+    ids, pos, slots, ctx, qsl, tables = payload.to(device, non_blocking=True).split(sizes)
+    host_ctx, host_qsl = payload.split(sizes)[3:5]
     meta = AttentionMetadata(
         slot_mapping=slots,
         block_tables=tables.view(num_seqs, max_blocks).to(torch.int32),
@@ -107,6 +107,8 @@ def unpack_step(
         max_query_len=max_query_len,
         max_context_len=max_context_len,
         is_decode_only=bool(decode_only),
+        host_query_start_loc=None if decode_only else host_qsl.tolist(),
+        host_context_lens=None if decode_only else host_ctx.tolist(),
     )
     return ids, pos, meta
 

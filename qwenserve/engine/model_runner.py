@@ -216,6 +216,8 @@ class ModelRunner:
             max_query_len=inp.max_query_len,
             max_context_len=max(inp.context_lens),
             is_decode_only=inp.is_decode_only,
+            host_query_start_loc=inp.query_start_loc,
+            host_context_lens=inp.context_lens,
         )
         ids = self._to_device(inp.input_ids, torch.int64)
         pos = self._to_device(inp.positions, torch.int64)

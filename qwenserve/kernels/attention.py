@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qwenserve.kernels import cudnn_attention
 from qwenserve.kernels.pdl import pdl_launch, pdl_start, pdl_wait
 from qwenserve.model.ops import AttentionMetadata
 
@@ -59,6 +60,16 @@ PREFILL_BLOCK_M = 128
 PREFILL_BLOCK_N = 64
 PREFILL_NUM_WARPS = 8
 PREFILL_NUM_STAGES = 2
+# Long prefill chunks take cuDNN's attention (kernels/cudnn_attention.py) when the step's host-side lengths
+# are known; the rest of the step stays on the Triton kernel. Once a context passes ~16k tokens cuDNN is
+# 1.5-2x faster whatever the chunk (bench/tune_prefill_attn.py --sweep backends, H200), but the first
+# chunk of each new (chunk, context) shape costs ~90 ms of cuDNN graph building (--sweep build). A chunk
+# goes there when its query-key pairs, q_len x (prefix + q_len / 2), are enough that the time saved over
+# the model's 48 layers (~1 ns a pair) pays for that build within the request: 8k-token chunks over a
+# prefix of 8k or more (a long prompt's second chunk on), or 2k new tokens of a 50k-token conversation.
+DENSE_PREFILL_MIN_QUERY = 128
+DENSE_PREFILL_MIN_PAIRS = 100_000_000
+_NEVER = 2**31 - 1  # a query length no chunk reaches; int32 like the thresholds, so one compiled variant
 
 _num_sms_cache: dict[int, int] = {}
 
@@ -209,7 +220,7 @@ def _decode_merge_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt", "dense_min_query", "dense_min_pairs2"])
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,
@@ -228,6 +239,8 @@ def _prefill_kernel(
     stride_bt,
     stride_ot,
     stride_oh,
+    dense_min_query,
+    dense_min_pairs2,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DIM_P2: tl.constexpr,
@@ -255,9 +268,11 @@ def _prefill_kernel(
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     q_tile = pid - (q_start // BLOCK_Q + seq)
+    ctx = tl.load(context_lens_ptr + seq)
     if q_tile * BLOCK_Q >= q_len:
         return
-    ctx = tl.load(context_lens_ptr + seq)
+    if (q_len >= dense_min_query) & (q_len.to(tl.int64) * (2 * ctx - q_len) >= dense_min_pairs2):
+        return  # cuDNN's (paged_attention): the same rule as _long_chunks
     prefix = ctx - q_len
 
     r = tl.arange(0, BLOCK_M)
@@ -433,14 +448,20 @@ def paged_prefill_attention(
     block_n: int = PREFILL_BLOCK_N,
     num_warps: int = PREFILL_NUM_WARPS,
     num_stages: int = PREFILL_NUM_STAGES,
+    dense_chunks: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Varlen causal flash attention of packed queries [T, H, D] over each sequence's paged cache."""
+    """Varlen causal flash attention of packed queries [T, H, D] over each sequence's paged cache.
+
+    With `dense_chunks`, the chunks that `is_dense_chunk` picks are skipped: their rows of `out` are
+    left to the caller."""
     _check_cache(q, k_cache, v_cache)
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = block_tables.shape[0]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     if num_tokens == 0 or num_seqs == 0:
         return out
     block_m = max(block_m, triton.next_power_of_2(group), 16)
@@ -464,6 +485,8 @@ def paged_prefill_attention(
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
+        DENSE_PREFILL_MIN_QUERY if dense_chunks else _NEVER,
+        2 * DENSE_PREFILL_MIN_PAIRS,
         GROUP=group,
         HEAD_DIM=head_dim,
         DIM_P2=triton.next_power_of_2(head_dim),
@@ -490,15 +513,54 @@ def paged_attention(
 
     Pure decode steps take the flash-decoding kernel (graph-capturable: nothing read from
     the host but shapes); anything else takes the varlen prefill kernel, which also serves
-    the query_len-1 sequences of mixed batches.
+    the query_len-1 sequences of mixed batches, except long chunks, which cuDNN attends.
     """
     if meta.is_decode_only and q.shape[0] == meta.block_tables.shape[0]:
         return paged_decode_attention(
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, max_context_len=meta.max_context_len
         )
-    return paged_prefill_attention(
-        q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale
-    )
+    tables = (q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale)
+    long_chunks = _long_chunks(meta, q)
+    if not long_chunks:
+        return paged_prefill_attention(*tables)
+    out = torch.empty_like(q)
+    if len(long_chunks) < meta.block_tables.shape[0]:
+        paged_prefill_attention(*tables, dense_chunks=True, out=out)
+    try:
+        for seq, start, end, context_len in long_chunks:
+            out[start:end] = cudnn_attention.chunk_attention(
+                q[start:end], k_cache, v_cache, meta.block_tables[seq], context_len, scale
+            )
+    except torch.OutOfMemoryError:
+        # The contiguous copy of a very long context did not fit beside the KV pool: Triton needs none.
+        cudnn_attention.warn_out_of_memory(max(c for *_, c in long_chunks))
+        return paged_prefill_attention(*tables)
+    except RuntimeError as exc:
+        if cudnn_attention.usable(q.shape[2], q.dtype) is not None:
+            raise  # it worked before: a real failure, not a missing backend
+        cudnn_attention.record_probe(q.shape[2], q.dtype, exc)
+        return paged_prefill_attention(*tables)
+    cudnn_attention.record_probe(q.shape[2], q.dtype, None)
+    return out
+
+
+def is_dense_chunk(q_len: int, context_len: int) -> bool:
+    """Whether a chunk of q_len new tokens ending at context_len goes to cuDNN (the kernel's rule too)."""
+    return q_len >= DENSE_PREFILL_MIN_QUERY and q_len * (2 * context_len - q_len) >= 2 * DENSE_PREFILL_MIN_PAIRS
+
+
+def _long_chunks(meta: AttentionMetadata, q: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """(sequence, first row, end row, context length) of the step's chunks that cuDNN attends."""
+    starts, context_lens = meta.host_query_start_loc, meta.host_context_lens
+    if starts is None or context_lens is None or meta.max_query_len < DENSE_PREFILL_MIN_QUERY:
+        return []
+    if cudnn_attention.usable(q.shape[2], q.dtype) is False:
+        return []
+    return [
+        (seq, starts[seq], starts[seq + 1], context_lens[seq])
+        for seq in range(len(context_lens))
+        if is_dense_chunk(starts[seq + 1] - starts[seq], context_lens[seq])
+    ]
 
 
 __all__ = [

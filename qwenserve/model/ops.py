@@ -37,6 +37,10 @@ class AttentionMetadata:
     max_query_len: int
     max_context_len: int
     is_decode_only: bool  # every sequence has exactly one new token
+    # Host copies of query_start_loc / context_lens where the step was packed on the host (eager steps):
+    # the kernels pick an attention backend per sequence from them without a device sync.
+    host_query_start_loc: list[int] | None = None
+    host_context_lens: list[int] | None = None
 
 
 def linear_unreduced(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

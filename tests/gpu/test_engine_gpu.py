@@ -230,3 +230,28 @@ def test_structured_output_on_the_graphed_fast_path() -> None:
     outs = eng.generate([prompts[1], prompts[0]], [plain[1], dead])
     assert outs[0][0].token_ids == alone[1] and outs[1][0].finish_reason == "grammar_dead_end"
     assert eng._num_guided_requests == 0 and eng.block_manager.usage() == 0
+
+
+def test_long_chunks_on_cudnn_decode_what_triton_decodes(tiny_moe_dir: Path, monkeypatch) -> None:
+    """Chunks over a long prefix attend through cuDNN (thresholds lowered to reach the tiny model's
+    prompts); greedy tokens and logprobs must be what the Triton kernel alone gives."""
+    from qwenserve.kernels import attention, cudnn_attention
+
+    rng = random.Random(4)
+    prompts = [[rng.randrange(1, 250) for _ in range(n)] for n in (2500, 700, 9)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    chunk_attention = cudnn_attention.chunk_attention
+    calls: list[int] = []
+    monkeypatch.setattr(cudnn_attention, "chunk_attention", lambda q, *a: calls.append(q.shape[0]) or chunk_attention(q, *a))
+    results = []
+    for enabled in (False, True):
+        monkeypatch.setattr(attention, "DENSE_PREFILL_MIN_QUERY", 64 if enabled else attention._NEVER)
+        if enabled:
+            monkeypatch.setattr(attention, "DENSE_PREFILL_MIN_PAIRS", 0)
+        results.append(_engine(tiny_moe_dir).generate(prompts, params))
+        assert bool(calls) == enabled
+    assert cudnn_attention.usable(16, torch.bfloat16) is True  # it ran, rather than falling back
+    for triton_out, cudnn_out in zip(*results, strict=True):
+        assert triton_out[0].token_ids[:3] == cudnn_out[0].token_ids[:3]
+        for a, b in zip(triton_out[0].logprobs[:3], cudnn_out[0].logprobs[:3], strict=True):
+            assert a.logprob == pytest.approx(b.logprob, abs=0.05)

@@ -234,6 +234,76 @@ def test_prefill_attention(
         assert rel_err(out, ref) < BF16_TOL
 
 
+# Long chunks go to cuDNN when the host lengths are known (as the engine packs them); the rest of the step
+# stays on Triton. Most cases lower the thresholds (min query, min query-key pairs) so short chunks take it too.
+DENSE_CASES = [
+    # (num_heads, num_kv_heads, head_dim, query lens, context lens, thresholds)
+    (32, 4, 128, [2048], [2048], (128, 0)),  # cold chunk: the causal square alone
+    (32, 4, 128, [857], [16384 + 857], (128, 0)),  # follow-up turn over a cached prefix
+    # long and short chunks beside decodes: 600 over 1,000 goes to cuDNN, 700 and 77 cold stay on Triton
+    (32, 4, 128, [600, 1, 77, 1, 700], [1600, 33, 77, 5000, 700], (64, 500_000)),
+    (32, 4, 128, [512], [131072 + 512], None),  # a chunk at 128k, the engine's own thresholds
+    (16, 16, 64, [130, 200], [130, 1000], (100, 0)),  # no GQA, head_dim 64
+    (8, 2, 128, [100], [100 + 5], (100, 0)),  # prefix shorter than a block
+]
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,q_lens,ctx_lens,thresholds", DENSE_CASES)
+def test_long_chunks_take_cudnn(
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    q_lens: list[int],
+    ctx_lens: list[int],
+    thresholds: tuple[int, int] | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from qwenserve.kernels import attention, cudnn_attention
+
+    if thresholds is not None:
+        monkeypatch.setattr(attention, "DENSE_PREFILL_MIN_QUERY", thresholds[0])
+        monkeypatch.setattr(attention, "DENSE_PREFILL_MIN_PAIRS", thresholds[1])
+    dense = [attention.is_dense_chunk(n, c) for n, c in zip(q_lens, ctx_lens, strict=True)]
+    assert any(dense)
+    q, k_cache, v_cache, meta = make_step(q_lens, ctx_lens, num_heads, num_kv_heads, head_dim)
+    meta.host_query_start_loc = meta.query_start_loc.tolist()
+    meta.host_context_lens = list(ctx_lens)
+    scale = head_dim**-0.5
+    ref = reference_attention(q, k_cache, v_cache, meta, scale)
+    calls = []
+    chunk_attention = cudnn_attention.chunk_attention
+    monkeypatch.setattr(cudnn_attention, "chunk_attention", lambda q, *a: calls.append(q.shape[0]) or chunk_attention(q, *a))
+    out = paged_attention(q, k_cache, v_cache, meta, scale)
+    assert cudnn_attention.usable(head_dim, torch.bfloat16) is True
+    assert calls == [n for n, d in zip(q_lens, dense, strict=True) if d]
+    assert rel_err(out, ref) < BF16_TOL
+    starts = meta.host_query_start_loc
+    for i in range(len(q_lens)):  # each sequence on its own, whichever backend took it
+        rows = slice(starts[i], starts[i + 1])
+        assert rel_err(out[rows], ref[rows]) < BF16_TOL, f"sequence {i}"
+
+
+def test_cudnn_failure_falls_back_to_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cuDNN that cannot run (first use) leaves every chunk to Triton, with the same result."""
+    from qwenserve.kernels import attention, cudnn_attention
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cuDNN SDPA not supported here")
+
+    monkeypatch.setattr(cudnn_attention, "_cudnn_attention", broken)
+    monkeypatch.setattr(cudnn_attention, "_usable", {})
+    monkeypatch.setattr(attention, "DENSE_PREFILL_MIN_PAIRS", 0)
+    q, k_cache, v_cache, meta = make_step([600, 1], [1000, 40], 32, 4, 128)
+    meta.host_query_start_loc = meta.query_start_loc.tolist()
+    meta.host_context_lens = [1000, 40]
+    scale = 128**-0.5
+    out = paged_attention(q, k_cache, v_cache, meta, scale)
+    assert cudnn_attention.usable(128, torch.bfloat16) is False
+    assert rel_err(out, reference_attention(q, k_cache, v_cache, meta, scale)) < BF16_TOL
+    out = paged_attention(q, k_cache, v_cache, meta, scale)  # no second try
+    assert rel_err(out, reference_attention(q, k_cache, v_cache, meta, scale)) < BF16_TOL
+
+
 def test_write_then_attend_matches_reference_pipeline() -> None:
     """KV write + attention together, as the model calls them, against the reference pair."""
     q, k_cache, v_cache, meta = make_step([300, 1, 40], [300, 900, 1040], 32, 4, 128)
