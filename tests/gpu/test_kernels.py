@@ -242,7 +242,7 @@ DENSE_CASES = [
     (32, 4, 128, [857], [16384 + 857], (128, 0)),  # follow-up turn over a cached prefix
     # long and short chunks beside decodes: 600 over 1,000 goes to cuDNN, 700 and 77 cold stay on Triton
     (32, 4, 128, [600, 1, 77, 1, 700], [1600, 33, 77, 5000, 700], (64, 500_000)),
-    (32, 4, 128, [512], [131072 + 512], None),  # a chunk at 128k, the engine's own thresholds
+    (32, 4, 128, [1024], [131072 + 1024], None),  # a chunk at 128k, the engine's own thresholds
     (16, 16, 64, [130, 200], [130, 1000], (100, 0)),  # no GQA, head_dim 64
     (8, 2, 128, [100], [100 + 5], (100, 0)),  # prefix shorter than a block
 ]
