@@ -272,7 +272,7 @@ def _prefill_kernel(
     if q_tile * BLOCK_Q >= q_len:
         return
     if (q_len >= dense_min_query) & (q_len.to(tl.int64) * (2 * ctx - q_len) >= dense_min_pairs2):
-        return  # cuDNN's (paged_attention): the same rule as _long_chunks
+        return  # cuDNN attends this chunk (paged_attention): is_dense_chunk on the device
     prefix = ctx - q_len
 
     r = tl.arange(0, BLOCK_M)
