@@ -778,6 +778,28 @@ def test_a_request_head_without_end_is_a_431_and_the_server_serves_on(server: Se
     assert server.post(CHAT, json={"messages": HI, "max_tokens": 1}).status_code == 200
 
 
+def test_a_request_answered_before_its_body_arrived_gets_one_answer_and_the_connection_serves_on(
+    server: ServerProcess,
+) -> None:
+    """A wrong key (or a 413, a 503 while loading) is answered before the body is read. The rest of that body,
+    arriving after the answer, was counted as the next request's head: past 64 KiB the server wrote a second,
+    bogus answer (431) and closed the connection, resetting a client still uploading its ~100 KB agent turn
+    (it then saw a connection error, not the 401). The rest of the body is discarded and the connection serves on."""
+    body = b'{"messages": [{"role": "user", "content": "' + b"a" * (MAX_BODY - 64) + b'"}]}'
+    wrong_key = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    )
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+        conn.sendall(wrong_key + health)
+        raw = b""
+        while chunk := conn.recv(65536):
+            raw += chunk
+    statuses = re.findall(rb"HTTP/1\.1 (\d+)", raw)
+    assert statuses == [b"401", b"200"], raw[:2000]
+
+
 class _FakeTransport:
     """What uvicorn's HTTP protocol writes to and closes, kept for the test to look at."""
 

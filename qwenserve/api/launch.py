@@ -64,6 +64,9 @@ def json_error_protocol() -> type:
         _head_timer: asyncio.TimerHandle | None = None
         _head_bytes = 0
         _head_tail = b""  # the last bytes of the head so far: its blank line may span two reads
+        # The request being served still has body bytes to come (httptools' callbacks): answered before its
+        # body was read (a wrong key, a 413, a 503 while loading), the rest of the body is not the next head.
+        _body_pending = False
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -72,7 +75,7 @@ def json_error_protocol() -> type:
         def data_received(self, data: bytes) -> None:
             # Counted before the parser sees them: a head that arrives whole in one read (a 100 KB header
             # sent at once) would otherwise be complete, and served, before its size was ever checked.
-            if self._waiting_for_head():
+            if self._waiting_for_head() and not self._body_pending:
                 self._head_bytes += self._head_part(data)
                 if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
                     if not self.transport.is_closing():
@@ -99,6 +102,14 @@ def json_error_protocol() -> type:
             ends = [i + len(sep) for sep in (b"\r\n\r\n", b"\n\n") if (i := seen.find(sep)) >= 0]
             self._head_tail = seen[-3:]
             return skipped + (max(0, min(ends) - (len(seen) - len(data))) if ends else len(data))
+
+        def on_headers_complete(self) -> None:
+            self._body_pending = True
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._body_pending = False
+            super().on_message_complete()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
