@@ -22,6 +22,13 @@ logger = logging.getLogger(__name__)
 
 # (head_dim, dtype) -> whether cuDNN's attention ran here; probed at the first long chunk of each shape.
 _usable: dict[tuple[int, torch.dtype], bool] = {}
+_disabled = False
+
+
+def disable() -> None:
+    """Keep every chunk on the Triton kernel (`qwenserve bench --no-cudnn-attention`, to weigh the two)."""
+    global _disabled
+    _disabled = True
 
 
 def _cudnn_attention(
@@ -70,7 +77,7 @@ def chunk_attention(
 
 def usable(head_dim: int, dtype: torch.dtype) -> bool | None:
     """Whether cuDNN attention works for this shape: True / False once probed, None before."""
-    if dtype not in (torch.bfloat16, torch.float16) or head_dim % 8 or head_dim > 128:
+    if _disabled or dtype not in (torch.bfloat16, torch.float16) or head_dim % 8 or head_dim > 128:
         return False
     return _usable.get((head_dim, dtype))
 
