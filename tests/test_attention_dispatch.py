@@ -1,7 +1,9 @@
-"""Which prefill chunks the GPU path sends to cuDNN and which stay on the Triton kernel.
+"""Which prefill chunks the GPU path sends to cuDNN and which stay on the Triton kernel, and how a chunk
+is assembled for cuDNN (context gathered from the paged cache, prefix and chunk attended apart, merged by
+log-sum-exp).
 
-The rule reads only host-side lengths, so it is checked here without a GPU; the attention itself is
-checked against the torch reference in tests/gpu/test_kernels.py.
+Both read only host-side lengths and torch ops, so they are checked here without a GPU, the cuDNN call
+itself replaced by a float32 stand-in; tests/gpu/test_kernels.py runs the real one against the reference.
 """
 
 from __future__ import annotations
@@ -68,3 +70,54 @@ def test_no_host_lengths_or_no_cudnn_keeps_everything_on_triton(monkeypatch: pyt
     monkeypatch.setattr(cudnn_attention, "_usable", {})
     monkeypatch.setattr(cudnn_attention, "_disabled", True)  # qwenserve bench --no-cudnn-attention
     assert attention._long_chunks(_meta(*long_step), _q(8192)) == []
+
+
+def _attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What cudnn_attention._cudnn_attention returns, in float32 on the CPU: (out, natural-log LSE), GQA, and
+    a causal mask aligned top-left as cuDNN aligns it."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = q @ k.transpose(-1, -2) * scale
+    if causal:
+        rows, cols = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(rows, cols, dtype=torch.bool).triu(1), float("-inf"))
+    return scores.softmax(-1) @ v, scores.logsumexp(-1)
+
+
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,query_lens,context_lens",
+    [
+        (8, 2, [40], [40]),  # no prefix: the causal square alone
+        (8, 2, [40], [40 + 100]),  # a prefix of several blocks
+        (8, 2, [33], [33 + 5]),  # a prefix shorter than a block
+        (4, 4, [1, 21, 1], [50, 21 + 70, 9]),  # no GQA; the middle sequence of a mixed step
+        (8, 1, [17], [17 + 16]),  # one KV head; a prefix of exactly one block
+    ],
+)
+def test_chunk_attention_assembles_what_the_reference_computes(
+    num_heads: int, num_kv_heads: int, query_lens: list[int], context_lens: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qwenserve.model import ops
+
+    monkeypatch.setattr(cudnn_attention, "_cudnn_attention", _attention_with_lse)
+    gen = torch.Generator().manual_seed(0)
+    block_size, head_dim = 16, 32
+    blocks = [-(-c // block_size) for c in context_lens]
+    order = (torch.randperm(sum(blocks) + 3, generator=gen) + 1).tolist()  # scattered over the pool
+    tables = torch.zeros(len(blocks), max(blocks) + 2, dtype=torch.int32)
+    for seq, n in enumerate(blocks):
+        tables[seq, :n] = torch.tensor(order[sum(blocks[:seq]) : sum(blocks[: seq + 1])])
+    shape = (sum(blocks) + 4, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    meta = _meta(query_lens, context_lens)
+    meta.block_tables = tables
+    q = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen)
+    scale = head_dim**-0.5
+    ref = ops.paged_attention(q, k_cache, v_cache, meta, scale)
+    starts = meta.host_query_start_loc
+    for seq, context_len in enumerate(context_lens):
+        rows = slice(starts[seq], starts[seq + 1])
+        out = cudnn_attention.chunk_attention(q[rows], k_cache, v_cache, tables[seq], context_len, scale)
+        torch.testing.assert_close(out, ref[rows], atol=1e-5, rtol=1e-5)
