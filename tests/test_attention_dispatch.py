@@ -72,6 +72,36 @@ def test_no_host_lengths_or_no_cudnn_keeps_everything_on_triton(monkeypatch: pyt
     assert attention._long_chunks(_meta(*long_step), _q(8192)) == []
 
 
+
+def test_a_step_is_decided_once_and_all_or_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decided at the first layer and kept for the others; a chunk cuDNN may not take (a new shape past
+    MAX_SHAPES, a context as long as one that ran out of memory) keeps the whole step on Triton, since the
+    Triton kernel skips by the length rule alone."""
+    monkeypatch.setattr(cudnn_attention, "_usable", {})
+    monkeypatch.setattr(cudnn_attention, "_shapes", set())
+    monkeypatch.setattr(cudnn_attention, "MAX_SHAPES", 2)
+    two_long = ([8192, 2048], [131072, 52048])
+    meta = _meta(*two_long)
+    chunks = attention._long_chunks(meta, _q(10240))
+    assert chunks == [(0, 0, 8192, 131072), (1, 8192, 10240, 52048)]
+    assert attention._long_chunks(meta, _q(10240)) is chunks  # the other layers
+    assert attention._long_chunks(_meta([4096], [60000]), _q(4096)) == []  # a third shape: no room
+    assert attention._long_chunks(_meta(*two_long), _q(10240)) == chunks  # known shapes still go
+    monkeypatch.setattr(cudnn_attention, "_out_of_memory_context", 100_000)
+    assert attention._long_chunks(_meta(*two_long), _q(10240)) == []  # 131072 >= 100000: not even the other
+    assert attention._long_chunks(_meta([2048], [52048]), _q(2048)) == [(0, 0, 2048, 52048)]
+
+
+def test_out_of_memory_is_remembered_by_context_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cudnn_attention, "_out_of_memory_context", None)
+    cudnn_attention.record_out_of_memory(200_000)
+    cudnn_attention.record_out_of_memory(150_000)
+    cudnn_attention.record_out_of_memory(180_000)
+    assert cudnn_attention._out_of_memory_context == 150_000
+    assert not cudnn_attention.admits(8192, 150_000, 32, 128, torch.bfloat16)
+    assert cudnn_attention.admits(8192, 149_999, 32, 128, torch.bfloat16)
+
+
 def _attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -338,10 +338,6 @@ class LLMEngine:
             prompt = [(7 * i + n) % vocab for i in range(n)]
             self.generate([prompt], params)
             self.generate([prompt + [1] * 37], params)  # on a cached prefix
-        if self.device.type == "cuda" and 2 * budget < self.max_model_len - 40:
-            # A long prompt's second chunk over the first: on a GPU its attention is cuDNN's, whose graph
-            # for that shape (~0.1 s to build) every long prompt then finds ready.
-            self.generate([[(3 * i + 1) % vocab for i in range(2 * budget)]], params)
         self.generate([[i % vocab] * (5 + i) for i in range(24)], params)  # a batch of short prefills and decodes
         # The sampler's kernels for the model's defaults, top-k 20 with a repetition penalty, which is
         # what qwen-code gets (compiling them inside its first request cost that request ~7 s); other

@@ -526,22 +526,43 @@ def paged_attention(
     out = torch.empty_like(q)
     if len(long_chunks) < meta.block_tables.shape[0]:
         paged_prefill_attention(*tables, dense_chunks=True, out=out)
+    failure = _cudnn_chunks(q, k_cache, v_cache, meta, scale, long_chunks, out)
+    if failure is None:
+        return out
+    # Outside the except: the failed attempt's tensors are freed before Triton redoes the whole step.
+    meta.dense_chunks = []  # the step's other layers too
+    if isinstance(failure, int):
+        cudnn_attention.record_out_of_memory(failure)
+    else:
+        cudnn_attention.record_probe(q.shape[2], q.dtype, failure)
+    return paged_prefill_attention(*tables)
+
+
+def _cudnn_chunks(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    long_chunks: list[tuple[int, int, int, int]],
+    out: torch.Tensor,
+) -> int | RuntimeError | None:
+    """Attend the long chunks through cuDNN into `out`. None, or what failed: the context length whose
+    contiguous copy ran out of memory, or the error of a first use that shows cuDNN cannot run here."""
+    context_len = 0
     try:
         for seq, start, end, context_len in long_chunks:
             out[start:end] = cudnn_attention.chunk_attention(
                 q[start:end], k_cache, v_cache, meta.block_tables[seq], context_len, scale
             )
     except torch.OutOfMemoryError:
-        # The contiguous copy of a very long context did not fit beside the KV pool: Triton needs none.
-        cudnn_attention.warn_out_of_memory(max(c for *_, c in long_chunks))
-        return paged_prefill_attention(*tables)
+        return context_len
     except RuntimeError as exc:
         if cudnn_attention.usable(q.shape[2], q.dtype) is not None:
             raise  # it worked before: a real failure, not a missing backend
-        cudnn_attention.record_probe(q.shape[2], q.dtype, exc)
-        return paged_prefill_attention(*tables)
+        return exc.with_traceback(None)  # its frames (the gathered K/V) are not kept for the fallback
     cudnn_attention.record_probe(q.shape[2], q.dtype, None)
-    return out
+    return None
 
 
 def is_dense_chunk(q_len: int, context_len: int) -> bool:
@@ -550,17 +571,25 @@ def is_dense_chunk(q_len: int, context_len: int) -> bool:
 
 
 def _long_chunks(meta: AttentionMetadata, q: torch.Tensor) -> list[tuple[int, int, int, int]]:
-    """(sequence, first row, end row, context length) of the step's chunks that cuDNN attends."""
+    """(sequence, first row, end row, context length) of the step's chunks that cuDNN attends, decided at
+    the step's first layer. All or none of the chunks the rule picks: the kernel skips by the rule alone."""
+    if meta.dense_chunks is not None:
+        return meta.dense_chunks
     starts, context_lens = meta.host_query_start_loc, meta.host_context_lens
     if starts is None or context_lens is None or meta.max_query_len < DENSE_PREFILL_MIN_QUERY:
         return []
-    if cudnn_attention.usable(q.shape[2], q.dtype) is False:
-        return []
-    return [
-        (seq, starts[seq], starts[seq + 1], context_lens[seq])
-        for seq in range(len(context_lens))
-        if is_dense_chunk(starts[seq + 1] - starts[seq], context_lens[seq])
-    ]
+    chunks = []
+    if cudnn_attention.usable(q.shape[2], q.dtype) is not False:
+        chunks = [
+            (seq, starts[seq], starts[seq + 1], context_lens[seq])
+            for seq in range(len(context_lens))
+            if is_dense_chunk(starts[seq + 1] - starts[seq], context_lens[seq])
+        ]
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    if not all(cudnn_attention.admits(end - start, ctx, num_heads, head_dim, q.dtype) for _, start, end, ctx in chunks):
+        chunks = []
+    meta.dense_chunks = chunks
+    return chunks
 
 
 __all__ = [

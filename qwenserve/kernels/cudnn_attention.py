@@ -23,6 +23,12 @@ logger = logging.getLogger(__name__)
 # (head_dim, dtype) -> whether cuDNN's attention ran here; probed at the first long chunk of each shape.
 _usable: dict[tuple[int, torch.dtype], bool] = {}
 _disabled = False
+# torch keeps every cuDNN graph it builds (per thread, no eviction), two per chunk shape; a server up for days
+# would keep adding them, so past this many shapes new ones stay on Triton (known ones still come here).
+MAX_SHAPES = 256
+_shapes: set[tuple[int, int, int, int, torch.dtype]] = set()
+# The shortest context whose contiguous copy ran out of memory: no longer context is tried again.
+_out_of_memory_context: int | None = None
 
 
 def disable() -> None:
@@ -71,7 +77,7 @@ def chunk_attention(
     past, past_lse = _cudnn_attention(qt, k[:, :, :prefix], v[:, :, :prefix], False, scale)
     # softmax over both parts = each part's softmax weighted by its share of the total exp-sum
     own_share = torch.sigmoid(own_lse - past_lse)[..., None]
-    merged = torch.lerp(past.float(), own.float(), own_share)
+    merged = past.float().lerp_(own.float(), own_share)
     return merged[0].transpose(0, 1).to(q.dtype)
 
 
@@ -89,15 +95,24 @@ def record_probe(head_dim: int, dtype: torch.dtype, error: RuntimeError | None) 
         logger.warning("cuDNN attention is unavailable (%s); long prefills stay on the Triton kernel", error)
 
 
-_warned_out_of_memory = False
+def admits(q_len: int, context_len: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether a chunk of this shape may come here: its context is shorter than one that ran out of memory,
+    and its shape is known or there is room for one more (MAX_SHAPES)."""
+    if _out_of_memory_context is not None and context_len >= _out_of_memory_context:
+        return False
+    shape = (q_len, context_len, num_heads, head_dim, dtype)
+    if shape not in _shapes and len(_shapes) >= MAX_SHAPES:
+        return False
+    _shapes.add(shape)
+    return True
 
 
-def warn_out_of_memory(context_len: int) -> None:
-    """Log once that a chunk fell back to Triton for want of memory for its contiguous K/V."""
-    global _warned_out_of_memory
-    if not _warned_out_of_memory:
-        _warned_out_of_memory = True
+def record_out_of_memory(context_len: int) -> None:
+    """Remember that a context this long did not fit as a contiguous copy (logged the first time)."""
+    global _out_of_memory_context
+    if _out_of_memory_context is None:
         logger.warning(
-            "no GPU memory for a contiguous copy of a %d-token context: such chunks use the slower Triton "
-            "attention (a lower --gpu-memory-utilization leaves room)", context_len
+            "no GPU memory for a contiguous copy of a %d-token context: chunks with contexts this long use the "
+            "slower Triton attention (a lower --gpu-memory-utilization leaves room)", context_len
         )
+    _out_of_memory_context = min(context_len, _out_of_memory_context or context_len)

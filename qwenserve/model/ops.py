@@ -41,6 +41,9 @@ class AttentionMetadata:
     # the kernels pick an attention backend per sequence from them without a device sync.
     host_query_start_loc: list[int] | None = None
     host_context_lens: list[int] | None = None
+    # (sequence, first row, end row, context length) of the chunks the GPU attention hands to cuDNN: decided at
+    # the step's first layer (kernels/attention.py) and kept for the others.
+    dense_chunks: list[tuple[int, int, int, int]] | None = None
 
 
 def linear_unreduced(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

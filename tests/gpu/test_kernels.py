@@ -304,6 +304,38 @@ def test_cudnn_failure_falls_back_to_triton(monkeypatch: pytest.MonkeyPatch) -> 
     assert rel_err(out, reference_attention(q, k_cache, v_cache, meta, scale)) < BF16_TOL
 
 
+
+def test_cudnn_out_of_memory_falls_back_to_triton_for_that_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A context whose contiguous copy does not fit: the step is redone on Triton, the other layers of the step
+    and later contexts as long do not try again, shorter ones still go to cuDNN."""
+    from qwenserve.kernels import attention, cudnn_attention
+
+    chunk_attention = cudnn_attention.chunk_attention
+    calls: list[int] = []
+
+    def short_of_memory(q, k_cache, v_cache, block_table, context_len, scale):
+        calls.append(context_len)
+        if context_len >= 1000:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return chunk_attention(q, k_cache, v_cache, block_table, context_len, scale)
+
+    monkeypatch.setattr(cudnn_attention, "chunk_attention", short_of_memory)
+    monkeypatch.setattr(cudnn_attention, "_out_of_memory_context", None)
+    monkeypatch.setattr(attention, "DENSE_PREFILL_MIN_PAIRS", 0)
+    scale = 128**-0.5
+    q, k_cache, v_cache, meta = make_step([600, 1], [1000, 40], 32, 4, 128)
+    meta.host_query_start_loc, meta.host_context_lens = meta.query_start_loc.tolist(), [1000, 40]
+    for _ in range(2):  # two layers of one step
+        out = paged_attention(q, k_cache, v_cache, meta, scale)
+        assert rel_err(out, reference_attention(q, k_cache, v_cache, meta, scale)) < BF16_TOL
+    assert calls == [1000] and cudnn_attention._out_of_memory_context == 1000
+    q, k_cache, v_cache, meta = make_step([600], [900], 32, 4, 128)
+    meta.host_query_start_loc, meta.host_context_lens = meta.query_start_loc.tolist(), [900]
+    out = paged_attention(q, k_cache, v_cache, meta, scale)
+    assert calls == [1000, 900]
+    assert rel_err(out, reference_attention(q, k_cache, v_cache, meta, scale)) < BF16_TOL
+
+
 def test_write_then_attend_matches_reference_pipeline() -> None:
     """KV write + attention together, as the model calls them, against the reference pair."""
     q, k_cache, v_cache, meta = make_step([300, 1, 40], [300, 900, 1040], 32, 4, 128)
