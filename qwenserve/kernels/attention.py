@@ -546,9 +546,10 @@ def _cudnn_chunks(
     scale: float,
     long_chunks: list[tuple[int, int, int, int]],
     out: torch.Tensor,
-) -> int | RuntimeError | None:
+) -> int | Exception | None:
     """Attend the long chunks through cuDNN into `out`. None, or what failed: the context length whose
-    contiguous copy ran out of memory, or the error of a first use that shows cuDNN cannot run here."""
+    contiguous copy ran out of memory, or the error of a first use that shows cuDNN cannot run here (a torch
+    whose cuDNN attention op has another signature raises a TypeError or a RuntimeError)."""
     context_len = 0
     try:
         for seq, start, end, context_len in long_chunks:
@@ -557,7 +558,7 @@ def _cudnn_chunks(
             )
     except torch.OutOfMemoryError:
         return context_len
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError) as exc:
         if cudnn_attention.usable(q.shape[2], q.dtype) is not None:
             raise  # it worked before: a real failure, not a missing backend
         return exc.with_traceback(None)  # its frames (the gathered K/V) are not kept for the fallback

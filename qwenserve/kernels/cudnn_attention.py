@@ -88,7 +88,7 @@ def usable(head_dim: int, dtype: torch.dtype) -> bool | None:
     return _usable.get((head_dim, dtype))
 
 
-def record_probe(head_dim: int, dtype: torch.dtype, error: RuntimeError | None) -> None:
+def record_probe(head_dim: int, dtype: torch.dtype, error: Exception | None) -> None:
     """Remember how the first cuDNN attention of this shape went; a failure is logged once."""
     _usable[head_dim, dtype] = error is None
     if error is not None:

@@ -283,12 +283,14 @@ def test_long_chunks_take_cudnn(
         assert rel_err(out[rows], ref[rows]) < BF16_TOL, f"sequence {i}"
 
 
-def test_cudnn_failure_falls_back_to_triton(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A cuDNN that cannot run (first use) leaves every chunk to Triton, with the same result."""
+@pytest.mark.parametrize("error", [RuntimeError("cuDNN SDPA not supported here"), TypeError("another signature")])
+def test_cudnn_failure_falls_back_to_triton(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """A cuDNN that cannot run (first use: no cuDNN attention here, or an older torch whose op has another
+    signature) leaves every chunk to Triton, with the same result."""
     from qwenserve.kernels import attention, cudnn_attention
 
     def broken(*args, **kwargs):
-        raise RuntimeError("cuDNN SDPA not supported here")
+        raise error
 
     monkeypatch.setattr(cudnn_attention, "_cudnn_attention", broken)
     monkeypatch.setattr(cudnn_attention, "_usable", {})
