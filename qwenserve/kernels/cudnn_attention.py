@@ -5,7 +5,7 @@ On Hopper cuDNN's flash attention runs at 1.6-1.9x the FLOP rate of our Triton p
 bench/tune_prefill_attn.py), which is most of a long cold prompt's time. cuDNN wants contiguous K/V
 and aligns a causal mask top-left, so one sequence's chunk is done as:
   1. gather its whole context from the paged cache into contiguous [ctx, kv_heads, head_dim] K and V
-     (one index_select per tensor: ~0.1 ms per layer at 128k tokens, against ~50 ms of attention);
+     (one index_select per tensor: 128 MiB each at 128k tokens, against ~50 ms of attention per layer);
   2. attend the chunk to the prefix before it with no mask, and to itself with the causal mask
      (top-left is right for a square);
   3. merge the two partial results through their log-sum-exps.
