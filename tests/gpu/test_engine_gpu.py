@@ -235,8 +235,9 @@ def test_structured_output_on_the_graphed_fast_path() -> None:
 @pytest.mark.parametrize("head_dim", [16, 64])
 def test_long_chunks_on_cudnn_score_what_triton_scores(tmp_path: Path, monkeypatch, head_dim: int) -> None:
     """Chunks over a long prefix attend through cuDNN (thresholds lowered to reach the tiny model's
-    prompts). Every prompt position's logprob (teacher-forced, so a bf16 near-tie cannot send the two
-    runs down different paths) and the first generated token must be what the Triton kernel alone gives."""
+    prompts). Every prompt position's logprob is teacher-forced and compared with a float32 run: cuDNN's
+    must be as close to it as the Triton kernel's bf16 run is (in a random MoE a bf16 rounding may flip a
+    token's expert, so a few positions move in either bf16 run; a wrong merge or gather moves them all)."""
     from tiny_models import make_tiny_checkpoint
 
     from qwenserve.kernels import attention, cudnn_attention
@@ -248,6 +249,7 @@ def test_long_chunks_on_cudnn_score_what_triton_scores(tmp_path: Path, monkeypat
     chunk_attention = cudnn_attention.chunk_attention
     calls: list[int] = []
     monkeypatch.setattr(cudnn_attention, "chunk_attention", lambda q, *a: calls.append(q.shape[0]) or chunk_attention(q, *a))
+    reference = _engine(model_dir, dtype="float32").generate(prompts, params)
     results = []
     for enabled in (False, True):
         monkeypatch.setattr(attention, "DENSE_PREFILL_MIN_QUERY", 64 if enabled else attention._NEVER)
@@ -256,8 +258,16 @@ def test_long_chunks_on_cudnn_score_what_triton_scores(tmp_path: Path, monkeypat
         results.append(_engine(model_dir).generate(prompts, params))
         assert bool(calls) == enabled
     assert cudnn_attention.usable(head_dim, torch.bfloat16) is True  # it ran, rather than falling back
-    for triton_out, cudnn_out in zip(*results, strict=True):
-        assert triton_out[0].token_ids == cudnn_out[0].token_ids
-        diffs = [abs(a.logprob - b.logprob) for a, b in
-                 zip(triton_out[0].prompt_logprobs[1:], cudnn_out[0].prompt_logprobs[1:], strict=True)]
-        assert max(diffs) < 0.2 and sum(diffs) / len(diffs) < 0.02
+
+    def errors(outs: list) -> list[float]:
+        return [abs(a.logprob - b.logprob) for out, ref in zip(outs, reference, strict=True)
+                for a, b in zip(out[0].prompt_logprobs[1:], ref[0].prompt_logprobs[1:], strict=True)]
+
+    def summary(errors: list[float]) -> tuple[float, float]:  # mean and 99th percentile
+        return sum(errors) / len(errors), sorted(errors)[len(errors) * 99 // 100]
+
+    (triton_mean, triton_p99), (cudnn_mean, cudnn_p99) = summary(errors(results[0])), summary(errors(results[1]))
+    stats = f"mean |error| triton {triton_mean:.4f} cudnn {cudnn_mean:.4f}, p99 {triton_p99:.3f} {cudnn_p99:.3f}"
+    print(f"head_dim {head_dim}: {stats}")
+    assert cudnn_mean < 1.5 * triton_mean + 1e-3, stats
+    assert cudnn_p99 < 1.5 * triton_p99 + 0.02, stats
