@@ -230,10 +230,10 @@ def hf_state_dict(engine: LLMEngine) -> dict[str, torch.Tensor]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the engine on dummy weights, run every measurement, return the figures as a dict."""
     rng = random.Random(0)
-    if not args.cudnn_attention:
+    if args.cudnn_attention is not None:
         from qwenserve.kernels import cudnn_attention
 
-        cudnn_attention.disable()
+        cudnn_attention.set_enabled(args.cudnn_attention)
     config = EngineConfig(
         model=str(args.config), load_format="dummy", max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
@@ -368,8 +368,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.92)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-kernels", dest="use_kernels", action="store_false", help="torch reference ops only")
+    p.add_argument("--cudnn-attention", dest="cudnn_attention", action="store_true", default=None,
+                   help="long prefill chunks through cuDNN (as QWENSERVE_CUDNN_PREFILL=1; off by default)")
     p.add_argument("--no-cudnn-attention", dest="cudnn_attention", action="store_false",
-                   help="long prefill chunks on the Triton kernel too")
+                   help="every prefill chunk on the Triton kernel (the default)")
     p.add_argument("--decode-contexts", type=int, nargs="*", default=[512, 32768])
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--sampled-contexts", type=int, nargs="*", default=[512],

@@ -17,6 +17,12 @@ from qwenserve.kernels import attention, cudnn_attention  # noqa: E402
 from qwenserve.model.ops import AttentionMetadata  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def cudnn_prefill_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rule as it runs with QWENSERVE_CUDNN_PREFILL=1 (cuDNN prefill is opt-in)."""
+    monkeypatch.setattr(cudnn_attention, "_disabled", False)
+
+
 def _meta(query_lens: list[int], context_lens: list[int], host: bool = True) -> AttentionMetadata:
     starts = [0]
     for n in query_lens:
@@ -68,9 +74,23 @@ def test_no_host_lengths_or_no_cudnn_keeps_everything_on_triton(monkeypatch: pyt
     monkeypatch.setattr(cudnn_attention, "_usable", {(128, torch.bfloat16): False})  # probed and failed
     assert attention._long_chunks(_meta(*long_step), _q(8192)) == []
     monkeypatch.setattr(cudnn_attention, "_usable", {})
-    monkeypatch.setattr(cudnn_attention, "_disabled", True)  # qwenserve bench --no-cudnn-attention
+    monkeypatch.setattr(cudnn_attention, "_disabled", True)  # the default, or qwenserve bench --no-cudnn-attention
     assert attention._long_chunks(_meta(*long_step), _q(8192)) == []
 
+
+def test_cudnn_prefill_is_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off unless QWENSERVE_CUDNN_PREFILL=1 (it slowed the sampled decode steps that followed it)."""
+    import importlib
+
+    for value, disabled in ((None, True), ("0", True), ("1", False)):
+        if value is None:
+            monkeypatch.delenv("QWENSERVE_CUDNN_PREFILL", raising=False)
+        else:
+            monkeypatch.setenv("QWENSERVE_CUDNN_PREFILL", value)
+        assert importlib.reload(cudnn_attention)._disabled is disabled
+    monkeypatch.delenv("QWENSERVE_CUDNN_PREFILL")
+    importlib.reload(cudnn_attention)
+    assert attention._long_chunks(_meta([8192], [131072]), _q(8192)) == []
 
 
 def test_a_step_is_decided_once_and_all_or_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

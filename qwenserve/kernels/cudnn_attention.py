@@ -10,11 +10,17 @@ and aligns a causal mask top-left, so one sequence's chunk is done as:
      (top-left is right for a square);
   3. merge the two partial results through their log-sum-exps.
 A chunk with no prefix is step 2 alone. The caller keeps short chunks and decode rows on Triton.
+
+Off unless QWENSERVE_CUDNN_PREFILL=1: on the H200 every sampled decode step after the first cuDNN prefill
+of the process ran ~8% slower (411 -> 380 tok/s at batch 1, the model's default sampling, what qwen-code
+gets; greedy decode unchanged, a bare cuDNN call beforehand harmless; bench/after_cudnn.py), which costs a
+qwen-code session more than the ~45 ms its first turn saves. Long cold prompts gain most (128k: 21 -> 13 s).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -22,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 # (head_dim, dtype) -> whether cuDNN's attention ran here; probed at the first long chunk of each shape.
 _usable: dict[tuple[int, torch.dtype], bool] = {}
-_disabled = False
+_disabled = os.environ.get("QWENSERVE_CUDNN_PREFILL", "0") != "1"
 # torch keeps every cuDNN graph it builds (per thread, no eviction), two per chunk shape; a server up for days
 # would keep adding them, so past this many shapes new ones stay on Triton (known ones still come here).
 MAX_SHAPES = 256
@@ -31,10 +37,11 @@ _shapes: set[tuple[int, int, int, int, torch.dtype]] = set()
 _out_of_memory_context: int | None = None
 
 
-def disable() -> None:
-    """Keep every chunk on the Triton kernel (`qwenserve bench --no-cudnn-attention`, to weigh the two)."""
+def set_enabled(enabled: bool) -> None:
+    """Send long chunks here or keep every chunk on the Triton kernel (`qwenserve bench --cudnn-attention`
+    weighs the two)."""
     global _disabled
-    _disabled = True
+    _disabled = not enabled
 
 
 def _cudnn_attention(
