@@ -13,8 +13,9 @@ A chunk with no prefix is step 2 alone. The caller keeps short chunks and decode
 
 Off unless QWENSERVE_CUDNN_PREFILL=1: on the H200 every sampled decode step after the first cuDNN prefill
 of the process ran ~8% slower (411 -> 380 tok/s at batch 1, the model's default sampling, what qwen-code
-gets; greedy decode unchanged, a bare cuDNN call beforehand harmless; bench/after_cudnn.py), which costs a
-qwen-code session more than the ~45 ms its first turn saves. Long cold prompts gain most (128k: 21 -> 13 s).
+gets; greedy decode unchanged; the same cuDNN calls made outside an engine step are harmless;
+bench/after_cudnn.py, docs/BENCHMARKS.md), which costs a qwen-code session more than the ~45 ms its first
+turn saves. Long cold prompts gain most (128k: 21 -> 13 s).
 """
 
 from __future__ import annotations
