@@ -1,10 +1,11 @@
-"""Does a cuDNN attention call slow the decode steps that follow it? (H200 finding, twenty-sixth session)
+"""Does a cuDNN prefill slow the decode steps that follow it? (H200 finding, twenty-sixth session)
 
-    python3 bench/after_cudnn.py CONFIG_DIR [--raw]
+    python3 bench/after_cudnn.py CONFIG_DIR [--raw op|causal|gather|chunks] [--profile [--trace-dir DIR]]
 
 Batch-1 decode tok/s at 512 (greedy and the model's sampling) before and after a 32k-token prompt whose
-chunks attend through cuDNN; with --raw the engine keeps to Triton and torch's cuDNN attention op is
-called once on its own instead. Then again after gc.collect() and torch.cuda.empty_cache()."""
+chunks attend through cuDNN inside the engine's prefill steps; with --raw the 32k prompt is replaced by a part
+of that work done outside the engine (see --help), then again after gc.collect() and torch.cuda.empty_cache().
+Measured: the engine prompt slows sampled decode ~8% for the rest of the process; no --raw mode does."""
 
 import argparse
 import gc
@@ -18,14 +19,47 @@ from qwenserve.config import EngineConfig
 from qwenserve.engine.llm_engine import LLMEngine
 from qwenserve.kernels import cudnn_attention
 
+CHUNK_ENDS = (8192, 16384, 24576, 32768)  # a 32k prompt's 8k-token chunks
+
+
+def _cudnn(q: torch.Tensor, kv: torch.Tensor, causal: bool) -> None:
+    torch.ops.aten._scaled_dot_product_cudnn_attention(q, kv, kv, None, True, 0.0, causal, False, scale=0.1)
+
+
+def raw_work(engine: LLMEngine, mode: str) -> None:
+    """A part of a 32k prompt's cuDNN prefill, done outside the engine."""
+    table = torch.arange(CHUNK_ENDS[-1] // engine.config.block_size, dtype=torch.int32, device="cuda")
+    caches = list(zip(engine.runner.k_caches, engine.runner.v_caches, strict=True))
+    bf16 = {"device": "cuda", "dtype": torch.bfloat16}
+    if mode == "op":
+        _cudnn(torch.randn(1, 32, 8192, 128, **bf16), torch.randn(1, 4, 16384, 128, **bf16), False)
+        torch.cuda.synchronize()
+        return
+    for end in CHUNK_ENDS:
+        if mode == "chunks":
+            q = torch.randn(8192, 32, 128, **bf16)
+            for k_cache, v_cache in caches:
+                cudnn_attention.chunk_attention(q, k_cache, v_cache, table, end, 0.088)
+        elif mode == "gather":
+            for k_cache, v_cache in caches:
+                k = cudnn_attention._gather_context(k_cache, table, end)
+                v = cudnn_attention._gather_context(v_cache, table, end)
+                k.float().lerp_(v.float(), 0.5).to(torch.bfloat16)
+        else:  # causal: the chunk over itself (causal) and over its prefix (unmasked)
+            q, kv = torch.randn(1, 32, 8192, 128, **bf16), torch.randn(1, 4, end, 128, **bf16)
+            _cudnn(q, kv[:, :, end - 8192 :], True)
+            if end > 8192:
+                _cudnn(q, kv[:, :, : end - 8192], False)
+    torch.cuda.synchronize()
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("config", type=Path)
     ap.add_argument("--raw", choices=["op", "causal", "gather", "chunks"],
                     help="op: one bare cuDNN call; causal: bare calls, causal and not, at the engine's shapes; "
-                    "gather: the contiguous copies alone; chunks: chunk_attention on the engine's caches for a "
-                    "32k context, every layer, outside the engine")
+                    "gather: the contiguous copies and merge alone; chunks: chunk_attention on the engine's caches "
+                    "for a 32k context, every layer, outside the engine")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of sampled decode too")
     ap.add_argument("--trace-dir", type=Path, help="write each profile's chrome trace here")
     args = ap.parse_args()
@@ -50,43 +84,11 @@ def main() -> None:
                 prof.export_chrome_trace(str(args.trace_dir / f"{label.split()[0]}.json"))
 
     measure("before")
-    if args.raw == "chunks":
-        runner = engine.runner
-        table = torch.arange(2048, dtype=torch.int32, device="cuda")
-        for end in (8192, 16384, 24576, 32768):
-            q = torch.randn(8192, 32, 128, device="cuda", dtype=torch.bfloat16)
-            for k_cache, v_cache in zip(runner.k_caches, runner.v_caches, strict=True):
-                cudnn_attention.chunk_attention(q, k_cache, v_cache, table, end, 0.088)
-        torch.cuda.synchronize()
-    elif args.raw == "causal":
-        q = torch.randn(1, 32, 8192, 128, device="cuda", dtype=torch.bfloat16)
-        for end in (8192, 16384, 24576, 32768):
-            kv = torch.randn(1, 4, end, 128, device="cuda", dtype=torch.bfloat16)
-            own = kv[:, :, end - 8192 :]
-            torch.ops.aten._scaled_dot_product_cudnn_attention(q, own, own, None, True, 0.0, True, False, scale=0.1)
-            if end > 8192:
-                past = kv[:, :, : end - 8192]
-                torch.ops.aten._scaled_dot_product_cudnn_attention(q, past, past, None, True, 0.0, False, False,
-                                                                   scale=0.1)
-        torch.cuda.synchronize()
-    elif args.raw == "gather":
-        runner = engine.runner
-        table = torch.arange(2048, dtype=torch.int32, device="cuda")
-        for end in (8192, 16384, 24576, 32768):
-            for k_cache, v_cache in zip(runner.k_caches, runner.v_caches, strict=True):
-                k = cudnn_attention._gather_context(k_cache, table, end)
-                v = cudnn_attention._gather_context(v_cache, table, end)
-                k.float().lerp_(v.float(), 0.5).to(torch.bfloat16)
-        torch.cuda.synchronize()
-    elif args.raw:
-        q = torch.randn(1, 32, 8192, 128, device="cuda", dtype=torch.bfloat16)
-        kv = torch.randn(1, 4, 16384, 128, device="cuda", dtype=torch.bfloat16)
-        torch.ops.aten._scaled_dot_product_cudnn_attention(q, kv, kv, None, True, 0.0, False, False, scale=0.1)
-        torch.cuda.synchronize()
-        del q, kv
+    if args.raw:
+        raw_work(engine, args.raw)
     else:
-        run_requests(engine, [random_prompt(32768, rng)], 1)
-    measure("after the cuDNN call")
+        run_requests(engine, [random_prompt(CHUNK_ENDS[-1], rng)], 1)
+    measure("after the cuDNN work")
     if not args.profile:
         gc.collect()
         torch.cuda.empty_cache()
