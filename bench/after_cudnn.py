@@ -1,6 +1,6 @@
 """Does a cuDNN prefill slow the decode steps that follow it? (H200 finding, twenty-sixth session)
 
-    python3 bench/after_cudnn.py CONFIG_DIR [--raw op|causal|gather|chunks] [--profile [--trace-dir DIR]]
+    python3 bench/after_cudnn.py CONFIG_DIR [--raw op|causal|gather|chunks|strided] [--profile [--trace-dir DIR]]
 
 Batch-1 decode tok/s at 512 (greedy and the model's sampling) before and after a 32k-token prompt whose
 chunks attend through cuDNN inside the engine's prefill steps; with --raw the 32k prompt is replaced by a part
@@ -36,8 +36,8 @@ def raw_work(engine: LLMEngine, mode: str) -> None:
         torch.cuda.synchronize()
         return
     for end in CHUNK_ENDS:
-        if mode == "chunks":
-            q = torch.randn(8192, 32, 128, **bf16)
+        if mode in ("chunks", "strided"):  # strided: q a view of a fused qkv row, as the model passes it
+            q = torch.randn(8192, 40, 128, **bf16)[:, :32] if mode == "strided" else torch.randn(8192, 32, 128, **bf16)
             for k_cache, v_cache in caches:
                 cudnn_attention.chunk_attention(q, k_cache, v_cache, table, end, 0.088)
         elif mode == "gather":
@@ -56,14 +56,14 @@ def raw_work(engine: LLMEngine, mode: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("config", type=Path)
-    ap.add_argument("--raw", choices=["op", "causal", "gather", "chunks"],
+    ap.add_argument("--raw", choices=["op", "causal", "gather", "chunks", "strided"],
                     help="op: one bare cuDNN call; causal: bare calls, causal and not, at the engine's shapes; "
                     "gather: the contiguous copies and merge alone; chunks: chunk_attention on the engine's caches "
-                    "for a 32k context, every layer, outside the engine")
+                    "for a 32k context, every layer, outside the engine; strided: chunks with q a view of a qkv row")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of sampled decode too")
     ap.add_argument("--trace-dir", type=Path, help="write each profile's chrome trace here")
     args = ap.parse_args()
-    cudnn_attention.set_enabled(args.raw in (None, "chunks"))
+    cudnn_attention.set_enabled(args.raw in (None, "chunks", "strided"))
     engine = LLMEngine(EngineConfig(model=str(args.config), load_format="dummy", max_model_len=40000))
     rng = random.Random(0)
     sampling = model_sampling(args.config)
