@@ -64,10 +64,10 @@ PREFILL_NUM_STAGES = 2
 # says why it is opt-in) when the step's host-side lengths are known; the rest of the step stays on Triton.
 # Once a context passes ~16k tokens cuDNN is 1.5-2x faster whatever the chunk (bench/tune_prefill_attn.py
 # --sweep backends, H200), but the first chunk of each new (chunk, context) shape costs ~90 ms of cuDNN graph
-# building (--sweep build). A chunk
-# goes there when its query-key pairs, q_len x (prefix + q_len / 2), are enough that the time saved over
-# the model's 48 layers (~1 ns a pair) pays for that build within the request: 8k-token chunks over a
-# prefix of 8k or more (a long prompt's second chunk on), or 2k new tokens of a 50k-token conversation.
+# building (--sweep build). A chunk goes there when its query-key pairs, q_len x (prefix + q_len / 2), are
+# enough that the time saved over the model's 48 layers (~1 ns a pair) pays for that build within the
+# request: 8k-token chunks over a prefix of 8k or more (a long prompt's second chunk on), or 2k new tokens
+# of a 50k-token conversation.
 DENSE_PREFILL_MIN_QUERY = 128
 DENSE_PREFILL_MIN_PAIRS = 100_000_000
 _NEVER = 2**31 - 1  # a query length no chunk reaches; int32 like the thresholds, so one compiled variant
