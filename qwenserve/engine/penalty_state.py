@@ -81,11 +81,20 @@ class PenaltyState:
 
     def record(self, seqs: list[Sequence], rows: torch.Tensor, token_ids: torch.Tensor) -> None:
         """Account for the tokens just sampled for `seqs` (still on the device)."""
+        self.record_on_device(rows, token_ids)
+        self.count_recorded(seqs)
+
+    def record_on_device(self, rows: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """Mark token_ids[i] seen and counted in row rows[i]: device work only, which a CUDA graph may
+        capture (the sampler graphs do, so a penalised step launches nothing more)."""
         # index_fill_ / index_add_ rather than `seen[...] = True`: that form copies the scalar from
         # pageable memory, which waits for the GPU and serialised overlapped steps.
         flat = rows * self.vocab_size + token_ids
         self.seen.view(-1).index_fill_(0, flat, True)
         self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=self.counts.dtype))
+
+    def count_recorded(self, seqs: list[Sequence]) -> None:
+        """The host's side of record: each sequence's row now accounts for one more token."""
         for seq in seqs:
             if seq.seq_id in self.num_tokens_of:
                 self.num_tokens_of[seq.seq_id] += 1

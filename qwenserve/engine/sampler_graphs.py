@@ -113,10 +113,9 @@ class SamplerGraphs:
             self.graphs[key] = self._capture(logits, mode)  # its warm-up run sampled this step already
         else:
             graph.replay()
-        token_ids = self.out[:n]
         if mode.has_penalties:
-            self.penalties.record(seqs, self.ints[3, :n], token_ids)
-        return SamplerOutput(token_ids=token_ids)
+            self.penalties.count_recorded(seqs)  # the graph marked the tokens in the penalty rows
+        return SamplerOutput(token_ids=self.out[:n])
 
     def _batch(self, rows: int, mode: SamplerMode) -> SamplingBatch:
         temperature, top_p, min_p, presence, frequency, repetition = self.floats[:, :rows]
@@ -134,9 +133,15 @@ class SamplerGraphs:
         rows = logits.shape[0]
         batch = self._batch(rows, mode)
         keys = self.keys[: num_top_k_keys(rows, self.vocab_size, mode.num_candidates)]
+
+        def sample_and_record() -> None:
+            sample_top_k(logits, batch, keys=keys, out=self.out[:rows])
+            if mode.has_penalties:  # padded rows use SHARED_ROW, whose contents never matter
+                self.penalties.record_on_device(batch.penalty_rows, self.out[:rows])
+
         # Run once outside the capture: it compiles what is new and samples this step for real.
-        sample_top_k(logits, batch, keys=keys, out=self.out[:rows])
+        sample_and_record()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            sample_top_k(logits, batch, keys=keys, out=self.out[:rows])
+            sample_and_record()
         return graph
