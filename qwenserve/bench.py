@@ -369,9 +369,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-kernels", dest="use_kernels", action="store_false", help="torch reference ops only")
     p.add_argument("--cudnn-attention", dest="cudnn_attention", action="store_true", default=None,
-                   help="long prefill chunks through cuDNN (as QWENSERVE_CUDNN_PREFILL=1; off by default)")
+                   help="long prefill chunks through cuDNN (the default, unless QWENSERVE_CUDNN_PREFILL=0)")
     p.add_argument("--no-cudnn-attention", dest="cudnn_attention", action="store_false",
-                   help="every prefill chunk on the Triton kernel (the default)")
+                   help="every prefill chunk on the Triton kernel (as QWENSERVE_CUDNN_PREFILL=0)")
     p.add_argument("--decode-contexts", type=int, nargs="*", default=[512, 32768])
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--sampled-contexts", type=int, nargs="*", default=[512],

@@ -19,7 +19,7 @@ from qwenserve.model.ops import AttentionMetadata  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def cudnn_prefill_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The rule as it runs with QWENSERVE_CUDNN_PREFILL=1 (cuDNN prefill is opt-in)."""
+    """The rule as it runs by default, whatever QWENSERVE_CUDNN_PREFILL the test run has."""
     monkeypatch.setattr(cudnn_attention, "_disabled", False)
 
 
@@ -78,19 +78,19 @@ def test_no_host_lengths_or_no_cudnn_keeps_everything_on_triton(monkeypatch: pyt
     assert attention._long_chunks(_meta(*long_step), _q(8192)) == []
 
 
-def test_cudnn_prefill_is_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Off unless QWENSERVE_CUDNN_PREFILL=1 (it slowed the sampled decode steps that followed it)."""
+def test_cudnn_prefill_is_on_unless_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On by default; QWENSERVE_CUDNN_PREFILL=0 keeps every chunk on the Triton kernel."""
     import importlib
 
-    for value, disabled in ((None, True), ("0", True), ("1", False)):
+    for value, disabled in ((None, False), ("1", False), ("0", True)):
         if value is None:
             monkeypatch.delenv("QWENSERVE_CUDNN_PREFILL", raising=False)
         else:
             monkeypatch.setenv("QWENSERVE_CUDNN_PREFILL", value)
         assert importlib.reload(cudnn_attention)._disabled is disabled
-    monkeypatch.delenv("QWENSERVE_CUDNN_PREFILL")
-    importlib.reload(cudnn_attention)
     assert attention._long_chunks(_meta([8192], [131072]), _q(8192)) == []
+    monkeypatch.delenv("QWENSERVE_CUDNN_PREFILL")
+    assert importlib.reload(cudnn_attention)._disabled is False
 
 
 def test_a_step_is_decided_once_and_all_or_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -60,8 +60,8 @@ PREFILL_BLOCK_M = 128
 PREFILL_BLOCK_N = 64
 PREFILL_NUM_WARPS = 8
 PREFILL_NUM_STAGES = 2
-# With QWENSERVE_CUDNN_PREFILL=1, long prefill chunks take cuDNN's attention (kernels/cudnn_attention.py, which
-# says why it is opt-in) when the step's host-side lengths are known; the rest of the step stays on Triton.
+# Long prefill chunks take cuDNN's attention (kernels/cudnn_attention.py; QWENSERVE_CUDNN_PREFILL=0 turns it off)
+# when the step's host-side lengths are known; the rest of the step stays on Triton.
 # Once a context passes ~16k tokens cuDNN is 1.5-2x faster whatever the chunk (bench/tune_prefill_attn.py
 # --sweep backends, H200), but the first chunk of each new (chunk, context) shape costs ~90 ms of cuDNN graph
 # building (--sweep build). A chunk goes there when its query-key pairs, q_len x (prefix + q_len / 2), are

@@ -11,11 +11,12 @@ and aligns a causal mask top-left, so one sequence's chunk is done as:
   3. merge the two partial results through their log-sum-exps.
 A chunk with no prefix is step 2 alone. The caller keeps short chunks and decode rows on Triton.
 
-Off unless QWENSERVE_CUDNN_PREFILL=1: on the H200 every sampled decode step after the first cuDNN prefill
-of the process ran ~8% slower (411 -> 380 tok/s at batch 1, the model's default sampling, what qwen-code
-gets; greedy decode unchanged; the same cuDNN calls made outside an engine step are harmless;
-bench/after_cudnn.py, docs/BENCHMARKS.md), which costs a qwen-code session more than the ~45 ms its first
-turn saves. Long cold prompts gain most (128k: 21 -> 13 s).
+On unless QWENSERVE_CUDNN_PREFILL=0. Long cold prompts gain most (128k: 21 -> 13 s). It was opt-in for a
+while: after the first cuDNN prefill of a process every penalised sampled decode step (the model's default
+sampling, what qwen-code gets) ran ~8% slower on the H200, 411 -> 380 tok/s at batch 1. Those steps launched
+four eager kernels after their sampler graph to record the sampled tokens in the penalty rows; recorded
+inside the graph instead (engine/sampler_graphs.py), they run at 415 tok/s before and after
+(bench/after_cudnn.py, docs/BENCHMARKS.md). Why the eager kernels slowed only after cuDNN is not known.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 # (head_dim, dtype) -> whether cuDNN's attention ran here; probed at the first long chunk of each shape.
 _usable: dict[tuple[int, torch.dtype], bool] = {}
-_disabled = os.environ.get("QWENSERVE_CUDNN_PREFILL", "0") != "1"
+_disabled = os.environ.get("QWENSERVE_CUDNN_PREFILL", "1") == "0"
 # torch keeps every cuDNN graph it builds (per thread, no eviction), two per chunk shape; a server up for days
 # would keep adding them, so past this many shapes new ones stay on Triton (known ones still come here).
 MAX_SHAPES = 256

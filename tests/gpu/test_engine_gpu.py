@@ -246,7 +246,7 @@ def test_long_chunks_on_cudnn_score_what_triton_scores(tmp_path: Path, monkeypat
     rng = random.Random(4)
     prompts = [[rng.randrange(1, 250) for _ in range(n)] for n in (2500, 700, 9)]
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
-    monkeypatch.setattr(cudnn_attention, "_disabled", False)  # opt-in (QWENSERVE_CUDNN_PREFILL=1)
+    monkeypatch.setattr(cudnn_attention, "_disabled", False)  # whatever QWENSERVE_CUDNN_PREFILL says
     chunk_attention = cudnn_attention.chunk_attention
     calls: list[int] = []
     monkeypatch.setattr(cudnn_attention, "chunk_attention", lambda q, *a: calls.append(q.shape[0]) or chunk_attention(q, *a))

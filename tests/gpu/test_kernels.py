@@ -263,7 +263,7 @@ def test_long_chunks_take_cudnn(
     if thresholds is not None:
         monkeypatch.setattr(attention, "DENSE_PREFILL_MIN_QUERY", thresholds[0])
         monkeypatch.setattr(attention, "DENSE_PREFILL_MIN_PAIRS", thresholds[1])
-    monkeypatch.setattr(cudnn_attention, "_disabled", False)  # opt-in (QWENSERVE_CUDNN_PREFILL=1)
+    monkeypatch.setattr(cudnn_attention, "_disabled", False)  # whatever QWENSERVE_CUDNN_PREFILL says
     dense = [attention.is_dense_chunk(n, c) for n, c in zip(q_lens, ctx_lens, strict=True)]
     assert any(dense)
     q, k_cache, v_cache, meta = make_step(q_lens, ctx_lens, num_heads, num_kv_heads, head_dim)
@@ -293,7 +293,7 @@ def test_cudnn_failure_falls_back_to_triton(monkeypatch: pytest.MonkeyPatch, err
     def broken(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(cudnn_attention, "_disabled", False)  # opt-in (QWENSERVE_CUDNN_PREFILL=1)
+    monkeypatch.setattr(cudnn_attention, "_disabled", False)  # whatever QWENSERVE_CUDNN_PREFILL says
     monkeypatch.setattr(cudnn_attention, "_cudnn_attention", broken)
     monkeypatch.setattr(cudnn_attention, "_usable", {})
     monkeypatch.setattr(attention, "DENSE_PREFILL_MIN_PAIRS", 0)
@@ -323,7 +323,7 @@ def test_cudnn_out_of_memory_falls_back_to_triton_for_that_context(monkeypatch: 
             raise torch.OutOfMemoryError("CUDA out of memory (test)")
         return chunk_attention(q, k_cache, v_cache, block_table, context_len, scale)
 
-    monkeypatch.setattr(cudnn_attention, "_disabled", False)  # opt-in (QWENSERVE_CUDNN_PREFILL=1)
+    monkeypatch.setattr(cudnn_attention, "_disabled", False)  # whatever QWENSERVE_CUDNN_PREFILL says
     monkeypatch.setattr(cudnn_attention, "chunk_attention", short_of_memory)
     monkeypatch.setattr(cudnn_attention, "_out_of_memory_context", None)
     monkeypatch.setattr(attention, "DENSE_PREFILL_MIN_PAIRS", 0)
