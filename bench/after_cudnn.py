@@ -5,7 +5,10 @@
 Batch-1 decode tok/s at 512 (greedy and the model's sampling) before and after a 32k-token prompt whose
 chunks attend through cuDNN inside the engine's prefill steps; with --raw the 32k prompt is replaced by a part
 of that work done outside the engine (see --help), then again after gc.collect() and torch.cuda.empty_cache().
-Measured: the engine prompt slows sampled decode ~8% for the rest of the process; no --raw mode does."""
+Measured (H200): on f07dcf9 the engine prompt slowed penalised sampled decode ~8% for the rest of the process
+(411 -> 380 tok/s; greedy, unpenalised and eager-sampler decode unchanged); no --raw mode did (strided too:
+411.4 -> 411.3). The slowed steps were the ones that launched the eager penalty bookkeeping after their sampler
+graph; since 9710117 the graph does it, and sampled decode stays at 414-415 after the prompt."""
 
 import argparse
 import gc
