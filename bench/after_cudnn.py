@@ -13,7 +13,10 @@ graph; since 9710117 the graph does it, and sampled decode stays at 414-415 afte
 import argparse
 import gc
 import random
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -80,16 +83,17 @@ def _persisting_l2_limit() -> int | str:
     return "unknown"
 
 
-def _host_timing(engine: LLMEngine, rng: random.Random, sampling: dict) -> None:
-    import time
+def _host_timing(engine: LLMEngine, rng: random.Random, sampling: dict[str, Any]) -> None:
+    """Print the mean host time per step of one 256-token request in the runner's launch, its collect (the wait
+    for the step before), the sampler graphs and the eager penalty bookkeeping."""
 
     runner = engine.runner
     spent = {"launch": 0.0, "collect": 0.0, "sampler_graphs.sample": 0.0, "penalties.record": 0.0}
     originals = {"launch": runner.launch, "collect": runner.collect, "sampler_graphs.sample": runner.sampler_graphs.sample,
                  "penalties.record": runner.penalties.record}
 
-    def timed(name: str):
-        def call(*a, **k):
+    def timed(name: str) -> Callable[..., Any]:
+        def call(*a: Any, **k: Any) -> Any:
             start = time.perf_counter()
             try:
                 return originals[name](*a, **k)
