@@ -74,7 +74,7 @@ def test_no_host_lengths_or_no_cudnn_keeps_everything_on_triton(monkeypatch: pyt
     monkeypatch.setattr(cudnn_attention, "_usable", {(128, torch.bfloat16): False})  # probed and failed
     assert attention._long_chunks(_meta(*long_step), _q(8192)) == []
     monkeypatch.setattr(cudnn_attention, "_usable", {})
-    monkeypatch.setattr(cudnn_attention, "_disabled", True)  # the default, or qwenserve bench --no-cudnn-attention
+    monkeypatch.setattr(cudnn_attention, "_disabled", True)  # QWENSERVE_CUDNN_PREFILL=0, or qwenserve bench --no-cudnn-attention
     assert attention._long_chunks(_meta(*long_step), _q(8192)) == []
 
 

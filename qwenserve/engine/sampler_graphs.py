@@ -5,8 +5,9 @@ qwen-code sends no sampling fields, so every one of its steps samples with the m
 every decode graph. Here they are captured too, one graph per decode graph and sampling mode
 (candidate count, penalties, min-p), the first time a step needs that pair; each step only
 copies its rows' parameters into static buffers. A penalised graph also marks the sampled tokens
-in the penalty rows: as four eager launches after the graph that cost ~110 us of host time a
-step, and after the process's first cuDNN prefill those steps ran ~8% slower (bench/after_cudnn.py).
+in the penalty rows, so such a step launches nothing after it: done as four eager launches after
+the graph, that cost ~110 us of host time a step, and after the process's first cuDNN prefill
+those steps ran ~8% slower (bench/after_cudnn.py).
 Steps the kernels cannot take (logprobs, no top-k or a large one) keep the eager sampler.
 """
 
