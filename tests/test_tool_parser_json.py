@@ -98,6 +98,21 @@ def test_invalid_json_is_kept_as_content() -> None:
     assert parse_both("Before " + text + " after") == ("Before " + text + " after", [])
 
 
+def test_a_list_of_calls_in_one_block_is_each_call() -> None:
+    calls = [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "list_files", "arguments": {}}]
+    text = "Both.\n<tool_call>\n" + json.dumps(calls) + "\n</tool_call>"
+    assert parse_both(text) == ("Both.\n", [("get_weather", {"city": "Paris"}), ("list_files", {})])
+    # Cut off in the second call: the first stands.
+    cut = '<tool_call>\n[{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"na'
+    assert parse_both(cut) == (None, [("get_weather", {"city": "Oslo"})])
+
+
+def test_arguments_json_cannot_carry_are_kept_as_content() -> None:
+    # Python's reader takes NaN, but no client's JSON parser would: the model's text stays, nothing is lost.
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"lat": NaN}}\n</tool_call>'
+    assert parse_both("See " + text) == ("See " + text, [])
+
+
 @pytest.mark.parametrize(
     "bad",
     [

@@ -16,8 +16,10 @@ strings before the block's ``</tool_call>`` means the model left that tag out
 (and maybe a ``}``): the block ends there and the tag opens the next call.
 Each call is emitted whole when its block ends: a header delta, then one
 arguments delta.
-Blocks whose JSON cannot be parsed at all are kept as content; parsed blocks
-without a usable name are dropped. Like the XML parser, ``parse`` is
+A block may also hold a list of such objects (parallel calls batched into one
+block): each becomes a call. Blocks whose JSON cannot be parsed at all, or
+whose arguments hold what JSON cannot carry (NaN), are kept as content; parsed
+calls without a usable name are dropped. Like the XML parser, ``parse`` is
 ``feed`` + ``finish`` on a fresh instance, so both modes agree exactly.
 """
 
@@ -83,7 +85,7 @@ class Qwen3JsonToolParser(ToolParserBase):
             if final:
                 self._pos = j
             return False
-        if buf[j] != "{":  # not a call: the text stays, the stray tag goes (see _content_other_tag)
+        if buf[j] not in _CLOSING:  # not a call: the text stays, the stray tag goes (see _content_other_tag)
             self._pos = lt + len(TOOL_CALL)
             return True
         self._in_block = True
@@ -204,28 +206,41 @@ class Qwen3JsonToolParser(ToolParserBase):
         return True
 
     def _end_block(self, text: str, block_end: int) -> None:
-        call = _interpret(text, self._schemas.is_function) if text else _NOT_A_CALL
-        if self._cut_back and text and (call is None or call is _NOT_A_CALL):
+        calls = _interpret_block(text, self._schemas.is_function) if text else []
+        if self._cut_back and text and not calls:
             # Cut off inside a key ('{"name": "f", "argu'): the call with its complete members.
-            trimmed = _interpret(self._cut_back, self._schemas.is_function)
-            call = call if trimmed is None or trimmed is _NOT_A_CALL else trimmed
-        if call is None:
-            # Unparseable: keep what the model wrote rather than lose it.
+            trimmed = _interpret_block(self._cut_back, self._schemas.is_function)
+            calls = trimmed or calls
+        if calls is None:
+            # Unparseable, or arguments JSON cannot carry (NaN): keep what the model wrote rather than lose it.
             self._emit_content(self._buf[self._block_start : block_end])
-        elif call is not _NOT_A_CALL:
-            name, arguments = call
+        for name, arguments in calls or ():
             record = self._open_call(name)
             self._close_call(record, json.dumps(arguments, ensure_ascii=False))
         self._in_block = False
         self._pos = block_end
 
 
-def _interpret(text: str, is_function: Callable[[str], bool]) -> Any:
-    """(name, arguments dict), None if unparseable, or _NOT_A_CALL for a wrong shape or a name that
-    `is_function` does not take."""
+def _interpret_block(text: str, is_function: Callable[[str], bool]) -> list[tuple[str, dict[str, Any]]] | None:
+    """A block's calls: one object, or a list of them (some models batch parallel calls into one block).
+    None if the text cannot be read or a call's arguments cannot be sent as JSON; calls of a wrong shape or
+    an unknown function are left out."""
     obj = decode_literal(text)
-    if obj is None or obj is NOT_DECODED:
+    if obj is NOT_DECODED:
         return None
+    calls = []
+    for item in obj if isinstance(obj, list) else [obj]:
+        call = _interpret(item, is_function)
+        if call is None:
+            return None
+        if call is not _NOT_A_CALL:
+            calls.append(call)
+    return calls
+
+
+def _interpret(obj: Any, is_function: Callable[[str], bool]) -> Any:
+    """One decoded call as (name, arguments dict); None if its arguments hold what JSON cannot carry, or
+    _NOT_A_CALL for a wrong shape or a name that `is_function` does not take."""
     if not isinstance(obj, dict):
         return _NOT_A_CALL
     name = obj.get("name")
@@ -239,5 +254,5 @@ def _interpret(text: str, is_function: Callable[[str], bool]) -> Any:
     try:
         json.dumps(arguments, allow_nan=False)
     except (TypeError, ValueError, RecursionError):
-        return _NOT_A_CALL
+        return None
     return name, arguments
