@@ -527,3 +527,29 @@ def test_requests_to_a_stored_response_are_counted_under_their_route() -> None:
     counted = {dict(labels)["route"]: value for (name, labels), value in _samples(metrics).items()
                if name == "qwenserve_requests_total"}  # fmt: skip
     assert counted == {"/v1/responses/{id}": 2, "/v1/responses/{id}/input_items": 1, "other": 1}
+
+
+class _Node:
+    """A cycle's member (collectable only by the cycle collector), weakly referable."""
+
+    def __init__(self) -> None:
+        self.peer: _Node | None = None
+
+
+def test_startup_objects_are_frozen_and_its_garbage_collected_first() -> None:
+    import gc
+    import weakref
+
+    from qwenserve.api.server import freeze_startup_objects
+
+    held = [[i] for i in range(1000)]  # what the loaded server keeps: out of every full collection from now on
+    a, b = _Node(), _Node()
+    a.peer, b.peer = b, a
+    garbage = weakref.ref(a)
+    del a, b  # loading's own garbage: a cycle nothing refers to
+    try:
+        freeze_startup_objects()
+        assert gc.get_freeze_count() >= len(held)
+        assert garbage() is None  # collected, not frozen for good
+    finally:
+        gc.unfreeze()

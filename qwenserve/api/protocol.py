@@ -33,7 +33,8 @@ class Lenient(BaseModel):
     def _null_means_default(cls, data: Any) -> Any:
         """An explicit null for a field with a default is the default, as in OpenAI's API ("boolean or
         null", "integer or null"): clients that send every unset field as null must not get a 400."""
-        if not isinstance(data, dict):
+        # Most objects (each of a long history's messages) hold no null: pass them on untouched.
+        if not isinstance(data, dict) or not any(value is None for value in data.values()):
             return data
         fields = cls.model_fields
         return {
