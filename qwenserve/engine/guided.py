@@ -56,7 +56,8 @@ class Guide:
 
 class GuideCompiler:
     """Compiles guides against one tokenizer. xgrammar is imported and its view of the vocabulary built
-    once (~3 s): by `warm` while a GPU server starts, else by the first guided request."""
+    once (~1-3 s): by `warm` while a GPU server starts (LLMEngine then runs one guided request), else by the
+    first guided request."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]):
         self._tokenizer = tokenizer
@@ -103,13 +104,16 @@ class GuideCompiler:
         guide.compiled = compiled
         return guide
 
-    def warm(self) -> None:
+    def warm(self) -> bool:
         """Load xgrammar and its view of the vocabulary now: done while a GPU server starts, since ~2 s of
-        Python work inside a running server would slow every stream's steps (they share the GIL)."""
+        Python work inside a running server would slow every stream's steps (they share the GIL). False
+        when structured output is unavailable (said in the log)."""
         try:
             self._get_compiler("response_format")
         except InvalidRequestError as err:
             logger.warning("structured output is unavailable: %s", err.message)
+            return False
+        return True
 
     def matcher(self, guide: Guide) -> Any:
         """A fresh matcher (one per sequence) at the start of `guide`'s grammar."""
