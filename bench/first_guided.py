@@ -19,7 +19,7 @@ from qwenserve.engine.llm_engine import LLMEngine
 from qwenserve.engine.sampling_params import SamplingParams
 
 if "--skip-guided-warmup" in sys.argv:  # the engine as before 2026-12-03: xgrammar's vocabulary view only
-    LLMEngine._warm_structured_output = lambda self: self.guides.warm()
+    LLMEngine._warm_structured_output = lambda self, guided: self.guides.warm()
 engine = LLMEngine(EngineConfig(model=sys.argv[1], load_format="dummy", max_model_len=40000, max_num_seqs=32))
 sampling = model_sampling(Path(sys.argv[1]))
 rng = random.Random(0)

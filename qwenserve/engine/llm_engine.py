@@ -347,19 +347,16 @@ class LLMEngine:
                                      seed=0, max_tokens=3, ignore_eos=True)
             self.generate([[1, 2, 3]], sampled)
         self.generate([[1, 2, 3]], SamplingParams(temperature=0.0, repetition_penalty=1.05, max_tokens=3, ignore_eos=True))
-        self._warm_structured_output()
+        self._warm_structured_output(replace(sampled, ignore_eos=False, guide=Guide("json_object")))
         self.block_manager.reset_prefix_cache()
         logger.info(
             "warmed up %d prefill shapes, the sampler and structured output in %.1fs", len(lengths), time.perf_counter() - start
         )
 
-    def _warm_structured_output(self) -> None:
-        """xgrammar's vocabulary view, then one guided request with the model's default-like sampling: the
-        first guided step (its grammar's first compile, masked sampling outside the CUDA graphs) would
-        otherwise stall the whole batch it joins."""
+    def _warm_structured_output(self, guided: SamplingParams) -> None:
+        """xgrammar's vocabulary view, then one `guided` request: the first guided step of a process (masked
+        sampling outside the CUDA graphs) took ~2.7 s on an H200 and stalled the whole batch it joined."""
         if self.guides.warm():
-            guided = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, seed=0, max_tokens=3,
-                                    guide=Guide("json_object"))
             self.generate([[1, 2, 3]], guided)
 
     # -- requests ----------------------------------------------------------------
