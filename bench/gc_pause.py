@@ -18,7 +18,7 @@ import time
 import torch
 
 import qwenserve.api.server as server  # the HTTP layer's modules are loaded in a serving process too
-from qwenserve.bench import decode_speed, run_requests
+from qwenserve.bench import decode_speed, random_prompt, run_requests
 from qwenserve.config import EngineConfig
 from qwenserve.engine.llm_engine import LLMEngine
 
@@ -44,7 +44,7 @@ def main() -> None:
         config = EngineConfig()
     engine = LLMEngine(config)
     rng = random.Random(0)
-    run_requests(engine, [[rng.randrange(1000, 100000) for _ in range(256)]], 8)  # warm up: graphs, kernels
+    run_requests(engine, [random_prompt(256, rng)], 8)  # warm up: graphs, kernels
     tok_s = decode_speed(engine, 512, 128, rng)["tok_s"]
     result = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

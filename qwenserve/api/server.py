@@ -143,9 +143,10 @@ def freeze_startup_objects() -> None:
     """Keep what the process holds once the model is loaded (torch, transformers, the model's modules, the
     tokenizer: ~300k objects with the demo model) out of the garbage collector's full collections.
 
-    They live as long as the server, yet each full collection walked them all with the GIL held: a 150-280 ms
-    pause of the event loop and of the engine thread between two decode steps, every few tens of thousands
-    of objects a busy server creates. The loading's own garbage is collected first, not kept for good."""
+    They live as long as the server, yet each full collection walked them all with the GIL held, pausing the
+    event loop and the engine thread between two decode steps (237-290 ms for the full-size model on an H200
+    host, 166-207 ms for the demo model on 2 CPU cores; bench/gc_pause.py), every few tens of thousands of
+    objects a busy server creates. The loading's own garbage is collected first, not kept for good."""
     gc.collect()
     gc.freeze()
 
