@@ -25,14 +25,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stream_chat(base: str, content: str, max_tokens: int, greedy: bool = True) -> tuple[int, float, str]:
-    """Stream one chat; greedy=False sends no sampling fields, so the model's defaults apply (as for qwen-code)."""
+def stream_chat(client: httpx.Client, base: str, content: str, max_tokens: int, greedy: bool = True) -> tuple[int, float, str]:
+    """Stream one chat; greedy=False sends no sampling fields, so the model's defaults apply (as for qwen-code).
+
+    One shared client: a client per stream builds its own SSL context (~20 ms with the GIL held), and 16 of
+    them at once added ~0.3 s to the streams' time to first token (2-core VM, demo server: 350-560 ms against
+    166-173 ms through one OpenAI SDK client)."""
     body = {"model": "x", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": max_tokens,
             "messages": [{"role": "user", "content": content}]}
     if greedy:
         body["temperature"] = 0
     start, first, chunks, finish = time.perf_counter(), None, 0, None
-    with httpx.stream("POST", f"{base}/chat/completions", json=body, timeout=300) as r:
+    with client.stream("POST", f"{base}/chat/completions", json=body, timeout=300) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -71,11 +75,11 @@ def main() -> int:
         schema = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Lyon"]},
                   "ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
                   "required": ["city", "ok", "n"], "additionalProperties": False}
-        with cf.ThreadPoolExecutor(17) as pool:
+        with cf.ThreadPoolExecutor(17) as pool, httpx.Client(limits=httpx.Limits(max_connections=32)) as client:
             guided = pool.submit(httpx.post, f"{base}/chat/completions", timeout=300, json={
                 "model": "x", "max_tokens": 64, "messages": [{"role": "user", "content": "Answer in JSON."}],
                 "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}})
-            results = list(pool.map(lambda i: stream_chat(base, f"Write a story number {i}.", 64, i % 2 == 0), range(16)))
+            results = list(pool.map(lambda i: stream_chat(client, base, f"Write a story number {i}.", 64, i % 2 == 0), range(16)))
         print("16 concurrent streams, half greedy, half the model's sampling (chunks, ttft_s, finish):", results)
         assert all(r[0] > 10 and r[2] == "length" for r in results), results
         choice = guided.result().json()["choices"][0]
