@@ -227,6 +227,18 @@ def hf_state_dict(engine: LLMEngine) -> dict[str, torch.Tensor]:
 # -- the benchmark ----------------------------------------------------------------------------
 
 
+def cap_memory(gib: float) -> float:
+    """Let this process use only `gib` GiB of the GPU, as if it had no more (an H100 80GB's 79.2 on an
+    H200): torch's allocator refuses past the cap. Returns the cap as a fraction of the GPU, by which
+    --gpu-memory-utilization is scaled so the KV pool is sized as on the smaller GPU."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    fraction = gib * 2**30 / total
+    if not 0 < fraction <= 1:
+        raise SystemExit(f"--memory-cap-gib {gib} must be above 0 and at most the GPU's {total / 2**30:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    return fraction
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the engine on dummy weights, run every measurement, return the figures as a dict."""
     rng = random.Random(0)
@@ -234,9 +246,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from qwenserve.kernels import cudnn_attention
 
         cudnn_attention.set_enabled(args.cudnn_attention)
+    utilization = args.gpu_memory_utilization
+    if args.memory_cap_gib is not None:
+        utilization *= cap_memory(args.memory_cap_gib)
     config = EngineConfig(
         model=str(args.config), load_format="dummy", max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs, gpu_memory_utilization=utilization,
         enforce_eager=args.enforce_eager, use_kernels=args.use_kernels,
     )
     t0 = time.perf_counter()
@@ -302,6 +317,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if torch.cuda.is_available():
         res["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         res["gpu_total_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+        res["memory_cap_gib"] = args.memory_cap_gib
     if args.baseline:
         b = hf_baseline(engine, args.config, 512, args.baseline_tokens, args.baseline_repeats, rng)
         ours = next((d["tok_s"] for d in res["decode"] if d["context"] == 512), None)
@@ -337,7 +353,7 @@ def markdown(res: dict[str, Any], command: str, commit: str) -> str:
         f"Command: `{command}`  ",
         f"Dummy full-size Qwen3-Coder-30B-A3B weights ({res['weights_gb']:.1f} GB bf16), Triton kernels: "
         f"{res['uses_kernels']}, CUDA graphs: {res['cuda_graphs']}, KV pool: {res['kv_pool_tokens']:,} tokens, "
-        f"peak GPU memory {res.get('peak_memory_gib', 0):.1f} GiB of {res.get('gpu_total_gib', 0):.1f}.", "",
+        f"peak GPU memory {res.get('peak_memory_gib', 0):.1f} GiB of {memory_of(res)}.", "",
         "| figure | ours | physical limit | fraction |", "|---|---:|---:|---:|",
     ]
     for d in res["decode"]:
@@ -358,6 +374,14 @@ def markdown(res: dict[str, Any], command: str, commit: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def memory_of(res: dict[str, Any]) -> str:
+    """The GPU memory the run could use, as the table names it."""
+    total = f"{res.get('gpu_total_gib', 0):.1f}"
+    if cap := res.get("memory_cap_gib"):
+        return f"{cap:.1f} (capped: the GPU has {total})"
+    return total
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The bench command's options."""
     p = argparse.ArgumentParser(prog="qwenserve bench", description=(__doc__ or "").split("\n\n")[0] or None)
@@ -366,6 +390,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=40960)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.92)
+    p.add_argument("--memory-cap-gib", type=float, default=None,
+                   help="use only this much GPU memory, as a smaller GPU would have (79.2: an H100 80GB)")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-kernels", dest="use_kernels", action="store_false", help="torch reference ops only")
     p.add_argument("--cudnn-attention", dest="cudnn_attention", action="store_true", default=None,

@@ -43,3 +43,10 @@ def test_bench_samples_as_qwen_code_is_served() -> None:
     # qwen-code sends no sampling fields, so it gets generation_config.json's.
     want = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "seed": 0}
     assert model_sampling(FIXTURE) == want
+
+
+def test_bench_table_names_a_memory_cap() -> None:
+    from qwenserve.bench import memory_of
+
+    assert memory_of({"gpu_total_gib": 139.8}) == "139.8"
+    assert memory_of({"gpu_total_gib": 139.8, "memory_cap_gib": 79.2}) == "79.2 (capped: the GPU has 139.8)"
