@@ -171,3 +171,18 @@ def test_chunk_attention_assembles_what_the_reference_computes(
         rows = slice(starts[seq], starts[seq + 1])
         out = cudnn_attention.chunk_attention(q[rows], k_cache, v_cache, tables[seq], context_len, scale)
         torch.testing.assert_close(out, ref[rows], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "programs,context,splits",
+    [
+        (216, 17241, 4),  # qwen-code follow-up: 857 new tokens over 16.4k, two waves with the second 64 % full
+        (76, 40300, 8),  # 300 new tokens over 40k: one wave, 42 % of the SMs idle
+        (516, 32048, 1),  # 2,048 new tokens: four whole waves already
+        (2052, 8192, 1),  # a cold 8k chunk: many waves
+        (76, 2048, 1),  # a short context: partial results would cost more than idle SMs
+        (132, 65536, 1),  # exactly one wave
+    ],
+)
+def test_prefill_splits_fill_the_waves(programs: int, context: int, splits: int) -> None:
+    assert attention.prefill_num_splits(programs, context, num_sms=132) == splits

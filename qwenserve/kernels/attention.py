@@ -60,6 +60,11 @@ PREFILL_BLOCK_M = 128
 PREFILL_BLOCK_N = 64
 PREFILL_NUM_WARPS = 8
 PREFILL_NUM_STAGES = 2
+# Split a prefill launch's keys between programs (prefill_num_splits) only where some context is this long,
+# into at most this many parts; PREFILL_SPLITS = False keeps one program per query tile (for A/B runs).
+PREFILL_SPLIT_MIN_CONTEXT = 4096
+PREFILL_SPLIT_CHOICES = (1, 2, 4, 8)
+PREFILL_SPLITS = True
 # Long prefill chunks take cuDNN's attention (kernels/cudnn_attention.py; QWENSERVE_CUDNN_PREFILL=0 turns it off)
 # when the step's host-side lengths are known; the rest of the step stays on Triton.
 # Once a context passes ~16k tokens cuDNN is 1.5-2x faster whatever the chunk (bench/tune_prefill_attn.py
@@ -230,6 +235,8 @@ def _prefill_kernel(
     context_lens_ptr,
     query_start_loc_ptr,
     out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
     scale_log2,
     num_seqs,
     stride_qt,
@@ -250,9 +257,12 @@ def _prefill_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
+    NUM_HEADS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
 
     # Sequence i owns the virtual tile range starting at start_i // BLOCK_Q + i, which leaves
     # room for its cdiv(len_i, BLOCK_Q) tiles; find the last sequence starting at or before pid.
@@ -299,8 +309,15 @@ def _prefill_kernel(
     first_pos = prefix + q_tile * BLOCK_Q
     kv_end = prefix + tl.minimum(q_len, (q_tile + 1) * BLOCK_Q)
     full_end = (first_pos + 1) // BLOCK_N * BLOCK_N  # tiles every query of the tile sees whole
+    # With splits, each program takes an even share of those whole tiles; the last one also takes the causal
+    # tail (at most two tiles).
+    full_tiles = full_end // BLOCK_N
+    tiles_per_split = tl.cdiv(full_tiles, NUM_SPLITS)
+    lo = tl.minimum(split * tiles_per_split, full_tiles) * BLOCK_N
+    hi = tl.minimum((split + 1) * tiles_per_split, full_tiles) * BLOCK_N
+    tail_start = tl.where(split == NUM_SPLITS - 1, full_end, kv_end)
 
-    for start in range(0, full_end, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         n = start + offs_n
         blk = tl.load(bt_row + n // BLOCK_SIZE).to(tl.int64)
         kv_off = blk * stride_cb + (n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
@@ -314,7 +331,7 @@ def _prefill_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    for start in range(full_end, kv_end, BLOCK_N):
+    for start in range(tail_start, kv_end, BLOCK_N):
         n = start + offs_n
         valid = n < kv_end
         blk = tl.load(bt_row + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
@@ -331,12 +348,19 @@ def _prefill_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(
-        out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-        o.to(out_ptr.dtype.element_ty),
-        mask=row_mask[:, None] & d_mask[None, :],
-    )
+    has = l_i > 0
+    l_safe = tl.where(has, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(
+            out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=row_mask[:, None] & d_mask[None, :],
+        )
+    else:  # partial results in the decode kernel's [T, H, S] layout, for _decode_merge_kernel
+        part = (q_rows * NUM_HEADS + head) * NUM_SPLITS + split
+        tl.store(part_out_ptr + part[:, None] * DIM_P2 + d[None, :], o, mask=row_mask[:, None])
+        tl.store(part_lse_ptr + part, tl.where(has, m_i + tl.log2(l_safe), float("-inf")), mask=row_mask)
 
 
 def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -451,11 +475,14 @@ def paged_prefill_attention(
     num_stages: int = PREFILL_NUM_STAGES,
     dense_chunks: bool = False,
     out: torch.Tensor | None = None,
+    num_splits: int = 1,
 ) -> torch.Tensor:
     """Varlen causal flash attention of packed queries [T, H, D] over each sequence's paged cache.
 
     With `dense_chunks`, the chunks that `is_dense_chunk` picks are skipped: their rows of `out` are
-    left to the caller."""
+    left to the caller. With `num_splits` > 1 (a power of two; not with `dense_chunks`), each query tile's
+    keys are shared between that many programs whose partial results a second kernel merges
+    (prefill_num_splits)."""
     _check_cache(q, k_cache, v_cache)
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = block_tables.shape[0]
@@ -465,9 +492,16 @@ def paged_prefill_attention(
         out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     if num_tokens == 0 or num_seqs == 0:
         return out
+    assert num_splits == 1 or (num_splits & (num_splits - 1) == 0 and not dense_chunks)
     block_m = max(block_m, triton.next_power_of_2(group), 16)
     block_q = block_m // group
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    dim_p2 = triton.next_power_of_2(head_dim)
+    if num_splits > 1:
+        part_out = torch.empty(num_tokens * num_heads * num_splits, dim_p2, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_tokens * num_heads * num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
     _prefill_kernel[grid](
         q,
         k_cache,
@@ -476,6 +510,8 @@ def paged_prefill_attention(
         context_lens,
         query_start_loc,
         out,
+        part_out,
+        part_lse,
         scale * _LOG2E,
         num_seqs,
         q.stride(0),
@@ -490,17 +526,50 @@ def paged_prefill_attention(
         2 * DENSE_PREFILL_MIN_PAIRS,
         GROUP=group,
         HEAD_DIM=head_dim,
-        DIM_P2=triton.next_power_of_2(head_dim),
+        DIM_P2=dim_p2,
         BLOCK_SIZE=block_size,
         BLOCK_M=block_m,
         BLOCK_Q=block_q,
         BLOCK_N=block_n,
         # Fixed for up to 2047 sequences (extra steps are no-ops), so batch size never triggers a compile.
         SEARCH_STEPS=max(11, num_seqs.bit_length()),
+        NUM_HEADS=num_heads,
+        NUM_SPLITS=num_splits,
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if num_splits > 1:
+        _decode_merge_kernel[(num_tokens, num_heads)](
+            part_out,
+            part_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            DIM_P2=dim_p2,
+            NUM_SPLITS=num_splits,
+            num_warps=DECODE_MERGE_NUM_WARPS,
+        )
     return out
+
+
+def prefill_num_splits(num_programs: int, max_context_len: int, num_sms: int) -> int:
+    """How many programs share each query tile's keys in a prefill launch of `num_programs` tiles.
+
+    One program runs per SM at a time, so a launch a little short of a whole number of waves leaves SMs
+    idle for its last wave: a follow-up turn's 857 new tokens are 216 programs, two waves on 132 SMs with
+    the second 64 % full; 300 new tokens are 76 programs, one wave with 42 % of the SMs idle. Splitting
+    the keys evens the waves out (bench/prefill_waves.py) at the cost of writing and merging partial
+    results, so it is only taken for long contexts and where the wave count falls by 10 % or more."""
+    if max_context_len < PREFILL_SPLIT_MIN_CONTEXT or num_programs <= 0:
+        return 1
+
+    def waves(splits: int) -> float:
+        return -(-num_programs * splits // num_sms) / splits
+
+    best = min(PREFILL_SPLIT_CHOICES, key=lambda splits: (waves(splits), splits))
+    return best if waves(best) <= 0.9 * waves(1) else 1
 
 
 def paged_attention(
@@ -523,7 +592,7 @@ def paged_attention(
     tables = (q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale)
     long_chunks = _long_chunks(meta, q)
     if not long_chunks:
-        return paged_prefill_attention(*tables)
+        return paged_prefill_attention(*tables, num_splits=_prefill_splits(q, k_cache, meta))
     out = torch.empty_like(q)
     if len(long_chunks) < meta.block_tables.shape[0]:
         paged_prefill_attention(*tables, dense_chunks=True, out=out)
@@ -537,6 +606,16 @@ def paged_attention(
     else:
         cudnn_attention.record_probe(q.shape[2], q.dtype, failure)
     return paged_prefill_attention(*tables)
+
+
+def _prefill_splits(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata) -> int:
+    """prefill_num_splits for this step's launch with the default tiles."""
+    if not PREFILL_SPLITS:
+        return 1
+    group = q.shape[1] // k_cache.shape[2]
+    block_q = max(PREFILL_BLOCK_M, triton.next_power_of_2(group), 16) // group
+    num_programs = (q.shape[0] // block_q + meta.block_tables.shape[0]) * k_cache.shape[2]
+    return prefill_num_splits(num_programs, meta.max_context_len, _num_sms(q.device))
 
 
 def _cudnn_chunks(
@@ -599,4 +678,5 @@ __all__ = [
     "paged_attention",
     "paged_decode_attention",
     "paged_prefill_attention",
+    "prefill_num_splits",
 ]

@@ -232,6 +232,9 @@ def test_prefill_attention(
             block_n,
         )
         assert rel_err(out, ref) < BF16_TOL
+    tables = (q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale)
+    for splits in (2, 8):  # keys shared between programs, merged by log-sum-exp (prefill_num_splits)
+        assert rel_err(paged_prefill_attention(*tables, num_splits=splits), ref) < BF16_TOL
 
 
 # Long chunks go to cuDNN when the host lengths are known (as the engine packs them); the rest of the step
