@@ -1,0 +1,48 @@
+"""A/B of the qwen-code follow-up turn's TTFT in one engine: prefill splits on and off, alternating.
+
+Each round renders qwen-code's first turn and its follow-up with a different first token, so the first
+turn is cold and the follow-up finds only its own first turn cached. The first round of each arm warms
+its kernels and is dropped.
+
+Usage on a GPU machine: python3 bench/ab_follow_up.py [--rounds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qwenserve.bench import DEFAULT_CONFIG, DEFAULT_FIXTURES, render_fixture, run_requests  # noqa: E402
+from qwenserve.config import EngineConfig  # noqa: E402
+from qwenserve.engine.llm_engine import LLMEngine  # noqa: E402
+from qwenserve.kernels import attention  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES)
+    p.add_argument("--rounds", type=int, default=6, help="rounds per arm, the first dropped")
+    args = p.parse_args()
+    engine = LLMEngine(EngineConfig(model=str(args.config), load_format="dummy", max_model_len=40960))
+    first = render_fixture(engine, args.fixtures / "first-turn.json")
+    follow = render_fixture(engine, args.fixtures / "after-tool-call.json")
+    ttft_ms: dict[str, list[float]] = {"splits": [], "no_splits": []}
+    for k in range(1, 2 * args.rounds + 1):
+        arm = "splits" if k % 2 == 0 else "no_splits"
+        attention.PREFILL_SPLITS = arm == "splits"
+        run_requests(engine, [[first[0] + k] + first[1:]], 1)
+        warm = run_requests(engine, [[follow[0] + k] + follow[1:]], 1)
+        ttft_ms[arm].append(warm["ttft_s"][0] * 1000)
+    summary = {arm: {"median_ms": statistics.median(v[1:]), "runs_ms": [round(x, 1) for x in v]}
+               for arm, v in ttft_ms.items()}
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
