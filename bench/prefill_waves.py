@@ -69,16 +69,21 @@ def programs(args: tuple) -> int:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--cases", help="one sequence per case, NEW:PREFIX,... (default: SPLIT_CASES)")
+    p.add_argument("--no-copies", dest="copies", action="store_false")
     args = p.parse_args()
+    cases = SPLIT_CASES
+    if args.cases:
+        cases = [[tuple(int(x) for x in case.split(":"))] for case in args.cases.split(",")]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()}: {sms} SMs")
     results: dict = {"device": torch.cuda.get_device_name(), "sms": sms, "copies": [], "splits": []}
-    for copies in (1, 2, 3, 4, 6):
+    for copies in (1, 2, 3, 4, 6) if args.copies else ():
         step = make([(857, 16384)] * copies)
         ms = time_ms(step, 1)
         results["copies"].append({"copies": copies, "programs": programs(step), "ms": ms})
         print(f"{copies} copies of 857 over 16,384 ({programs(step)} programs): {ms:.3f} ms, {ms / copies:.3f} a copy")
-    for seqs in SPLIT_CASES:
+    for seqs in cases:
         step = make(seqs)
         ref = attn.paged_prefill_attention(*step).float()
         chosen = attn.prefill_num_splits(programs(step), int(step[4].max()), sms)

@@ -174,15 +174,25 @@ def test_chunk_attention_assembles_what_the_reference_computes(
 
 
 @pytest.mark.parametrize(
-    "programs,context,splits",
+    "query_lens,context_lens,splits",
     [
-        (216, 17241, 4),  # qwen-code follow-up: 857 new tokens over 16.4k, two waves with the second 64 % full
-        (76, 40300, 8),  # 300 new tokens over 40k: one wave, 42 % of the SMs idle
-        (516, 32048, 1),  # 2,048 new tokens: four whole waves already
-        (2052, 8192, 1),  # a cold 8k chunk: many waves
-        (76, 2048, 1),  # a short context: partial results would cost more than idle SMs
-        (132, 65536, 1),  # exactly one wave
+        ([857], [16384 + 857], 8),  # qwen-code's follow-up turn: 857 new tokens over 16.4k cached
+        ([857], [4096 + 857], 2),  # the same over 4k: each split must keep enough keys
+        ([300], [40300], 8),  # a short tool result deep into a session
+        ([857] + [1] * 31, [17241] + [20000] * 31, 8),  # beside 31 decoding sequences
+        ([1, 1], [4096, 3000], 4),  # decode rows alone (a mixed step's): a few programs, so short splits pay
+        ([2048], [2048], 1),  # a cold prompt: too few keys
+        ([8192], [8192], 1),  # a cold 8k chunk: 2,052 programs, whole waves already
+        ([4096], [8192], 2),
     ],
 )
-def test_prefill_splits_fill_the_waves(programs: int, context: int, splits: int) -> None:
-    assert attention.prefill_num_splits(programs, context, num_sms=132) == splits
+def test_prefill_splits_follow_keys_and_programs(query_lens: list[int], context_lens: list[int], splits: int) -> None:
+    meta = _meta(query_lens, context_lens)
+    q = torch.zeros(sum(query_lens), 32, 128)
+    k_cache = torch.zeros(2, 16, 4, 128)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention, "_num_sms", lambda device: 132)
+        assert attention._prefill_splits(q, k_cache, meta) == splits
+        assert meta.prefill_splits == splits  # kept for the step's other layers
+        no_host = _meta(query_lens, context_lens, host=False)
+        assert attention._prefill_splits(q, k_cache, no_host) == 1

@@ -60,10 +60,14 @@ PREFILL_BLOCK_M = 128
 PREFILL_BLOCK_N = 64
 PREFILL_NUM_WARPS = 8
 PREFILL_NUM_STAGES = 2
-# Split a prefill launch's keys between programs (prefill_num_splits) only where some context is this long,
-# into at most this many parts; PREFILL_SPLITS = False keeps one program per query tile (for A/B runs).
-PREFILL_SPLIT_MIN_CONTEXT = 4096
-PREFILL_SPLIT_CHOICES = (1, 2, 4, 8)
+# A prefill launch's keys are split between up to 8 programs per query tile (prefill_num_splits) where each
+# split keeps this many keys per query row on average (fewer where the launch is under two waves), and never
+# in launches of this many programs or more (a cold 8k chunk: 2,052). PREFILL_SPLITS = False turns it off
+# (bench/ab_follow_up.py). Measured on the H200 only.
+PREFILL_SPLIT_CHOICES = (2, 4, 8)
+PREFILL_MIN_KEYS_PER_SPLIT = 1750
+PREFILL_MIN_KEYS_PER_SPLIT_FEW = 512
+PREFILL_SPLIT_MAX_PROGRAMS = 2048
 PREFILL_SPLITS = True
 # Long prefill chunks take cuDNN's attention (kernels/cudnn_attention.py; QWENSERVE_CUDNN_PREFILL=0 turns it off)
 # when the step's host-side lengths are known; the rest of the step stays on Triton.
@@ -554,68 +558,41 @@ def paged_prefill_attention(
     return out
 
 
-def prefill_num_splits(num_programs: int, max_context_len: int, num_sms: int) -> int:
-    """How many programs share each query tile's keys in a prefill launch of `num_programs` tiles.
+def prefill_num_splits(num_programs: int, mean_keys: float, num_sms: int) -> int:
+    """How many programs share each query tile's keys in a prefill launch of `num_programs` query tiles
+    whose query rows see `mean_keys` keys on average.
 
-    One program runs per SM at a time, so a launch a little short of a whole number of waves leaves SMs
-    idle for its last wave: a follow-up turn's 857 new tokens are 216 programs, two waves on 132 SMs with
-    the second 64 % full; 300 new tokens are 76 programs, one wave with 42 % of the SMs idle. Splitting
-    the keys evens the waves out (bench/prefill_waves.py) at the cost of writing and merging partial
-    results, so it is only taken for long contexts and where the wave count falls by 10 % or more."""
-    if max_context_len < PREFILL_SPLIT_MIN_CONTEXT or num_programs <= 0:
+    Split keys pay twice where a launch has few programs for a long context: SMs that one program per
+    query tile would leave idle in the last wave get work (a follow-up turn's 857 new tokens are 216
+    programs, two waves on 132 SMs with the second 64 % full), and the programs of one KV head read the
+    same stretch of keys at the same time. They cost a write and a merge of fp32 partial results per split
+    and query row, which is only small beside the attention where each split keeps enough keys. On the
+    H200 (bench/prefill_waves.py) 857 new tokens over 16k took 1.06 ms a layer unsplit and 0.81 in 8 splits,
+    300 over 40k 1.27 and 0.75, while a cold 8k chunk lost 36 % in 8 splits and 5 % in 2."""
+    if num_programs <= 0 or num_programs >= PREFILL_SPLIT_MAX_PROGRAMS:
         return 1
-
-    def waves(splits: int) -> float:
-        return -(-num_programs * splits // num_sms) / splits
-
-    best = min(PREFILL_SPLIT_CHOICES, key=lambda splits: (waves(splits), splits))
-    return best if waves(best) <= 0.9 * waves(1) else 1
-
-
-def paged_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:
-    """Same contract as ops.paged_attention: returns [T, num_heads, head_dim] in q's dtype.
-
-    Pure decode steps take the flash-decoding kernel (graph-capturable: nothing read from
-    the host but shapes); anything else takes the varlen prefill kernel, which also serves
-    the query_len-1 sequences of mixed batches, except long chunks, which cuDNN attends.
-    """
-    if meta.is_decode_only and q.shape[0] == meta.block_tables.shape[0]:
-        return paged_decode_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, max_context_len=meta.max_context_len
-        )
-    tables = (q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale)
-    long_chunks = _long_chunks(meta, q)
-    if not long_chunks:
-        return paged_prefill_attention(*tables, num_splits=_prefill_splits(q, k_cache, meta))
-    out = torch.empty_like(q)
-    if len(long_chunks) < meta.block_tables.shape[0]:
-        paged_prefill_attention(*tables, dense_chunks=True, out=out)
-    failure = _cudnn_chunks(q, k_cache, v_cache, meta, scale, long_chunks, out)
-    if failure is None:
-        return out
-    # Outside the except: the failed attempt's tensors are freed before Triton redoes the whole step.
-    meta.dense_chunks = []  # the step's other layers too
-    if isinstance(failure, int):
-        cudnn_attention.record_out_of_memory(failure)
-    else:
-        cudnn_attention.record_probe(q.shape[2], q.dtype, failure)
-    return paged_prefill_attention(*tables)
+    splits = 1
+    for candidate in PREFILL_SPLIT_CHOICES:
+        few_programs = num_programs * candidate <= 2 * num_sms
+        if mean_keys >= candidate * (PREFILL_MIN_KEYS_PER_SPLIT_FEW if few_programs else PREFILL_MIN_KEYS_PER_SPLIT):
+            splits = candidate
+    return splits
 
 
 def _prefill_splits(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata) -> int:
-    """prefill_num_splits for this step's launch with the default tiles."""
-    if not PREFILL_SPLITS:
+    """prefill_num_splits for this step's launch with the default tiles, decided at its first layer."""
+    if meta.prefill_splits is not None:
+        return meta.prefill_splits
+    starts, context_lens = meta.host_query_start_loc, meta.host_context_lens
+    if not PREFILL_SPLITS or starts is None or context_lens is None or q.shape[0] == 0:
         return 1
+    # keys a query row sees, summed: a chunk of n new tokens ending at ctx sees ctx - (n - 1) / 2 on average
+    keys = sum((end - start) * (ctx - (end - start - 1) / 2) for start, end, ctx in zip(starts, starts[1:], context_lens))
     group = q.shape[1] // k_cache.shape[2]
     block_q = max(PREFILL_BLOCK_M, triton.next_power_of_2(group), 16) // group
-    num_programs = (q.shape[0] // block_q + meta.block_tables.shape[0]) * k_cache.shape[2]
-    return prefill_num_splits(num_programs, meta.max_context_len, _num_sms(q.device))
+    num_programs = (q.shape[0] // block_q + len(context_lens)) * k_cache.shape[2]
+    meta.prefill_splits = prefill_num_splits(num_programs, keys / q.shape[0], _num_sms(q.device))
+    return meta.prefill_splits
 
 
 def _cudnn_chunks(

@@ -44,6 +44,8 @@ class AttentionMetadata:
     # (sequence, first row, end row, context length) of the chunks the GPU attention hands to cuDNN: decided at
     # the step's first layer (kernels/attention.py) and kept for the others.
     dense_chunks: list[tuple[int, int, int, int]] | None = None
+    # How many programs share each query tile's keys in the Triton prefill launch: decided at the first layer.
+    prefill_splits: int | None = None
 
 
 def linear_unreduced(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
