@@ -61,6 +61,11 @@ def time_ms(args: tuple, splits: int) -> float:
     return triton.testing.do_bench(lambda: attn.paged_prefill_attention(*args, num_splits=splits), warmup=25, rep=200)
 
 
+def mean_keys(seqs: list[tuple[int, int]]) -> float:
+    """Keys a query row sees on average (as the engine's _prefill_splits counts them)."""
+    return sum(n * (prefix + (n + 1) / 2) for n, prefix in seqs) / sum(n for n, _ in seqs)
+
+
 def programs(args: tuple) -> int:
     q, tables = args[0], args[3]
     return (q.shape[0] // (attn.PREFILL_BLOCK_M // (H // KVH)) + tables.shape[0]) * KVH
@@ -86,7 +91,7 @@ def main() -> None:
     for seqs in cases:
         step = make(seqs)
         ref = attn.paged_prefill_attention(*step).float()
-        chosen = attn.prefill_num_splits(programs(step), int(step[4].max()), sms)
+        chosen = attn.prefill_num_splits(programs(step), mean_keys(seqs), sms)
         row = {"seqs": seqs[:2] + ([f"... {len(seqs)} in all"] if len(seqs) > 2 else []), "programs": programs(step),
                "chosen": chosen, "ms": {}, "max_rel_err": 0.0}
         for splits in attn.PREFILL_SPLIT_CHOICES:

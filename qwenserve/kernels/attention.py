@@ -579,6 +579,42 @@ def prefill_num_splits(num_programs: int, mean_keys: float, num_sms: int) -> int
     return splits
 
 
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Same contract as ops.paged_attention: returns [T, num_heads, head_dim] in q's dtype.
+
+    Pure decode steps take the flash-decoding kernel (graph-capturable: nothing read from
+    the host but shapes); anything else takes the varlen prefill kernel, which also serves
+    the query_len-1 sequences of mixed batches, except long chunks, which cuDNN attends.
+    """
+    if meta.is_decode_only and q.shape[0] == meta.block_tables.shape[0]:
+        return paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, max_context_len=meta.max_context_len
+        )
+    tables = (q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, scale)
+    long_chunks = _long_chunks(meta, q)
+    if not long_chunks:
+        return paged_prefill_attention(*tables, num_splits=_prefill_splits(q, k_cache, meta))
+    out = torch.empty_like(q)
+    if len(long_chunks) < meta.block_tables.shape[0]:
+        paged_prefill_attention(*tables, dense_chunks=True, out=out)
+    failure = _cudnn_chunks(q, k_cache, v_cache, meta, scale, long_chunks, out)
+    if failure is None:
+        return out
+    # Outside the except: the failed attempt's tensors are freed before Triton redoes the whole step.
+    meta.dense_chunks = []  # the step's other layers too
+    if isinstance(failure, int):
+        cudnn_attention.record_out_of_memory(failure)
+    else:
+        cudnn_attention.record_probe(q.shape[2], q.dtype, failure)
+    return paged_prefill_attention(*tables)
+
+
 def _prefill_splits(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata) -> int:
     """prefill_num_splits for this step's launch with the default tiles, decided at its first layer."""
     if meta.prefill_splits is not None:
@@ -587,7 +623,7 @@ def _prefill_splits(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetad
     if not PREFILL_SPLITS or starts is None or context_lens is None or q.shape[0] == 0:
         return 1
     # keys a query row sees, summed: a chunk of n new tokens ending at ctx sees ctx - (n - 1) / 2 on average
-    keys = sum((end - start) * (ctx - (end - start - 1) / 2) for start, end, ctx in zip(starts, starts[1:], context_lens))
+    keys = sum((end - start) * (ctx - (end - start - 1) / 2) for start, end, ctx in zip(starts, starts[1:], context_lens, strict=False))
     group = q.shape[1] // k_cache.shape[2]
     block_q = max(PREFILL_BLOCK_M, triton.next_power_of_2(group), 16) // group
     num_programs = (q.shape[0] // block_q + len(context_lens)) * k_cache.shape[2]
