@@ -94,7 +94,7 @@ def main() -> None:
         chosen = attn.prefill_num_splits(programs(step), mean_keys(seqs), sms)
         row = {"seqs": seqs[:2] + ([f"... {len(seqs)} in all"] if len(seqs) > 2 else []), "programs": programs(step),
                "chosen": chosen, "ms": {}, "max_rel_err": 0.0}
-        for splits in attn.PREFILL_SPLIT_CHOICES:
+        for splits in (1, *attn.PREFILL_SPLIT_CHOICES):
             out = attn.paged_prefill_attention(*step, num_splits=splits).float()
             err = ((out - ref).norm() / ref.norm()).item()
             row["max_rel_err"] = max(row["max_rel_err"], err)
