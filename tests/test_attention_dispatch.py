@@ -176,17 +176,18 @@ def test_chunk_attention_assembles_what_the_reference_computes(
 @pytest.mark.parametrize(
     "query_lens,context_lens,splits",
     [
-        ([857], [16384 + 857], 8),  # qwen-code's follow-up turn: 857 new tokens over 16.4k cached
-        ([857], [4096 + 857], 2),  # the same over 4k: each split must keep enough keys
-        ([300], [40300], 8),  # a short tool result deep into a session
-        ([857] + [1] * 31, [17241] + [20000] * 31, 8),  # beside 31 decoding sequences
-        ([1, 1], [4096, 3000], 4),  # decode rows alone (a mixed step's): a few programs, so short splits pay
-        ([2048], [2048], 1),  # a cold prompt: too few keys
-        ([8192], [8192], 1),  # a cold 8k chunk: 2,052 programs, whole waves already
-        ([4096], [8192], 2),
+        ([300], [40300], 8),  # a short tool result deep into a session: 76 programs, one wave 58 % full
+        ([100], [20100], 4),  # 28 programs: 4 splits fill as many waves as 8
+        ([600], [20600], 4),  # 152 programs: two waves, the second 15 % full
+        ([1, 1], [4096, 3000], 4),  # decode rows alone: 8 programs, splits kept at >= 512 keys
+        ([857], [16384 + 857], 1),  # qwen-code's follow-up turn: 216 programs, splitting gains too little
+        ([857] + [1] * 31, [17241] + [20000] * 31, 1),  # the same beside 31 decoding sequences
+        ([2048], [2048], 1),  # a cold prompt: four whole waves
+        ([8192], [8192], 1),  # a cold 8k chunk: 2,052 programs
+        ([40], [60], 1),  # too few keys to share
     ],
 )
-def test_prefill_splits_follow_keys_and_programs(query_lens: list[int], context_lens: list[int], splits: int) -> None:
+def test_prefill_splits_fill_idle_sms(query_lens: list[int], context_lens: list[int], splits: int) -> None:
     meta = _meta(query_lens, context_lens)
     q = torch.zeros(sum(query_lens), 32, 128)
     k_cache = torch.zeros(2, 16, 4, 128)

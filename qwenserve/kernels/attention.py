@@ -60,14 +60,13 @@ PREFILL_BLOCK_M = 128
 PREFILL_BLOCK_N = 64
 PREFILL_NUM_WARPS = 8
 PREFILL_NUM_STAGES = 2
-# A prefill launch's keys are split between up to 8 programs per query tile (prefill_num_splits) where each
-# split keeps this many keys per query row on average (fewer where the launch is under two waves), and never
-# in launches of this many programs or more (a cold 8k chunk: 2,052). PREFILL_SPLITS = False turns it off
-# (bench/ab_follow_up.py). Measured on the H200 only.
+# A prefill launch short of programs splits each query tile's keys between up to 8 programs
+# (prefill_num_splits), each keeping at least this many keys per query row on average; a split launch costs
+# ~PREFILL_SPLIT_COST times the unsplit one per wave. PREFILL_SPLITS = False turns it off (bench/ab_follow_up.py).
+# Measured on the H200 only.
 PREFILL_SPLIT_CHOICES = (2, 4, 8)
-PREFILL_MIN_KEYS_PER_SPLIT = 1750
-PREFILL_MIN_KEYS_PER_SPLIT_FEW = 512
-PREFILL_SPLIT_MAX_PROGRAMS = 2048
+PREFILL_MIN_KEYS_PER_SPLIT = 512
+PREFILL_SPLIT_COST = 1.2
 PREFILL_SPLITS = True
 # Long prefill chunks take cuDNN's attention (kernels/cudnn_attention.py; QWENSERVE_CUDNN_PREFILL=0 turns it off)
 # when the step's host-side lengths are known; the rest of the step stays on Triton.
@@ -313,13 +312,21 @@ def _prefill_kernel(
     first_pos = prefix + q_tile * BLOCK_Q
     kv_end = prefix + tl.minimum(q_len, (q_tile + 1) * BLOCK_Q)
     full_end = (first_pos + 1) // BLOCK_N * BLOCK_N  # tiles every query of the tile sees whole
-    # With splits, each program takes an even share of those whole tiles; the last one also takes the causal
-    # tail (at most two tiles).
-    full_tiles = full_end // BLOCK_N
-    tiles_per_split = tl.cdiv(full_tiles, NUM_SPLITS)
-    lo = tl.minimum(split * tiles_per_split, full_tiles) * BLOCK_N
-    hi = tl.minimum((split + 1) * tiles_per_split, full_tiles) * BLOCK_N
-    tail_start = tl.where(split == NUM_SPLITS - 1, full_end, kv_end)
+    if NUM_SPLITS == 1:
+        # Loop bounds the compiler sees as plainly as before splits existed: the generic ones below made
+        # the unsplit kernel ~20 % slower (H200: 857 new tokens over 16k 0.88 -> 1.06 ms, a cold 8k chunk
+        # 1.42 -> 1.75 ms).
+        lo = 0
+        hi = full_end
+        tail_start = full_end
+    else:
+        # Each program takes an even share of the whole tiles; the last also takes the causal tail (at
+        # most two tiles).
+        full_tiles = full_end // BLOCK_N
+        tiles_per_split = tl.cdiv(full_tiles, NUM_SPLITS)
+        lo = tl.minimum(split * tiles_per_split, full_tiles) * BLOCK_N
+        hi = tl.minimum((split + 1) * tiles_per_split, full_tiles) * BLOCK_N
+        tail_start = tl.where(split == NUM_SPLITS - 1, full_end, kv_end)
 
     for start in range(lo, hi, BLOCK_N):
         n = start + offs_n
@@ -562,21 +569,22 @@ def prefill_num_splits(num_programs: int, mean_keys: float, num_sms: int) -> int
     """How many programs share each query tile's keys in a prefill launch of `num_programs` query tiles
     whose query rows see `mean_keys` keys on average.
 
-    Split keys pay twice where a launch has few programs for a long context: SMs that one program per
-    query tile would leave idle in the last wave get work (a follow-up turn's 857 new tokens are 216
-    programs, two waves on 132 SMs with the second 64 % full), and the programs of one KV head read the
-    same stretch of keys at the same time. They cost a write and a merge of fp32 partial results per split
-    and query row, which is only small beside the attention where each split keeps enough keys. On the
-    H200 (bench/prefill_waves.py) 857 new tokens over 16k took 1.06 ms a layer unsplit and 0.81 in 8 splits,
-    300 over 40k 1.27 and 0.75, while a cold 8k chunk lost 36 % in 8 splits and 5 % in 2."""
-    if num_programs <= 0 or num_programs >= PREFILL_SPLIT_MAX_PROGRAMS:
+    One program runs per SM at a time, so a launch of few programs leaves SMs idle: 300 new tokens of a
+    conversation are 76 programs, one wave with 42 % of the H200's 132 SMs idle. Split keys fill them, but
+    a split launch runs ~20 % slower per key (its loop bounds, the partial results it writes and merges),
+    so the count is the one with the fewest waves per split, counting that cost, with at least
+    PREFILL_MIN_KEYS_PER_SPLIT keys per split. On the H200 (bench/prefill_waves.py) 300 new tokens over 40k
+    went from ~1.06 ms a layer unsplit to 0.75 in 8 splits, one decode row at 4k from ~0.12 to 0.03, while
+    a follow-up turn's 857 tokens over 16k (216 programs, two waves) gained at most 7 % and over 4k lost."""
+    if num_programs <= 0:
         return 1
-    splits = 1
-    for candidate in PREFILL_SPLIT_CHOICES:
-        few_programs = num_programs * candidate <= 2 * num_sms
-        if mean_keys >= candidate * (PREFILL_MIN_KEYS_PER_SPLIT_FEW if few_programs else PREFILL_MIN_KEYS_PER_SPLIT):
-            splits = candidate
-    return splits
+
+    def cost(splits: int) -> float:
+        waves = -(-num_programs * splits // num_sms) / splits
+        return waves * (PREFILL_SPLIT_COST if splits > 1 else 1.0)
+
+    choices = [1] + [s for s in PREFILL_SPLIT_CHOICES if mean_keys >= s * PREFILL_MIN_KEYS_PER_SPLIT]
+    return min(choices, key=lambda splits: (cost(splits), splits))
 
 
 def paged_attention(
