@@ -2,9 +2,10 @@
 
 Each round renders qwen-code's first turn and its follow-up with a different first token, so the first
 turn is cold and the follow-up finds only its own first turn cached. The first round of each arm warms
-its kernels and is dropped.
+its kernels and is dropped. With --new-tokens N the follow-up is the first turn plus the first N tokens
+of the real follow-up's own (a shorter tool result: 300 new tokens split, the real turn's 859 do not).
 
-Usage on a GPU machine: python3 bench/ab_follow_up.py [--rounds 6]
+Usage on a GPU machine: python3 bench/ab_follow_up.py [--rounds 6] [--new-tokens 300]
 """
 
 from __future__ import annotations
@@ -28,10 +29,14 @@ def main() -> None:
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     p.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES)
     p.add_argument("--rounds", type=int, default=6, help="rounds per arm, the first dropped")
+    p.add_argument("--new-tokens", type=int, default=None, help="the follow-up's new tokens (default: all of them)")
     args = p.parse_args()
     engine = LLMEngine(EngineConfig(model=str(args.config), load_format="dummy", max_model_len=40960))
     first = render_fixture(engine, args.fixtures / "first-turn.json")
     follow = render_fixture(engine, args.fixtures / "after-tool-call.json")
+    if args.new_tokens is not None:
+        shared = next(i for i, (a, b) in enumerate(zip(first, follow, strict=False)) if a != b)
+        follow = first + follow[shared : shared + args.new_tokens]
     ttft_ms: dict[str, list[float]] = {"splits": [], "no_splits": []}
     for k in range(1, 2 * args.rounds + 1):
         arm = "splits" if k % 2 == 0 else "no_splits"
@@ -41,6 +46,7 @@ def main() -> None:
         ttft_ms[arm].append(warm["ttft_s"][0] * 1000)
     summary = {arm: {"median_ms": statistics.median(v[1:]), "runs_ms": [round(x, 1) for x in v]}
                for arm, v in ttft_ms.items()}
+    summary["follow_up_tokens"] = len(follow)
     print(json.dumps(summary, indent=1))
 
 
