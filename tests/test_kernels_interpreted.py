@@ -1,5 +1,5 @@
-"""The Triton prefill attention kernel, split and unsplit, run on the CPU through Triton's interpreter
-(TRITON_INTERPRET=1, float32: the interpreter has no bfloat16) against the torch reference op.
+"""The Triton attention kernels, prefill and decode, split and unsplit, run on the CPU through Triton's
+interpreter (TRITON_INTERPRET=1, float32: the interpreter has no bfloat16) against the torch reference op.
 
 The interpreter must be chosen before the kernels are decorated, so the check runs in a child process.
 tests/gpu/test_kernels.py runs the compiled kernels on a GPU."""
@@ -40,12 +40,20 @@ for splits in (1, 4):
     out = attention.paged_prefill_attention(q, k_cache, v_cache, tables, meta.context_lens, starts, dim**-0.5, 32, 16,
                                             num_splits=splits)
     err = ((out - ref).norm() / ref.norm()).item()
-    assert err < 1e-5, (splits, err)
+    assert err < 1e-5, ("prefill", splits, err)
+decode = AttentionMetadata(torch.zeros(3, dtype=torch.int64), tables, meta.context_lens,
+                           torch.arange(4, dtype=torch.int32), 1, max(context_lens), True)
+q = torch.randn(3, heads, dim)
+ref = ops.paged_attention(q, k_cache, v_cache, decode, dim**-0.5)
+for splits in (1, 4):
+    out = attention.paged_decode_attention(q, k_cache, v_cache, tables, meta.context_lens, dim**-0.5, splits)
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert err < 1e-5, ("decode", splits, err)
 print("ok")
 """
 
 
-def test_prefill_kernel_split_and_unsplit_match_the_reference() -> None:
+def test_attention_kernels_split_and_unsplit_match_the_reference() -> None:
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)

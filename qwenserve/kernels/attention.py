@@ -418,13 +418,7 @@ def paged_decode_attention(
             num_warps = num_warps or DECODE_LONG_NUM_WARPS
     num_warps, num_stages = num_warps or DECODE_NUM_WARPS, num_stages or DECODE_NUM_STAGES
     tile = max(tile or DECODE_TILE, 16)
-    if num_splits > 1:
-        part_out = torch.empty(
-            num_seqs * num_heads * num_splits, dim_p2, dtype=torch.float32, device=q.device
-        )
-        part_lse = torch.empty(num_seqs * num_heads * num_splits, dtype=torch.float32, device=q.device)
-    else:
-        part_out = part_lse = out  # unused
+    part_out, part_lse = _split_partials(out, num_splits, dim_p2)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -456,20 +450,41 @@ def paged_decode_attention(
         **pdl_launch(q.device, "decode"),
     )
     if num_splits > 1:
-        _decode_merge_kernel[(num_seqs, num_heads)](
-            part_out,
-            part_lse,
-            out,
-            out.stride(0),
-            out.stride(1),
-            NUM_HEADS=num_heads,
-            HEAD_DIM=head_dim,
-            DIM_P2=dim_p2,
-            NUM_SPLITS=num_splits,
-            num_warps=DECODE_MERGE_NUM_WARPS,
-            **pdl_launch(q.device, "merge"),
-        )
+        _merge_splits(part_out, part_lse, out, num_splits, dim_p2, **pdl_launch(q.device, "merge"))
     return out
+
+
+def _split_partials(out: torch.Tensor, num_splits: int, dim_p2: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 buffers for the partial results of `num_splits` programs per row and head of `out` [rows, H, D]
+    and their log-sum-exps (out itself, unused, for one split)."""
+    if num_splits == 1:
+        return out, out
+    rows = out.shape[0] * out.shape[1] * num_splits
+    return (
+        torch.empty(rows, dim_p2, dtype=torch.float32, device=out.device),
+        torch.empty(rows, dtype=torch.float32, device=out.device),
+    )
+
+
+def _merge_splits(
+    part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, num_splits: int, dim_p2: int, **launch: int | bool
+) -> None:
+    """Combine the partial results [rows, H, splits] into out [rows, H, D], each weighted by its share of
+    the exp-sum."""
+    num_rows, num_heads, head_dim = out.shape
+    _decode_merge_kernel[(num_rows, num_heads)](
+        part_out,
+        part_lse,
+        out,
+        out.stride(0),
+        out.stride(1),
+        NUM_HEADS=num_heads,
+        HEAD_DIM=head_dim,
+        DIM_P2=dim_p2,
+        NUM_SPLITS=num_splits,
+        num_warps=DECODE_MERGE_NUM_WARPS,
+        **launch,
+    )
 
 
 def paged_prefill_attention(
@@ -507,11 +522,7 @@ def paged_prefill_attention(
     block_m = max(block_m, triton.next_power_of_2(group), 16)
     block_q = block_m // group
     dim_p2 = triton.next_power_of_2(head_dim)
-    if num_splits > 1:
-        part_out = torch.empty(num_tokens * num_heads * num_splits, dim_p2, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(num_tokens * num_heads * num_splits, dtype=torch.float32, device=q.device)
-    else:
-        part_out = part_lse = out  # unused
+    part_out, part_lse = _split_partials(out, num_splits, dim_p2)
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
     _prefill_kernel[grid](
         q,
@@ -550,18 +561,7 @@ def paged_prefill_attention(
         num_stages=num_stages,
     )
     if num_splits > 1:
-        _decode_merge_kernel[(num_tokens, num_heads)](
-            part_out,
-            part_lse,
-            out,
-            out.stride(0),
-            out.stride(1),
-            NUM_HEADS=num_heads,
-            HEAD_DIM=head_dim,
-            DIM_P2=dim_p2,
-            NUM_SPLITS=num_splits,
-            num_warps=DECODE_MERGE_NUM_WARPS,
-        )
+        _merge_splits(part_out, part_lse, out, num_splits, dim_p2)
     return out
 
 
