@@ -23,6 +23,7 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwenserve.kernels import attention as attn  # noqa: E402
+from qwenserve.model.ops import AttentionMetadata  # noqa: E402
 
 H, KVH, D, BS = 32, 4, 128, 16
 # (new tokens, prefix) per sequence; the last case is 31 decode rows at 20k beside a follow-up chunk
@@ -61,9 +62,16 @@ def time_ms(args: tuple, splits: int) -> float:
     return triton.testing.do_bench(lambda: attn.paged_prefill_attention(*args, num_splits=splits), warmup=25, rep=200)
 
 
-def mean_keys(seqs: list[tuple[int, int]]) -> float:
-    """Keys a query row sees on average (as the engine's _prefill_splits counts them)."""
-    return sum(n * (prefix + (n + 1) / 2) for n, prefix in seqs) / sum(n for n, _ in seqs)
+def engine_splits(seqs: list[tuple[int, int]], step: tuple) -> int:
+    """The split count the engine's attention picks for this step (from its host-side lengths)."""
+    q, k_cache, _, tables, context_lens, starts, _ = step
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(q.shape[0], dtype=torch.int64, device=q.device), block_tables=tables,
+        context_lens=context_lens, query_start_loc=starts, max_query_len=max(n for n, _ in seqs),
+        max_context_len=int(context_lens.max()), is_decode_only=False,
+        host_query_start_loc=starts.tolist(), host_context_lens=context_lens.tolist(),
+    )
+    return attn._prefill_splits(q, k_cache, meta)
 
 
 def programs(args: tuple) -> int:
@@ -91,7 +99,7 @@ def main() -> None:
     for seqs in cases:
         step = make(seqs)
         ref = attn.paged_prefill_attention(*step).float()
-        chosen = attn.prefill_num_splits(programs(step), mean_keys(seqs), sms)
+        chosen = engine_splits(seqs, step)
         row = {"seqs": seqs[:2] + ([f"... {len(seqs)} in all"] if len(seqs) > 2 else []), "programs": programs(step),
                "chosen": chosen, "ms": {}, "max_rel_err": 0.0}
         for splits in (1, *attn.PREFILL_SPLIT_CHOICES):
