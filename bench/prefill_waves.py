@@ -75,8 +75,10 @@ def engine_splits(seqs: list[tuple[int, int]], step: tuple) -> int:
 
 
 def programs(args: tuple) -> int:
+    """Programs of the step's unsplit launch."""
     q, tables = args[0], args[3]
-    return (q.shape[0] // (attn.PREFILL_BLOCK_M // (H // KVH)) + tables.shape[0]) * KVH
+    block_q = attn.prefill_tile(attn.PREFILL_BLOCK_M, H // KVH)[1]
+    return attn.prefill_query_tiles(q.shape[0], tables.shape[0], block_q) * KVH
 
 
 def main() -> None:

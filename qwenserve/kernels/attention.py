@@ -519,11 +519,10 @@ def paged_prefill_attention(
     if num_tokens == 0 or num_seqs == 0:
         return out
     assert num_splits == 1 or (num_splits & (num_splits - 1) == 0 and not dense_chunks)
-    block_m = max(block_m, triton.next_power_of_2(group), 16)
-    block_q = block_m // group
+    block_m, block_q = prefill_tile(block_m, group)
     dim_p2 = triton.next_power_of_2(head_dim)
     part_out, part_lse = _split_partials(out, num_splits, dim_p2)
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
+    grid = (prefill_query_tiles(num_tokens, num_seqs, block_q), num_kv_heads, num_splits)
     _prefill_kernel[grid](
         q,
         k_cache,
@@ -563,6 +562,18 @@ def paged_prefill_attention(
     if num_splits > 1:
         _merge_splits(part_out, part_lse, out, num_splits, dim_p2)
     return out
+
+
+def prefill_tile(block_m: int, group: int) -> tuple[int, int]:
+    """(rows, query tokens) of a prefill tile: at least one token's `group` query heads, at least 16 rows."""
+    block_m = max(block_m, triton.next_power_of_2(group), 16)
+    return block_m, block_m // group
+
+
+def prefill_query_tiles(num_tokens: int, num_seqs: int, block_q: int) -> int:
+    """Programs per KV head of a prefill launch: each sequence's query tiles (its trailing ones may be
+    empty: the launch reads no lengths from the device)."""
+    return num_tokens // block_q + num_seqs
 
 
 def prefill_num_splits(num_programs: int, mean_keys: float, num_sms: int) -> int:
@@ -633,8 +644,8 @@ def _prefill_splits(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetad
     # keys a query row sees, summed: a chunk of n new tokens ending at ctx sees ctx - (n - 1) / 2 on average
     keys = sum((end - start) * (ctx - (end - start - 1) / 2) for start, end, ctx in zip(starts, starts[1:], context_lens, strict=False))
     group = q.shape[1] // k_cache.shape[2]
-    block_q = max(PREFILL_BLOCK_M, triton.next_power_of_2(group), 16) // group
-    num_programs = (q.shape[0] // block_q + len(context_lens)) * k_cache.shape[2]
+    block_q = prefill_tile(PREFILL_BLOCK_M, group)[1]
+    num_programs = prefill_query_tiles(q.shape[0], len(context_lens), block_q) * k_cache.shape[2]
     meta.prefill_splits = prefill_num_splits(num_programs, keys / q.shape[0], _num_sms(q.device))
     return meta.prefill_splits
 
