@@ -5,16 +5,22 @@ turn is cold and the follow-up finds only its own first turn cached. The first r
 its kernels and is dropped. With --new-tokens N the follow-up is the first turn plus the first N tokens
 of the real follow-up's own (a shorter tool result: 300 new tokens split, the real turn's 859 do not).
 
-Usage on a GPU machine: python3 bench/ab_follow_up.py [--rounds 6] [--new-tokens 300]
+Usage on a GPU machine: python3 bench/ab_follow_up.py [--rounds 6] [--new-tokens 300] [--profile]
+(--profile: then one round per arm under torch.profiler, kernels by time, and one under cProfile, host time)
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,6 +36,7 @@ def main() -> None:
     p.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES)
     p.add_argument("--rounds", type=int, default=6, help="rounds per arm, the first dropped")
     p.add_argument("--new-tokens", type=int, default=None, help="the follow-up's new tokens (default: all of them)")
+    p.add_argument("--profile", action="store_true", help="then one more round per arm under torch.profiler")
     args = p.parse_args()
     engine = LLMEngine(EngineConfig(model=str(args.config), load_format="dummy", max_model_len=40960))
     first = render_fixture(engine, args.fixtures / "first-turn.json")
@@ -48,6 +55,23 @@ def main() -> None:
                for arm, v in ttft_ms.items()}
     summary["follow_up_tokens"] = len(follow)
     print(json.dumps(summary, indent=1))
+    if args.profile:
+        for k, arm in enumerate(("no_splits", "splits"), start=2 * args.rounds + 1):
+            attention.PREFILL_SPLITS = arm == "splits"
+            run_requests(engine, [[first[0] + k] + first[1:]], 1)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                warm = run_requests(engine, [[follow[0] + k] + follow[1:]], 1)
+            events = prof.key_averages()
+            gpu_us = sum(e.self_device_time_total for e in events)
+            print(f"{arm}: TTFT {warm['ttft_s'][0] * 1000:.1f} ms (under the profiler), kernels {gpu_us / 1000:.1f} ms")
+            print(events.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
+            run_requests(engine, [[first[0] + k + 2] + first[1:]], 1)
+            torch.cuda.synchronize()
+            profiler = cProfile.Profile()
+            warm = profiler.runcall(run_requests, engine, [[follow[0] + k + 2] + follow[1:]], 1)
+            print(f"{arm}: TTFT {warm['ttft_s'][0] * 1000:.1f} ms (under cProfile)")
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
 
 
 if __name__ == "__main__":

@@ -315,7 +315,9 @@ def _prefill_kernel(
     if NUM_SPLITS == 1:
         # Loop bounds the compiler sees as plainly as before splits existed: the generic ones below made
         # the unsplit kernel ~20 % slower (H200: 857 new tokens over 16k 0.88 -> 1.06 ms, a cold 8k chunk
-        # 1.42 -> 1.75 ms).
+        # 1.42 -> 1.75 ms), because a loop from a computed start is not known to be non-negative, and the
+        # key index arithmetic (n // BLOCK_SIZE, n % BLOCK_SIZE) then takes the signed path;
+        # tl.assume(lo >= 0) recovers it too, but not the split launches' own cost (bench/split_variants.py).
         lo = 0
         hi = full_end
         tail_start = full_end
