@@ -30,6 +30,12 @@ from qwenserve.engine.llm_engine import LLMEngine  # noqa: E402
 from qwenserve.kernels import attention  # noqa: E402
 
 
+def shortened_follow_up(first: list[int], follow: list[int], new_tokens: int) -> list[int]:
+    """The first turn plus the first `new_tokens` tokens in which the follow-up departs from it."""
+    shared = next(i for i, (a, b) in enumerate(zip(first, follow, strict=False)) if a != b)
+    return first + follow[shared : shared + new_tokens]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
@@ -42,8 +48,7 @@ def main() -> None:
     first = render_fixture(engine, args.fixtures / "first-turn.json")
     follow = render_fixture(engine, args.fixtures / "after-tool-call.json")
     if args.new_tokens is not None:
-        shared = next(i for i, (a, b) in enumerate(zip(first, follow, strict=False)) if a != b)
-        follow = first + follow[shared : shared + args.new_tokens]
+        follow = shortened_follow_up(first, follow, args.new_tokens)
     ttft_ms: dict[str, list[float]] = {"splits": [], "no_splits": []}
     for k in range(1, 2 * args.rounds + 1):
         arm = "splits" if k % 2 == 0 else "no_splits"

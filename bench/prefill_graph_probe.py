@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.ab_follow_up import shortened_follow_up  # noqa: E402
 from qwenserve.bench import DEFAULT_CONFIG, DEFAULT_FIXTURES, render_fixture, run_requests  # noqa: E402
 from qwenserve.config import EngineConfig  # noqa: E402
 from qwenserve.engine.llm_engine import LLMEngine  # noqa: E402
@@ -85,10 +86,9 @@ def main() -> None:
     engine = LLMEngine(EngineConfig(model=str(args.config), load_format="dummy", max_model_len=40960))
     first = render_fixture(engine, args.fixtures / "first-turn.json")
     follow = render_fixture(engine, args.fixtures / "after-tool-call.json")
-    shared = next(i for i, (a, b) in enumerate(zip(first, follow, strict=False)) if a != b)
     results = []
     for k, new_tokens in enumerate(args.new_tokens, start=1):
-        turn = first + follow[shared : shared + new_tokens]
+        turn = shortened_follow_up(first, follow, new_tokens)
         run_requests(engine, [[first[0] + k] + first[1:]], 1)  # its own first turn, cached
         row = probe(engine, *catch_step(engine, [turn[0] + k] + turn[1:]))
         row["new_tokens"] = new_tokens
