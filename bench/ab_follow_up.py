@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES)
     p.add_argument("--rounds", type=int, default=6, help="rounds per arm, the first dropped")
     p.add_argument("--new-tokens", type=int, default=None, help="the follow-up's new tokens (default: all of them)")
-    p.add_argument("--profile", action="store_true", help="then one more round per arm under torch.profiler")
+    p.add_argument("--profile", action="store_true", help="then one round per arm under torch.profiler and one under cProfile")
     args = p.parse_args()
     engine = LLMEngine(EngineConfig(model=str(args.config), load_format="dummy", max_model_len=40960))
     first = render_fixture(engine, args.fixtures / "first-turn.json")
