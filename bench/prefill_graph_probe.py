@@ -36,11 +36,11 @@ def catch_step(engine: LLMEngine, prompt: list[int]) -> tuple:
             caught.append(prepared[1:])
         return prepared
 
-    runner.prepare = spy
+    runner.prepare, graphs, runner.prefill_graphs = spy, runner.prefill_graphs, None  # the eager step
     try:
         run_requests(engine, [prompt], 1)
     finally:
-        runner.prepare = prepare
+        runner.prepare, runner.prefill_graphs = prepare, graphs
     return caught[0]
 
 

@@ -22,6 +22,7 @@ from qwenserve.engine.block_manager import NULL_BLOCK
 from qwenserve.engine.decode_graphs import DecodeGraphs
 from qwenserve.engine.guided import apply_bitmask, fill_bitmask
 from qwenserve.engine.penalty_state import PenaltyState
+from qwenserve.engine.prefill_graphs import PrefillGraphs, graphable
 from qwenserve.engine.sampler import SamplerOutput, SamplingBatch, num_candidates_for, sample
 from qwenserve.engine.sampler_graphs import SamplerGraphs, param_rows
 from qwenserve.engine.scheduler import ScheduledBatch
@@ -101,7 +102,7 @@ class PromptLogprobs:
 @dataclass
 class ForwardStep:
     """A step whose forward is enqueued: the logits of the rows that sample (None when none does)
-    and, on a decode graph, its greedy ids and key."""
+    and, on a decode or prefill graph, its greedy ids (and a decode graph's key, for the sampler graphs)."""
 
     inp: StepInputs
     logits: torch.Tensor | None
@@ -162,6 +163,7 @@ class ModelRunner:
         model.bind_kv_cache(self.k_caches, self.v_caches)
         self.pin = device.type == "cuda"
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self.sampler_graphs: SamplerGraphs | None = None
         self.penalties = PenaltyState(cfg.vocab_size, device)
         # Triton penalties and top-k draw; the engine turns them on with the model's kernels.
@@ -205,9 +207,11 @@ class ModelRunner:
         inp.is_decode_only = inp.max_query_len == 1
         return inp
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def prepare(
+        self, batch: ScheduledBatch, inp: StepInputs | None = None
+    ) -> tuple[StepInputs, torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Model inputs on the device: (host description, ids, positions, metadata)."""
-        inp = self._host_inputs(batch)
+        inp = inp or self._host_inputs(batch)
         meta = AttentionMetadata(
             slot_mapping=self._to_device(inp.slot_mapping, torch.int64),
             block_tables=self._to_device(inp.block_tables, torch.int32),
@@ -276,7 +280,15 @@ class ModelRunner:
             self._fill_pending(self.graphs.input_ids, inp)
             logits, greedy_ids = self.graphs.replay(inp)
             return ForwardStep(inp, logits, greedy_ids, self.graphs.last_key)
-        inp, ids, pos, meta = self.prepare(batch)
+        inp = None
+        if self.prefill_graphs is not None and graphable(batch) and not wants_prompt_logprobs:
+            inp = self._host_inputs(batch)
+            key = self.prefill_graphs.key(inp)
+            if key is not None:
+                self.prefill_graphs.load(inp)
+                logits, greedy_ids = self.prefill_graphs.replay(key)
+                return ForwardStep(inp, logits, greedy_ids)
+        inp, ids, pos, meta = self.prepare(batch, inp)
         self._fill_pending(ids, inp)
         hidden = self.model(ids, pos, meta)
         prompt_lps = self._prompt_logprobs(hidden, inp)
@@ -408,8 +420,10 @@ class ModelRunner:
         return self.collect(self.launch(batch))
 
     def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
-        """Record CUDA graphs of the decode step (forward + logits) for a ladder of batch sizes."""
+        """Record CUDA graphs of the decode step (forward + logits) for a ladder of batch sizes, and of
+        short prefill steps (forward + the last row's logits) for a ladder of chunk lengths."""
         max_blocks = -(-max_model_len // self.block_size)
         self.graphs = DecodeGraphs(self.model, max_num_seqs, max_blocks, self.block_size, self.device)
+        self.prefill_graphs = PrefillGraphs(self.model, max_blocks, self.block_size, self.device)
         if self.sampler_kernels:
             self.sampler_graphs = SamplerGraphs(self.graphs.max_bs, self.vocab_size, self.penalties, self.device)

@@ -641,15 +641,25 @@ def _prefill_splits(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetad
     if meta.prefill_splits is not None:
         return meta.prefill_splits
     starts, context_lens = meta.host_query_start_loc, meta.host_context_lens
-    if not PREFILL_SPLITS or starts is None or context_lens is None or q.shape[0] == 0:
+    if starts is None or context_lens is None:
+        return 1
+    meta.prefill_splits = step_prefill_splits(starts, context_lens, q.shape[1], k_cache.shape[2], q.device)
+    return meta.prefill_splits
+
+
+def step_prefill_splits(
+    starts: list[int], context_lens: list[int], num_heads: int, num_kv_heads: int, device: torch.device
+) -> int:
+    """prefill_num_splits for a step packed as `starts` (query_start_loc) over `context_lens`, with the
+    default tiles (1 when PREFILL_SPLITS is off)."""
+    num_tokens = starts[-1]
+    if not PREFILL_SPLITS or num_tokens == 0:
         return 1
     # keys a query row sees, summed: a chunk of n new tokens ending at ctx sees ctx - (n - 1) / 2 on average
     keys = sum((end - start) * (ctx - (end - start - 1) / 2) for start, end, ctx in zip(starts, starts[1:], context_lens, strict=False))
-    group = q.shape[1] // k_cache.shape[2]
-    block_q = prefill_tile(PREFILL_BLOCK_M, group)[1]
-    num_programs = prefill_query_tiles(q.shape[0], len(context_lens), block_q) * k_cache.shape[2]
-    meta.prefill_splits = prefill_num_splits(num_programs, keys / q.shape[0], _num_sms(q.device))
-    return meta.prefill_splits
+    block_q = prefill_tile(PREFILL_BLOCK_M, num_heads // num_kv_heads)[1]
+    num_programs = prefill_query_tiles(num_tokens, len(context_lens), block_q) * num_kv_heads
+    return prefill_num_splits(num_programs, keys / num_tokens, _num_sms(device))
 
 
 def _cudnn_chunks(
@@ -713,4 +723,5 @@ __all__ = [
     "paged_decode_attention",
     "paged_prefill_attention",
     "prefill_num_splits",
+    "step_prefill_splits",
 ]

@@ -68,6 +68,35 @@ def test_graphs_match_eager(tiny_moe_dir: Path) -> None:
             assert lg.logprob == pytest.approx(le.logprob, abs=0.05)
 
 
+def test_prefill_graphs_match_eager(tiny_moe_dir: Path) -> None:
+    """A short turn that ends its prompt runs from a prefill graph, at every padded length, with split keys
+    over a long cached history and without them on a cold prompt; it scores and continues (from the KV the
+    graph wrote) as eager steps do."""
+    rng = random.Random(3)
+    history = [rng.randrange(1, 250) for _ in range(5000)]  # 4,992 tokens cached: 8 + k new tokens a turn
+    turns = [history + [rng.randrange(1, 250) for _ in range(k)] for k in (1, 23, 24, 25, 100, 184, 248, 260)]
+    cold = [[rng.randrange(1, 250) for _ in range(n)] for n in (2, 40, 200)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    results = []
+    for enforce_eager in (False, True):
+        eng = _engine(tiny_moe_dir, max_model_len=8192, num_kv_blocks=1024, enforce_eager=enforce_eager)
+        eng.generate([history], SamplingParams(max_tokens=1))
+        graphs = eng.runner.prefill_graphs
+        before = graphs.replays.copy() if graphs is not None else None
+        outs = [eng.generate([prompt], params)[0][0] for prompt in turns + cold]
+        results.append(outs)
+        if not enforce_eager:
+            replays = graphs.replays - before
+            assert replays.total() == len(turns) - 1 + len(cold)  # the 268-token turn runs eager
+            assert {size for size, _ in replays} == {32, 64, 128, 192, 256}
+            assert {splits for _, splits in replays} == {1, 8}  # the cold prompts / the turns over 5k keys
+        assert all(o.num_cached_tokens == 4992 for o in outs[: len(turns)])
+    for graphed, eager in zip(*results, strict=True):
+        assert graphed.token_ids[:2] == eager.token_ids[:2]
+        for lg, le in zip(graphed.logprobs[:2], eager.logprobs[:2], strict=True):
+            assert lg.logprob == pytest.approx(le.logprob, abs=0.05)
+
+
 def test_kernel_sampler_draws_what_the_torch_sampler_draws(tiny_moe_dir: Path) -> None:
     """qwen-code's sampling (the model's defaults: top-k 20, top-p 0.8, repetition penalty) through
     the Triton sampler gives the tokens the torch sampler gives, seeded, in a mixed batch."""
