@@ -231,9 +231,11 @@ class DistributedModelRunner(ModelRunner):
         finally:
             hook.remove()
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def prepare(
+        self, batch: ScheduledBatch, inp: StepInputs | None = None
+    ) -> tuple[StepInputs, torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Pack the batch's inputs, send them to the workers and unpack the same bytes for rank 0."""
-        inp = self._host_inputs(batch)
+        inp = inp or self._host_inputs(batch)
         if inp.pending_rows:
             raise RuntimeError("tensor parallel steps run one at a time: every input id must be known on the host")
         header, payload = pack_step(inp)
