@@ -30,8 +30,8 @@ def catch_step(engine: LLMEngine, prompt: list[int]) -> tuple:
     runner, caught = engine.runner, []
     prepare = runner.prepare
 
-    def spy(batch):
-        prepared = prepare(batch)
+    def spy(batch, inp=None):
+        prepared = prepare(batch, inp)
         if not caught and prepared[3].max_query_len > 1:
             caught.append(prepared[1:])
         return prepared
