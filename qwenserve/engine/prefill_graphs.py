@@ -86,7 +86,6 @@ class PrefillGraphs:
         for size in reversed(PREFILL_GRAPH_SIZES):
             for splits in split_choices:
                 pool = self._capture(size, splits, pool)
-        self.pool = pool
         torch.cuda.synchronize(device)
         logger.info("captured %d prefill CUDA graphs (chunks up to %d tokens) in %.1fs", len(self.graphs), n,
                     time.perf_counter() - start)
